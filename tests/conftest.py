@@ -1,0 +1,27 @@
+"""Shared fixtures. Every test process runs torch on one thread: two cores, contention is costly."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny random Llama base and two experts (base + random deltas), as HF checkpoint dirs."""
+    from evomerge.zoo.random_models import random_expert, random_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = random_llama(root / "base", seed=0)
+    return {
+        "base": base,
+        "a": random_expert(base, root / "a", seed=1),
+        "b": random_expert(base, root / "b", seed=2),
+    }
