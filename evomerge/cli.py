@@ -15,6 +15,89 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+zoo_app = typer.Typer(help="The zoo: tiny models (BASE, MATH, LANG) and tasks trained here.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    directory: str = typer.Argument(..., help="Where to write models/, data/ and build.json."),
+    scale: float = typer.Option(1.0, help="Multiply every training stage's steps (e.g. 0.01 for a smoke test)."),
+) -> None:
+    """Train the zoo deterministically: BASE on languages E and J, then the MATH and LANG experts."""
+    from pathlib import Path
+
+    if scale <= 0:
+        raise UserError(f"--scale must be > 0, got {scale}")
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise UserError(f"{directory} exists and is not a directory")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from evomerge.zoo.build import build
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task("zoo", total=None)
+
+        def advance(stage: str, steps: int, planned: int) -> None:
+            bar.update(task, advance=steps, total=planned, description=f"training {stage}")
+
+        report = build(directory, scale=scale, progress=advance)
+    gate = "passed" if report["math_gate"]["passed"] else "NOT passed"
+    print(f"zoo built in {report['build_seconds']:.0f} s at {directory} (MATH reads-J gate {gate}); "
+          f"J math test: " + ", ".join(f"{m} {s['math_j_test']:.1f}%" for m, s in report["scores"].items()))
+
+
+@app.command("merge")
+def merge(
+    config: str = typer.Argument(..., help="A mergekit YAML config or an evomerge recipe YAML; model names are checkpoint directories."),
+    out: str = typer.Option(None, "-o", "--out", help="Directory to write the merged Hugging Face checkpoint to."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    emit_mergekit: bool = typer.Option(False, "--emit-mergekit", help="Print the recipe as mergekit YAML and exit."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .bin/.pt checkpoints (loaded with weights_only=True)."),
+    device: str = typer.Option("cpu", "--device", help="Where to merge: cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Merge models as CONFIG says and write a checkpoint (shards, config, tokenizer, model card) at OUT."""
+    from evomerge.merge.command import run_merge
+
+    run_merge(config, out, force=force, emit_mergekit=emit_mergekit, allow_pickle=allow_pickle, device=device)
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"{what} must be NAME=PATH, got {v!r}")
+        out[name] = path
+    return out
+
+
+@app.command("serve")
+def serve(
+    model: list[str] = typer.Option(..., "--model", help="NAME=DIR of a source checkpoint; repeat. The first is the base unless --base."),
+    base: str = typer.Option(None, "--base", help="Which model is the base (default: the first --model)."),
+    dataset: list[str] = typer.Option([], "--dataset", help="ID=FILE.jsonl a client may ask a loss on; repeat."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token-env."),
+    port: int = typer.Option(8000, "--port"),
+    token_env: str = typer.Option(None, "--token-env", help="NAME of the environment variable holding the bearer token."),
+    max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes."),
+    rate: float = typer.Option(50.0, "--rate", help="Requests per second per client, sustained."),
+    burst: int = typer.Option(200, "--burst", help="Requests per client at once before the rate applies."),
+) -> None:
+    """Merge-as-a-service: keep the models resident, answer recipes with completions or a loss."""
+    from evomerge.serve import ServeConfig
+    from evomerge.serve import serve as run_server
+
+    sources = _pairs(model, "--model")
+    run_server(ServeConfig(sources=sources, base=base or next(iter(sources)), datasets=_pairs(dataset, "--dataset"),
+                           host=host, port=port, token_env=token_env, max_body=max_body, rate=rate, burst=burst))
+
+
+from evomerge.run_commands import register as _register_run_commands  # noqa: E402  run, resume, status, export, report
+
+_register_run_commands(app)
+
 
 def main() -> None:
     """Console entry point: a user mistake ends as one line on stderr and exit code 2, never a traceback."""

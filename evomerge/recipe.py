@@ -7,7 +7,8 @@ mergekit can express exports to its YAML unchanged, and extended by:
 - `path`: a data-flow model (Sakana's data-flow space): the forward pass runs the listed
   (model, layer) steps in order, each multiplying the hidden state it receives by `scale`;
 - nested recipes: a model entry may itself be a recipe, whose merged result is used as that source
-  (e.g. a parameter-space merge that becomes model A of a data-flow path).
+  (e.g. a parameter-space merge that becomes model A of a data-flow path); such an entry carries a
+  `name`, which path steps use to refer to it.
 
 Parameter values follow mergekit: a scalar; a list of numbers interpolated over the layers (a
 "gradient"); or a list of `{filter: substring, value: ...}` entries matched against tensor names, the
@@ -34,11 +35,19 @@ class ModelRef:
 
     model: Union[str, "Recipe"]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+    name: str | None = None  # how path steps refer to this entry; needed when `model` is a nested recipe
+
+    @property
+    def label(self) -> str | None:
+        """The name path steps use for this entry: its `name`, else the model name itself."""
+        return self.name if self.name is not None else (self.model if isinstance(self.model, str) else None)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.model.to_dict() if isinstance(self.model, Recipe) else self.model}
         if self.parameters:
             d["parameters"] = dict(self.parameters)
+        if self.name is not None:
+            d["name"] = self.name
         return d
 
     @classmethod
@@ -50,7 +59,7 @@ class ModelRef:
         model = d["model"]
         if isinstance(model, dict):
             model = Recipe.from_dict(model)
-        return cls(model=model, parameters=dict(d.get("parameters") or {}))
+        return cls(model=model, parameters=dict(d.get("parameters") or {}), name=None if d.get("name") is None else str(d["name"]))
 
 
 @dataclass
@@ -101,8 +110,10 @@ class Recipe:
         add(self.base_model)
         for ref in self.models:
             add(ref.model)
+        nested = {ref.name for ref in self.models if isinstance(ref.model, Recipe)}
         for step in self.path or []:
-            add(step.model)
+            if step.model not in nested:  # a step into a nested recipe reads that recipe's sources, added above
+                add(step.model)
         for s in self.slices or []:
             for src in s.get("sources", []):
                 add(src.get("model"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -11,12 +11,14 @@ SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
 ASCII = "".join(chr(c) for c in range(32, 127))
 
 
-def char_tokenizer(extra: str = "", model_max_length: int = 256) -> PreTrainedTokenizerFast:
+def char_tokenizer(extra: str = "", model_max_length: int = 256, add_bos: bool = False) -> PreTrainedTokenizerFast:
     symbols = list(dict.fromkeys(ASCII + extra))
     vocab = {tok: i for i, tok in enumerate([*SPECIAL, *symbols])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
+    if add_bos:  # trained models saw <bos> first; the template makes every loader (HF, vLLM) prepend it
+        core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
@@ -28,7 +30,7 @@ def char_tokenizer(extra: str = "", model_max_length: int = 256) -> PreTrainedTo
     )
 
 
-def save_char_tokenizer(directory: str | Path, extra: str = "") -> PreTrainedTokenizerFast:
-    tok = char_tokenizer(extra)
+def save_char_tokenizer(directory: str | Path, extra: str = "", add_bos: bool = False) -> PreTrainedTokenizerFast:
+    tok = char_tokenizer(extra, add_bos=add_bos)
     tok.save_pretrained(str(directory))
     return tok

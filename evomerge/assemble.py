@@ -1,0 +1,187 @@
+"""Turning a validated RunConfig into the parts of a run: space, optimizer, fitness, worker factory, executor.
+
+The worker factory is plain data (the config as a dict), so it ships to Ray actors, which build their
+worker (loading the sources once) on their own machine.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.config import RunConfig, parse_config
+from evomerge.records import Objective, UserError
+
+
+class BoxSpace:
+    """A plain box of genomes (`space: {bounds: ...}`): for searches whose fitness reads `x` itself."""
+
+    decode = None  # no recipe: the fitness function reads the genome
+
+    def __init__(self, bounds: list[tuple[float, float]], names: list[str] | None = None):
+        self.bounds = np.asarray(bounds, dtype=float)
+        if self.bounds.ndim != 2 or self.bounds.shape[1] != 2 or len(self.bounds) == 0:
+            raise UserError("config: space.bounds must be a list of [low, high] pairs")
+        self.dim = len(self.bounds)
+        self._names = names or [f"x{i}" for i in range(self.dim)]
+        if len(self._names) != self.dim:
+            raise UserError(f"config: space.names has {len(self._names)} names for {self.dim} bounds")
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def initial(self) -> np.ndarray:
+        return self.bounds.mean(axis=1)
+
+
+def model_facts(cfg: RunConfig) -> dict[str, Any]:
+    """What a search space may need to know about the sources: expert names, base name, layer count
+    (read from the base's config.json)."""
+    experts = [n for n in cfg.sources if n != cfg.base]
+    facts: dict[str, Any] = {"sources": experts} if experts else {}
+    if cfg.base is not None:
+        facts["base"] = cfg.base
+        conf = Path(cfg.sources[cfg.base]) / "config.json"
+        if not conf.is_file():
+            raise UserError(f"sources.{cfg.base}: {conf.parent} has no config.json (not a Hugging Face checkpoint)")
+        n = json.loads(conf.read_text()).get("num_hidden_layers")
+        if n is not None:
+            facts["num_layers"] = int(n)
+    return facts
+
+
+def build_space(cfg: RunConfig):
+    if cfg.space.bounds is not None:
+        return BoxSpace(cfg.space.bounds, cfg.space.names)
+    import search_spaces
+
+    accepted = _space_params(cfg.space.name)
+    facts = {k: v for k, v in model_facts(cfg).items() if k in accepted}
+    return search_spaces.make(cfg.space.name, **{**facts, **cfg.space.options})
+
+
+def _space_params(name: str) -> set[str]:
+    """The options space `name` takes (model facts are offered only to spaces that take them)."""
+    import importlib
+    import inspect
+
+    import search_spaces
+
+    entry = search_spaces._REGISTRY.get(name)
+    if entry is None:
+        return set()  # search_spaces.make names the valid spaces
+    cls = getattr(importlib.import_module(entry[0]), entry[1])
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def build_optimizer(cfg: RunConfig, space: Any, objectives: list[Objective]):
+    from evomerge import optimizers
+
+    x0 = space.initial() if cfg.optimizer.start == "space" else None
+    return optimizers.make(cfg.optimizer.name, bounds=space.bounds, objectives=objectives, seed=cfg.seed, x0=x0,
+                           **cfg.optimizer.options)
+
+
+def build_fitness(cfg: RunConfig):
+    if cfg.fitness.function is not None:
+        from evomerge.worker import FunctionFitness
+
+        return FunctionFitness(cfg.fitness.function, [Objective(o.name, o.direction) for o in cfg.fitness.objectives])
+    from fitness.suite import TaskFitness
+
+    return TaskFitness.from_config(cfg.fitness.tasks, base_dir=cfg.workdir)
+
+
+def build_handle(cfg: RunConfig):
+    """The model handle with the sources resident (loaded once per worker); None for a run without models."""
+    if cfg.fitness.backend == "api":
+        from fitness.api import APIHandle
+
+        return APIHandle(**cfg.fitness.handle)
+    if not cfg.sources:
+        return None
+    from evomerge.merge import Materializer
+
+    sources = {k: str(v) for k, v in cfg.sources.items()}
+    if cfg.fitness.backend == "vllm":
+        from fitness.vllm_handle import VLLMHandle
+
+        return VLLMHandle(sources[cfg.base], Materializer(sources, base=cfg.base, device="cuda"), **cfg.fitness.handle)
+    from fitness.hf import HFHandle
+
+    return HFHandle(sources[cfg.base], Materializer(sources, base=cfg.base), **cfg.fitness.handle)
+
+
+@dataclass(frozen=True)
+class WorkerFactory:
+    """Builds a Worker from the run config wherever it is called (this process or a Ray actor)."""
+
+    config: dict[str, Any]
+
+    def __call__(self):
+        from evomerge.worker import Worker
+
+        cfg = parse_config(self.config)
+        space = build_space(cfg)
+        return Worker(build_fitness(cfg), handle=build_handle(cfg), decode=space.decode, names=space.names())
+
+
+def build_executor(cfg: RunConfig, *, address: str | None = None):
+    from evomerge.executors import LocalExecutor, RayExecutor
+
+    factory = WorkerFactory(cfg.to_dict())
+    ex = cfg.executor
+    if ex.kind == "local" and address is None:
+        return LocalExecutor(factory)
+    return RayExecutor(factory, workers=ex.workers, cpus_per_worker=ex.cpus_per_worker,
+                       gpus_per_worker=ex.gpus_per_worker, address=address or ex.address, max_retries=ex.max_retries,
+                       init_options={"runtime_env": ex.runtime_env} if ex.runtime_env else None)
+
+
+def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, address: str | None = None,
+                budget: dict[str, Any] | None = None, on_progress: Any = None):
+    """An Engine over `run_dir`: a new run from `cfg`, or (resume) the stored run, whose config must match
+    `cfg` when one is given; `budget` entries (evaluations, wall_time, cost) raise a resumed run's limits.
+    Everything is validated and built before the store is created or written."""
+    from evomerge.engine import Budget, Engine
+    from evomerge.store import RunStore, is_run_dir
+
+    run_dir = Path(run_dir)
+    if is_run_dir(run_dir):
+        if not resume:
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it (or `evomerge resume {run_dir}`)")
+        store = RunStore.open(run_dir)
+        stored = parse_config(store.config)
+        if cfg is not None and cfg.to_dict() != stored.to_dict():
+            store.close()
+            diff = sorted(k for k in set(cfg.to_dict()) | set(stored.to_dict()) if cfg.to_dict().get(k) != stored.to_dict().get(k))
+            raise UserError(f"the config differs from the one {run_dir} was started with (key {diff[0]!r}); "
+                            "resume without a config or start a new run directory")
+        cfg = stored
+        if budget:
+            try:
+                cfg = parse_config({**cfg.to_dict(), "budget": {**cfg.budget.model_dump(exclude_none=True), **budget}})
+            except UserError:
+                store.close()
+                raise
+    elif resume and cfg is None:
+        raise UserError(f"{run_dir} is not an evomerge run directory (no run.sqlite)")
+    else:
+        store = None
+    assert cfg is not None
+    space = build_space(cfg)
+    objectives = list(build_fitness(cfg).objectives)
+    build_optimizer(cfg, space, objectives)  # fail on bad options now, before a store exists
+    executor = build_executor(cfg, address=address)
+    if store is None:
+        executor.start()  # workers that cannot start (bad sources, fitness) fail before the run is created
+        store = RunStore.create(run_dir, cfg.to_dict(), objectives=objectives, space_names=space.names(), seed=cfg.seed)
+    elif budget:
+        store.set_config(cfg.to_dict())
+    b = cfg.budget
+    budget = Budget(evaluations=b.evaluations, wall_time=b.wall_time, cost=b.cost, cost_key=b.cost_key)
+    return Engine(store, lambda: build_optimizer(cfg, space, objectives), executor, budget=budget, decode=space.decode,
+                  snapshot_every=cfg.snapshot_every, on_progress=on_progress)

@@ -1,0 +1,195 @@
+"""The run config (YAML, validated with pydantic) and how a run's parts are built from it.
+
+```yaml
+sources: {base: ./models/base, math: ./models/math, code: ./models/code}   # name -> checkpoint dir
+base: base                       # which source is the base model
+space: {name: layer_weights, options: {method: dare_ties}}   # or {bounds: [[0, 1], ...]} for a plain box
+optimizer: {name: cmaes, options: {sigma0: 0.17}}
+fitness: {tasks: [{name: math, path: math.jsonl, metrics: [exact]}], backend: hf, handle: {batch_size: 16}}
+# or the user's own: {function: mypkg.score:fitness, objectives: [{name: acc, direction: max}]}
+budget: {evaluations: 200, wall_time: 6h, cost: 20.0}
+executor: {kind: ray, workers: 8, gpus_per_worker: 1, address: auto}
+seed: 0
+```
+Every mistake is a one-line UserError naming the key and what is valid.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.records import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ObjectiveConfig(_Strict):
+    name: str
+    direction: Literal["min", "max"] = "max"
+
+
+class SpaceConfig(_Strict):
+    """A search space by name (from search_spaces), or a plain box of genomes given by its bounds."""
+
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    bounds: list[tuple[float, float]] | None = None
+    names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceConfig:
+        if (self.name is None) == (self.bounds is None):
+            raise ValueError("give either space.name (a search space) or space.bounds (a plain box), not both")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    name: str = "cmaes"
+    options: dict[str, Any] = Field(default_factory=dict)
+    start: Literal["space", "none"] = "space"  # start from the space's initial point, or let the optimizer pick
+
+
+class FitnessConfig(_Strict):
+    """Task suites scored through a model handle (`tasks`, `backend`, `handle` options), or the user's own
+    function `module:function` of the handle (`function` + `objectives`)."""
+
+    tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings
+    backend: Literal["hf", "vllm", "api"] = "hf"  # api: an OpenAI-compatible service (`evomerge serve` builds recipes)
+    handle: dict[str, Any] = Field(default_factory=dict)  # options of the handle (batch_size, dtype, base_url, ...)
+    function: str | None = None
+    objectives: list[ObjectiveConfig] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FitnessConfig:
+        if (self.tasks is None) == (self.function is None):
+            raise ValueError("give either fitness.tasks (task suites) or fitness.function (module:function), not both")
+        if self.function is not None and not self.objectives:
+            raise ValueError("fitness.function needs fitness.objectives: [{name: ..., direction: max|min}]")
+        return self
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class BudgetConfig(_Strict):
+    evaluations: int | None = Field(default=None, ge=1)
+    wall_time: float | None = None  # seconds, or "90s", "30m", "6h", "2d"
+    cost: float | None = Field(default=None, gt=0)
+    cost_key: str = "usd"
+
+    @field_validator("wall_time", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = _DURATION.match(v)
+            if not m:
+                raise ValueError(f"wall_time {v!r} is not a duration like 90s, 30m, 6h, 2d")
+            return float(m.group(1)) * _SECONDS[m.group(2)]
+        return v
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.evaluations is None and self.wall_time is None and self.cost is None:
+            raise ValueError("budget needs at least one of evaluations, wall_time, cost")
+        return self
+
+
+class ExecutorConfig(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, ge=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    address: str | None = None  # Ray: None starts a local Ray, "auto" joins the running cluster
+    max_retries: int = Field(default=2, ge=0)
+    runtime_env: dict[str, Any] | None = None  # Ray runtime_env when evomerge starts or joins Ray (env_vars, working_dir, pip)
+
+
+class RunConfig(_Strict):
+    sources: dict[str, Path] = Field(default_factory=dict)
+    base: str | None = None
+    space: SpaceConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    fitness: FitnessConfig
+    budget: BudgetConfig
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    seed: int = 0
+    workdir: Path | None = None  # relative task files resolve here; set to the YAML's folder when loaded
+    snapshot_every: int = Field(default=20, ge=1)  # optimizer snapshots every N tells (resume replays the rest)
+
+    @model_validator(mode="after")
+    def _sources(self) -> RunConfig:
+        for name, path in self.sources.items():
+            if not path.is_dir():
+                raise ValueError(f"sources.{name}: model path {str(path)!r} is not a directory")
+        if self.base is not None and self.base not in self.sources:
+            raise ValueError(f"base {self.base!r} is not a source; sources: {', '.join(self.sources) or 'none'}")
+        if self.sources and self.base is None:
+            raise ValueError("base is missing: name the source that is the base model")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(model, err["loc"][:-1])
+        valid = ", ".join(parent.model_fields) if parent else "see the docs"
+        return f"config: unknown key {where!r}; valid keys here: {valid}"
+    if err["type"] == "missing":
+        return f"config: {where} is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "literal_error":
+        return f"config: {where}: {msg}"
+    return f"config: {msg}" if not loc else f"config: {where}: {msg}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            continue
+        field = cur.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (args[0] if args else None)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def parse_config(data: Any, *, base_dir: str | Path | None = None) -> RunConfig:
+    """Validate a config mapping; relative source paths are taken from `base_dir` (the YAML's folder)."""
+    if not isinstance(data, dict):
+        raise UserError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    if base_dir is not None:
+        if isinstance(data.get("sources"), dict):
+            data["sources"] = {k: str((Path(base_dir) / v).resolve()) if isinstance(v, str) else v
+                               for k, v in data["sources"].items()}
+        data.setdefault("workdir", str(Path(base_dir).resolve()))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_error(e.errors()[0], RunConfig)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_config(data, base_dir=p.parent)
+

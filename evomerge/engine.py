@@ -1,0 +1,224 @@
+"""The search loop: steady state, durable, resumable.
+
+As soon as a worker is free the optimizer is asked for the next candidate (generational optimizers are
+asked ahead within their generation and may answer with fewer, even none). Every ask and every
+evaluation is committed to the run store before the optimizer is told, so the store alone can rebuild
+the run: resume = restore an optimizer snapshot (taken every `snapshot_every` tells), replay the logged
+ask/tell calls after it, and re-send the candidates that were in flight. With a deterministic optimizer and fitness and the local
+executor, a run killed any number of times ends with the same history as one never interrupted.
+
+Ctrl-C: stop asking; workers that run elsewhere (Ray) finish their candidates, a second Ctrl-C abandons
+them; an in-process evaluation is abandoned at once. Abandoned candidates stay 'in flight' in the store
+and are evaluated on resume.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from evomerge.executors import Executor, LocalExecutor
+from evomerge.records import Evaluation, Objective
+from evomerge.recipe import Recipe
+from evomerge.store import RunStore
+
+log = logging.getLogger("evomerge")
+
+
+@dataclass
+class Budget:
+    """When to stop asking: whichever limit is reached first. None means unlimited."""
+
+    evaluations: int | None = None
+    wall_time: float | None = None  # seconds of running, summed over resumed sessions
+    cost: float | None = None  # summed over evaluations' cost[cost_key]
+    cost_key: str = "usd"
+
+
+@dataclass
+class Progress:
+    """What the progress bar shows, handed to `on_progress` after every recorded evaluation."""
+
+    done: int
+    failed: int
+    in_flight: int
+    total: int | None
+    elapsed: float
+    evals_per_min: float
+    best: dict[str, float] = field(default_factory=dict)
+
+
+class ReplayMismatch(RuntimeError):
+    """The optimizer, replayed from the store, asked for other candidates than it did originally."""
+
+
+class Engine:
+    def __init__(
+        self, store: RunStore, make_optimizer: Callable[[], Any], executor: Executor, *, budget: Budget,
+        decode: Callable[[np.ndarray], Recipe] | None = None, snapshot_every: int = 20,
+        on_progress: Callable[[Progress], None] | None = None,
+    ):
+        self.store, self.make_optimizer, self.executor = store, make_optimizer, executor
+        self.optimizer: Any = None
+        self.budget = budget
+        self.decode = decode
+        self.snapshot_every = snapshot_every
+        self.on_progress = on_progress
+        self.objectives: list[Objective] = store.objectives
+        self.stop_reason: str | None = None
+        self._tells_since_snapshot = 0
+        self._ask_starved = False  # the last ask returned nothing and nothing was told since
+        self._best: dict[str, float] = {}
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Bring a fresh optimizer to where the store says it was: from a snapshot plus the events after it
+        (at least one ask, which checks the snapshot); should that replay diverge (an optimizer whose
+        state_dict is not exact), from the start of the log, which is the truth. Returns the number of
+        events replayed."""
+        snap = self.store.resume_snapshot()
+        if snap is not None:
+            try:
+                return self._replay(*snap)
+            except ReplayMismatch as e:
+                log.warning("evomerge: %s; replaying the whole log instead", e)
+        return self._replay(0, None)
+
+    def _replay(self, after: int, state: Any) -> int:
+        self.optimizer = self.make_optimizer()
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+        evals = {e.candidate_id: e for e in self.store.evaluations()}
+        events = self.store.events(after)
+        stored = self.store.candidates({i for ev in events if ev.kind == "ask" for i in ev.ids})
+        for ev in events:
+            if ev.kind == "ask":
+                got = self.optimizer.ask(ev.n)
+                if [c.id for c in got] != ev.ids or any(
+                        not np.allclose(c.x, stored[c.id].x, rtol=0, atol=1e-12) for c in got):
+                    raise ReplayMismatch(
+                        f"replaying ask #{ev.seq}{' from a snapshot' if state is not None else ''}: the optimizer "
+                        f"returned other candidates than the recorded {ev.ids}; it is not deterministic under its seed")
+            else:
+                self.optimizer.tell([evals[i] for i in ev.ids])
+        for e in evals.values():
+            self._update_best(e)
+        last = events[-1] if events else None
+        self._ask_starved = last is not None and last.kind == "ask" and len(last.ids) < last.n
+        return len(events)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Run until the budget is spent, the optimizer is done, or Ctrl-C. Returns why it stopped."""
+        self.restore()  # before anything is written: a store that cannot be replayed stays untouched
+        session = self.store.begin_session()
+        self._t0 = time.monotonic()
+        self._elapsed_before = self.store.elapsed()
+        counts = self.store.counts()
+        self._done, self._failed = counts["evaluations"], counts["failed"]
+        self._done_at_start = self._done
+        interrupts = 0
+        try:
+            self.executor.start()
+            for cand in self.store.in_flight():
+                self.executor.submit(cand)
+            while True:
+                try:
+                    if self.stop_reason is None:
+                        self.stop_reason = self._budget_reason()
+                    if self.stop_reason is None:
+                        self._fill()
+                    if not self.executor.pending():
+                        if self.stop_reason is None and self._ask_starved:
+                            raise RuntimeError("the optimizer returned no candidate while none is being evaluated")
+                        self.stop_reason = self.stop_reason or "optimizer done"
+                        break
+                    self._record(self.executor.wait(timeout=1.0))
+                except KeyboardInterrupt:
+                    interrupts += 1
+                    self.stop_reason = "interrupted"
+                    if interrupts > 1 or isinstance(self.executor, LocalExecutor):
+                        break  # abandon: what is in flight stays so in the store
+        finally:
+            if self.stop_reason is None:
+                self.stop_reason = "error"
+            try:
+                self.store.end_session(session, self.stop_reason)
+            finally:
+                self.executor.shutdown()
+        return self.stop_reason
+
+    def _budget_reason(self) -> str | None:
+        b = self.budget
+        if b.evaluations is not None and self._done >= b.evaluations:
+            return "budget: evaluations"
+        if b.wall_time is not None and self._elapsed() >= b.wall_time:
+            return "budget: wall time"
+        if b.cost is not None and self.store.total_cost().get(b.cost_key, 0.0) >= b.cost:
+            return "budget: cost"
+        if getattr(self.optimizer, "done", False):
+            return "optimizer done"
+        return None
+
+    def _fill(self) -> None:
+        """Give every idle worker a candidate, asking the optimizer for as many as are free."""
+        if self._ask_starved:
+            return
+        n = self.executor.idle()
+        if self.budget.evaluations is not None:
+            n = min(n, self.budget.evaluations - self._done - len(self.executor.pending()))
+        if n <= 0:
+            return
+        cands = self.optimizer.ask(n)
+        recipes = [self._decode(c.x) for c in cands] if self.decode else None
+        self.store.record_ask(n, cands, recipes)
+        self._ask_starved = len(cands) < n
+        for c in cands:
+            self.executor.submit(c)
+
+    def _decode(self, x: list[float]) -> Recipe | None:
+        try:
+            return self.decode(np.asarray(x))
+        except Exception:  # the worker decodes too and records the error as this candidate's failure
+            return None
+
+    def _record(self, evals: list[Evaluation]) -> None:
+        if not evals:
+            return
+        self.store.record_evaluations(evals)  # durable before the optimizer hears of them
+        self.optimizer.tell(evals)
+        self._ask_starved = False
+        self._done += len(evals)
+        self._failed += sum(not e.ok for e in evals)
+        for e in evals:
+            self._update_best(e)
+        self._tells_since_snapshot += 1
+        if self._tells_since_snapshot >= self.snapshot_every:
+            self.store.record_snapshot(self.optimizer.state_dict())
+            self._tells_since_snapshot = 0
+        if self.on_progress:
+            self.on_progress(self.progress())
+
+    def _update_best(self, e: Evaluation) -> None:
+        if not e.ok:
+            return
+        for o in self.objectives:
+            v = e.objectives.get(o.name)
+            if v is not None and math.isfinite(v):
+                cur = self._best.get(o.name)
+                if cur is None or v * o.sign() > cur * o.sign():
+                    self._best[o.name] = v
+
+    def _elapsed(self) -> float:
+        return self._elapsed_before + time.monotonic() - self._t0
+
+    def progress(self) -> Progress:
+        session_s = time.monotonic() - self._t0
+        rate = (self._done - self._done_at_start) / session_s * 60 if session_s > 0 else 0.0
+        return Progress(done=self._done, failed=self._failed, in_flight=len(self.executor.pending()),
+                        total=self.budget.evaluations, elapsed=self._elapsed(), evals_per_min=rate,
+                        best=dict(self._best))

@@ -1,0 +1,61 @@
+"""Exporting candidates of a run: as an evomerge recipe, a mergekit config (names mapped to the run's
+checkpoint paths), or a merged HF checkpoint, both through the merge engine (evomerge.merge).
+
+Outputs are written beside their destination and renamed into place: a failed export leaves nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.records import UserError
+
+FORMATS = ("hf", "mergekit", "recipe")
+
+
+def _write_text(out: Path, text: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(out)
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: str | None = None,
+               candidate: int | None = None, pareto: bool = False, first_objective: bool = False) -> list[Path]:
+    """Export the chosen candidate(s); returns the paths written. `--pareto` writes one entry per front member
+    into the folder `out` (candidate_<id>.yaml or candidate_<id>/)."""
+    from evomerge.merge.mergekit_yaml import to_mergekit
+    from evomerge.merge.writer import write_checkpoint
+    from evomerge.results import open_run
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not valid; use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    run = open_run(run_dir)
+    try:
+        if pareto:
+            ids = [int(i) for i in run.pareto().id]
+            if not ids:
+                raise UserError(f"{run_dir} has no successful evaluation yet")
+        elif candidate is not None:
+            ids = [int(candidate)]
+        else:
+            ids = [int(run.best(None if first_objective else best)["id"])]
+        recipes = {i: run.recipe(i) for i in ids}
+        cfg = run.config
+    finally:
+        run.close()
+    sources = {k: str(v) for k, v in (cfg.get("sources") or {}).items()}
+    if fmt != "recipe" and not sources:
+        raise UserError("this run has no model sources: only --format recipe applies")
+    targets = {i: (out / f"candidate_{i}{'' if fmt == 'hf' else '.yaml'}") if pareto else out for i in ids}
+    for i, target in targets.items():
+        if target.exists():
+            raise UserError(f"{target} already exists; choose another -o")
+    for i, target in targets.items():
+        if fmt == "recipe":
+            _write_text(target, recipes[i].to_yaml())
+        elif fmt == "mergekit":
+            _write_text(target, to_mergekit(recipes[i], sources))
+        else:  # the writer stages in a temporary folder and renames it into place
+            write_checkpoint(recipes[i], sources, target, base=cfg.get("base"))
+    return list(targets.values())

@@ -1,0 +1,226 @@
+"""Merge methods: one small function per method, registered by name with its typed parameters.
+
+A method merges one output tensor: it receives a `Group` (the inputs for that tensor, each with its
+resolved per-model parameters, the shared parameters, and the output buffer) and writes the result into
+`group.out`. Parameters, defaults and formulas follow mergekit 0.1.5.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evomerge.merge import rng, sparsify
+from evomerge.merge.gta import merge_task_vectors
+from evomerge.merge.params import ParamSpec
+from evomerge.merge.vectors import TaskVector
+from evomerge.records import UserError
+
+
+@dataclass
+class Entry:
+    """One input of a tensor merge."""
+
+    model: str
+    params: dict[str, Any]
+    full: Callable[[], torch.Tensor]  # this input's tensor (may be resident storage: never modify it)
+    vector: Callable[[], TaskVector]  # its delta from the group's base, with cached statistics when resident
+
+
+@dataclass
+class Group:
+    name: str  # output tensor name
+    entries: list[Entry]
+    base: Entry | None
+    shared: dict[str, Any]
+    seed: int
+    out: torch.Tensor
+
+    @property
+    def non_base(self) -> list[Entry]:
+        return [e for e in self.entries if e is not self.base]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[[Group], None]
+    params: tuple[ParamSpec, ...] = ()
+    needs_base: bool = False
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    random: bool = False
+
+    def shared_params(self) -> list[ParamSpec]:
+        return [p for p in self.params if not p.per_model]
+
+    def model_params(self, is_base: bool) -> list[ParamSpec]:
+        return [p for p in self.params if p.per_model and (p.base_too or not is_base)]
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown merge method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# --- generalized task arithmetic: task_arithmetic, ties, dare_*, breadcrumbs*, della ---------------
+
+def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, rescale: bool) -> Method:
+    params = [
+        ParamSpec("weight", float, per_model=True),
+        ParamSpec("density", float, 1.0, per_model=True),
+        ParamSpec("normalize", bool, normalize),
+        ParamSpec("rescale", bool, rescale),
+        ParamSpec("lambda", float, 1.0),
+        ParamSpec("int8_mask", bool, False),  # mergekit's memory option; results are the same without it
+    ]
+    if trim == "magnitude_outliers":
+        params.append(ParamSpec("gamma", float, 0.01, per_model=True))
+    if trim == "della":
+        params.append(ParamSpec("epsilon", float, 0.15, per_model=True))
+
+    def merge(g: Group) -> None:
+        entries = g.non_base
+        assert g.base is not None
+        vectors = [e.vector() for e in entries]
+        keeps = [_trim(trim, v, e, g) for v, e in zip(vectors, entries)]
+        if g.shared["rescale"]:
+            keeps = [sparsify.rescale(k, v) for k, v in zip(keeps, vectors)]
+        merge_task_vectors(
+            g.base.full(), [v.delta for v in vectors], keeps, [e.params["weight"] for e in entries],
+            consensus=consensus, normalize=g.shared["normalize"], lam=g.shared["lambda"], out=g.out,
+        )
+
+    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"))
+
+
+def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
+    d = e.params["density"]
+    if trim is None:
+        return sparsify.Keep("all")
+    if trim == "magnitude":
+        return sparsify.magnitude(v, d)
+    if trim == "magnitude_outliers":
+        return sparsify.magnitude_outliers(v, d, e.params["gamma"])
+    key = rng.key_for(g.seed, g.name, e.model)
+    if trim == "random":
+        return sparsify.bernoulli(d, key)
+    return sparsify.della(v, d, e.params["epsilon"], key)
+
+
+for _m in (
+    _gta("task_arithmetic", consensus=False, trim=None, normalize=False, rescale=False),
+    _gta("ties", consensus=True, trim="magnitude", normalize=True, rescale=False),
+    _gta("dare_ties", consensus=True, trim="random", normalize=False, rescale=True),
+    _gta("dare_linear", consensus=False, trim="random", normalize=False, rescale=True),
+    _gta("breadcrumbs", consensus=False, trim="magnitude_outliers", normalize=False, rescale=False),
+    _gta("breadcrumbs_ties", consensus=True, trim="magnitude_outliers", normalize=False, rescale=False),
+    _gta("della", consensus=True, trim="della", normalize=True, rescale=True),
+    _gta("della_linear", consensus=False, trim="della", normalize=False, rescale=True),
+):
+    register(_m)
+
+
+# --- linear ---------------------------------------------------------------------------------------
+
+def _linear(g: Group) -> None:
+    weights = [e.params["weight"] for e in g.entries]
+    out = g.out
+    out.zero_()
+    for e, w in zip(g.entries, weights):
+        out.add_(e.full(), alpha=w)
+    if g.shared["normalize"]:
+        out.div_(sum(weights))
+
+
+register(Method("linear", _linear, (ParamSpec("weight", float, per_model=True, base_too=True), ParamSpec("normalize", bool, True))))
+
+
+# --- slerp ----------------------------------------------------------------------------------------
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor, *, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> None:
+    """Spherical interpolation of two tensors seen as flat vectors; linear when they are nearly parallel."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = min(1.0, max(-1.0, float(torch.dot(a / na, b / nb))))
+    if abs(dot) > dot_threshold:
+        ca, cb = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    torch.mul(a, ca, out=out.reshape(-1)).add_(b, alpha=cb)
+
+
+def _slerp(g: Group) -> None:
+    assert g.base is not None
+    other = g.non_base[0]
+    slerp(g.shared["t"], g.base.full(), other.full(), g.out)
+
+
+register(Method("slerp", _slerp, (ParamSpec("t", float),), needs_base=True, min_inputs=2, max_inputs=2))
+
+
+# --- model stock ----------------------------------------------------------------------------------
+
+def _model_stock(g: Group) -> None:
+    assert g.base is not None
+    w0 = g.base.full()
+    deltas = [e.vector().delta for e in g.non_base]
+    shape = w0.shape
+    if g.shared["filter_wise"]:
+        rows = w0.reshape(1, -1) if w0.dim() == 1 else w0.reshape(w0.shape[0], -1)
+        offs = [d.reshape(rows.shape) for d in deltas]
+    else:
+        rows = w0.reshape(1, -1)
+        offs = [d.reshape(1, -1) for d in deltas]
+    cos = []
+    for i, a in enumerate(offs):
+        for b in offs[i + 1 :]:
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(offs)
+    denom = 1 + (n - 1) * cos_theta
+    singular = denom.abs() < 1e-6  # no finite estimate: keep the base there
+    t = torch.where(singular, torch.zeros_like(cos_theta), n * cos_theta / torch.where(singular, 1, denom))
+    # t * mean(w_i) + (1 - t) * w_0 = w_0 + t * mean(delta_i)
+    mean_delta = sum(offs) / n
+    g.out.copy_((rows + t * mean_delta).reshape(shape))
+
+
+register(Method("model_stock", _model_stock, (ParamSpec("filter_wise", bool, False),), needs_base=True, min_inputs=3))
+
+
+# --- passthrough ----------------------------------------------------------------------------------
+
+def _passthrough(g: Group) -> None:
+    e = g.entries[0]
+    scale = e.params.get("scale")
+    if scale is None:
+        g.out.copy_(e.full())
+    else:
+        torch.mul(e.full(), scale, out=g.out)
+
+
+register(Method("passthrough", _passthrough, (ParamSpec("scale", float, None, per_model=True, base_too=True),), max_inputs=1))

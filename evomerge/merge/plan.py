@@ -1,0 +1,129 @@
+"""A recipe's merge plan: for every output tensor, its inputs (model, source tensor), base and layer position.
+
+`models` recipes merge every tensor of the reference model across the listed models (plus the base when
+it is not listed, as mergekit does). `slices` recipes stack output layers from layer ranges of the
+sources; tensors outside the layers come from the first slice (embeddings) or the last (norm, head).
+Parameter scopes follow mergekit: a source's own parameters, then its slice's, then the recipe's.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.merge.layout import is_pre, layer_of, layer_position, num_layers
+from evomerge.recipe import Recipe
+from evomerge.records import UserError
+
+Scope = Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Input:
+    model: str
+    tensor: str  # the source's tensor name
+    scopes: tuple[Scope, ...]  # parameter settings, most specific first
+
+
+@dataclass(frozen=True)
+class Planned:
+    name: str  # output tensor name
+    inputs: tuple[Input, ...]
+    base: int | None  # index of the base in inputs
+    t: float  # layer position for gradients
+    shared_scopes: tuple[Scope, ...]
+
+
+def model_name(m: Any, what: str) -> str:
+    if isinstance(m, Recipe):
+        raise UserError(f"{what}: nested recipes must be materialized into a source first")
+    if not isinstance(m, str) or not m:
+        raise UserError(f"{what}: expected a model name, got {m!r}")
+    return m
+
+
+def plan(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
+    """The plan over the reference's tensor `names`, and the number of output layers."""
+    if recipe.path is not None:
+        raise UserError("data-flow 'path' recipes cannot be materialized as a parameter merge yet")
+    if bool(recipe.models) == bool(recipe.slices):
+        raise UserError("a recipe needs exactly one of 'models' or 'slices'")
+    if recipe.models:
+        return _plan_models(recipe, names), num_layers(names)
+    return _plan_slices(recipe, names)
+
+
+def _plan_models(recipe: Recipe, names: list[str]) -> list[Planned]:
+    base = model_name(recipe.base_model, "base_model") if recipe.base_model is not None else None
+    refs = [(model_name(r.model, "models"), r.parameters) for r in recipe.models]
+    if base is not None and base not in [m for m, _ in refs]:
+        refs.append((base, {}))
+    models = [m for m, _ in refs]
+    if len(set(models)) != len(models):
+        raise UserError(f"model {next(m for m in models if models.count(m) > 1)!r} is listed twice")
+    base_idx = models.index(base) if base is not None else None
+    count = num_layers(names)
+    out = []
+    for n in names:
+        ln = layer_of(n)
+        t = layer_position(ln.index, count) if ln else 0.0
+        inputs = tuple(Input(m, n, (p, recipe.parameters)) for m, p in refs)
+        out.append(Planned(n, inputs, base_idx, t, (recipe.parameters,)))
+    return out
+
+
+def _plan_slices(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
+    layer_names = {}
+    pre, post = [], []
+    for n in names:
+        ln = layer_of(n)
+        if ln is None:
+            (pre if is_pre(n) else post).append(n)
+        elif ln.index == 0:
+            layer_names[ln.rest] = ln
+    slices = recipe.slices or []
+    parsed = [_parse_slice(i, s, recipe) for i, s in enumerate(slices)]
+    out: list[Planned] = []
+
+    def edge(n: str, sl: tuple) -> Planned:
+        sources, base_idx, params = sl
+        inputs = tuple(Input(m, n, (p, params, recipe.parameters)) for m, _, p in sources)
+        return Planned(n, inputs, base_idx, 0.0, (params, recipe.parameters))
+
+    out.extend(edge(n, parsed[0]) for n in pre)
+    layer = 0
+    for sources, base_idx, params in parsed:
+        length = sources[0][1][1] - sources[0][1][0]
+        for off in range(length):
+            t = layer_position(off, length)
+            for rest, ln in layer_names.items():
+                inputs = tuple(Input(m, ln.at(r[0] + off), (p, params, recipe.parameters)) for m, r, p in sources)
+                out.append(Planned(ln.at(layer), inputs, base_idx, t, (params, recipe.parameters)))
+            layer += 1
+    out.extend(edge(n, parsed[-1]) for n in post)
+    return out, layer
+
+
+def _parse_slice(i: int, s: Any, recipe: Recipe) -> tuple[list[tuple[str, tuple[int, int], Scope]], int | None, Scope]:
+    where = f"slices[{i}]"
+    if not isinstance(s, dict) or not s.get("sources"):
+        raise UserError(f"{where}: a slice needs a non-empty 'sources' list")
+    sources = []
+    for j, src in enumerate(s["sources"]):
+        if not isinstance(src, dict):
+            raise UserError(f"{where}.sources[{j}]: expected a mapping with model and layer_range, got {src!r}")
+        m = model_name(src.get("model"), f"{where}.sources[{j}].model")
+        r = src.get("layer_range")
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r) and r[0] < r[1]):
+            raise UserError(f"{where}.sources[{j}]: layer_range must be [start, end) with start < end, got {r!r}")
+        sources.append((m, (r[0], r[1]), src.get("parameters")))
+    lengths = {r[1] - r[0] for _, r, _ in sources}
+    if len(lengths) > 1:
+        raise UserError(f"{where}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+    base = s.get("base_model", recipe.base_model)
+    base_idx = None
+    if base is not None:
+        base = model_name(base, f"{where}.base_model")
+        models = [m for m, _, _ in sources]
+        base_idx = models.index(base) if base in models else None
+    return sources, base_idx, s.get("parameters")

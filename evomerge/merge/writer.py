@@ -1,0 +1,180 @@
+"""Writing a merged model as a Hugging Face checkpoint, atomically.
+
+Everything is written into a temporary directory beside OUT and renamed into place at the end, so an
+interrupted or failed merge leaves no OUT (and an existing OUT untouched unless `force`). The checkpoint
+holds safetensors shards (+ index when there are several), config.json, the tokenizer and generation
+config of the chosen sources, and a model card recording the recipe and the source models.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from evomerge.merge.materializer import Materializer, SourceLike, parse_dtype
+from evomerge.merge.mergekit_yaml import expressible, to_mergekit
+from evomerge.recipe import Recipe
+from evomerge.records import UserError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+SHARD_BYTES = 4 * 1024**3
+PROGRESS_ELEMENTS = 50_000_000  # show a progress bar from this many merged parameters on
+
+
+def write_checkpoint(
+    recipe: Recipe,
+    sources: Mapping[str, SourceLike],
+    out: str | Path,
+    *,
+    base: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    max_shard_bytes: int = SHARD_BYTES,
+    progress: bool | None = None,
+) -> Path:
+    """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    names = recipe.source_names()
+    missing = [n for n in names if n not in sources]
+    if missing:
+        raise UserError(f"model {missing[0]!r} of the recipe is not among the sources ({', '.join(sources)})")
+    reference = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else names[0])
+    used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
+    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, resident=False)
+    planned, layers = mat.plan(recipe)
+    ref = mat.sources[reference]
+    out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
+    tok_name = _tokenizer_source(recipe, reference, used)
+    total = sum(_numel(ref.shape(p.inputs[0].tensor)) for p in planned)
+    show = total >= PROGRESS_ELEMENTS if progress is None else progress
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint should not be
+        _write_shards(tmp, mat.tensors(recipe, dtype=out_dtype, progress=show), max_shard_bytes)
+        _write_config(tmp, ref.config, out_dtype, layers)
+        for f in TOKENIZER_FILES:
+            src = _path_of(used[tok_name])
+            if src is not None and (src / f).is_file():
+                shutil.copy2(src / f, tmp / f)
+        ref_path = _path_of(used[reference])
+        if ref_path is not None and (ref_path / "generation_config.json").is_file():
+            shutil.copy2(ref_path / "generation_config.json", tmp / "generation_config.json")
+        paths = {n: str(p.resolve()) if (p := _path_of(s)) is not None else n for n, s in used.items()}
+        (tmp / "README.md").write_text(model_card(recipe, paths, out.name))
+        if expressible(recipe) is None:
+            (tmp / "mergekit_config.yml").write_text(to_mergekit(recipe, paths))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_card(recipe: Recipe, paths: Mapping[str, str], title: str) -> str:
+    lines = [
+        "---", "library_name: transformers", "tags:", "- merge", "- evomerge", "---", f"# {title}", "",
+        f"Merged with evomerge using **{recipe.merge_method}**.", "", "## Source models", "",
+    ]
+    lines += [f"- `{name}`: `{path}`" for name, path in paths.items()]
+    lines += ["", "## Recipe", "", "Replay it with `evomerge merge recipe.yaml -o OUT`:", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> None:
+    """Shards of at most `max_bytes` (a larger tensor gets its own), named as transformers names them."""
+    shards: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            save_file({k: v.contiguous() for k, v in current.items()}, str(tmp / f"shard-{len(shards)}.tmp"), metadata={"format": "pt"})
+            shards.append(list(current))
+            current, size = {}, 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            flush()
+        current[name] = t.cpu()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(shards) == 1:
+        (tmp / "shard-0.tmp").rename(tmp / "model.safetensors")
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (tmp / f"shard-{i}.tmp").rename(tmp / fname)
+        weight_map.update(dict.fromkeys(names, fname))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_config(tmp: Path, config: dict[str, Any], dtype: torch.dtype, layers: int) -> None:
+    cfg = dict(config)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    if layers and "num_hidden_layers" in cfg:
+        cfg["num_hidden_layers"] = layers  # passthrough slices can change the depth
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _tokenizer_source(recipe: Recipe, reference: str, sources: Mapping[str, SourceLike]) -> str:
+    ts = recipe.tokenizer_source
+    if ts is None or ts == "base":
+        return reference
+    if ts not in sources:
+        raise UserError(f"tokenizer_source {ts!r} is not one of the recipe's models ({', '.join(sources)})")
+    return ts
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place; an existing OUT (with force) is swapped out, then removed."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rename(out, old / "out")
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _stored_dtype(src: Any, name: str) -> torch.dtype:
+    return parse_dtype(src.dtype_name(name)) or torch.float32
+
+
+def _path_of(s: Any) -> Path | None:
+    if isinstance(s, (str, Path)):
+        return Path(s)
+    return getattr(s, "path", None)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,150 @@
+"""CMA-ES on the `cma` package (Hansen), in normalised coordinates: each dimension's range maps to [0, 1],
+so `sigma0` is a fraction of every range (Sakana's parameter-space search: start 0.5, σ = 1/6).
+
+Options: `sigma0` (default 0.2), `popsize` (default cma's 4 + ⌊3 ln d⌋), `diagonal` (separable CMA-ES:
+linear time and memory; default on above 500 dimensions, where a full covariance costs d² memory and
+d³ eigendecompositions), `restarts` (IPOP: on cma's own stop, restart from a random point with the
+population doubled, at most this many times), `cma_options` (passed to cma as they are).
+
+Generational: `ask` hands out the current generation in pieces and returns [] once it is all out; the
+generation is told to cma when every member has a result. Failures (failed, NaN) get a penalty worse than
+every loss seen so far, so they rank last; cma is rank based, so the size of the penalty does not matter.
+A generation where every member failed is not told at all: a fresh one is asked instead.
+cma samples through its `randn` option, which we bind to a RandomState of our own (it is pickled with the
+strategy, so a resumed run continues the same stream); the few places where cma calls np.random directly
+run with our own global state swapped in. Runs are deterministic given the seed and isolated from other
+users of np.random.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any, Sequence
+
+import numpy as np
+
+from evomerge.optimizers.base import Optimizer, check_population, penalise
+from evomerge.optimizers.generation import Generation
+from evomerge.records import Evaluation, Objective, UserError
+
+DIAGONAL_ABOVE = 500
+
+
+class CMAES(Optimizer):
+    def __init__(
+        self,
+        *,
+        bounds: Any,
+        objectives: Sequence[Objective],
+        seed: int,
+        x0: Any = None,
+        sigma0: float = 0.2,
+        popsize: int | None = None,
+        diagonal: bool | None = None,
+        restarts: int = 0,
+        cma_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        if not 0 < sigma0 <= 1:
+            raise UserError(f"sigma0 is a fraction of each range: need 0 < sigma0 <= 1, got {sigma0}")
+        self.sigma0 = float(sigma0)
+        self.popsize = None if popsize is None else check_population("popsize", popsize)
+        self.diagonal = self.dim > DIAGONAL_ABOVE if diagonal is None else bool(diagonal)
+        self.restarts = int(restarts)
+        self.cma_options = dict(cma_options or {})
+        self._np_state = np.random.RandomState(self.seed).get_state()
+        self._run = 0  # restart counter
+        self._worst: float | None = None
+        self._best: tuple[float, np.ndarray] | None = None
+        self._generation_index = 0
+        self._failed_generations = 0
+        self._es = self._new_es(self._u(self.x0) if self.x0 is not None else np.full(self.dim, 0.5), self.popsize)
+        self._gen: Generation | None = None
+
+    # normalised coordinates
+    def _u(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.bounds[:, 0]) / (self.bounds[:, 1] - self.bounds[:, 0])
+
+    def _x(self, u: np.ndarray) -> np.ndarray:
+        return self.clip(self.bounds[:, 0] + np.asarray(u) * (self.bounds[:, 1] - self.bounds[:, 0]))
+
+    def _with_rng(self, fn, *args):
+        """Call into cma with our numpy global state swapped in."""
+        outer = np.random.get_state()
+        np.random.set_state(self._np_state)
+        try:
+            return fn(*args)
+        finally:
+            self._np_state = np.random.get_state()
+            np.random.set_state(outer)
+
+    def _new_es(self, u0: np.ndarray, popsize: int | None):
+        import cma
+
+        opts: dict[str, Any] = {
+            "bounds": [0.0, 1.0],
+            "randn": np.random.RandomState([self.seed, self._run]).randn,
+            "seed": float("nan"),  # we seed through randn
+            "verbose": -9,
+            "CMA_diagonal": self.diagonal,
+            **self.cma_options,
+        }
+        if popsize is not None:
+            opts["popsize"] = popsize
+        return self._with_rng(cma.CMAEvolutionStrategy, u0, self.sigma0, opts)
+
+    def _ask(self, n: int):
+        if self._gen is None:
+            if self.done:
+                return []
+            xs = np.asarray(self._with_rng(self._es.ask), dtype=float)
+            self._gen = Generation(xs=xs, index=self._generation_index)
+        rows = self._gen.take(n)
+        out = []
+        for k, r in enumerate(rows):
+            self._gen.bind(self._next_id + k, r)
+            out.append((self._x(self._gen.xs[r]), {"generation": self._gen.index, "restart": self._run}))
+        return out
+
+    def tell(self, evaluations: Sequence[Evaluation]) -> None:
+        for ev in evaluations:
+            if self._gen is not None:
+                self._gen.record(ev.candidate_id, self.loss(ev))
+        if self._gen is None or not self._gen.complete:
+            return
+        raw = self._gen.ordered()
+        if all(v is None for v in raw):
+            # nothing learned: telling cma equal penalties would only trip its flat-fitness stop; re-ask
+            self._gen = None
+            self._failed_generations += 1
+            return
+        for v, u in zip(raw, self._gen.xs):
+            if v is not None and (self._best is None or v < self._best[0]):
+                self._best = (v, self._x(u))
+        values = penalise(raw, self._worst)
+        finite = [v for v in raw if v is not None]
+        if finite:
+            self._worst = max(finite + ([self._worst] if self._worst is not None else []))
+        self._with_rng(self._es.tell, list(self._gen.xs), values)
+        self._gen = None
+        self._generation_index += 1
+        if self._es.stop() and self._run < self.restarts:
+            self._run += 1
+            rng = np.random.default_rng([self.seed, self._run])
+            self._es = self._new_es(rng.random(self.dim), self._es.popsize * 2)
+
+    @property
+    def done(self) -> bool:
+        return self._gen is None and bool(self._es.stop()) and self._run >= self.restarts
+
+    def progress(self) -> dict[str, float]:
+        out = {"generation": float(self._generation_index), "sigma": float(self._es.sigma), "restart": float(self._run),
+               "failed_generations": float(self._failed_generations)}
+        if self._best is not None:
+            out["best_loss"] = self._best[0]
+        return out
+
+    def _state(self) -> dict[str, Any]:
+        return {"blob": pickle.dumps((self._es, self._gen, self._np_state, self._run, self._worst, self._best, self._generation_index, self._failed_generations))}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        (self._es, self._gen, self._np_state, self._run, self._worst, self._best, self._generation_index, self._failed_generations) = pickle.loads(state["blob"])

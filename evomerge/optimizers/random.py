@@ -1,0 +1,42 @@
+"""Uniform random search: the baseline every other optimizer must beat. `x0`, when given, is the first
+candidate. Not generational: `ask(n)` always returns n points. Failures are simply not counted as best."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from evomerge.optimizers.base import Optimizer
+from evomerge.records import Evaluation, Objective
+
+
+class RandomSearch(Optimizer):
+    def __init__(self, *, bounds: Any, objectives: Sequence[Objective], seed: int, x0: Any = None) -> None:
+        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        self._rng = np.random.default_rng(self.seed)
+        self._best: float | None = None
+
+    def _ask(self, n: int):
+        out = []
+        for _ in range(n):
+            if self._next_id + len(out) == 0 and self.x0 is not None:
+                out.append((self.x0.copy(), {}))
+            else:
+                out.append((self._rng.uniform(self.bounds[:, 0], self.bounds[:, 1]), {}))
+        return out
+
+    def tell(self, evaluations: Sequence[Evaluation]) -> None:
+        for ev in evaluations:
+            v = self.loss(ev)
+            if v is not None and (self._best is None or v < self._best):
+                self._best = v
+
+    def progress(self) -> dict[str, float]:
+        return {} if self._best is None else {"best_loss": self._best}
+
+    def _state(self) -> dict[str, Any]:
+        return {"rng": self._rng.bit_generator.state, "best": self._best}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._best = state["best"]

@@ -1,0 +1,144 @@
+"""Reading a run's results: a pandas view for notebooks, the Pareto front, the best candidate, hypervolume.
+
+`evomerge.open_run(run_dir)` opens the store read-only, so a notebook can watch a run that is still going.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.records import Objective, UserError
+from evomerge.recipe import Recipe
+from evomerge.store import RunStore
+
+
+def nondominated(values: np.ndarray) -> np.ndarray:
+    """Mask of the rows of `values` (larger is better in every column) that no other row dominates."""
+    n = len(values)
+    keep = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated_by = np.all(values >= values[i], axis=1) & np.any(values > values[i], axis=1)
+        keep[i] = not dominated_by.any()
+    return keep
+
+
+def hypervolume(values: np.ndarray, ref: np.ndarray) -> float:
+    """Hypervolume (larger-is-better values) dominated by `values` above the reference point `ref`."""
+    pts = values[np.all(values > ref, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    if values.shape[1] == 1:
+        return float(pts[:, 0].max() - ref[0])
+    # slice along the last objective: exact, fine for the front sizes of a merge search
+    pts = pts[np.argsort(-pts[:, -1])]
+    total = 0.0
+    for i in range(len(pts)):
+        hi = pts[i, -1]
+        lo = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
+        if hi > lo:
+            front = pts[: i + 1, :-1]
+            total += hypervolume(front[nondominated(front)], ref[:-1]) * (hi - lo)
+    return float(total)
+
+
+class Run:
+    """A run directory seen as tables. Columns of `frame()`: id, status, one per objective, error, worker,
+    seconds, then the genome as `x.<name>` columns."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.store = RunStore.open(run_dir, readonly=True)
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return self.store.objectives
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.store.config
+
+    def frame(self):
+        import pandas as pd
+
+        cands = self.store.candidates()
+        names = self.store.space_names
+        rows = []
+        for e in self.store.evaluations():
+            c = cands[e.candidate_id]
+            row: dict[str, Any] = {"id": e.candidate_id, "status": e.status}
+            for o in self.objectives:
+                row[o.name] = e.objectives.get(o.name, float("nan"))
+            row.update(error=e.error, worker=e.worker, seconds=sum(e.timings.values()))
+            for i, v in enumerate(c.x):
+                row[f"x.{names[i] if i < len(names) else i}"] = v
+            rows.append(row)
+        cols = ["id", "status", *[o.name for o in self.objectives], "error", "worker", "seconds"]
+        return pd.DataFrame(rows, columns=cols + [k for k in (rows[0] if rows else {}) if k not in cols])
+
+    def _ok(self):
+        df = self.frame()
+        names = [o.name for o in self.objectives]
+        ok = df[(df.status == "ok")]
+        return ok[np.isfinite(ok[names].to_numpy(dtype=float)).all(axis=1)] if len(ok) else ok
+
+    def signed(self, df) -> np.ndarray:
+        """Objective values of `df` with every column turned larger-is-better."""
+        return np.column_stack([df[o.name].to_numpy(dtype=float) * o.sign() for o in self.objectives])
+
+    def pareto(self):
+        """The successful evaluations no other one dominates, over all objectives."""
+        ok = self._ok()
+        return ok[nondominated(self.signed(ok))] if len(ok) else ok
+
+    def best(self, objective: str | None = None):
+        """The row of the best successful evaluation on `objective` (default: the first objective)."""
+        obj = self._objective(objective)
+        ok = self._ok()
+        if not len(ok):
+            raise UserError(f"{self.run_dir} has no successful evaluation yet")
+        return ok.loc[(ok[obj.name] * obj.sign()).idxmax()]
+
+    def _objective(self, name: str | None) -> Objective:
+        objs = self.objectives
+        if name is None:
+            return objs[0]
+        for o in objs:
+            if o.name == name:
+                return o
+        raise UserError(f"no objective {name!r} in this run; objectives: {', '.join(o.name for o in objs)}")
+
+    def recipe(self, candidate_id: int) -> Recipe:
+        return self.store.recipe(int(candidate_id))
+
+    def hypervolume(self) -> float | None:
+        """Hypervolume of the front (objectives made larger-is-better), the reference point lying 10% of each
+        objective's observed range (1.0 where the range is 0) beyond the worst value seen."""
+        ok = self._ok()
+        if not len(ok):
+            return None
+        vals = self.signed(ok)
+        lo, span = vals.min(axis=0), np.ptp(vals, axis=0)
+        ref = lo - 0.1 * np.where(span > 0, span, 10.0)
+        return hypervolume(vals[nondominated(vals)], ref)
+
+    def best_so_far(self, objective: str | None = None) -> list[float]:
+        """Best value of `objective` after each evaluation, in commit order (NaN before the first success)."""
+        obj = self._objective(objective)
+        best, out = float("nan"), []
+        for e in self.store.evaluations():
+            v = e.objectives.get(obj.name)
+            if e.ok and v is not None and (best != best or v * obj.sign() > best * obj.sign()):
+                best = v
+            out.append(best)
+        return out
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """Open a run directory read-only for analysis (notebooks, reports)."""
+    return Run(run_dir)
+

@@ -1,0 +1,165 @@
+"""The run commands of the CLI: run, resume, status, export, report. `register(app)` adds them to `evomerge`.
+
+Heavy imports stay inside the commands so `evomerge --help` is instant. Read-only commands open the store
+read-only: a failed command never modifies a run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from evomerge.records import UserError
+
+
+def _progress_bar(total: int | None):
+    """A rich progress bar fed by the engine's Progress records: done, ETA, best so far, evaluations/min."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
+                   TextColumn("{task.fields[best]}"), transient=False)
+    task = bar.add_task("search", total=total, rate="", best="")
+
+    def update(p) -> None:
+        best = " ".join(f"{k}={v:.4g}" for k, v in p.best.items())
+        bar.update(task, completed=p.done, total=p.total, rate=f"{p.evals_per_min:.1f} eval/min",
+                   best=f"best {best}" + (f" ({p.failed} failed)" if p.failed else ""))
+
+    return bar, update
+
+
+def _drive(engine, quiet: bool) -> None:
+    from evomerge.engine import ReplayMismatch
+
+    try:
+        if quiet:
+            engine.on_progress = None
+            reason = engine.run()
+        else:
+            bar, update = _progress_bar(engine.budget.evaluations)
+            engine.on_progress = update
+            with bar:
+                bar.update(bar.task_ids[0], completed=engine.store.counts()["evaluations"])
+                reason = engine.run()
+        counts = engine.store.counts()
+    except ReplayMismatch as e:
+        raise UserError(str(e)) from None
+    finally:
+        engine.store.close()  # the last connection closing folds the WAL into the store file
+    print(f"evomerge: stopped ({reason}): {counts['evaluations']} evaluations, {counts['failed']} failed, "
+          f"{counts['in_flight']} in flight; run directory {engine.store.path.parent}")
+    if reason == "interrupted":
+        raise SystemExit(130)  # click (non-standalone) would swallow typer.Exit's code
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        config: Path = typer.Argument(..., help="Run config (YAML)."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: beside the config, named after it)."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run already in --run-dir."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Start a search (or continue one with --resume)."""
+        from evomerge.assemble import open_engine
+        from evomerge.config import load_config
+
+        cfg = load_config(config)
+        target = run_dir or config.with_suffix("")
+        _drive(open_engine(cfg, target, resume=resume, address=address), quiet)
+
+    @app.command("resume")
+    def resume_cmd(
+        run_dir: Path = typer.Argument(..., help="A run directory."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
+        evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Raise the budget to this many evaluations."),
+        wall_time: Optional[str] = typer.Option(None, "--wall-time", help="Raise the wall-time budget (90s, 30m, 6h, 2d)."),
+        cost: Optional[float] = typer.Option(None, "--cost", help="Raise the cost budget."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Continue a stopped or killed run: replay its store, re-run only what was in flight."""
+        from evomerge.assemble import open_engine
+
+        budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
+        _drive(open_engine(None, run_dir, resume=True, address=address, budget=budget), quiet)
+
+    @app.command("status")
+    def status(
+        run_dir: Path = typer.Argument(..., help="A run directory."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Evaluations done / failed / in flight, best per objective, Pareto size, hypervolume, cost."""
+        info = run_status(run_dir)
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return
+        print(f"{run_dir}: {info['evaluations']} evaluations ({info['failed']} failed), {info['in_flight']} in flight, "
+              f"last stop: {info['last_stop'] or 'running or killed'}")
+        for name, b in info["best"].items():
+            print(f"  best {name} ({b['direction']}): {b['value']:.6g}  (candidate {b['candidate']})")
+        print(f"  pareto front: {info['pareto_size']} candidates; hypervolume {info['hypervolume']}")
+        if info["cost"]:
+            print("  cost: " + ", ".join(f"{k} {v:.4g}" for k, v in info["cost"].items()))
+
+    @app.command("export")
+    def export(
+        run_dir: Path = typer.Argument(..., help="A run directory."),
+        best: bool = typer.Option(False, "--best", help="Export the best candidate (on --objective, default the first)."),
+        objective: Optional[str] = typer.Option(None, "--objective", help="The objective --best ranks by."),
+        candidate: Optional[int] = typer.Option(None, "--candidate", help="Export this candidate id."),
+        pareto: bool = typer.Option(False, "--pareto", help="Export every candidate of the Pareto front (one folder each)."),
+        out: Path = typer.Option(..., "-o", "--out", help="Output directory (or file for --format recipe)."),
+        fmt: str = typer.Option("hf", "--format", help="hf (merged checkpoint), mergekit (mergekit YAML), recipe (evomerge recipe YAML)."),
+    ) -> None:
+        """Write a candidate as a merged model, a mergekit config or a recipe."""
+        from evomerge.export import export_run
+
+        if best + (candidate is not None) + pareto != 1:
+            raise UserError("choose exactly one of --best [--objective NAME], --candidate ID, --pareto")
+        written = export_run(run_dir, out, fmt=fmt, best=objective if best else None, candidate=candidate,
+                             pareto=pareto, first_objective=best and objective is None)
+        for w in written:
+            print(f"wrote {w}")
+
+    @app.command("report")
+    def report(
+        run_dir: Path = typer.Argument(..., help="A run directory."),
+        out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
+    ) -> None:
+        """A self-contained HTML report: best so far, the Pareto front, the best recipe as a heatmap."""
+        from evomerge.report import write_report
+
+        write_report(run_dir, out)
+        print(f"wrote {out}")
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """The figures `evomerge status` shows, as plain data."""
+    from evomerge.results import open_run
+
+    run = open_run(run_dir)
+    try:
+        counts = run.store.counts()
+        best: dict[str, Any] = {}
+        for o in run.objectives:
+            try:
+                row = run.best(o.name)
+            except UserError:
+                continue
+            best[o.name] = {"value": float(row[o.name]), "candidate": int(row["id"]), "direction": o.direction}
+        hv = run.hypervolume()
+        sessions = run.store.sessions()
+        return {
+            **counts, "best": best, "pareto_size": int(len(run.pareto())),
+            "hypervolume": None if hv is None or math.isnan(hv) else hv,
+            "cost": run.store.total_cost(), "sessions": len(sessions),
+            "last_stop": sessions[-1]["reason"] if sessions else None,
+            "objectives": [[o.name, o.direction] for o in run.objectives],
+        }
+    finally:
+        run.close()

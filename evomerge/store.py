@@ -1,0 +1,296 @@
+"""The run store: one SQLite file in the run directory, the single source of truth for a run.
+
+It records the run config, every candidate the optimizer asked for (with its decoded recipe), every
+evaluation, and an append-only log of the optimizer's ask/tell calls plus periodic pickled
+optimizer snapshots. Resume = restore a snapshot, replay the log after it, re-send what was in flight. WAL + synchronous=FULL: a committed evaluation survives SIGKILL and power loss.
+
+An evaluation and the 'tell' event announcing it are committed in ONE transaction before the
+optimizer hears of it, so a crash between the commit and `tell` is replayed, never lost.
+
+Read-only openings (status, export, report, notebooks) use SQLite's read-only mode and check the file
+first: a truncated or corrupted store is a one-line UserError and the file is never written.
+
+Below the engine floor: imports only the ground (records, recipe).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from evomerge.records import Candidate, Evaluation, Objective, UserError
+from evomerge.recipe import Recipe
+
+STORE_FILE = "run.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE candidates(
+    id INTEGER PRIMARY KEY, x TEXT NOT NULL, meta TEXT NOT NULL, recipe TEXT, asked_at REAL NOT NULL);
+CREATE TABLE evaluations(
+    candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id), seq INTEGER NOT NULL UNIQUE,
+    status TEXT NOT NULL, objectives TEXT NOT NULL, per_example TEXT, error TEXT, timings TEXT NOT NULL,
+    worker TEXT, cost TEXT NOT NULL, finished_at REAL NOT NULL);
+CREATE TABLE events(seq INTEGER PRIMARY KEY, kind TEXT NOT NULL CHECK(kind IN ('ask', 'tell')),
+    n INTEGER NOT NULL, ids TEXT NOT NULL);
+CREATE TABLE snapshots(event_seq INTEGER PRIMARY KEY, state BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE sessions(id INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at REAL, reason TEXT);
+"""
+# the newest snapshot taken before the last logged ask
+_RESUMABLE = ("SELECT MAX(event_seq) FROM snapshots WHERE event_seq < "
+              "(SELECT COALESCE(MAX(seq), 0) FROM events WHERE kind = 'ask')")
+_TABLES = ("meta", "candidates", "evaluations", "events", "snapshots", "sessions")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One optimizer call as logged: `ask` of `n` that returned `ids`, or `tell` of the evaluations of `ids`."""
+
+    seq: int
+    kind: str
+    n: int
+    ids: list[int]
+
+
+def store_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / STORE_FILE
+
+
+def is_run_dir(run_dir: str | Path) -> bool:
+    return store_path(run_dir).is_file()
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars and arrays (optimizers' meta often holds them) as plain JSON values."""
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
+
+
+def _dumps(v: Any) -> str:
+    return json.dumps(v, allow_nan=True, separators=(",", ":"), default=_plain)
+
+
+def _check_readable(path: Path) -> None:
+    """Open `path` read-only and verify it is an intact evomerge store; UserError otherwise. Writes nothing."""
+    # without a WAL to recover, check the file as immutable: SQLite then creates no -wal/-shm beside it
+    immutable = "&immutable=1" if not path.with_name(path.name + "-wal").exists() else ""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro{immutable}", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            missing = [t for t in _TABLES if t not in tables]
+            if missing:
+                raise UserError(f"{path} is not an evomerge run store (no table {missing[0]!r})")
+            check = con.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise UserError(f"run store {path} is corrupted ({check}); it was left untouched")
+            row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None or int(row[0]) != SCHEMA_VERSION:
+                raise UserError(f"run store {path} has schema {row and row[0]}, this evomerge reads {SCHEMA_VERSION}")
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"run store {path} is corrupted or truncated ({e}); it was left untouched") from None
+
+
+class RunStore:
+    """Durable record of one run. Create with `RunStore.create`, reopen with `RunStore.open`."""
+
+    def __init__(self, con: sqlite3.Connection, path: Path, readonly: bool):
+        self._con = con
+        self.path = path
+        self.readonly = readonly
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, run_dir: str | Path, config: dict[str, Any], *, objectives: Sequence[Objective],
+        space_names: Sequence[str], seed: int | None = None,
+    ) -> RunStore:
+        """A new store in `run_dir` (created if needed); refuses a directory that already holds a run."""
+        path = store_path(run_dir)
+        if path.exists():
+            raise UserError(f"{run_dir} already holds a run; resume it with `evomerge resume {run_dir}`")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(STORE_FILE + ".creating")
+        tmp.unlink(missing_ok=True)
+        con = sqlite3.connect(tmp)
+        with con:
+            con.executescript(_SCHEMA)
+            meta = {
+                "schema": str(SCHEMA_VERSION),
+                "config": _dumps(config),
+                "objectives": _dumps([[o.name, o.direction] for o in objectives]),
+                "space_names": _dumps(list(space_names)),
+                "seed": _dumps(seed),
+                "created_at": _dumps(time.time()),
+            }
+            con.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        con.close()
+        tmp.rename(path)  # a half-created store never carries the real name
+        return cls.open(run_dir)
+
+    @classmethod
+    def open(cls, run_dir: str | Path, *, readonly: bool = False) -> RunStore:
+        path = store_path(run_dir)
+        if not path.is_file():
+            raise UserError(f"{run_dir} is not an evomerge run directory (no {STORE_FILE})")
+        _check_readable(path)
+        if readonly:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            con = sqlite3.connect(path, check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+        return cls(con, path, readonly)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- run facts -----------------------------------------------------------------------------
+    def _meta(self, key: str) -> Any:
+        row = self._con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._meta("config")
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return [Objective(n, d) for n, d in self._meta("objectives")]
+
+    @property
+    def space_names(self) -> list[str]:
+        return self._meta("space_names")
+
+    # ---- writes: each is one transaction ---------------------------------------------------------
+    def record_ask(self, n: int, candidates: Sequence[Candidate], recipes: Sequence[Recipe | None] | None = None) -> None:
+        """Log `ask(n)` and the candidates it returned (possibly none)."""
+        recipes = list(recipes) if recipes is not None else [None] * len(candidates)
+        now = time.time()
+        # no fsync for an ask: it survives a killed process (WAL), and the next evaluation's fsync makes it
+        # durable against power loss too; a lost ask is simply asked again on resume
+        self._con.execute("PRAGMA synchronous=NORMAL")
+        with self._con:
+            self._con.executemany(
+                "INSERT INTO candidates VALUES (?, ?, ?, ?, ?)",
+                [(c.id, _dumps(list(map(float, c.x))), _dumps(c.meta), None if r is None else _dumps(r.to_dict()), now)
+                 for c, r in zip(candidates, recipes)],
+            )
+            self._con.execute("INSERT INTO events(kind, n, ids) VALUES ('ask', ?, ?)", (n, _dumps([c.id for c in candidates])))
+        self._con.execute("PRAGMA synchronous=FULL")
+
+    def record_evaluations(self, evaluations: Sequence[Evaluation]) -> None:
+        """Commit evaluations and the 'tell' event that hands them to the optimizer, atomically."""
+        if not evaluations:
+            return
+        now = time.time()
+        with self._con:
+            seq = self._con.execute("SELECT COALESCE(MAX(seq), 0) FROM evaluations").fetchone()[0]
+            rows = []
+            for i, e in enumerate(evaluations, start=1):
+                rows.append((e.candidate_id, seq + i, e.status, _dumps(e.objectives), None if e.per_example is None
+                             else _dumps(e.per_example), e.error, _dumps(e.timings), e.worker, _dumps(e.cost), now))
+            self._con.executemany("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._con.execute("INSERT INTO events(kind, n, ids) VALUES ('tell', ?, ?)",
+                              (len(evaluations), _dumps([e.candidate_id for e in evaluations])))
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        """Replace the stored config (resume with a larger budget)."""
+        with self._con:
+            self._con.execute("UPDATE meta SET value=? WHERE key='config'", (_dumps(config),))
+
+    def record_snapshot(self, state: Any) -> None:
+        """Pickle the optimizer state as it stands after the last logged event."""
+        blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._con:
+            seq = self._con.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            self._con.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?)", (seq, blob, time.time()))
+            # keep only what `resume_snapshot` may pick: the file stays small on runs of days
+            self._con.execute(f"DELETE FROM snapshots WHERE event_seq < COALESCE(({_RESUMABLE}), 0)")
+
+    def begin_session(self) -> int:
+        with self._con:
+            cur = self._con.execute("INSERT INTO sessions(started_at) VALUES (?)", (time.time(),))
+        return int(cur.lastrowid)
+
+    def end_session(self, session: int, reason: str) -> None:
+        with self._con:
+            self._con.execute("UPDATE sessions SET ended_at=?, reason=? WHERE id=?", (time.time(), reason, session))
+
+    # ---- reads ---------------------------------------------------------------------------------
+    def resume_snapshot(self) -> tuple[int, Any] | None:
+        """The newest snapshot that some logged ask follows: replaying that ask checks that the snapshot
+        restores the optimizer exactly (a snapshot at the very end of the log could not be checked)."""
+        row = self._con.execute(f"SELECT event_seq, state FROM snapshots WHERE event_seq = ({_RESUMABLE})").fetchone()
+        return None if row is None else (int(row[0]), pickle.loads(row[1]))
+
+    def events(self, after: int = 0) -> list[Event]:
+        return [Event(s, k, n, json.loads(ids)) for s, k, n, ids in
+                self._con.execute("SELECT seq, kind, n, ids FROM events WHERE seq > ? ORDER BY seq", (after,))]
+
+    def candidates(self, ids: Iterable[int] | None = None) -> dict[int, Candidate]:
+        rows = self._con.execute("SELECT id, x, meta FROM candidates ORDER BY id")
+        want = None if ids is None else set(ids)
+        return {i: Candidate(id=i, x=json.loads(x), meta=json.loads(m)) for i, x, m in rows if want is None or i in want}
+
+    def recipe(self, candidate_id: int) -> Recipe:
+        row = self._con.execute("SELECT recipe FROM candidates WHERE id=?", (candidate_id,)).fetchone()
+        if row is None:
+            raise UserError(f"no candidate {candidate_id} in this run")
+        if row[0] is None:
+            raise UserError(f"candidate {candidate_id} has no recorded recipe")
+        return Recipe.from_dict(json.loads(row[0]))
+
+    def evaluations(self) -> list[Evaluation]:
+        """Every evaluation, in commit order."""
+        out = []
+        for cid, _seq, status, obj, pe, err, tim, worker, cost, _t in self._con.execute(
+                "SELECT * FROM evaluations ORDER BY seq"):
+            out.append(Evaluation(candidate_id=cid, status=status, objectives=json.loads(obj),
+                                  per_example=None if pe is None else json.loads(pe), error=err,
+                                  timings=json.loads(tim), worker=worker, cost=json.loads(cost)))
+        return out
+
+    def in_flight(self) -> list[Candidate]:
+        """Candidates asked but never evaluated (running or queued when the run stopped), in id order."""
+        rows = self._con.execute(
+            "SELECT id, x, meta FROM candidates WHERE id NOT IN (SELECT candidate_id FROM evaluations) ORDER BY id")
+        return [Candidate(id=i, x=json.loads(x), meta=json.loads(m)) for i, x, m in rows]
+
+    def counts(self) -> dict[str, int]:
+        done, failed = self._con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(status != 'ok'), 0) FROM evaluations").fetchone()
+        asked = self._con.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+        return {"evaluations": int(done), "failed": int(failed), "in_flight": int(asked - done)}
+
+    def total_cost(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for (cost,) in self._con.execute("SELECT cost FROM evaluations"):
+            for k, v in json.loads(cost).items():
+                total[k] = total.get(k, 0.0) + float(v)
+        return total
+
+    def elapsed(self) -> float:
+        """Seconds spent running over all finished sessions (wall-time budgets span resumes)."""
+        row = self._con.execute(
+            "SELECT COALESCE(SUM(ended_at - started_at), 0) FROM sessions WHERE ended_at IS NOT NULL").fetchone()
+        return float(row[0])
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return [dict(id=i, started_at=s, ended_at=e, reason=r)
+                for i, s, e, r in self._con.execute("SELECT * FROM sessions ORDER BY id")]
+

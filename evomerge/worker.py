@@ -1,0 +1,94 @@
+"""The worker: turns a candidate into an evaluation. Decode the genome to a recipe, hand the recipe to the
+model handle (which brings the merged weights in), score it. Any exception becomes a failed Evaluation
+with its message: one bad candidate never stops a run.
+
+A fitness may be a scorer from `fitness/` or the user's own function `fn(handle) -> dict | FitnessResult`
+(`FunctionFitness`). A run without sources is a plain black-box search: the handle is then a `Genome`
+(candidate id, x, names, recipe) for the function to read.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from evomerge.records import Candidate, Evaluation, Objective, UserError
+from evomerge.recipe import Recipe
+
+
+@dataclass
+class Genome:
+    """The handle of a run with no model: what a user fitness function reads."""
+
+    candidate_id: int
+    x: list[float]
+    names: list[str]
+    recipe: Recipe | None = None
+
+    def set_recipe(self, recipe: Recipe | None) -> None:
+        self.recipe = recipe
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """'package.module:function' -> the function (UserError naming what is missing)."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise UserError(f"fitness function {spec!r} must be written 'module:function'")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"fitness function {spec!r}: cannot import {module!r} ({e})") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise UserError(f"fitness function {spec!r}: {module!r} has no function {attr!r}")
+    return fn
+
+
+class FunctionFitness:
+    """The user's own fitness: a function of the handle returning {objective: value} or a FitnessResult."""
+
+    def __init__(self, fn: Callable[[Any], Any] | str, objectives: Sequence[Objective]):
+        from fitness.base import FitnessResult  # imported here, once, not inside the first evaluation
+
+        self._result = FitnessResult
+        self.fn = load_callable(fn) if isinstance(fn, str) else fn
+        self.objectives = list(objectives)
+
+    def evaluate(self, handle: Any):
+        out = self.fn(handle)
+        result = out if isinstance(out, self._result) else self._result(objectives=dict(out))
+        return result.check(self.objectives)
+
+
+class Worker:
+    """handle + fitness (+ a decoder from genome to recipe). `evaluate` never raises for a bad candidate."""
+
+    def __init__(self, fitness: Any, *, handle: Any = None, decode: Callable[[np.ndarray], Recipe] | None = None,
+                 names: Sequence[str] = ()):
+        self.fitness, self.handle, self.decode, self.names = fitness, handle, decode, list(names)
+
+    def evaluate(self, candidate: Candidate) -> Evaluation:
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        stage = "decode"
+        try:
+            recipe = self.decode(np.asarray(candidate.x, dtype=float)) if self.decode else None
+            timings["decode"] = time.perf_counter() - t
+            stage, t = "load weights", time.perf_counter()
+            handle = self.handle
+            if handle is None:
+                handle = Genome(candidate.id, list(candidate.x), self.names, recipe)
+            else:
+                handle.set_recipe(recipe)
+            timings["materialize"] = time.perf_counter() - t
+            stage, t = "score", time.perf_counter()
+            result = self.fitness.evaluate(handle)
+            timings["score"] = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 - a failed candidate is data, not a crash
+            timings[stage.replace(" ", "_")] = time.perf_counter() - t
+            return Evaluation.failure(candidate.id, f"{stage}: {type(e).__name__}: {e}", timings=timings)
+        return Evaluation(candidate_id=candidate.id, objectives=dict(result.objectives),
+                          per_example=result.per_example, timings=timings, cost=dict(result.cost))

@@ -1,0 +1,159 @@
+"""The HF transformers handle (the CPU default): one resident model per worker, whose parameters are
+overwritten in place for each candidate; batched greedy generation with left padding and batched
+teacher-forced scoring with right padding."""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from evomerge.recipe import Recipe
+from evomerge.records import UserError
+from fitness.handle import Prompt, TokenScores, encode_prompt, truncate_at_stop
+
+
+class LoadsInto(Protocol):
+    def load_into(self, recipe: Recipe, module: torch.nn.Module) -> Any: ...
+
+
+class HFHandle:
+    """`model_dir` is the checkpoint the resident module is built from (the base: config, tokenizer,
+    shapes). `materializer` (evomerge.merge.Materializer) writes each recipe's merged weights into it."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        materializer: LoadsInto | None = None,
+        *,
+        batch_size: int = 16,
+        threads: int | None = None,
+        dtype: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not Path(model_dir, "config.json").is_file():
+            raise UserError(f"HF model: no config.json in {model_dir}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        kw: dict[str, Any] = {} if dtype is None else {"dtype": getattr(torch, dtype)}
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.materializer = materializer
+        self.batch_size = batch_size
+        self.device = device
+        self.recipe: Recipe | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def set_recipe(self, recipe: Recipe) -> None:
+        if self.materializer is None:
+            raise UserError("this HF handle has no materializer; it cannot build a recipe")
+        start = time.perf_counter()
+        self.recipe = None  # a failed write leaves the weights matching no recipe
+        self.materializer.load_into(recipe, self.model)
+        self.timings["swap"] = time.perf_counter() - start
+        self.recipe = recipe
+
+    @torch.no_grad()
+    def load_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Copy a full state dict into the resident parameters in place (no re-instantiation)."""
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in weights and not _tied(self.model, k)]
+        if missing:
+            raise UserError(f"state dict lacks {len(missing)} tensors of the model, e.g. {missing[0]!r}")
+        for name, t in weights.items():
+            if name not in own:
+                raise UserError(f"state dict has tensor {name!r} the model does not")
+            if own[name].shape != t.shape:
+                raise UserError(f"tensor {name!r}: shape {tuple(t.shape)} does not fit the model's {tuple(own[name].shape)}")
+            own[name].copy_(t)
+        self.recipe = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        if not all(ids):
+            raise UserError("generation needs a non-empty prompt (this tokenizer adds no BOS)")
+        sample: dict[str, Any] = {"do_sample": False}
+        if temperature > 0:
+            torch.manual_seed(0 if seed is None else seed)
+            sample = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        out: list[str] = [""] * len(ids)
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        for batch in self._batches(ids):
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+                input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+                mask[row, width - len(ids[i]):] = 1
+            gen = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                pad_token_id=pad, eos_token_id=eos, **sample,
+            )
+            for row, i in enumerate(batch):
+                text = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+                out[i] = truncate_at_stop(text, stop)
+        return out
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[tuple[Prompt, str]], *, eos: bool = False) -> list[TokenScores]:
+        seqs: list[list[int]] = []
+        starts: list[int] = []
+        for prompt, continuation in pairs:
+            ctx = encode_prompt(self.tokenizer, prompt)
+            if not ctx:
+                raise UserError("teacher-forced scoring needs a non-empty prompt")
+            cont = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            if eos:
+                cont.append(self.tokenizer.eos_token_id)
+            seqs.append(ctx + cont)
+            starts.append(len(ctx))
+        out: list[TokenScores | None] = [None] * len(seqs)
+        for batch in self._batches(seqs):
+            width = max(len(seqs[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # right padding: positions are plain 0..n-1, the causal mask hides the pad
+                input_ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, : len(seqs[i])] = 1
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for row, i in enumerate(batch):
+                pos = torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=logits.device)  # rows predicting the continuation
+                target = torch.tensor(seqs[i][starts[i]:], dtype=torch.long, device=logits.device)
+                rows = logits[row, pos].float()
+                logp = torch.log_softmax(rows, -1).gather(1, target[:, None])[:, 0]
+                greedy = rows.argmax(-1) == target
+                out[i] = TokenScores(logprobs=logp.tolist(), greedy=greedy.tolist())
+        return out  # type: ignore[return-value]
+
+    def _batches(self, seqs: list[list[int]]) -> list[list[int]]:
+        """Indices grouped into batches of similar length (less padding), covering every sequence once."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        return [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+
+
+def _tied(model: torch.nn.Module, name: str) -> bool:
+    """A tied output embedding is the input embedding's tensor: a state dict may omit it."""
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and name == "lm_head.weight"

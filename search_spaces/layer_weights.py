@@ -1,0 +1,171 @@
+"""Layer-weights space (Sakana's parameter space, mergekit-evolve's genome): for each layer group, each
+module group and each source model, a merge `weight` and (for sparsifying methods) a `density`.
+
+Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
+`method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
+task_arithmetic, linear), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
+the whole model), `modules` (subset of attention, mlp, embeddings: each gets its own values; the rest of
+the tensors share a default group), `normalize` (sets the recipe's `normalize` when given),
+`negative_weights` (weights range over [-weight_max, weight_max] instead of [0, weight_max]),
+`weight_max` (1.0), `density_range` ((0.1, 1.0); della's default keeps d ± ε inside (0, 1)), `merge_seed`
+(the recipe's seed for the random methods), `initial_weight` and `initial_density` (0.5: Sakana's start).
+
+Decoding: a value per layer becomes a mergekit gradient list with one entry per layer (exact at every
+layer), a single group a scalar; module groups become `{filter, value}` entries (attention: `self_attn`,
+mlp: `mlp`, embeddings: `embed_tokens` and `lm_head`), the default group the entry without a filter.
+Tensors outside the layers take the first layer group's value unless `embeddings` is searched.
+Dimensions are ordered layer group, then module, then source, then weight/density: a split point (M2N2)
+cuts between layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from evomerge.recipe import ModelRef, Recipe
+from evomerge.records import UserError
+from search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
+
+METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear")
+WEIGHT_ONLY = ("task_arithmetic", "linear")
+RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
+# tensor-name substrings per module group (Llama/Mistral/Qwen naming, as mergekit's filters use them)
+MODULE_FILTERS: dict[str, tuple[str, ...]] = {"attention": ("self_attn",), "mlp": ("mlp",), "embeddings": ("embed_tokens", "lm_head")}
+DEFAULT = "default"
+
+
+class LayerWeights(SearchSpace):
+    def __init__(
+        self,
+        sources: Sequence[str],
+        num_layers: int,
+        base: str | None = None,
+        method: str = "ties",
+        granularity: int = 1,
+        modules: Sequence[str] = (),
+        normalize: bool | None = None,
+        negative_weights: bool = False,
+        weight_max: float = 1.0,
+        density_range: tuple[float, float] | None = None,
+        merge_seed: int = 0,
+        initial_weight: float = 0.5,
+        initial_density: float = 0.5,
+    ) -> None:
+        if method not in METHODS:
+            raise UserError(f"unknown merge method {method!r} for layer_weights; valid: {', '.join(METHODS)}")
+        self.sources = check_sources(sources)
+        self.num_layers = check_layers(num_layers)
+        if base is None and method != "linear":
+            raise UserError(f"method {method!r} needs a base model: set `base`")
+        if base in self.sources:
+            raise UserError(f"base {base!r} is also listed as a source")
+        unknown = [m for m in modules if m not in MODULE_FILTERS]
+        if unknown:
+            raise UserError(f"unknown module group {unknown[0]!r}; valid: {', '.join(MODULE_FILTERS)}")
+        if not isinstance(granularity, int) or granularity < 0:
+            raise UserError(f"granularity must be an integer >= 0 (0 = whole model), got {granularity!r}")
+        if weight_max <= 0:
+            raise UserError(f"weight_max must be > 0, got {weight_max}")
+        self.base, self.method, self.normalize, self.merge_seed = base, method, normalize, merge_seed
+        lo_d, hi_d = density_range or ((0.16, 0.84) if method.startswith("della") else (0.1, 1.0))
+        if not 0 <= lo_d < hi_d <= 1:
+            raise UserError(f"density_range must satisfy 0 <= low < high <= 1, got {(lo_d, hi_d)}")
+        self.embeddings = "embeddings" in modules
+        self.layer_modules = [m for m in MODULE_FILTERS if m in modules and m != "embeddings"] + [DEFAULT]
+        self.params = ["weight"] if method in WEIGHT_ONLY else ["weight", "density"]
+        n_groups = 1 if granularity == 0 else math.ceil(self.num_layers / granularity)
+        size = self.num_layers if granularity == 0 else granularity
+        self.groups = [(g * size, min(self.num_layers, (g + 1) * size)) for g in range(n_groups)]
+        ranges = {"weight": (-weight_max if negative_weights else 0.0, weight_max), "density": (lo_d, hi_d)}
+        starts = {"weight": initial_weight, "density": initial_density}
+        # slots: (group index or None for embeddings, module, source, param), in genome order
+        self._slots: list[tuple[int | None, str, str, str]] = []
+        if self.embeddings:
+            self._slots += [(None, "embeddings", s, p) for s in self.sources for p in self.params]
+        for g in range(n_groups):
+            self._slots += [(g, m, s, p) for m in self.layer_modules for s in self.sources for p in self.params]
+        self._names = [self._name(*slot) for slot in self._slots]
+        self.bounds = np.array([ranges[p] for *_, p in self._slots], dtype=float)
+        self._initial = np.clip([starts[p] for *_, p in self._slots], self.bounds[:, 0], self.bounds[:, 1])
+        self._index = {slot: i for i, slot in enumerate(self._slots)}
+
+    def _name(self, g: int | None, module: str, source: str, param: str) -> str:
+        if g is None:
+            where = "non_layer"
+        elif len(self.groups) == 1:
+            where = "all_layers"
+        else:
+            lo, hi = self.groups[g]
+            where = f"layer_{lo}" if hi - lo == 1 else f"layers_{lo}-{hi - 1}"
+        return f"{where}.{module}.{source}.{param}"
+
+    # a module's value over the layers: scalar for one group, else one entry per layer
+    def _layer_value(self, x: np.ndarray, module: str, source: str, param: str) -> float | list[float]:
+        values = [float(x[self._index[(g, module, source, param)]]) for g in range(len(self.groups))]
+        if len(values) == 1:
+            return values[0]
+        return [values[g] for g, (lo, hi) in enumerate(self.groups) for _ in range(lo, hi)]
+
+    def decode(self, x: Any) -> Recipe:
+        x = self.clip(x)
+        models = []
+        for s in self.sources:
+            params: dict[str, Any] = {}
+            for p in self.params:
+                if len(self.layer_modules) == 1 and not self.embeddings:
+                    params[p] = self._layer_value(x, DEFAULT, s, p)
+                    continue
+                entries: list[dict[str, Any]] = []
+                if self.embeddings:
+                    v = float(x[self._index[(None, "embeddings", s, p)]])
+                    entries += [{"filter": f, "value": v} for f in MODULE_FILTERS["embeddings"]]
+                for m in self.layer_modules:
+                    v = self._layer_value(x, m, s, p)
+                    entries += [{"value": v}] if m == DEFAULT else [{"filter": f, "value": v} for f in MODULE_FILTERS[m]]
+                params[p] = entries
+            models.append(ModelRef(model=s, parameters=params))
+        return Recipe(
+            merge_method=self.method,
+            models=models,
+            base_model=self.base,
+            parameters={} if self.normalize is None else {"normalize": bool(self.normalize)},
+            seed=self.merge_seed if self.method in RANDOM else None,
+        )
+
+    def encode(self, recipe: Recipe) -> np.ndarray:
+        if recipe.merge_method != self.method:
+            raise UserError(f"recipe uses {recipe.merge_method!r}, this space searches {self.method!r}")
+        x = self._initial.copy()
+        for s in self.sources:
+            ref = model_ref(recipe, s)
+            for p in self.params:
+                if p not in ref.parameters:
+                    raise UserError(f"recipe: model {s!r} has no {p!r}")
+                value = ref.parameters[p]
+                if len(self.layer_modules) == 1 and not self.embeddings:
+                    self._read_layers(x, value, DEFAULT, s, p)
+                    continue
+                entries = {e.get("filter"): e["value"] for e in value} if isinstance(value, list) else {}
+                if self.embeddings:
+                    x[self._index[(None, "embeddings", s, p)]] = float(entries.get(MODULE_FILTERS["embeddings"][0], math.nan))
+                for m in self.layer_modules:
+                    key = None if m == DEFAULT else MODULE_FILTERS[m][0]
+                    if key not in entries:
+                        raise UserError(f"recipe: model {s!r} {p!r} has no entry for module group {m!r}")
+                    self._read_layers(x, entries[key], m, s, p)
+        if not np.all(np.isfinite(x)):
+            raise UserError("recipe does not fit this layer_weights space (a value is missing)")
+        return x
+
+    def _read_layers(self, x: np.ndarray, value: Any, module: str, source: str, param: str) -> None:
+        if len(self.groups) == 1:
+            if not isinstance(value, (int, float)):
+                raise UserError(f"recipe: {source}.{param} should be one number for the whole model, got {value!r}")
+            x[self._index[(0, module, source, param)]] = float(value)
+            return
+        if not isinstance(value, list) or len(value) != self.num_layers:
+            raise UserError(f"recipe: {source}.{param} should list {self.num_layers} per-layer values, got {value!r}")
+        for g, (lo, _) in enumerate(self.groups):
+            x[self._index[(g, module, source, param)]] = float(value[lo])

@@ -1,0 +1,124 @@
+"""Helpers for the runs tests: a real local Ray started once per session, and user fitness functions.
+
+The fitness functions here are what a user writes: ordinary Python functions of the handle. They live
+in this importable module (not in a test file) so Ray worker processes can import them by name.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+
+def sphere(handle) -> dict[str, float]:
+    """Deterministic: larger is better, optimum at x = 0.3 everywhere."""
+    return {"score": -sum((v - 0.3) ** 2 for v in handle.x)}
+
+
+def two_objectives(handle) -> dict[str, float]:
+    """A trade-off: 'a' wants x near 0.2, 'b' wants x near 0.8 (both to minimise)."""
+    return {"a": sum((v - 0.2) ** 2 for v in handle.x), "b": sum((v - 0.8) ** 2 for v in handle.x)}
+
+
+def slow_sphere(handle) -> dict[str, float]:
+    """The sphere, after a fixed latency given by $EVOMERGE_TEST_SLEEP (seconds)."""
+    time.sleep(float(os.environ.get("EVOMERGE_TEST_SLEEP", "0.05")))
+    return sphere(handle)
+
+
+def sphere_dies_once(handle) -> dict[str, float]:
+    """Candidate 2's first evaluation announces its pid in $EVOMERGE_TEST_MARKER and hangs until the test
+    SIGKILLs that process; the retry (the marker exists) scores normally."""
+    marker = Path(os.environ["EVOMERGE_TEST_MARKER"])
+    if handle.candidate_id == 2 and not marker.exists():
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.rename(marker)
+        time.sleep(120)
+    return sphere(handle)
+
+
+def explodes_on_odd(handle) -> dict[str, float]:
+    """A fitness that raises for some candidates: the run must record failures and go on."""
+    if handle.candidate_id % 2:
+        raise ValueError(f"cannot score candidate {handle.candidate_id}")
+    return sphere(handle)
+
+
+def logged_sphere(handle) -> dict[str, float]:
+    """The sphere after $EVOMERGE_TEST_SLEEP seconds, appending the candidate id to $EVOMERGE_TEST_CALLS first
+    (so a test can tell which evaluations ever ran, and how often)."""
+    with open(os.environ["EVOMERGE_TEST_CALLS"], "a") as f:
+        f.write(f"{handle.candidate_id}\n")
+    time.sleep(float(os.environ.get("EVOMERGE_TEST_SLEEP", "0.0")))
+    return sphere(handle)
+
+
+def dies_on_candidate_1(handle) -> dict[str, float]:
+    """Candidate 1 kills the process evaluating it, every time: its actor dies on each retry."""
+    if handle.candidate_id == 1:
+        os._exit(1)
+    return sphere(handle)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One real local Ray for the whole test session (it takes seconds to start on a busy box).
+    Yields the marker path `sphere_dies_once` uses; delete it to arm the kill again."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray = pytest.importorskip("ray")
+    marker = tmp_path_factory.mktemp("ray") / "died"
+    here = Path(__file__).resolve().parent
+    env = {"PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
+           "EVOMERGE_TEST_MARKER": str(marker), "OMP_NUM_THREADS": "1"}
+    os.environ["EVOMERGE_TEST_MARKER"] = str(marker)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    yield marker
+    ray.shutdown()
+
+
+def two_node_run(run_dir: str) -> None:
+    """Run in a fresh process: a two-node `ray.cluster_utils.Cluster` (one CPU each), a two-actor run whose
+    actor evaluating candidate 2 is SIGKILLed from outside; prints what the test checks, as JSON."""
+    import json
+    import signal
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from evomerge.assemble import open_engine
+    from evomerge.config import parse_config
+    from evomerge.store import RunStore
+
+    here = Path(__file__).resolve().parent
+    env = {"PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
+           "EVOMERGE_TEST_MARKER": os.environ["EVOMERGE_TEST_MARKER"], "OMP_NUM_THREADS": "1"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    marker = Path(os.environ["EVOMERGE_TEST_MARKER"])
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if marker.exists():
+            killed.append(int(marker.read_text()))
+            os.kill(killed[0], signal.SIGKILL)
+
+    threading.Thread(target=killer, daemon=True).start()
+    cfg = {"space": {"bounds": [[0, 1]] * 2}, "optimizer": {"name": "random"},
+           "fitness": {"function": "runs_fixtures:sphere_dies_once", "objectives": [{"name": "score"}]},
+           "budget": {"evaluations": 8}, "seed": 1,
+           "executor": {"kind": "ray", "workers": 2, "cpus_per_worker": 1, "runtime_env": {"env_vars": env}}}
+    # the run joins the cluster by its address, as `evomerge run --address ...` does
+    engine = open_engine(parse_config(cfg), run_dir, resume=False, address=cluster.address)
+    reason = engine.run()
+    assert not ray.is_initialized()  # the executor disconnected from the cluster it joined
+    evals = RunStore.open(run_dir, readonly=True).evaluations()
+    print(json.dumps({"reason": reason, "killed": killed, "replaced": engine.executor.replaced,
+                      "evals": [[e.candidate_id, e.status, e.worker] for e in evals]}))
+    cluster.shutdown()

@@ -1,0 +1,230 @@
+"""`evomerge serve` for real on 127.0.0.1: answers equal a local HF handle holding the same merge, bad
+input is a one-line 4xx, limits hold, and an API-only client searches through it."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from evomerge.merge import Materializer
+from evomerge.recipe import ModelRef, Recipe
+from evomerge.records import Candidate, UserError
+from evomerge.serve import ServeConfig, build
+from evomerge.worker import Worker
+from fitness.api import APIHandle
+from fitness.hf import HFHandle
+from fitness.remote import RemoteLossFitness
+from fitness.suite import TaskFitness
+
+TOKEN = "serve-token-93ac1f0e"
+
+
+def recipe(wa: float, wb: float) -> Recipe:
+    return Recipe(merge_method="task_arithmetic", base_model="base",
+                  models=[ModelRef("a", {"weight": wa}), ModelRef("b", {"weight": wb})])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A uvicorn server in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    f = tmp_path_factory.mktemp("serve") / "sums.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a}? answer ", "reference": str(2 * a)}) + "\n"
+                         for a in range(10, 16)))
+    return f
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, dataset):
+    os.environ["EVOMERGE_TEST_SERVE_TOKEN"] = TOKEN
+    cfg = ServeConfig(sources={k: str(v) for k, v in tiny_models.items()}, base="base", datasets={"sums": str(dataset)},
+                      token_env="EVOMERGE_TEST_SERVE_TOKEN", max_body=20_000, rate=1000, burst=1000)
+    s = Running(build(cfg))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_models):
+    return HFHandle(tiny_models["base"], Materializer(dict(tiny_models)), batch_size=4)
+
+
+@pytest.fixture
+def remote(server, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_TEST_SERVE_TOKEN", TOKEN)
+
+    def make(**kw):
+        return APIHandle(base_url=server.url + "/v1", model="evomerge", api_key_env="EVOMERGE_TEST_SERVE_TOKEN",
+                         send_recipe=True, timeout=30, max_retries=0, **kw)
+
+    return make
+
+
+PROMPTS = ["what is 12 plus 30? answer ", "hi there", "copy 11 22? answer "]
+
+
+def test_completions_equal_a_local_handle_with_the_same_merge(remote, local):
+    h = remote()
+    for r in (recipe(1.0, 0.0), recipe(2.0, 3.0)):
+        h.set_recipe(r)
+        local.set_recipe(r)
+        assert h.generate(PROMPTS, max_new_tokens=6) == local.generate(PROMPTS, max_new_tokens=6)
+        pairs = [(p, "42 ok") for p in PROMPTS]
+        for got, want in zip(h.score(pairs), local.score(pairs)):
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4) and got.greedy == want.greedy
+
+
+def test_prompts_batched_per_request_are_answered_and_cached_one_by_one(remote, local, tmp_path):
+    prompts = [f"what is {a} plus 1? answer " for a in range(10, 17)]
+    h = remote(batch_prompts=3, cache=str(tmp_path / "c.sqlite"))
+    r = recipe(0.5, 1.5)
+    h.set_recipe(r)
+    local.set_recipe(r)
+    want = local.generate(prompts, max_new_tokens=4)
+    assert h.generate(prompts, max_new_tokens=4) == want and h.pop_cost()["requests"] == 3  # 3 + 3 + 1 prompts
+    pairs = [(p, "11") for p in prompts]
+    flat = [lp for s in h.score(pairs) for lp in s.logprobs]
+    assert flat == pytest.approx([lp for s in local.score(pairs) for lp in s.logprobs], abs=1e-4)
+    h.pop_cost()
+    one_by_one = remote(cache=str(tmp_path / "c.sqlite"))  # same cache keys whatever the batch size
+    one_by_one.set_recipe(r)
+    assert one_by_one.generate(prompts, max_new_tokens=4) == want and one_by_one.pop_cost() == {"cached": 7.0}
+
+
+def test_loss_endpoint_equals_the_local_loss(remote, local, dataset):
+    h = remote()
+    r = recipe(1.5, 0.5)
+    h.set_recipe(r)
+    local.set_recipe(r)
+    res = RemoteLossFitness("sums").evaluate(h)
+    want = TaskFitness.from_config([{"name": "sums", "path": str(dataset), "metrics": ["loss"]}]).evaluate(local)
+    assert res.objectives["loss/sums"] == pytest.approx(want.objectives["loss/sums"], abs=1e-5)
+    assert res.per_example == pytest.approx(want.per_example, abs=1e-5)
+    assert res.cost["requests"] == 1
+
+
+def test_chat_without_a_template_is_a_400(remote):
+    h = remote(mode="chat")
+    h.set_recipe(recipe(1, 1))
+    with pytest.raises(Exception, match="HTTP 400: tokenizer of .* has no chat template"):
+        h.generate([[{"role": "user", "content": "hi"}]])
+
+
+def post(server, path, body, token=TOKEN, headers=None, **kw):
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+    return httpx.post(server.url + path, headers=headers, timeout=30, **({"json": body} if body is not None else {}), **kw)
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/completions", {"prompt": "x"}, 400, "recipe: Field required"),
+    ("/v1/completions", {"prompt": "x", "recipe": {"merge_method": "linear", "models": ["zzz", "a"]}}, 400,
+     "recipe: model 'zzz' is not on this host (models: base, a, b)"),
+    ("/v1/completions", {"prompt": "x", "recipe": {"merge_method": "nope", "models": ["a", "b"]}}, 400, "recipe: "),
+    ("/v1/completions", {"prompt": "x", "recipe": {"merge_methd": "linear"}}, 400, "recipe: unknown recipe key 'merge_methd'"),
+    ("/v1/completions", {"prompt": "x", "recipe": {"merge_method": "linear", "models": [
+        {"model": "a", "parameters": {"weight": "heavy"}}, "b"]}}, 400, "recipe"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many", "recipe": {}}, 400, "max_tokens: "),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000, "recipe": recipe(1, 1).to_dict()}, 400, "max_tokens is at most 512"),
+    ("/v1/completions", {"prompt": [], "recipe": recipe(1, 1).to_dict()}, 400, "1 to 64 prompts"),
+    ("/v1/loss", {"dataset": "nope", "recipe": recipe(1, 1).to_dict()}, 404, "no dataset 'nope' (datasets: sums)"),
+    ("/v1/loss", {"dataset": "sums", "recipe": recipe(1, 1).to_dict(), "extra": 1}, 400, "extra: Extra inputs"),
+])
+def test_bad_input_is_a_one_line_4xx(server, path, body, status, message):
+    r = post(server, path, body)
+    msg = r.json()["error"]["message"]
+    assert r.status_code == status and message in msg and "\n" not in msg, (r.status_code, msg)
+
+
+def test_malformed_json_too_large_and_auth(server):
+    r = post(server, "/v1/completions", None, content=b'{"prompt": "x", "reci', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"prompt": "x" * 30_000, "recipe": {}})
+    assert r.status_code == 413 and r.json()["error"]["message"] == "request body over 20000 bytes"
+    assert post(server, "/v1/completions", {"prompt": "x"}, token=None).status_code == 401
+    assert post(server, "/v1/completions", {"prompt": "x"}, token="wrong").status_code == 401
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2, "recipe": recipe(1, 1).to_dict()}).status_code == 200
+
+
+def test_rate_limit_answers_429_with_retry_after(tiny_models):
+    cfg = ServeConfig(sources={k: str(v) for k, v in tiny_models.items()}, base="base", rate=0.5, burst=2)
+    s = Running(build(cfg))
+    try:
+        codes = [httpx.get(s.url + "/v1/models").status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    finally:
+        s.stop()
+
+
+def test_refuses_a_public_bind_without_a_token(tiny_models, monkeypatch):
+    cfg = ServeConfig(sources={k: str(v) for k, v in tiny_models.items()}, base="base", host="0.0.0.0")
+    with pytest.raises(UserError, match="refusing to serve on 0.0.0.0 without a bearer token"):
+        build(cfg)
+    monkeypatch.setenv("EVOMERGE_TEST_SERVE_TOKEN", TOKEN)
+    cfg.token_env = "EVOMERGE_TEST_SERVE_TOKEN"
+    assert cfg.token() == TOKEN  # with a token the bind is allowed
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "serve", "--model", f"base={tiny_models['base']}",
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "refusing to serve on 0.0.0.0 without a bearer token" in out.stderr
+
+
+def test_api_only_search_end_to_end(remote, local, dataset, tmp_path):
+    """A search whose only access to the models is HTTP: an optimizer's candidates decoded to recipes,
+    scored through the service, and the best candidate's score reproduced by a local handle."""
+    from evomerge import optimizers
+    from evomerge.records import Objective
+
+    h = remote(cache=str(tmp_path / "cache.sqlite"))
+    fit = RemoteLossFitness("sums")
+    worker = Worker(fit, handle=h, decode=lambda x: recipe(float(x[0]), float(x[1])))
+    opt = optimizers.make("cmaes", bounds=[[0.0, 2.0], [0.0, 2.0]], objectives=[Objective("loss/sums", "min")], seed=0)
+    xs, evals = {}, []
+    while len(evals) < 8:
+        for cand in opt.ask(4):
+            xs[cand.id] = cand.x
+            evals.append(worker.evaluate(cand))
+        opt.tell(evals[-4:])
+    assert all(e.status == "ok" for e in evals), [e.error for e in evals if e.error]
+    assert len({e.objectives["loss/sums"] for e in evals}) > 1  # the recipes made a difference
+    best = min(evals, key=lambda e: e.objectives["loss/sums"])
+    local.set_recipe(recipe(*xs[best.candidate_id]))
+    want = TaskFitness.from_config([{"name": "sums", "path": str(dataset), "metrics": ["loss"]}]).evaluate(local)
+    assert best.objectives["loss/sums"] == pytest.approx(want.objectives["loss/sums"], abs=1e-5)
+    assert best.cost["requests"] == 1 and best.per_example == pytest.approx(want.per_example, abs=1e-5)

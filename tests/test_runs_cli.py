@@ -1,0 +1,157 @@
+"""The run commands end to end (in process, through `main()`): bad input is one line and changes nothing;
+status, report and export read a real run."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.store import STORE_FILE
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["evomerge", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _write(tmp_path, cfg: dict, name: str = "run.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _box(**over) -> dict:
+    cfg = {
+        "space": {"bounds": [[0, 1]] * 4, "names": ["layer_0.w", "layer_1.w", "layer_0.d", "layer_1.d"]},
+        "optimizer": {"name": "nsga2", "options": {"popsize": 8}},
+        "fitness": {"function": "runs_fixtures:two_objectives",
+                    "objectives": [{"name": "a", "direction": "min"}, {"name": "b", "direction": "min"}]},
+        "budget": {"evaluations": 24},
+        "seed": 2,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evomerge: error:"), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("mutate, needles", [
+    (lambda c: c["budget"].update(evalutions=3), ["budget.evalutions", "evaluations, wall_time, cost"]),
+    (lambda c: c.update(optimiser={}), ["'optimiser'", "optimizer"]),
+    (lambda c: c["executor"].update(kind="slurm") if "executor" in c else c.update(executor={"kind": "slurm"}),
+     ["executor.kind", "'local' or 'ray'"]),
+    (lambda c: c.update(sources={"base": "nowhere/base"}, base="base"), ["sources.base", "nowhere/base", "not a directory"]),
+    (lambda c: c["budget"].update(wall_time="soon"), ["wall_time", "90s, 30m"]),
+    (lambda c: c["fitness"].update(function="no_such_module:score"), ["no_such_module:score", "cannot import"]),
+    (lambda c: c["fitness"].update(function="runs_fixtures:nothing"), ["runs_fixtures:nothing", "no function"]),
+    (lambda c: c.update(sources={"base": "."}, base="base"), ["'base'", "no .safetensors"]),  # a folder, no model
+    (lambda c: c["optimizer"].update(name="hillclimb"), ["hillclimb", "cmaes"]),
+    (lambda c: c["optimizer"]["options"].update(sigma=2), ["'sigma'", "popsize"]),
+])
+def test_bad_config_is_one_line_and_creates_nothing(tmp_path, capsys, mutate, needles):
+    cfg = _box()
+    mutate(cfg)
+    code, _, err = _cli(capsys, "run", str(_write(tmp_path, cfg)), "--run-dir", str(tmp_path / "r"))
+    _one_line_error(code, err, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_not_a_run_dir(tmp_path, capsys):
+    for cmd in (["status"], ["resume"], ["report", "-o", str(tmp_path / "x.html")], ["export", "--best", "-o", str(tmp_path / "o")]):
+        code, _, err = _cli(capsys, cmd[0], str(tmp_path), *cmd[1:])
+        _one_line_error(code, err, "not an evomerge run directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys):
+    code, out, err = _cli(capsys, "run", str(_write(tmp_path, _box())), "--run-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    assert "24/24" in out or "24/24" in err  # the progress bar reached the budget
+    return tmp_path / "r"
+
+
+def test_status_report_export_and_refusals(finished_run, tmp_path, capsys):
+    code, out, _ = _cli(capsys, "status", str(finished_run), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["evaluations"] == 24 and info["in_flight"] == 0 and info["failed"] == 0
+    assert set(info["best"]) == {"a", "b"} and info["pareto_size"] >= 2 and info["hypervolume"] > 0
+    assert info["last_stop"] == "budget: evaluations"
+
+    code, _, err = _cli(capsys, "report", str(finished_run), "-o", str(tmp_path / "rep.html"))
+    page = (tmp_path / "rep.html").read_text()
+    assert code == 0 and page.count("<svg") == 2 and "Pareto front" in page and "<script" not in page
+    assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+    assert "parameter \\ layer" in page and "<th>1</th>" in page  # heatmap: layer columns 0 and 1
+
+    # a second `run` on the same directory refuses without --resume
+    code, _, err = _cli(capsys, "run", str(tmp_path / "run.yaml"), "--run-dir", str(finished_run))
+    _one_line_error(code, err, "already holds a run", "--resume")
+    # export needs exactly one choice
+    code, _, err = _cli(capsys, "export", str(finished_run), "-o", str(tmp_path / "o"))
+    _one_line_error(code, err, "exactly one of")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero"])
+def test_corrupted_store_every_command_fails_cleanly_and_touches_nothing(finished_run, tmp_path, capsys, damage):
+    path = finished_run / STORE_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\0" * len(data))
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in finished_run.iterdir()}
+    for cmd in (["status"], ["status", "--json"], ["resume"], ["report", "-o", str(tmp_path / "x.html")],
+                ["export", "--best", "--format", "recipe", "-o", str(tmp_path / "o.yaml")]):
+        code, _, err = _cli(capsys, cmd[0], str(finished_run), *cmd[1:])
+        _one_line_error(code, err, str(path))
+    code, _, err = _cli(capsys, "run", str(tmp_path / "run.yaml"), "--run-dir", str(finished_run), "--resume")
+    _one_line_error(code, err, str(path))
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in finished_run.iterdir()}
+    assert after == before
+    assert not (tmp_path / "x.html").exists() and not (tmp_path / "o.yaml").exists()
+
+
+def test_ray_cluster_yaml_is_a_valid_launcher_config():
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # raises on a schema error
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    assert any("evomerge[vllm]" in c or ".[vllm]" in c for c in cfg["setup_commands"])
+
+
+def test_resume_with_a_larger_budget_continues_as_if_planned(finished_run, tmp_path, capsys):
+    from evomerge import open_run
+
+    code, _, err = _cli(capsys, "resume", str(finished_run), "--evaluations", "0")
+    _one_line_error(code, err, "budget.evaluations")
+    code, _, err = _cli(capsys, "resume", str(finished_run), "--evaluations", "40", "-q")
+    assert code == 0, err
+    cfg = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    cfg["budget"]["evaluations"] = 40
+    code, _, err = _cli(capsys, "run", str(_write(tmp_path, cfg, "run40.yaml")), "--run-dir", str(tmp_path / "r40"), "-q")
+    assert code == 0, err
+    a, b = open_run(finished_run).frame(), open_run(tmp_path / "r40").frame()
+    assert len(a) == 40 and a.drop(columns=["seconds", "worker"]).equals(b.drop(columns=["seconds", "worker"]))

@@ -1,0 +1,94 @@
+"""The engine loop in process: budgets, replay from the log when a snapshot is not exact, refusal to
+resume a run whose optimizer cannot replay it."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from evomerge.engine import Budget, Engine, ReplayMismatch
+from evomerge.executors import LocalExecutor
+from evomerge.optimizers.random import RandomSearch
+from evomerge.records import Candidate, Evaluation, Objective
+from evomerge.store import RunStore
+
+OBJ = [Objective("score", "max")]
+BOUNDS = np.array([[0.0, 1.0]] * 2)
+
+
+class Scorer:
+    """Deterministic fitness with an optional latency and cost per evaluation."""
+
+    def __init__(self, sleep: float = 0.0, usd: float = 0.0):
+        self.sleep, self.usd = sleep, usd
+
+    def evaluate(self, c: Candidate) -> Evaluation:
+        time.sleep(self.sleep)
+        return Evaluation(c.id, objectives={"score": -sum((v - 0.3) ** 2 for v in c.x)}, cost={"usd": self.usd})
+
+
+class ForgetfulRandom(RandomSearch):
+    """A real optimizer whose snapshot forgets its generator state (as a buggy back end might)."""
+
+    def _state(self):
+        return {"best": self._best}
+
+    def _load(self, state):
+        self._best = state["best"]
+
+
+def _engine(path, budget: Budget, scorer=None, make=None, snapshot_every: int = 3) -> Engine:
+    store = RunStore.open(path) if (path / "run.sqlite").exists() else RunStore.create(
+        path, {"test": True}, objectives=OBJ, space_names=["x0", "x1"], seed=0)
+    make = make or (lambda: RandomSearch(bounds=BOUNDS, objectives=OBJ, seed=0))
+    return Engine(store, make, LocalExecutor(lambda: scorer or Scorer()), budget=budget,
+                  snapshot_every=snapshot_every)
+
+
+def _history(path):
+    with RunStore.open(path, readonly=True) as s:
+        c = s.candidates()
+        return [(e.candidate_id, c[e.candidate_id].x, e.objectives) for e in s.evaluations()]
+
+
+def test_wall_time_budget_spans_sessions(tmp_path):
+    e = _engine(tmp_path / "r", Budget(wall_time=0.6), Scorer(sleep=0.1))
+    assert e.run() == "budget: wall time"
+    n = e.store.counts()["evaluations"]
+    assert 3 <= n <= 8
+    e.store.close()
+    # a resumed run has already spent its time: it stops at once
+    e = _engine(tmp_path / "r", Budget(wall_time=0.6), Scorer(sleep=0.1))
+    assert e.run() == "budget: wall time" and e.store.counts()["evaluations"] == n
+
+
+def test_cost_budget(tmp_path):
+    e = _engine(tmp_path / "r", Budget(cost=1.0), Scorer(usd=0.4))
+    assert e.run() == "budget: cost"
+    assert e.store.counts()["evaluations"] == 3 and e.store.total_cost()["usd"] == pytest.approx(1.2)
+
+
+def test_inexact_snapshot_falls_back_to_replaying_the_log(tmp_path, caplog):
+    make = lambda: ForgetfulRandom(bounds=BOUNDS, objectives=OBJ, seed=0)  # noqa: E731
+    ref = _engine(tmp_path / "ref", Budget(evaluations=12), make=make)
+    ref.run()
+    e = _engine(tmp_path / "r", Budget(evaluations=5), make=make)
+    e.run()
+    e.store.close()
+    e = _engine(tmp_path / "r", Budget(evaluations=12), make=make)
+    e.run()
+    assert "replaying the whole log" in caplog.text
+    assert _history(tmp_path / "r") == _history(tmp_path / "ref")
+
+
+def test_a_run_that_cannot_be_replayed_is_refused_untouched(tmp_path):
+    e = _engine(tmp_path / "r", Budget(evaluations=4), snapshot_every=100)  # no snapshot: replay from the start
+    e.run()
+    e.store.close()
+    before = (RunStore.open(tmp_path / "r", readonly=True).sessions(), _history(tmp_path / "r"))
+    other_seed = lambda: RandomSearch(bounds=BOUNDS, objectives=OBJ, seed=99)  # noqa: E731
+    e = _engine(tmp_path / "r", Budget(evaluations=8), make=other_seed, snapshot_every=100)
+    with pytest.raises(ReplayMismatch, match="not deterministic"):
+        e.run()
+    assert (RunStore.open(tmp_path / "r", readonly=True).sessions(), _history(tmp_path / "r")) == before

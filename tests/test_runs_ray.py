@@ -1,0 +1,129 @@
+"""The Ray executor on a real local Ray: streaming, resident workers, actors killed mid-evaluation."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from evomerge.assemble import open_engine
+from evomerge.config import parse_config
+from evomerge.store import RunStore
+
+pytest.importorskip("ray")
+from runs_fixtures import ray_local  # noqa: E402,F401  the session's one Ray
+
+
+def _cfg(function: str, evaluations: int, workers: int, **executor) -> dict:
+    return {
+        "space": {"bounds": [[0, 1]] * 2},
+        "optimizer": {"name": "random"},
+        "fitness": {"function": f"runs_fixtures:{function}", "objectives": [{"name": "score", "direction": "max"}]},
+        "budget": {"evaluations": evaluations},
+        "executor": {"kind": "ray", "workers": workers, "cpus_per_worker": 0.5, **executor},
+        "seed": 5,
+    }
+
+
+def _run(tmp_path, cfg: dict):
+    engine = open_engine(parse_config(cfg), tmp_path / "run", resume=False)
+    reason = engine.run()
+    store = RunStore.open(tmp_path / "run", readonly=True)
+    return engine, reason, store
+
+
+def test_streams_to_resident_actors(ray_local, tmp_path):
+    engine, reason, store = _run(tmp_path, _cfg("slow_sphere", 12, 3))
+    evals = store.evaluations()
+    assert reason == "budget: evaluations" and len(evals) == 12 and all(e.ok for e in evals)
+    workers = {e.worker for e in evals}
+    # three actors, each built once (one process each) and kept for all its candidates
+    assert len(workers) == 3 and all(w.startswith("ray-") for w in workers)
+    assert len({w.rsplit(":", 1)[1] for w in workers}) == 3
+    assert {e.candidate_id for e in evals} == set(range(12))
+    assert engine.executor.replaced == 0
+
+
+def test_actor_killed_mid_evaluation_is_replaced_and_retried(ray_local, tmp_path):
+    marker = ray_local
+    marker.unlink(missing_ok=True)
+    killed: list[int] = []
+
+    def killer() -> None:  # the outside world: SIGKILL the actor process while it evaluates candidate 2
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if marker.exists():
+            pid = int(marker.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    engine, reason, store = _run(tmp_path, _cfg("sphere_dies_once", 8, 2))
+    t.join(5)
+    evals = {e.candidate_id: e for e in store.evaluations()}
+    assert killed, "candidate 2 never started"
+    assert reason == "budget: evaluations" and sorted(evals) == list(range(8))
+    assert all(e.ok for e in evals.values())
+    assert engine.executor.replaced == 1
+    assert not evals[2].worker.endswith(f":{killed[0]}")  # retried elsewhere, after the kill
+
+
+def test_actor_dying_every_time_is_recorded_as_failed(ray_local, tmp_path):
+    engine, reason, store = _run(tmp_path, _cfg("dies_on_candidate_1", 5, 2, max_retries=1))
+    evals = {e.candidate_id: e for e in store.evaluations()}
+    assert reason == "budget: evaluations" and sorted(evals) == list(range(5))
+    assert evals[1].status == "failed" and "worker died 2 times" in evals[1].error
+    assert all(evals[i].ok for i in (0, 2, 3, 4))
+    assert engine.executor.replaced == 2
+
+
+def test_failing_fitness_is_a_failed_evaluation_not_a_crash(ray_local, tmp_path):
+    _, reason, store = _run(tmp_path, _cfg("explodes_on_odd", 6, 2))
+    evals = {e.candidate_id: e for e in store.evaluations()}
+    assert reason == "budget: evaluations" and sorted(evals) == list(range(6))
+    assert [evals[i].ok for i in range(6)] == [True, False] * 3
+    assert "ValueError: cannot score candidate 3" in evals[3].error
+
+
+def test_two_node_cluster_actor_killed_mid_evaluation(tmp_path):
+    """On a two-node `ray.cluster_utils.Cluster` (its own processes, apart from the session's Ray)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
+           "EVOMERGE_TEST_MARKER": str(tmp_path / "died")}
+    proc = subprocess.run([sys.executable, "-c", f"import runs_fixtures; runs_fixtures.two_node_run({str(tmp_path / 'run')!r})"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["reason"] == "budget: evaluations" and out["killed"]
+    evals = {cid: (status, worker) for cid, status, worker in out["evals"]}
+    assert sorted(evals) == list(range(8)) and all(s == "ok" for s, _ in evals.values())
+    assert out["replaced"] == 1 and not evals[2][1].endswith(f":{out['killed'][0]}")
+    # the two actors lived on two different nodes
+    assert len({w.split("/")[1].split(":")[0] for _, w in evals.values()}) >= 2
+
+
+def test_ctrl_c_lets_ray_workers_finish_their_candidates(ray_local, tmp_path):
+    import _thread
+
+    cfg = _cfg("slow_sphere", 200, 2)
+    engine = open_engine(parse_config(cfg), tmp_path / "run", resume=False)
+    timer = threading.Timer(3.0, _thread.interrupt_main)  # Ctrl-C, once the run is streaming
+    timer.start()
+    try:
+        reason = engine.run()
+    finally:
+        timer.cancel()
+    store = RunStore.open(tmp_path / "run", readonly=True)
+    counts = store.counts()
+    assert reason == "interrupted" and 0 < counts["evaluations"] < 200
+    assert counts["in_flight"] == 0  # what was running when Ctrl-C came was finished and recorded
+    assert store.sessions()[-1]["reason"] == "interrupted"

@@ -1,0 +1,157 @@
+"""Resume after SIGKILL, with real processes: nothing completed is lost or re-run, and the history is
+exactly that of a run never interrupted."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.store import STORE_FILE, RunStore
+
+TESTS = Path(__file__).resolve().parent
+BUDGET = 36
+
+
+def _config(tmp_path: Path, optimizer: dict) -> Path:
+    cfg = {
+        "space": {"bounds": [[0, 1]] * 3},
+        "optimizer": optimizer,
+        "fitness": {"function": "runs_fixtures:logged_sphere", "objectives": [{"name": "score", "direction": "max"}]},
+        "budget": {"evaluations": BUDGET},
+        "seed": 11,
+        "snapshot_every": 5,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env(calls: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+            "EVOMERGE_TEST_CALLS": str(calls), "EVOMERGE_TEST_SLEEP": "0.03", "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from evomerge.cli import main; main()", *args]
+
+
+def _committed(run_dir: Path) -> list[int]:
+    path = run_dir / STORE_FILE
+    if not path.exists():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return [r[0] for r in con.execute("SELECT candidate_id FROM evaluations ORDER BY seq")]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # the store is being created
+        return []
+
+
+def _history(run_dir: Path):
+    with RunStore.open(run_dir, readonly=True) as s:
+        cands = s.candidates()
+        evals = [(e.candidate_id, cands[e.candidate_id].x, cands[e.candidate_id].meta, e.status, e.objectives)
+                 for e in s.evaluations()]
+        return evals, [(e.kind, e.n, e.ids) for e in s.events()]
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "cmaes", "options": {"popsize": 6}}, {"name": "random"}],
+                         ids=["cmaes", "random"])
+def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, optimizer):
+    cfg = _config(tmp_path, optimizer)
+    ref_calls, calls = tmp_path / "ref_calls", tmp_path / "calls"
+    ref = subprocess.run(_cli("run", str(cfg), "--run-dir", str(tmp_path / "ref"), "-q"), env=_env(ref_calls),
+                         capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    ref_evals, ref_events = _history(tmp_path / "ref")
+    assert len(ref_evals) == BUDGET
+
+    rng = random.Random(len(optimizer["name"]))
+    run_dir = tmp_path / "killed"
+    kills = []
+    cmd = _cli("run", str(cfg), "--run-dir", str(run_dir), "-q")
+    for target in sorted(rng.sample(range(1, BUDGET - 4), 4)):
+        proc = subprocess.Popen(cmd, env=_env(calls), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while len(_committed(run_dir)) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.03))  # land anywhere: mid-evaluation, mid-commit, mid-tell
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        err = proc.stderr.read().decode()
+        assert proc.returncode == -signal.SIGKILL, err
+        assert "replaying the whole log" not in err  # the optimizer snapshot restored exactly
+        kills.append((set(_committed(run_dir)), len(calls.read_text().split())))
+        cmd = _cli("resume", str(run_dir), "-q")
+    final = subprocess.run(cmd, env=_env(calls), capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert "replaying the whole log" not in final.stderr
+
+    evals, events = _history(run_dir)
+    # identical history: same candidates, same order, same results, same optimizer calls
+    assert evals == ref_evals
+    assert events == ref_events
+    # nothing completed before a kill was evaluated again after it
+    log = [int(v) for v in calls.read_text().split()]
+    for committed, n_calls in kills:
+        assert not committed & set(log[n_calls:]), "a committed evaluation was re-run after resume"
+    # every candidate was evaluated; repeats only for candidates in flight at a kill
+    assert set(log) == {e[0] for e in evals}
+    assert len(log) - len(set(log)) <= len(kills)
+    with RunStore.open(run_dir, readonly=True) as s:
+        reasons = [x["reason"] for x in s.sessions()]
+    assert reasons[-1] == "budget: evaluations" and reasons.count(None) == len(kills)
+
+
+def test_status_json_reports_a_killed_run(tmp_path):
+    cfg = _config(tmp_path, {"name": "random"})
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(_cli("run", str(cfg), "--run-dir", str(run_dir), "-q"), env=_env(tmp_path / "c"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(_committed(run_dir)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    out = subprocess.run(_cli("status", str(run_dir), "--json"), env=_env(tmp_path / "c"), capture_output=True,
+                         text=True, timeout=60)
+    info = json.loads(out.stdout)
+    assert info["evaluations"] >= 5 and info["failed"] == 0
+    assert info["evaluations"] + info["in_flight"] == len(_history(run_dir)[0]) + info["in_flight"]
+    assert info["best"]["score"]["value"] <= 0 and info["pareto_size"] == 1
+
+
+def test_ctrl_c_stops_cleanly_and_resume_completes_the_same_run(tmp_path):
+    cfg = _config(tmp_path, {"name": "random"})
+    ref = subprocess.run(_cli("run", str(cfg), "--run-dir", str(tmp_path / "ref"), "-q"), env=_env(tmp_path / "rc"),
+                         capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(_cli("run", str(cfg), "--run-dir", str(run_dir), "-q"), env=_env(tmp_path / "c"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(_committed(run_dir)) < 10 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped (interrupted)" in out and "Traceback" not in err
+    with RunStore.open(run_dir, readonly=True) as s:
+        assert s.sessions()[-1]["reason"] == "interrupted"
+        counts = s.counts()
+    assert 10 <= counts["evaluations"] < BUDGET
+    done = subprocess.run(_cli("resume", str(run_dir), "-q"), env=_env(tmp_path / "c"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert _history(run_dir) == _history(tmp_path / "ref")

@@ -1,0 +1,81 @@
+"""`evomerge zoo build`: held-out problems stay out of training, the build is deterministic, and a
+tiny-budget build through the real CLI writes loadable checkpoints and the task files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.zoo import MODELS, TASKS, load_task, tasks
+from evomerge.zoo.build import tokenizer
+from evomerge.zoo.train import Encoder, new_model, train
+
+
+def test_held_out_problems_never_in_training():
+    held_out = {p + r for split in tasks.eval_splits().values() for p, r in split}
+    for name, mix in tasks.MIXES.items():
+        draw = tasks.sampler(mix(), seed=0)
+        seen = {p + r for p, r in (draw() for _ in range(20000))}
+        assert not seen & held_out, name
+    # Not vacuous: the MATH mix does pose thousands of distinct sums with the held-out template.
+    draw = tasks.sampler(tasks.math_mix(), seed=0)
+    math_seen = {p for p, _ in (draw() for _ in range(20000))}
+    assert len(math_seen) > 4000
+
+
+def test_dev_and_test_splits_are_disjoint_and_sized():
+    splits = tasks.eval_splits()
+    for task in ("math_j", "math_e", "lang_j"):
+        dev, test = splits[f"{task}_dev"], splits[f"{task}_test"]
+        assert (len(dev), len(test)) == (200, 400)
+        assert not {p for p, _ in dev} & {p for p, _ in test}
+    # The target is posed and answered in J: no E letter anywhere, the J marker ends every answer.
+    assert all(not any("a" <= c <= "z" for c in p + r) and r.endswith(" ОЦ") for p, r in splits["math_j_test"])
+
+
+def test_training_is_deterministic():
+    enc = Encoder(tokenizer())
+    states = []
+    for _ in range(2):
+        model = new_model(5)
+        train(model, tasks.sampler(tasks.base_mix(), 5), enc, steps=3, lr=1e-3, warmup=1, seed=5, batch=4)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "build", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_tiny_build_writes_loadable_zoo(tmp_path):
+    out = tmp_path / "zoo"
+    done = _cli(str(out), "--scale", "0.004")
+    assert done.returncode == 0, done.stderr
+    assert "zoo built in" in done.stdout
+    report = json.loads((out / "build.json").read_text())
+    assert report["arch"]["hidden_size"] // report["arch"]["num_attention_heads"] >= 32
+    assert report["stages"]["base"]["steps"] == 10
+    for name in MODELS:
+        tok = AutoTokenizer.from_pretrained(out / "models" / name)
+        model = AutoModelForCausalLM.from_pretrained(out / "models" / name)
+        ids = tok("АИФБ ПХ 12 ЗНТХ 34? ФЩХАЖЧ ", return_tensors="pt").input_ids
+        assert ids[0, 0].item() == tok.bos_token_id  # the models were trained with BOS first
+        assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    for task in TASKS:
+        rows = load_task(task, out)
+        assert len(rows) == (200 if task.endswith("dev") else 400)
+        assert set(rows[0]) == {"prompt", "reference"}
+    assert not list(out.glob(".zoo-build-*"))  # the scratch dir was moved in and removed
+
+
+def test_bad_scale_is_a_one_line_error(tmp_path):
+    done = _cli(str(tmp_path / "zoo"), "--scale", "0")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--scale" in done.stderr
+    assert not (tmp_path / "zoo").exists()
