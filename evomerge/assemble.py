@@ -37,6 +37,31 @@ class BoxSpace:
         return self.bounds.mean(axis=1)
 
 
+class PointsSpace(BoxSpace):
+    """A box around starting genomes from the user's function (`space: {points: module:function}`), e.g. the
+    flattened parameters of trained models: the search runs over the parameters themselves."""
+
+    def __init__(self, points: Any, bound: float | None = None):
+        pts = np.asarray(points, dtype=float)
+        pts = pts[None] if pts.ndim == 1 else pts
+        if pts.ndim != 2 or not pts.size or not np.all(np.isfinite(pts)):
+            raise UserError("config: space.points must return finite genomes, one row each")
+        half = bound if bound is not None else 10.0 * float(np.abs(pts).max() or 1.0)
+        super().__init__([(-half, half)] * pts.shape[1])
+        self.points = pts
+
+    def initial(self) -> np.ndarray:
+        return self.points[0].copy()
+
+
+def importable(cfg: RunConfig) -> None:
+    """`module:function` names in a config resolve with the config's folder on the import path."""
+    import sys
+
+    if cfg.workdir is not None and str(cfg.workdir) not in sys.path:
+        sys.path.insert(0, str(cfg.workdir))
+
+
 def model_facts(cfg: RunConfig) -> dict[str, Any]:
     """What a search space may need to know about the sources: expert names, base name, layer count
     (read from the base's config.json)."""
@@ -56,6 +81,11 @@ def model_facts(cfg: RunConfig) -> dict[str, Any]:
 def build_space(cfg: RunConfig):
     if cfg.space.bounds is not None:
         return BoxSpace(cfg.space.bounds, cfg.space.names)
+    if cfg.space.points is not None:
+        from fitness.tasks import import_callable
+
+        importable(cfg)
+        return PointsSpace(import_callable(cfg.space.points, "space.points")(), cfg.space.bound)
     import search_spaces
 
     accepted = _space_params(cfg.space.name)
@@ -65,29 +95,35 @@ def build_space(cfg: RunConfig):
 
 def _space_params(name: str) -> set[str]:
     """The options space `name` takes (model facts are offered only to spaces that take them)."""
-    import importlib
     import inspect
 
     import search_spaces
 
-    entry = search_spaces._REGISTRY.get(name)
-    if entry is None:
+    if name not in search_spaces.names():
         return set()  # search_spaces.make names the valid spaces
-    cls = getattr(importlib.import_module(entry[0]), entry[1])
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return set(inspect.signature(search_spaces.space_class(name).__init__).parameters) - {"self"}
 
 
 def build_optimizer(cfg: RunConfig, space: Any, objectives: list[Objective]):
     from evomerge import optimizers
 
+    import inspect
+
     x0 = space.initial() if cfg.optimizer.start == "space" else None
+    options = dict(cfg.optimizer.options)
+    points = getattr(space, "points", None)  # several starting genomes: for an optimizer that takes them (M2N2)
+    if (points is not None and cfg.optimizer.start == "space" and "initial_points" not in options
+            and "initial_points" in inspect.signature(optimizers.optimizer_class(cfg.optimizer.name).__init__).parameters):
+        options["initial_points"] = points
     return optimizers.make(cfg.optimizer.name, bounds=space.bounds, objectives=objectives, seed=cfg.seed, x0=x0,
-                           **cfg.optimizer.options)
+                           **options)
 
 
 def build_fitness(cfg: RunConfig):
     if cfg.fitness.function is not None:
         from evomerge.worker import FunctionFitness
+
+        importable(cfg)
 
         return FunctionFitness(cfg.fitness.function, [Objective(o.name, o.direction) for o in cfg.fitness.objectives])
     from fitness.suite import TaskFitness

@@ -23,6 +23,8 @@ app.add_typer(zoo_app, name="zoo")
 def zoo_build(
     directory: str = typer.Argument(..., help="Where to write models/, data/ and build.json."),
     scale: float = typer.Option(1.0, help="Multiply every training stage's steps (e.g. 0.01 for a smoke test)."),
+    base: str = typer.Option(None, help="Reuse this BASE checkpoint dir; train only the experts."),
+    math_tries: int = typer.Option(4, help="MATH seeds to draw until one passes the reads-J gate."),
 ) -> None:
     """Train the zoo deterministically: BASE on languages E and J, then the MATH and LANG experts."""
     from pathlib import Path
@@ -31,6 +33,10 @@ def zoo_build(
         raise UserError(f"--scale must be > 0, got {scale}")
     if Path(directory).exists() and not Path(directory).is_dir():
         raise UserError(f"{directory} exists and is not a directory")
+    if math_tries < 1:
+        raise UserError(f"--math-tries must be >= 1, got {math_tries}")
+    if base is not None and not (Path(base) / "config.json").is_file():
+        raise UserError(f"--base {base} is not a checkpoint dir (no config.json)")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from evomerge.zoo.build import build
@@ -42,7 +48,7 @@ def zoo_build(
         def advance(stage: str, steps: int, planned: int) -> None:
             bar.update(task, advance=steps, total=planned, description=f"training {stage}")
 
-        report = build(directory, scale=scale, progress=advance)
+        report = build(directory, scale=scale, base_from=base, math_tries=math_tries, progress=advance)
     gate = "passed" if report["math_gate"]["passed"] else "NOT passed"
     print(f"zoo built in {report['build_seconds']:.0f} s at {directory} (MATH reads-J gate {gate}); "
           f"J math test: " + ", ".join(f"{m} {s['math_j_test']:.1f}%" for m, s in report["scores"].items()))
@@ -92,6 +98,26 @@ def serve(
     sources = _pairs(model, "--model")
     run_server(ServeConfig(sources=sources, base=base or next(iter(sources)), datasets=_pairs(dataset, "--dataset"),
                            host=host, port=port, token_env=token_env, max_body=max_body, rate=rate, burst=burst))
+
+
+@app.command("search-options")
+def search_options() -> None:
+    """List the optimizers and search spaces, each with its options and defaults."""
+    import inspect
+
+    import search_spaces
+    from evomerge import optimizers
+
+    def options(fn, skip: tuple[str, ...]) -> str:
+        params = [p for n, p in inspect.signature(fn).parameters.items() if n not in skip]
+        return ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params)
+
+    print("optimizers (make(name, bounds=, objectives=, seed=, x0=None, ...)):")
+    for name in optimizers.names():
+        print(f"  {name}: {options(optimizers.optimizer_class(name).__init__, ('self', 'bounds', 'objectives', 'seed', 'x0'))}")
+    print("search spaces:")
+    for name in search_spaces.names():
+        print(f"  {name}: {options(search_spaces.space_class(name).__init__, ('self',))}")
 
 
 from evomerge.run_commands import register as _register_run_commands  # noqa: E402  run, resume, status, export, report

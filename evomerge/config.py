@@ -10,7 +10,15 @@ fitness: {tasks: [{name: math, path: math.jsonl, metrics: [exact]}], backend: hf
 budget: {evaluations: 200, wall_time: 6h, cost: 20.0}
 executor: {kind: ray, workers: 8, gpus_per_worker: 1, address: auto}
 seed: 0
+holdout:                         # after the budget: a table on held-out data, and the best model exported
+  tasks: [{name: math, path: math_test.jsonl, metrics: [exact]}]
+  baselines: {MATH: {merge_method: linear, models: [{model: math, parameters: {weight: 1.0}}]}}
+  export: best_model             # inside the run directory
+# or the user's own: {function: mypkg.score:test_table}  (the best candidate's genome -> {row: {metric: value}})
 ```
+`space: {points: module:function, bound: 5}` searches a box around the starting genomes the function returns
+(one row each, e.g. flattened parameters of trained models; M2N2 starts its archive from all of them).
+`module:function` names resolve with the config's folder on the import path.
 Every mistake is a one-line UserError naming the key and what is valid.
 """
 from __future__ import annotations
@@ -41,11 +49,16 @@ class SpaceConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     bounds: list[tuple[float, float]] | None = None
     names: list[str] | None = None
+    points: str | None = None  # module:function returning the starting genomes, one row each
+    bound: float | None = Field(default=None, gt=0)  # points: the box is [-bound, bound] (default 10 × max |point|)
 
     @model_validator(mode="after")
     def _one_kind(self) -> SpaceConfig:
-        if (self.name is None) == (self.bounds is None):
-            raise ValueError("give either space.name (a search space) or space.bounds (a plain box), not both")
+        if sum(v is not None for v in (self.name, self.bounds, self.points)) != 1:
+            raise ValueError("give exactly one of space.name (a search space), space.bounds (a plain box) or "
+                             "space.points (module:function giving starting genomes)")
+        if self.bound is not None and self.points is None:
+            raise ValueError("space.bound applies to space.points only")
         return self
 
 
@@ -111,6 +124,33 @@ class ExecutorConfig(_Strict):
     runtime_env: dict[str, Any] | None = None  # Ray runtime_env when evomerge starts or joins Ray (env_vars, working_dir, pip)
 
 
+class HoldoutConfig(_Strict):
+    """The end-of-run comparison on held-out data: the baseline recipes and the evolved best scored on
+    `tasks` through the run's model handle (or the user's `function` of the best genome), and the best
+    model exported to `export` (a folder inside the run directory)."""
+
+    tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings, e.g. a test split
+    baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # row name -> recipe
+    function: str | None = None
+    export: Path | None = None
+    percent: bool = True  # show values × 100
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HoldoutConfig:
+        from evomerge.recipe import Recipe
+
+        if (self.tasks is None) == (self.function is None):
+            raise ValueError("give either holdout.tasks or holdout.function (module:function), not both")
+        if self.baselines and self.tasks is None:
+            raise ValueError("holdout.baselines are recipes scored on holdout.tasks; give tasks")
+        for name, recipe in self.baselines.items():
+            try:
+                Recipe.from_dict(recipe)
+            except UserError as e:
+                raise ValueError(f"holdout.baselines.{name}: {e}") from None
+        return self
+
+
 class RunConfig(_Strict):
     sources: dict[str, Path] = Field(default_factory=dict)
     base: str | None = None
@@ -122,6 +162,7 @@ class RunConfig(_Strict):
     seed: int = 0
     workdir: Path | None = None  # relative task files resolve here; set to the YAML's folder when loaded
     snapshot_every: int = Field(default=20, ge=1)  # optimizer snapshots every N tells (resume replays the rest)
+    holdout: HoldoutConfig | None = None
 
     @model_validator(mode="after")
     def _sources(self) -> RunConfig:

@@ -123,9 +123,13 @@ class Engine:
         self._done_at_start = self._done
         interrupts = 0
         try:
-            self.executor.start()
-            for cand in self.store.in_flight():
-                self.executor.submit(cand)
+            try:
+                self.executor.start()
+                for cand in self.store.in_flight():
+                    self.executor.submit(cand)
+            except KeyboardInterrupt:  # before anything ran: nothing to finish
+                self.stop_reason = "interrupted"
+                return self.stop_reason
             while True:
                 try:
                     if self.stop_reason is None:

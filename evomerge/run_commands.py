@@ -32,7 +32,7 @@ def _progress_bar(total: int | None):
     return bar, update
 
 
-def _drive(engine, quiet: bool) -> None:
+def _drive(engine, quiet: bool) -> str:
     from evomerge.engine import ReplayMismatch
 
     try:
@@ -54,6 +54,30 @@ def _drive(engine, quiet: bool) -> None:
           f"{counts['in_flight']} in flight; run directory {engine.store.path.parent}")
     if reason == "interrupted":
         raise SystemExit(130)  # click (non-standalone) would swallow typer.Exit's code
+    return reason
+
+
+def _finish(run_dir: Path, reason: str, quiet: bool) -> None:
+    """Once the budget is reached (or the optimizer is done): the held-out table and the export the config asks for."""
+    if reason.startswith("budget") or reason == "optimizer done":
+        from evomerge.holdout import finish_run
+
+        finish_run(run_dir, progress=not quiet)
+
+
+def _default_run_dir(config: Path) -> Path:
+    """Beside the config, named after it; a fresh `<name>-N` when that already holds a run, so running the same
+    config again starts a new run (`evomerge resume` continues an old one)."""
+    from evomerge.store import is_run_dir
+
+    target, n = config.with_suffix(""), 1
+    while is_run_dir(target):
+        n += 1
+        target = config.with_name(f"{config.stem}-{n}")
+    if n > 1:
+        print(f"evomerge: {config.with_suffix('')} holds an earlier run (continue it with `evomerge resume`); "
+              f"this run goes to {target}")
+    return target
 
 
 def register(app: typer.Typer) -> None:
@@ -63,15 +87,18 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: beside the config, named after it)."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run already in --run-dir."),
+        evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Set the budget to this many evaluations (e.g. a quick try)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Start a search (or continue one with --resume)."""
         from evomerge.assemble import open_engine
-        from evomerge.config import load_config
+        from evomerge.config import load_config, parse_config
 
         cfg = load_config(config)
-        target = run_dir or config.with_suffix("")
-        _drive(open_engine(cfg, target, resume=resume, address=address), quiet)
+        if evaluations is not None:
+            cfg = parse_config({**cfg.to_dict(), "budget": {**cfg.budget.model_dump(exclude_none=True), "evaluations": evaluations}})
+        target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
+        _finish(target, _drive(open_engine(cfg, target, resume=resume, address=address), quiet), quiet)
 
     @app.command("resume")
     def resume_cmd(
@@ -86,7 +113,18 @@ def register(app: typer.Typer) -> None:
         from evomerge.assemble import open_engine
 
         budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
-        _drive(open_engine(None, run_dir, resume=True, address=address, budget=budget), quiet)
+        _finish(run_dir, _drive(open_engine(None, run_dir, resume=True, address=address, budget=budget), quiet), quiet)
+
+    @app.command("holdout")
+    def holdout(
+        run_dir: Path = typer.Argument(..., help="A run directory whose config has a holdout section."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
+        from evomerge.holdout import finish_run
+
+        if finish_run(run_dir, progress=not quiet) is None:
+            raise UserError(f"the run in {run_dir} has no holdout section in its config")
 
     @app.command("status")
     def status(

@@ -24,11 +24,16 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def make(name: str, **options: Any) -> SearchSpace:
+def space_class(name: str) -> type[SearchSpace]:
     if name not in _REGISTRY:
         raise UserError(f"unknown search space {name!r}; valid: {', '.join(_REGISTRY)}")
     module, cls_name = _REGISTRY[name]
-    cls = getattr(importlib.import_module(module), cls_name)
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def make(name: str, **options: Any) -> SearchSpace:
+    """Build space `name` from plain options; unknown or missing options are a one-line UserError."""
+    cls = space_class(name)
     params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
     unknown = [k for k in options if k not in params]
     if unknown:
@@ -39,4 +44,4 @@ def make(name: str, **options: Any) -> SearchSpace:
     return cls(**options)
 
 
-__all__ = ["SearchSpace", "make", "names"]
+__all__ = ["SearchSpace", "make", "names", "space_class"]

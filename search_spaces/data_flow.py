@@ -44,8 +44,8 @@ class DataFlow(SearchSpace):
         self.counts = [check_layers(c) for c in counts]
         if not isinstance(repeats, int) or repeats < 1:
             raise UserError(f"repeats must be an integer >= 1, got {repeats!r}")
-        if not scale_range[0] < 1.0 < scale_range[1] and not scale_range[0] <= 1.0 <= scale_range[1]:
-            raise UserError(f"scale_range must contain 1 (no scaling), got {scale_range}")
+        if not (scale_range[0] < scale_range[1] and scale_range[0] <= 1.0 <= scale_range[1]):
+            raise UserError(f"scale_range must be (low, high) with low < high around 1 (no scaling), got {scale_range}")
         self.repeats, self.pin_ends = repeats, bool(pin_ends)
         self.layers = [(s, l) for s, c in zip(self.sources, self.counts) for l in range(c)]  # the M layers
         self._layer_index = {sl: i for i, sl in enumerate(self.layers)}

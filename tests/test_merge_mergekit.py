@@ -76,16 +76,18 @@ def test_trim_reproduces_mergekit_ties_among_equal_magnitudes(tmp_path):
     delta = torch.randint(-4, 5, (64, 48), generator=gen).float() / 8
     vec = TaskVector(delta)
     flat = delta.reshape(-1)
-    for density in (0.1, 0.37, 0.5, 0.93):
-        keep = sparsify.magnitude(vec, density)
-        assert keep.kind == "band" and keep.drop.numel() > 0  # the cut falls inside a group of equal magnitudes
-        for fused in (True, False):  # the numba kernel and the torch path apply the same rule
-            gta.use_fused = fused
-            out = torch.empty_like(flat)
-            gta.merge_task_vectors(torch.zeros_like(flat), [flat], [keep], [1.0], consensus=False, normalize=False, lam=1.0, out=out)
-            assert torch.equal(out.reshape(delta.shape), magnitude(delta, density)), (density, fused)
-            keep_b = sparsify.rescale(sparsify.magnitude_outliers(vec, density, 0.05), vec)
-            gta.merge_task_vectors(torch.zeros_like(flat), [flat], [keep_b], [1.0], consensus=False, normalize=False, lam=1.0, out=out)
-            ref = magnitude_outliers(delta, density, RescaleNorm.l1, gamma=0.05)
-            assert torch.allclose(out.reshape(delta.shape), ref, rtol=1e-6, atol=0), (density, fused)
+    try:
+        for density in (0.1, 0.37, 0.5, 0.93):
+            keep = sparsify.magnitude(vec, density)
+            assert keep.kind == "band" and keep.drop.numel() > 0  # the cut falls inside a group of equal magnitudes
+            for fused in (True, False):  # the numba kernel and the torch path apply the same rule
+                gta.use_fused = fused
+                out = torch.empty_like(flat)
+                gta.merge_task_vectors(torch.zeros_like(flat), [flat], [keep], [1.0], consensus=False, normalize=False, lam=1.0, out=out)
+                assert torch.equal(out.reshape(delta.shape), magnitude(delta, density)), (density, fused)
+                keep_b = sparsify.rescale(sparsify.magnitude_outliers(vec, density, 0.05), vec)
+                gta.merge_task_vectors(torch.zeros_like(flat), [flat], [keep_b], [1.0], consensus=False, normalize=False, lam=1.0, out=out)
+                ref = magnitude_outliers(delta, density, RescaleNorm.l1, gamma=0.05)
+                assert torch.allclose(out.reshape(delta.shape), ref, rtol=1e-6, atol=0), (density, fused)
+    finally:
         gta.use_fused = True

@@ -55,3 +55,14 @@ def test_unknown_back_end_choices(name, options, needle):
     with pytest.raises(UserError) as e:
         make(name, bounds=B, objectives=OBJ, seed=0, **options)
     assert needle in one_line(e)
+
+
+def test_cli_lists_optimizers_and_spaces_with_their_options(capsys):
+    import search_spaces
+    from evomerge.cli import search_options
+
+    search_options()
+    out = capsys.readouterr().out
+    for name in names() + search_spaces.names():
+        assert f"  {name}:" in out
+    assert "archive_size=20" in out and "granularity=1" in out

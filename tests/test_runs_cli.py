@@ -65,6 +65,7 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
     (lambda c: c["fitness"].update(function="runs_fixtures:nothing"), ["runs_fixtures:nothing", "no function"]),
     (lambda c: c.update(sources={"base": "."}, base="base"), ["'base'", "no .safetensors"]),  # a folder, no model
     (lambda c: c["optimizer"].update(name="hillclimb"), ["hillclimb", "cmaes"]),
+    (lambda c: c.update(space={"name": "layer_weighs"}), ["layer_weighs", "layer_weights"]),
     (lambda c: c["optimizer"]["options"].update(sigma=2), ["'sigma'", "popsize"]),
 ])
 def test_bad_config_is_one_line_and_creates_nothing(tmp_path, capsys, mutate, needles):

@@ -116,14 +116,18 @@ def test_ctrl_c_lets_ray_workers_finish_their_candidates(ray_local, tmp_path):
 
     cfg = _cfg("slow_sphere", 200, 2)
     engine = open_engine(parse_config(cfg), tmp_path / "run", resume=False)
-    timer = threading.Timer(3.0, _thread.interrupt_main)  # Ctrl-C, once the run is streaming
-    timer.start()
-    try:
-        reason = engine.run()
-    finally:
-        timer.cancel()
+
+    fired: list[bool] = []
+
+    def ctrl_c_after_three(progress) -> None:  # Ctrl-C once the run is streaming
+        if progress.done >= 3 and not fired:
+            fired.append(True)
+            _thread.interrupt_main()
+
+    engine.on_progress = ctrl_c_after_three
+    reason = engine.run()
     store = RunStore.open(tmp_path / "run", readonly=True)
     counts = store.counts()
-    assert reason == "interrupted" and 0 < counts["evaluations"] < 200
+    assert reason == "interrupted" and 3 <= counts["evaluations"] < 10
     assert counts["in_flight"] == 0  # what was running when Ctrl-C came was finished and recorded
     assert store.sessions()[-1]["reason"] == "interrupted"

@@ -55,7 +55,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_tiny_build_writes_loadable_zoo(tmp_path):
     out = tmp_path / "zoo"
-    done = _cli(str(out), "--scale", "0.004")
+    done = _cli(str(out), "--scale", "0.004", "--math-tries", "1")
     assert done.returncode == 0, done.stderr
     assert "zoo built in" in done.stdout
     report = json.loads((out / "build.json").read_text())
@@ -79,3 +79,9 @@ def test_bad_scale_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--scale" in done.stderr
     assert not (tmp_path / "zoo").exists()
+
+
+def test_bad_base_is_a_one_line_error(tmp_path):
+    done = _cli(str(tmp_path / "zoo"), "--base", str(tmp_path / "nowhere"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--base" in done.stderr

@@ -40,3 +40,12 @@ def num_layers(names: list[str]) -> int:
 def layer_position(index: int, count: int) -> float:
     """mergekit's gradient position of layer `index` among `count` layers."""
     return index / (count - 1) if count > 1 else 1.0
+
+
+# Projections whose output is added to the residual stream (Llama/Mistral/Qwen, GPT-2, GPT-NeoX, OPT...).
+_RESIDUAL_OUTPUTS = ("o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "attention.dense")
+
+
+def writes_residual(rest: str) -> bool:
+    """Whether a layer tensor (name after `layers.<i>.`) belongs to a projection that writes the residual stream."""
+    return any(f"{p}." in rest for p in _RESIDUAL_OUTPUTS)

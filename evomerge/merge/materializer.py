@@ -4,13 +4,15 @@ It keeps one reference model's tensors (the base, by default the first source) a
 source's task vector (its difference from the reference) in memory, in the compute dtype, on the
 chosen device. Statistics that do not change between candidates, such as each task vector's sorted
 magnitudes for TIES-style trims, are computed on first use and kept. Each output tensor is merged into
-its own freshly allocated buffer (or straight into a module's parameter) by the method's chunked
-kernel, so beyond the resident sources a merge holds at most one output model plus a few
-tensor-sized masks and cache-sized buffers.
+its own freshly allocated buffer (or straight into a module's parameter) by the method's fused kernel,
+so beyond the resident sources a merge holds at most one output model plus one tensor's random masks
+and cache-sized buffers. Nested recipes are merged first into transient sources.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from evomerge.merge import methods as registry
 from evomerge.merge.checks import check_compatible
 from evomerge.merge.methods import Entry, Group, Method
 from evomerge.merge.params import resolve, unknown_parameters
-from evomerge.merge.plan import Planned, plan
+from evomerge.merge.plan import Planned, entry_name, plan
 from evomerge.merge.sources import Source, open_sources
 from evomerge.merge.vectors import TaskVector
 from evomerge.recipe import Recipe
@@ -64,6 +66,7 @@ class Materializer:
         self.dtype = dtype
         ref = self.sources[self.reference]
         self.names = ref.names()
+        self._transient: dict[str, dict[str, torch.Tensor]] = {}  # nested recipes' results during a merge
         others = [m for m in self.sources if m != self.reference]
         if not resident:  # one-shot merges (the CLI): read each tensor from the memory map when it is merged
             self.base: Mapping[str, torch.Tensor] = _OnDemand(self.names, self._load_base)
@@ -95,22 +98,31 @@ class Materializer:
     def tensors(self, recipe: Recipe, *, dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Merged tensors one at a time, so a writer holds no more than one of them."""
         out_dtype = dtype or parse_dtype(recipe.dtype) or self.dtype
-        method, planned, _, seed = self._prepare(recipe)
         from tqdm.auto import tqdm
 
-        for p in tqdm(planned, desc="merging", disable=not progress, unit="tensor"):
-            out = torch.empty(self._shape(p), device=self.device, dtype=self.dtype)
-            self._merge(method, p, seed, out)
-            yield p.name, out if out.dtype == out_dtype else out.to(out_dtype)
+        with self._nested(recipe) as flat:
+            method, planned, _, seed = self._prepare(flat)
+            for p in tqdm(planned, desc="merging", disable=not progress, unit="tensor"):
+                out = torch.empty(self._shape(p), device=self.device, dtype=self.dtype)
+                self._merge(method, p, seed, out)
+                yield p.name, out if out.dtype == out_dtype else out.to(out_dtype)
 
     def load_into(self, recipe: Recipe, module: torch.nn.Module) -> None:
         """Write the merged weights into `module`'s parameters and buffers in place, by name."""
+        with self._nested(recipe) as flat:
+            self._load_into(flat, module)
+
+    def _load_into(self, recipe: Recipe, module: torch.nn.Module) -> None:
         method, planned, _, seed = self._prepare(recipe)
         targets = dict(module.named_parameters())
         targets.update(dict(module.named_buffers()))
         missing = [p.name for p in planned if p.name not in targets]
         if missing:
             raise UserError(f"the module has no parameter {missing[0]!r} that the recipe produces")
+        produced = {p.name for p in planned}
+        stale = [n for n, _ in module.named_parameters() if n not in produced]
+        if stale:  # e.g. a module deeper than a data-flow path: its extra layers would keep old weights
+            raise UserError(f"the recipe does not produce the module's parameter {stale[0]!r} (check the model's depth)")
         with torch.no_grad():
             for p in planned:
                 dest = targets[p.name]
@@ -124,8 +136,36 @@ class Materializer:
 
     def plan(self, recipe: Recipe) -> tuple[list[Planned], int]:
         """The recipe's plan (output tensors and their inputs) and its number of output layers."""
-        _, planned, layers, _ = self._prepare(recipe)
+        with self._nested(recipe, shallow=True) as flat:
+            _, planned, layers, _ = self._prepare(flat)
         return planned, layers
+
+    @contextmanager
+    def _nested(self, recipe: Recipe, shallow: bool = False) -> Iterator[Recipe]:
+        """The recipe with each nested recipe merged into a transient source named as its entry
+        (`shallow`: named only, for planning). The transient sources live for the enclosed merge."""
+        nested = [r for r in recipe.models if isinstance(r.model, Recipe)]
+        if not nested and not isinstance(recipe.base_model, Recipe):
+            yield recipe
+            return
+        flat = copy.copy(recipe)
+        flat.models = [copy.copy(r) for r in recipe.models]
+        added = []
+        try:
+            for ref in flat.models:
+                if isinstance(ref.model, Recipe):
+                    name = entry_name(ref)
+                    self._transient[name] = {} if shallow else self.materialize(ref.model)
+                    ref.model, ref.name = name, None
+                    added.append(name)
+            if isinstance(flat.base_model, Recipe):
+                self._transient["<nested base>"] = {} if shallow else self.materialize(flat.base_model)
+                flat.base_model = "<nested base>"
+                added.append("<nested base>")
+            yield flat
+        finally:
+            for name in added:
+                self._transient.pop(name, None)
 
     # --- internals --------------------------------------------------------------------------------
 
@@ -141,7 +181,7 @@ class Materializer:
         if first is None:
             raise UserError("the recipe produces no tensors")
         for inp in first.inputs:
-            if inp.model not in self.sources:
+            if inp.model not in self.sources and inp.model not in self._transient:
                 raise UserError(f"model {inp.model!r} is not a source (sources: {', '.join(self.sources)})")
         for scope in (recipe.parameters, *(r.parameters for r in recipe.models)):
             bad = unknown_parameters(scope or {}, method.params)
@@ -176,6 +216,8 @@ class Materializer:
 
     def _full_fn(self, model: str, tensor: str):
         def full() -> torch.Tensor:
+            if model in self._transient:
+                return self._transient[model][tensor]
             if model == self.reference:
                 return self.base[tensor]
             return self.base[tensor] + self.vectors[model][tensor].delta

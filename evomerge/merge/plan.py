@@ -4,6 +4,7 @@
 it is not listed, as mergekit does). `slices` recipes stack output layers from layer ranges of the
 sources; tensors outside the layers come from the first slice (embeddings) or the last (norm, head).
 Parameter scopes follow mergekit: a source's own parameters, then its slice's, then the recipe's.
+`path` recipes (data-flow) stack the listed layers with their scales folded into the weights.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.merge.layout import is_pre, layer_of, layer_position, num_layers
+from evomerge.merge.layout import is_pre, layer_of, layer_position, num_layers, writes_residual
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
@@ -34,6 +35,14 @@ class Planned:
     shared_scopes: tuple[Scope, ...]
 
 
+def entry_name(ref: Any) -> str:
+    """How the rest of a recipe refers to a model entry: its `name`, else its model name."""
+    key = ref.label
+    if key is None:
+        raise UserError(f"a nested recipe among the models needs a 'name' (got an entry for {ref.model.merge_method})")
+    return key
+
+
 def model_name(m: Any, what: str) -> str:
     if isinstance(m, Recipe):
         raise UserError(f"{what}: nested recipes must be materialized into a source first")
@@ -45,7 +54,7 @@ def model_name(m: Any, what: str) -> str:
 def plan(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
     """The plan over the reference's tensor `names`, and the number of output layers."""
     if recipe.path is not None:
-        raise UserError("data-flow 'path' recipes cannot be materialized as a parameter merge yet")
+        return _plan_path(recipe, names)
     if bool(recipe.models) == bool(recipe.slices):
         raise UserError("a recipe needs exactly one of 'models' or 'slices'")
     if recipe.models:
@@ -127,3 +136,32 @@ def _parse_slice(i: int, s: Any, recipe: Recipe) -> tuple[list[tuple[str, tuple[
         models = [m for m, _, _ in sources]
         base_idx = models.index(base) if base in models else None
     return sources, base_idx, s.get("parameters")
+
+
+def _plan_path(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
+    """A data-flow path as a stacked model. Step k runs layer `step.layer` of `step.model` on the hidden
+    state times `step.scale`. In a pre-norm decoder a layer only sees its input through scale-invariant
+    norms, except for the residual itself, so scaling the stream by P_k = s_1 ... s_k before step k equals
+    dividing the residual-writing projections (o_proj, down_proj) of steps k, k+1, ... by P_k: the final
+    norm removes the overall factor. The path thus becomes an ordinary checkpoint any runtime can load.
+    Embeddings, final norm and head come from the first model entry ("model A")."""
+    if not recipe.models:
+        raise UserError("a path recipe needs 'models' (the first supplies embeddings and head)")
+    model_a = entry_name(recipe.models[0])
+    known = {entry_name(r) for r in recipe.models}
+    rests = [ln.rest for ln in map(layer_of, names) if ln is not None and ln.index == 0]
+    first = next(ln for ln in map(layer_of, names) if ln is not None)
+    out: list[Planned] = [Planned(n, (Input(model_a, n, ()),), None, 0.0, ()) for n in names if layer_of(n) is None and is_pre(n)]
+    scale = 1.0
+    for k, step in enumerate(recipe.path or []):
+        if step.model not in known:
+            raise UserError(f"path step {k}: model {step.model!r} is not among the recipe's models ({', '.join(sorted(known))})")
+        if not step.scale > 0:
+            raise UserError(f"path step {k}: scale {step.scale:g} must be > 0 (a pre-norm model cannot fold it otherwise)")
+        scale *= step.scale
+        for rest in rests:
+            scope = {"scale": 1.0 / scale} if scale != 1.0 and writes_residual(rest) else None
+            src = f"{first.prefix}.{step.layer}.{rest}"
+            out.append(Planned(f"{first.prefix}.{k}.{rest}", (Input(step.model, src, (scope,)),), None, 0.0, ()))
+    out += [Planned(n, (Input(model_a, n, ()),), None, 0.0, ()) for n in names if layer_of(n) is None and not is_pre(n)]
+    return out, len(recipe.path or [])

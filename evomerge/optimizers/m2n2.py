@@ -16,7 +16,9 @@ Options: `archive_size` (20), `alpha` (1.0; 0 with attraction=False is the plain
 `attraction` (True), `crossover` (True), `interpolation` ("slerp" or "linear"), `mutation` (std in the
 genome's units, 0 = off; the paper mutates only when evolving from scratch), `initial_size` (how many
 initial members to evaluate before breeding; default archive_size; the paper's from-scratch run uses 2),
-`init_std` (initial members drawn N(x0 or the bounds' centre, init_std²) instead of uniformly in bounds).
+`init_std` (initial members drawn N(x0 or the bounds' centre, init_std²) instead of uniformly in bounds),
+`initial_points` (genomes, one row each, that are the first initial members: the paper's pre-trained
+setting starts its archive from the two trained models; x0 is then ignored).
 
 Not generational: once the initial members are in, `ask(n)` always returns n children, bred from the
 archive as it stands; results may arrive in any order. Without `per_example`, the first objective
@@ -63,8 +65,10 @@ class M2N2(Optimizer):
         mutation: float = 0.0,
         initial_size: int | None = None,
         init_std: float | None = None,
+        initial_points: Any = None,
     ) -> None:
         super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        self._points = [] if initial_points is None else [self.clip(self._check_x0(p)) for p in initial_points]
         self.archive_size = check_population("archive_size", archive_size)
         if interpolation not in INTERPOLATIONS:
             raise UserError(f"interpolation {interpolation!r} is not valid; use one of {', '.join(INTERPOLATIONS)}")
@@ -127,6 +131,9 @@ class M2N2(Optimizer):
         return self.clip(child), meta
 
     def _initial(self) -> np.ndarray:
+        if self._initial_asked < len(self._points):
+            self._initial_asked += 1
+            return self._points[self._initial_asked - 1].copy()
         first = self._initial_asked == 0 and self.x0 is not None
         self._initial_asked += 1
         if first:

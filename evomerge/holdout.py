@@ -1,0 +1,126 @@
+"""The end-of-run comparison: the evolved best against the sources and untuned merges, on held-out data.
+
+Configured by the run config's `holdout:` section. With `tasks`, each baseline recipe and the best
+candidate's recipe (best on the run's first objective) are scored on those tasks through the run's own
+model handle (HF, vLLM or an API), so every row is measured the same way; with `function`, the user's
+`module:function` gets the best candidate's genome and returns its own rows. The numbers are printed as a
+table, written to `holdout.json` in the run directory, and the best model is exported to `export`.
+Read-only on the store: the comparison never modifies a run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from evomerge.records import UserError
+
+BEST = "evolved best"
+RESULT_FILE = "holdout.json"
+
+
+def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Score the baselines and the best candidate; returns {"rows": {row: {objective: value}}, "best": id,
+    "seed": run seed} and writes it to RUN_DIR/holdout.json."""
+    from evomerge.assemble import build_handle, build_space, importable
+    from evomerge.config import parse_config
+    from evomerge.recipe import Recipe
+    from evomerge.results import open_run
+    from evomerge.worker import Genome, load_callable
+
+    run_dir = Path(run_dir)
+    run = open_run(run_dir)
+    try:
+        cfg = parse_config(run.config)
+        best = run.best(None)
+        best_id = int(best["id"])
+        best_recipe = run.recipe(best_id) if cfg.space.name is not None else None  # plain boxes have no recipe
+        best_x = list(run.store.candidates({best_id})[best_id].x)
+    finally:
+        run.close()
+    h = cfg.holdout
+    if h is None:
+        raise UserError(f"the run in {run_dir} has no holdout section in its config")
+    if h.function is not None:
+        importable(cfg)
+        genome = Genome(best_id, best_x, build_space(cfg).names(), best_recipe)
+        rows = {str(k): {str(m): float(v) for m, v in r.items()} for k, r in load_callable(h.function)(genome).items()}
+    else:
+        if best_recipe is None:
+            raise UserError("holdout.tasks score recipes, but this run's candidates have none (a plain box space)")
+        from fitness.suite import TaskFitness
+
+        fitness = TaskFitness.from_config(h.tasks or [], base_dir=cfg.workdir)
+        handle = build_handle(cfg)
+        if handle is None:
+            raise UserError("holdout.tasks need the run's models (sources or an API backend)")
+        recipes = {name: Recipe.from_dict(r) for name, r in h.baselines.items()}
+        recipes[BEST] = best_recipe
+        rows = {}
+        for name, recipe in _progress(recipes.items(), progress):
+            handle.set_recipe(recipe)
+            rows[name] = dict(fitness.evaluate(handle).objectives)
+    result = {"rows": rows, "best": best_id, "seed": cfg.seed, "percent": h.percent}
+    tmp = run_dir / (RESULT_FILE + ".partial")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run_dir / RESULT_FILE)
+    return result
+
+
+def _progress(items, show: bool):
+    items = list(items)
+    if not show:
+        return items
+    from rich.progress import track
+
+    return track(items, description="held-out scoring", transient=True)
+
+
+def print_table(result: dict[str, Any], title: str = "held-out comparison") -> None:
+    """The rows as a rich table; values × 100 when the config says percent. The best value per column is bold."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows: dict[str, dict[str, float]] = result["rows"]
+    columns = list(dict.fromkeys(c for r in rows.values() for c in r))
+    scale = 100.0 if result.get("percent", True) else 1.0
+    table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']})")
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c + (" %" if scale == 100.0 else ""), justify="right")
+    tops = {c: max((r[c] for r in rows.values() if c in r), default=None) for c in columns}
+    for name, r in rows.items():
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            text = "" if v is None else f"{v * scale:.1f}" if scale == 100.0 else f"{v:.4g}"
+            cells.append(f"[bold]{text}[/bold]" if v is not None and v == tops[c] else text)
+        table.add_row(name, *cells)
+    Console().print(table)
+
+
+def finish_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
+    """What `evomerge run` does once the budget is reached: the held-out table, then the best model exported
+    (once: an export already there is kept). None when the config has no holdout section."""
+    from evomerge.config import parse_config
+    from evomerge.export import export_run
+    from evomerge.results import open_run
+
+    run_dir = Path(run_dir)
+    run = open_run(run_dir)
+    try:
+        cfg = parse_config(run.config)
+    finally:
+        run.close()
+    if cfg.holdout is None:
+        return None
+    result = evaluate_holdout(run_dir, progress=progress)
+    print_table(result)
+    if cfg.holdout.export is not None and cfg.sources:
+        target = run_dir / cfg.holdout.export
+        if target.exists():
+            print(f"best model already exported at {target}")
+        else:
+            export_run(run_dir, target, fmt="hf", first_objective=True)
+            print(f"exported the best model (candidate {result['best']}) to {target}")
+    return result
