@@ -132,6 +132,7 @@ class HoldoutConfig(_Strict):
     tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings, e.g. a test split
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # row name -> recipe
     function: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of `function`
     export: Path | None = None
     percent: bool = True  # show values × 100
 

@@ -44,7 +44,7 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
     if h.function is not None:
         importable(cfg)
         genome = Genome(best_id, best_x, build_space(cfg).names(), best_recipe)
-        rows = {str(k): {str(m): float(v) for m, v in r.items()} for k, r in load_callable(h.function)(genome).items()}
+        rows = {str(k): {str(m): float(v) for m, v in r.items()} for k, r in load_callable(h.function)(genome, **h.options).items()}
     else:
         if best_recipe is None:
             raise UserError("holdout.tasks score recipes, but this run's candidates have none (a plain box space)")
@@ -84,6 +84,9 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
     rows: dict[str, dict[str, float]] = result["rows"]
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
     scale = 100.0 if result.get("percent", True) else 1.0
+    console = Console()
+    if console.width < 120:  # not a terminal (a log, CI): wide enough for the column names
+        console = Console(width=120)
     table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']})")
     table.add_column("model")
     for c in columns:
@@ -96,7 +99,7 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
             text = "" if v is None else f"{v * scale:.1f}" if scale == 100.0 else f"{v:.4g}"
             cells.append(f"[bold]{text}[/bold]" if v is not None and v == tops[c] else text)
         table.add_row(name, *cells)
-    Console().print(table)
+    console.print(table)
 
 
 def finish_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any] | None:

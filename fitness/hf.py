@@ -44,6 +44,7 @@ class HFHandle:
         kw: dict[str, Any] = {} if dtype is None else {"dtype": getattr(torch, dtype)}
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._depth = int(getattr(self.model.config, "num_hidden_layers", 0))  # a data-flow path may change it
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.materializer = materializer
@@ -58,9 +59,30 @@ class HFHandle:
             raise UserError("this HF handle has no materializer; it cannot build a recipe")
         start = time.perf_counter()
         self.recipe = None  # a failed write leaves the weights matching no recipe
+        if recipe.path is not None and hasattr(self.materializer, "plan"):
+            self._fit_depth(self.materializer.plan(recipe)[1])
+        elif recipe.path is None:
+            self._fit_depth(self._depth)
         self.materializer.load_into(recipe, self.model)
         self.timings["swap"] = time.perf_counter() - start
         self.recipe = recipe
+
+    def _fit_depth(self, n: int) -> None:
+        """A data-flow recipe builds a model as deep as its path: grow or shrink the resident layer stack
+        (copies of a layer, overwritten by the merge next), so no candidate reloads the model."""
+        import copy
+
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if layers is None or n == len(layers):
+            return
+        while len(layers) < n:
+            layers.append(copy.deepcopy(layers[-1]))
+        while len(layers) > n:
+            del layers[-1]
+        for i, layer in enumerate(layers):
+            if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+                layer.self_attn.layer_idx = i  # the KV cache of generation is indexed by it
+        self.model.config.num_hidden_layers = n
 
     @torch.no_grad()
     def load_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -45,6 +46,18 @@ def test_training_is_deterministic():
         train(model, tasks.sampler(tasks.base_mix(), 5), enc, steps=3, lr=1e-3, warmup=1, seed=5, batch=4)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_only_the_reference_is_learnt_when_there_is_one():
+    enc = Encoder(tokenizer())
+    prompt, ref = tasks.in_lang(tasks.MATH["plus"](12, 34), "J")
+    ids, labels = enc.example((prompt, ref)), enc.labels((prompt, ref))
+    assert len(labels) == len(ids)
+    learnt = [i for i, label in enumerate(labels) if label != -100]
+    assert learnt == list(range(1 + len(prompt), len(ids)))  # the reference's chars, then EOS
+    assert [ids[i] for i in learnt] == [*enc.ids(ref), enc.eos]
+    text = tasks.generic("E")(random.Random(0))
+    assert enc.labels(text) == enc.example(text)  # plain text is learnt whole
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -15,6 +15,9 @@ ARCH = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+IGNORE = -100  # label the loss skips
+
+
 def new_model(seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**ARCH))
@@ -30,12 +33,21 @@ class Encoder:
     def ids(self, text: str) -> list[int]:
         return [self.vocab[c] for c in text]
 
-    def batch(self, seqs: list[list[int]]) -> torch.Tensor:
+    def batch(self, seqs: list[list[int]], pad: int | None = None) -> torch.Tensor:
         width = max(map(len, seqs))
-        return torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs])
+        fill = self.pad if pad is None else pad
+        return torch.tensor([s + [fill] * (width - len(s)) for s in seqs])
 
     def example(self, ex: Example) -> list[int]:
         return [self.bos, *self.ids(ex[0] + ex[1]), self.eos]
+
+    def labels(self, ex: Example) -> list[int]:
+        """Training targets of `example(ex)`: with a reference, only the reference and EOS are learnt; plain
+        text (no reference) is learnt whole. Loss on every token let the prompts' random operands drown the
+        answers' signal: a model trained from scratch on E addition stayed at ~10% exact after 800 steps
+        (units digit at chance) against 99% with the answer-only loss (zoo CARD)."""
+        ids = self.example(ex)
+        return ids if not ex[1] else [IGNORE] * (1 + len(ex[0])) + ids[1 + len(ex[0]):]
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -46,7 +58,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def train(model: LlamaForCausalLM, draw: Callable[[], Example], enc: Encoder, *, steps: int, lr: float,
           warmup: int, seed: int, batch: int = 32, on_step: Callable[[int, float], None] | None = None) -> float:
-    """AdamW (0.9, 0.98), no weight decay, clip 1.0, warmup then cosine to 0; loss on every non-pad token.
+    """AdamW (0.9, 0.98), no weight decay, clip 1.0, warmup then cosine to 0; loss on `Encoder.labels`.
     Returns the mean loss of the last 50 steps."""
     torch.manual_seed(seed)
     model.train()
@@ -55,8 +67,9 @@ def train(model: LlamaForCausalLM, draw: Callable[[], Example], enc: Encoder, *,
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        ids = enc.batch([enc.example(draw()) for _ in range(batch)])
-        labels = ids.masked_fill(ids == enc.pad, -100)
+        exs = [draw() for _ in range(batch)]
+        ids = enc.batch([enc.example(ex) for ex in exs])
+        labels = enc.batch([enc.labels(ex) for ex in exs], pad=IGNORE)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

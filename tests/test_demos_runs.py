@@ -1,0 +1,233 @@
+"""Every ready run in runs/ through the real CLI (`evomerge run` in a subprocess) at a reduced budget.
+
+The configs are the shipped YAML files, changed only where a test must be quick: the evaluation budget,
+and `limit` on each task (fewer problems per evaluation and in the held-out table). Paths keep pointing at
+the shipped zoo and runs/ (the YAML's folder stays the working folder, so `digits_m2n2` imports).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs"
+ZOO = ROOT / "evomerge" / "zoo" / "models"
+READY = sorted(p.stem for p in RUNS.glob("*.yaml"))
+needs_zoo = pytest.mark.skipif(not (ZOO / "base" / "config.json").is_file(), reason="the zoo is not in the tree")
+
+
+def reduced(name: str, tmp_path: Path, evaluations: int, limit: int = 24, **changes) -> Path:
+    """runs/NAME.yaml with a small budget and every task cut to `limit` problems, written to tmp_path."""
+    cfg = yaml.safe_load((RUNS / f"{name}.yaml").read_text())
+    cfg["workdir"] = str(RUNS)
+    cfg["sources"] = {k: str((RUNS / v).resolve()) for k, v in (cfg.get("sources") or {}).items()}
+    cfg.update(changes)
+    for section in ("fitness", "holdout"):
+        for task in (cfg.get(section) or {}).get("tasks") or []:
+            task["limit"] = limit
+    cfg["budget"] = {"evaluations": evaluations}
+    out = tmp_path / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def evomerge(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def finished(run_dir: Path, evaluations: int) -> dict:
+    out = evomerge("status", str(run_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["evaluations"] == evaluations and info["failed"] == 0 and info["in_flight"] == 0
+    return info
+
+
+def table(run_dir: Path, baselines: list[str]) -> dict:
+    result = json.loads((run_dir / "holdout.json").read_text())
+    assert list(result["rows"]) == [*baselines, "evolved best"]
+    for row in result["rows"].values():
+        assert row and all(0.0 <= v <= 1.0 for v in row.values())
+    return result
+
+
+def test_every_ready_run_is_valid_and_tested_here():
+    from evomerge.config import load_config
+
+    assert {"demo", "demo_pareto", "demo_layerswap", "demo_dataflow", "demo_api", "demo_ray", "digits_m2n2"} <= set(READY)
+    tested = {n for n in READY if f'"{n}"' in Path(__file__).read_text()}
+    assert tested == set(READY), f"runs without a test: {set(READY) - tested}"
+    if (ZOO / "base" / "config.json").is_file():
+        for name in READY:
+            load_config(RUNS / f"{name}.yaml")
+
+
+@needs_zoo
+def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
+    cfg = reduced("demo", tmp_path, evaluations=3)
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    finished(tmp_path / "run", 3)
+    result = table(tmp_path / "run", ["BASE", "MATH", "LANG", "linear average", "task arithmetic", "TIES"])
+    assert "held-out comparison" in out.stdout and "evolved best" in out.stdout
+    assert set(result["rows"]["evolved best"]) == {"acc_tf/math_j", "tok_acc/math_j", "acc_tf/lang_j", "acc_tf/math_e"}
+    best = tmp_path / "run" / "best_model"
+    assert (best / "config.json").is_file() and list(best.glob("*.safetensors"))
+    # the exported model is the evolved best: scored on its own, it gives the table's numbers
+    from fitness.hf import HFHandle
+    from fitness.suite import TaskFitness
+
+    spec = dict(yaml.safe_load(cfg.read_text())["holdout"]["tasks"][0])
+    got = TaskFitness.from_config([spec], base_dir=RUNS).evaluate(HFHandle(best)).objectives
+    assert abs(got["acc_tf/math_j"] - result["rows"]["evolved best"]["acc_tf/math_j"]) < 1e-9
+
+
+@needs_zoo
+def test_demo_twice_from_the_same_config_starts_a_fresh_run(tmp_path):
+    cfg = reduced("demo", tmp_path, evaluations=1, limit=2, holdout=None)
+    first = evomerge("run", str(cfg), "-q")
+    second = evomerge("run", str(cfg), "-q")
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "holds an earlier run" in second.stdout
+    finished(tmp_path / "demo", 1)
+    finished(tmp_path / "demo-2", 1)
+
+
+@needs_zoo
+def test_demo_pareto_front_and_the_notebook_on_it(tmp_path):
+    nbclient = pytest.importorskip("nbclient")
+    import nbformat
+
+    cfg = reduced("demo_pareto", tmp_path, evaluations=8, optimizer={"name": "nsga2", "options": {"popsize": 4}})
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = finished(tmp_path / "run", 8)
+    assert [o[0] for o in info["objectives"]] == ["acc_tf/math_j", "acc_tf/lang_j"] and info["pareto_size"] >= 1
+    table(tmp_path / "run", ["MATH", "LANG", "task arithmetic"])
+    nb = nbformat.read(ROOT / "notebooks" / "pareto_explorer.ipynb", as_version=4)
+    env = {"EVOMERGE_RUN": str(tmp_path / "run"), "EVOMERGE_EXPORT": str(tmp_path / "exported")}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for k in env:
+            os.environ.pop(k)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert list((tmp_path / "exported").iterdir())
+
+
+@needs_zoo
+@pytest.mark.parametrize("name", ["demo_layerswap", "demo_dataflow"])
+def test_other_spaces_run_and_compare(tmp_path, name):
+    cfg = reduced(name, tmp_path, evaluations=2, limit=12)
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    finished(tmp_path / "run", 2)
+    table(tmp_path / "run", ["MATH", "LANG", "task arithmetic"])
+    assert (tmp_path / "run" / "best_model" / "config.json").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_zoo
+def test_demo_api_reaches_the_models_only_through_evomerge_serve(tmp_path):
+    port = _free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "serve", "--port", str(port),
+                              *[a for m in ("base", "math", "lang") for a in ("--model", f"{m}={ZOO / m}")]],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert serve.poll() is None and time.monotonic() < deadline, "evomerge serve did not start"
+            time.sleep(0.5)
+        base = yaml.safe_load((RUNS / "demo_api.yaml").read_text())
+        assert "sources" not in base  # the run itself never has the weights
+        handle = {**base["fitness"]["handle"], "base_url": f"http://127.0.0.1:{port}/v1"}
+        cfg = reduced("demo_api", tmp_path, evaluations=2, limit=12, fitness={**base["fitness"], "handle": handle})
+        out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
+        assert out.returncode == 0, out.stderr[-2000:]
+        finished(tmp_path / "run", 2)
+        table(tmp_path / "run", ["MATH", "LANG", "task arithmetic"])
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+
+
+@needs_zoo
+def test_demo_ray_two_workers(tmp_path):
+    pytest.importorskip("ray")
+    cfg = reduced("demo_ray", tmp_path, evaluations=4, limit=8, holdout=None)  # the table runs in process: tested above
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    finished(tmp_path / "run", 4)
+    from evomerge.results import open_run
+
+    run = open_run(tmp_path / "run")
+    try:
+        workers = set(run.frame().worker)
+    finally:
+        run.close()
+    assert len(workers) == 2, workers  # both actors evaluated candidates
+
+
+def test_digits_m2n2_user_fitness_over_flattened_parameters(tmp_path):
+    cfg = reduced("digits_m2n2", tmp_path, evaluations=40,
+                  holdout={"function": "digits_m2n2:holdout", "options": {"ratios": 21}})
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    finished(tmp_path / "run", 40)
+    rows = json.loads((tmp_path / "run" / "holdout.json").read_text())["rows"]
+    parents = [rows["MLP digits 0-4"]["test_acc"], rows["MLP digits 5-9"]["test_acc"]]
+    assert max(parents) < 0.55  # each parent knows only half the digits
+    assert rows["M2N2 (evolved)"]["test_acc"] > max(parents) + 0.1  # the merge reads digits of both halves
+    from evomerge.results import open_run
+
+    run = open_run(tmp_path / "run")
+    try:
+        df = run.frame()
+        first_two = [run.store.candidates({i})[i].x for i in (0, 1)]
+    finally:
+        run.close()
+    sys.path.insert(0, str(RUNS))
+    try:
+        import digits_m2n2
+    finally:
+        sys.path.remove(str(RUNS))
+    import numpy as np
+
+    assert np.allclose(first_two, digits_m2n2.pretrained())  # the archive starts from the two trained models
+    assert df["train_acc"].max() > df["train_acc"].iloc[:2].max()
+
+
+@pytest.mark.parametrize("holdout, needle", [
+    ({"tasks": [{"name": "t", "path": "x.jsonl"}], "baselines": {"MATH": {"models": []}}}, "holdout.baselines.MATH: a recipe needs 'merge_method'"),
+    ({"baselines": {}}, "give either holdout.tasks or holdout.function"),
+    ({"function": "digits_m2n2:holdout", "export": "best", "colour": 1}, "unknown key 'holdout.colour'"),
+])
+def test_bad_holdout_section_is_a_one_line_error_naming_it(tmp_path, holdout, needle):
+    cfg = reduced("digits_m2n2", tmp_path, evaluations=1, holdout=holdout)
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=60)
+    assert out.returncode == 2 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists()
