@@ -81,7 +81,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 @app.command("serve")
 def serve(
-    model: list[str] = typer.Option(..., "--model", help="NAME=DIR of a source checkpoint; repeat. The first is the base unless --base."),
+    model: list[str] = typer.Option(..., "--model", help="NAME=DIR of a source checkpoint or a PEFT LoRA adapter of the base; repeat. The first is the base unless --base."),
     base: str = typer.Option(None, "--base", help="Which model is the base (default: the first --model)."),
     dataset: list[str] = typer.Option([], "--dataset", help="ID=FILE.jsonl a client may ask a loss on; repeat."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token-env."),

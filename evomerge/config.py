@@ -27,9 +27,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.recipe import Recipe, read_yaml_mapping
 from evomerge.records import UserError
 
 
@@ -138,8 +138,6 @@ class HoldoutConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> HoldoutConfig:
-        from evomerge.recipe import Recipe
-
         if (self.tasks is None) == (self.function is None):
             raise ValueError("give either holdout.tasks or holdout.function (module:function), not both")
         if self.baselines and self.tasks is None:
@@ -226,12 +224,5 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None) -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_config(data, base_dir=p.parent)
+    return parse_config(read_yaml_mapping(path, "config"), base_dir=Path(path).parent)
 

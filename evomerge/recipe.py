@@ -171,7 +171,19 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"recipe file not found: {p}")
-        return cls.from_yaml(p.read_text())
+        return cls.from_dict(read_yaml_mapping(path, "recipe"))
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds. A missing file, invalid YAML or any other top-level value is a
+    one-line UserError naming `what` (e.g. "config") and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -1,5 +1,6 @@
-"""Merge-as-a-service: the host keeps a base model and its experts resident; a client sends a recipe and
-gets completions (OpenAI-compatible) or a loss on a named dataset. The weights never leave the host.
+"""Merge-as-a-service: the host keeps a base model and its experts (full fine-tunes, or LoRA adapters of
+the base, read as task vectors (alpha/r) B @ A) resident; a client sends a recipe and gets completions
+(OpenAI-compatible) or a loss on a named dataset. The weights never leave the host.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the usual body plus `recipe`),
 `POST /v1/loss` (`{"recipe", "dataset", "limit"?}` -> mean token loss and per-example losses),
@@ -32,13 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
+from fitness.handle import Sampling
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
 class ServeConfig:
-    sources: dict[str, str]  # name -> checkpoint dir
+    sources: dict[str, str]  # name -> checkpoint dir, or a PEFT LoRA adapter dir of the base
     base: str
     datasets: dict[str, str] = field(default_factory=dict)  # dataset id -> JSONL task file
     host: str = "127.0.0.1"
@@ -180,9 +182,9 @@ class MergeService:
 
     def _generate(self, prompts: list[Any], body: _Body) -> list[str]:
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed)
         try:
-            return self.handle.generate(prompts, max_new_tokens=body.max_tokens, temperature=body.temperature,
-                                        top_p=body.top_p, stop=stop, seed=body.seed)
+            return self.handle.generate(prompts, sampling)
         except UserError as e:  # e.g. a chat request to a model without a chat template
             raise HTTPError(400, str(e)) from None
 
@@ -347,6 +349,7 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
 def build(config: ServeConfig) -> Any:
     """Everything validated and loaded: the ASGI app, ready for uvicorn."""
     from evomerge.merge import Materializer
+    from evomerge.merge.sources import ADAPTER_CONFIG
     from fitness.hf import HFHandle
     from fitness.tasks import load_task
 
@@ -354,8 +357,8 @@ def build(config: ServeConfig) -> Any:
     if config.base not in config.sources:
         raise UserError(f"base {config.base!r} is not among the models ({', '.join(config.sources)})")
     for name, path in config.sources.items():
-        if not Path(path, "config.json").is_file():
-            raise UserError(f"model {name!r}: no config.json in {path}")
+        if not (Path(path, "config.json").is_file() or Path(path, ADAPTER_CONFIG).is_file()):
+            raise UserError(f"model {name!r}: no config.json (or LoRA adapter_config.json) in {path}")
     datasets = {d: load_task({"name": d, "path": p, "metrics": ["loss"]}) for d, p in config.datasets.items()}
     handle = HFHandle(config.sources[config.base], Materializer(config.sources, base=config.base),
                       batch_size=config.batch_size)

@@ -7,6 +7,10 @@ optimizer snapshots. Resume = restore a snapshot, replay the log after it, re-se
 An evaluation and the 'tell' event announcing it are committed in ONE transaction before the
 optimizer hears of it, so a crash between the commit and `tell` is replayed, never lost.
 
+A genome x is stored as float64 little-endian bytes: exact (resume hands optimizers the very floats
+they asked) and 8 bytes a coordinate, not ~20 as JSON text. Schema 1 stores (x as JSON text) are still
+read, and resumed: opening one for writing marks it schema 2, since it then holds both forms.
+
 Read-only openings (status, export, report, notebooks) use SQLite's read-only mode and check the file
 first: a truncated or corrupted store is a one-line UserError and the file is never written.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import pickle
 import sqlite3
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +31,13 @@ from evomerge.records import Candidate, Evaluation, Objective, UserError
 from evomerge.recipe import Recipe
 
 STORE_FILE = "run.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: x as JSON text
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE candidates(
-    id INTEGER PRIMARY KEY, x TEXT NOT NULL, meta TEXT NOT NULL, recipe TEXT, asked_at REAL NOT NULL);
+    id INTEGER PRIMARY KEY, x BLOB NOT NULL, meta TEXT NOT NULL, recipe TEXT, asked_at REAL NOT NULL);
 CREATE TABLE evaluations(
     candidate_id INTEGER PRIMARY KEY REFERENCES candidates(id), seq INTEGER NOT NULL UNIQUE,
     status TEXT NOT NULL, objectives TEXT NOT NULL, per_example TEXT, error TEXT, timings TEXT NOT NULL,
@@ -76,6 +82,16 @@ def _dumps(v: Any) -> str:
     return json.dumps(v, allow_nan=True, separators=(",", ":"), default=_plain)
 
 
+def _pack_x(x: Sequence[float]) -> bytes:
+    return struct.pack(f"<{len(x)}d", *map(float, x))
+
+
+def _unpack_x(v: bytes | str) -> list[float]:
+    if isinstance(v, str):  # schema 1
+        return json.loads(v)
+    return list(struct.unpack(f"<{len(v) // 8}d", v))
+
+
 def _check_readable(path: Path) -> None:
     """Open `path` read-only and verify it is an intact evomerge store; UserError otherwise. Writes nothing."""
     # without a WAL to recover, check the file as immutable: SQLite then creates no -wal/-shm beside it
@@ -91,8 +107,9 @@ def _check_readable(path: Path) -> None:
             if check != "ok":
                 raise UserError(f"run store {path} is corrupted ({check}); it was left untouched")
             row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None or int(row[0]) != SCHEMA_VERSION:
-                raise UserError(f"run store {path} has schema {row and row[0]}, this evomerge reads {SCHEMA_VERSION}")
+            if row is None or int(row[0]) not in READABLE_SCHEMAS:
+                raise UserError(f"run store {path} has schema {row and row[0]}; this evomerge reads schemas "
+                                f"{', '.join(map(str, READABLE_SCHEMAS))}: use the evomerge that wrote it")
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
@@ -148,6 +165,8 @@ class RunStore:
             con = sqlite3.connect(path, check_same_thread=False)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
+            with con:  # a schema 1 store gets x as bytes from now on, which an evomerge reading only 1 would misread
+                con.execute("UPDATE meta SET value=?1 WHERE key='schema' AND value != ?1", (str(SCHEMA_VERSION),))
         return cls(con, path, readonly)
 
     def close(self) -> None:
@@ -187,7 +206,7 @@ class RunStore:
         with self._con:
             self._con.executemany(
                 "INSERT INTO candidates VALUES (?, ?, ?, ?, ?)",
-                [(c.id, _dumps(list(map(float, c.x))), _dumps(c.meta), None if r is None else _dumps(r.to_dict()), now)
+                [(c.id, _pack_x(c.x), _dumps(c.meta), None if r is None else _dumps(r.to_dict()), now)
                  for c, r in zip(candidates, recipes)],
             )
             self._con.execute("INSERT INTO events(kind, n, ids) VALUES ('ask', ?, ?)", (n, _dumps([c.id for c in candidates])))
@@ -243,9 +262,12 @@ class RunStore:
                 self._con.execute("SELECT seq, kind, n, ids FROM events WHERE seq > ? ORDER BY seq", (after,))]
 
     def candidates(self, ids: Iterable[int] | None = None) -> dict[int, Candidate]:
-        rows = self._con.execute("SELECT id, x, meta FROM candidates ORDER BY id")
-        want = None if ids is None else set(ids)
-        return {i: Candidate(id=i, x=json.loads(x), meta=json.loads(m)) for i, x, m in rows if want is None or i in want}
+        if ids is None:
+            rows = self._con.execute("SELECT id, x, meta FROM candidates ORDER BY id")
+        else:  # select in SQL: reading every genome to keep one costs seconds on a large run
+            rows = self._con.execute("SELECT id, x, meta FROM candidates WHERE id IN (SELECT value FROM json_each(?)) "
+                                     "ORDER BY id", (_dumps(sorted(set(ids))),))
+        return {i: Candidate(id=i, x=_unpack_x(x), meta=json.loads(m)) for i, x, m in rows}
 
     def recipe(self, candidate_id: int) -> Recipe:
         row = self._con.execute("SELECT recipe FROM candidates WHERE id=?", (candidate_id,)).fetchone()
@@ -269,7 +291,7 @@ class RunStore:
         """Candidates asked but never evaluated (running or queued when the run stopped), in id order."""
         rows = self._con.execute(
             "SELECT id, x, meta FROM candidates WHERE id NOT IN (SELECT candidate_id FROM evaluations) ORDER BY id")
-        return [Candidate(id=i, x=json.loads(x), meta=json.loads(m)) for i, x, m in rows]
+        return [Candidate(id=i, x=_unpack_x(x), meta=json.loads(m)) for i, x, m in rows]
 
     def counts(self) -> dict[str, int]:
         done, failed = self._con.execute(

@@ -29,7 +29,7 @@ import httpx
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 from fitness.cache import ResponseCache, request_key
-from fitness.handle import Prompt, TokenScores, is_chat
+from fitness.handle import Prompt, Sampling, TokenScores, is_chat
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -90,21 +90,13 @@ class APIHandle:
                             "for a service that builds recipes (evomerge serve)")
         self.recipe = recipe.to_dict()
 
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> list[str]:
-        settings: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-        if stop:
-            settings["stop"] = list(stop)
-        if seed is not None:
-            settings["seed"] = seed
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[str]:
+        s = sampling
+        settings: dict[str, Any] = {"max_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p}
+        if s.stop:
+            settings["stop"] = list(s.stop)
+        if s.seed is not None:
+            settings["seed"] = s.seed
         if self.config.mode == "chat":
             bodies = [{"messages": [{"role": "user", "content": p}] if isinstance(p, str) else p, **settings}
                       for p in prompts]

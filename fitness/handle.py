@@ -6,8 +6,8 @@ Every back end (HF transformers in this process, a vLLM engine, an OpenAI-compat
 - `set_recipe(recipe)`: make the handle answer as the model `recipe` builds (HF: the materializer
   writes into the resident module in place; vLLM: push the merged weights into the running engine;
   remote: send the recipe with every request).
-- `generate(prompts, *, max_new_tokens, temperature, top_p, stop, seed) -> list[str]`: one completion
-  per prompt, the stop string (if any) removed and everything after it; temperature 0 means greedy.
+- `generate(prompts, sampling=Sampling()) -> list[str]`: one completion per prompt, the stop string
+  (if any) removed and everything after it; temperature 0 means greedy.
 - `score(pairs, *, eos=False) -> list[TokenScores]`: teacher forcing. For each (prompt, continuation),
   the log-probability of every continuation token given everything before it, and whether that token
   was the argmax. With `eos`, the end-of-sequence token is scored after the continuation as one more
@@ -35,6 +35,21 @@ from evomerge.records import UserError
 
 Message = dict[str, str]
 Prompt = Union[str, list[Message]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How `generate` decodes: temperature 0 is greedy (top_p and seed then unused); generation ends at
+    `max_new_tokens` or the first of the `stop` strings; a seed makes sampling repeatable."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop or ()))  # a list from YAML or JSON; frozen stays hashable
 
 
 @dataclass
@@ -68,16 +83,7 @@ class TokenScores:
 class ModelHandle(Protocol):
     def set_recipe(self, recipe: Recipe) -> None: ...
 
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> list[str]: ...
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[str]: ...
 
     def score(self, pairs: Sequence[tuple[Prompt, str]], *, eos: bool = False) -> list[TokenScores]: ...
 

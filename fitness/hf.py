@@ -12,7 +12,7 @@ import torch
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.handle import Prompt, TokenScores, encode_prompt, truncate_at_stop
+from fitness.handle import Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
 
 
 class LoadsInto(Protocol):
@@ -104,23 +104,14 @@ class HFHandle:
 
     # -- scoring ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[str]:
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         if not all(ids):
             raise UserError("generation needs a non-empty prompt (this tokenizer adds no BOS)")
         sample: dict[str, Any] = {"do_sample": False}
-        if temperature > 0:
-            torch.manual_seed(0 if seed is None else seed)
-            sample = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if sampling.temperature > 0:
+            torch.manual_seed(0 if sampling.seed is None else sampling.seed)
+            sample = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
         out: list[str] = [""] * len(ids)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         for batch in self._batches(ids):
@@ -131,12 +122,12 @@ class HFHandle:
                 input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
                 mask[row, width - len(ids[i]):] = 1
             gen = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_new_tokens,
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=sampling.max_new_tokens,
                 pad_token_id=pad, eos_token_id=eos, **sample,
             )
             for row, i in enumerate(batch):
                 text = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True)
-                out[i] = truncate_at_stop(text, stop)
+                out[i] = truncate_at_stop(text, sampling.stop)
         return out
 
     @torch.no_grad()

@@ -47,14 +47,12 @@ class TaskFitness:
 
 def evaluate_task(task: Task, handle: ModelHandle) -> dict[str, list[float]]:
     """Per metric name, one value per example. Each kind of metric costs one batched handle call."""
-    s = task.spec
     prompts = [task.prompt(ex) for ex in task.examples]
     refs = [ex.reference for ex in task.examples]
     kinds = {m.kind for m in task.metrics}
     out: dict[str, list[float]] = {}
     if "generation" in kinds:
-        texts = handle.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                stop=s.stop or None)
+        texts = handle.generate(prompts, task.spec.sampling)
         for m in task.metrics:
             if m.kind == "generation":
                 fn = m.generation_fn()

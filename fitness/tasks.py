@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.records import UserError
-from fitness.handle import Prompt
+from fitness.handle import Prompt, Sampling
 from fitness.metrics import Metric, make_metric
 
 SPLITS = ("train", "dev", "test", "all")
@@ -114,6 +114,10 @@ class TaskSpec:
             raise UserError(f"{where}: fewshot >= 0, max_new_tokens >= 1 and limit >= 1 are required")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p, self.stop)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.handle import Prompt, TokenScores, encode_prompt, truncate_at_stop
+from fitness.handle import Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
 
 # vLLM resolves this qualified name inside each worker process and mixes the class into its worker.
 WORKER_EXTENSION = "fitness.vllm_handle.WeightPushExtension"
@@ -120,10 +120,6 @@ class VLLMHandle:
         self.materializer = materializer
         self.recipe: Recipe | None = None
         self.timings: dict[str, float] = {}
-        # What a second engine on another checkpoint would be started with (see swap_vs_score).
-        self.options: dict[str, Any] = dict(
-            dtype=dtype, seed=seed, max_model_len=max_model_len, enforce_eager=enforce_eager, **engine_kwargs
-        )
         start = time.perf_counter()
         self.llm: Any = LLM(
             model=str(model),
@@ -181,30 +177,21 @@ class VLLMHandle:
             self.llm = None
 
     # -- scoring: fitness.handle.ModelHandle -----------------------------------------------------------
-    def generate(
-        self,
-        prompts: Sequence[Prompt],
-        *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[str]:
         """One completion per prompt with the task's sampling settings (temperature 0: greedy)."""
-        outs = self._generate(prompts, max_new_tokens, temperature, top_p, stop, seed)
-        return [truncate_at_stop(o.text, stop) for o in outs]
+        return [truncate_at_stop(o.text, sampling.stop) for o in self._generate(prompts, sampling)]
 
     def generate_ids(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 32) -> list[list[int]]:
         """Greedy completion token ids, for checks against other back ends."""
-        return [list(o.token_ids) for o in self._generate(prompts, max_new_tokens, 0.0, 1.0, None, None)]
+        return [list(o.token_ids) for o in self._generate(prompts, Sampling(max_new_tokens))]
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_p, stop, seed):
+    def _generate(self, prompts: Sequence[Prompt], sampling: Sampling):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        s = sampling
         params = SamplingParams(
-            max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop or []) or None, seed=seed
+            max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop) or None, seed=s.seed
         )
         requests = [TokensPrompt(prompt_token_ids=encode_prompt(self.tokenizer, p)) for p in prompts]
         return [o.outputs[0] for o in self.llm.generate(requests, params, use_tqdm=False)]
@@ -235,65 +222,3 @@ class VLLMHandle:
             chosen = [out.prompt_logprobs[i][ids[i]] for i in range(start, len(ids))]
             scores.append(TokenScores(logprobs=[c.logprob for c in chosen], greedy=[c.rank == 1 for c in chosen]))
         return scores
-
-
-def swap_vs_score(
-    handle: VLLMHandle, recipe: Recipe, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
-    repeats: int = 3, restart: bool = True,
-) -> dict[str, float]:
-    """Seconds for one candidate (medians over `repeats`): the weight swap (`materialize` + `push`) vs
-    greedy scoring of `prompts`; with `restart`, also what a naive loop pays per candidate instead:
-    write the merged checkpoint, start a fresh engine on it, score (`restart_per_candidate`)."""
-    import shutil
-    import statistics
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    runs: dict[str, list[float]] = {"materialize": [], "push": [], "swap": [], "score": []}
-    for _ in range(repeats):
-        handle.set_recipe(recipe)
-        start = time.perf_counter()
-        handle.generate(prompts, max_new_tokens=max_new_tokens)
-        runs["score"].append(time.perf_counter() - start)
-        for key in ("materialize", "push", "swap"):
-            runs[key].append(handle.timings[key])
-    out = {key: statistics.median(v) for key, v in runs.items()}
-    out["swap_over_score"] = out["swap"] / out["score"]
-    out["engine_start"] = handle.timings["engine_start"]
-    if restart:
-        assert handle.materializer is not None
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            for f in handle.model_dir.iterdir():  # config and tokenizer; the weights are the merge's
-                if f.is_file() and f.suffix not in (".safetensors", ".bin") and not f.name.endswith(".index.json"):
-                    shutil.copy(f, tmp)
-            save_file({k: t.contiguous() for k, t in handle.materializer.materialize(recipe).items()}, f"{tmp}/model.safetensors")
-            fresh = VLLMHandle(tmp, **handle.options)
-            fresh.generate(prompts, max_new_tokens=max_new_tokens)
-            out["restart_per_candidate"] = time.perf_counter() - start
-            fresh.close()
-        out["restart_over_swap_and_score"] = out["restart_per_candidate"] / (out["swap"] + out["score"])
-    return out
-
-
-if __name__ == "__main__":
-    # The vLLM half of benchmarks/scoring_speed.py, run in .venv-vllm:
-    #   python -m fitness.vllm_handle SPEC.json  ->  JSON of swap_vs_score on stdout
-    # SPEC: {"sources": {name: dir}, "base": name, "recipe": {...}, "prompts": [...],
-    #        "max_new_tokens": 32, "repeats": 3, "restart": true, "engine": {extra vllm.LLM arguments}}
-    import json
-    import sys
-
-    from evomerge.merge import Materializer
-
-    torch.set_num_threads(1)
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    sources = spec["sources"]
-    engine = VLLMHandle(sources[spec["base"]], Materializer(sources, base=spec["base"]), **spec.get("engine", {}))
-    result = swap_vs_score(
-        engine, Recipe.from_dict(spec["recipe"]), spec["prompts"], max_new_tokens=spec.get("max_new_tokens", 32),
-        repeats=spec.get("repeats", 3), restart=spec.get("restart", True),
-    )
-    engine.close()
-    print(json.dumps(result))

@@ -12,6 +12,7 @@ from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, UserError
 from evomerge.worker import Worker
 from fitness.api import APIError, APIHandle, retry_after
+from fitness.handle import Sampling
 from fitness.suite import TaskFitness
 
 KEY = "sk-test-7f3a9c1e55d2b8406"
@@ -45,7 +46,7 @@ def tries(server, prompt):
 def test_retries_through_every_fault(api, server):
     h = api()
     prompts = ["ok|ab", "500x2|cd", "429|ef", "stall|gh", "badjson|ij"]
-    assert h.generate(prompts, max_new_tokens=5) == ["AB", "CD", "EF", "GH", "IJ"]
+    assert h.generate(prompts, Sampling(max_new_tokens=5)) == ["AB", "CD", "EF", "GH", "IJ"]
     assert [len(tries(server, p)) for p in prompts] == [1, 3, 2, 2, 2]
     first, second = tries(server, "429|ef")
     assert second["time"] - first["time"] >= 0.95  # Retry-After: 1 honoured although the backoff is 0.01 s
@@ -58,7 +59,7 @@ def test_retries_through_every_fault(api, server):
 
 def test_concurrency_is_limited(api, server):
     h = api(concurrency=2)
-    assert h.generate([f"slow|{i}" for i in range(6)], max_new_tokens=3) == [str(i) for i in range(6)]
+    assert h.generate([f"slow|{i}" for i in range(6)], Sampling(max_new_tokens=3)) == [str(i) for i in range(6)]
     assert server.max_inflight == 2
 
 

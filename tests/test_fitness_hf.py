@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from evomerge.merge import Materializer
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
-from fitness.handle import ModelHandle
+from fitness.handle import ModelHandle, Sampling
 from fitness.hf import HFHandle
 from fitness.suite import TaskFitness
 
@@ -57,10 +57,10 @@ def test_is_a_model_handle(handle):
 def test_batched_left_padded_generation_equals_one_at_a_time(handle, reference_model, tiny_models):
     base_weights(handle, tiny_models)
     tok = handle.tokenizer
-    got = handle.generate(PROMPTS, max_new_tokens=7)
+    got = handle.generate(PROMPTS, Sampling(max_new_tokens=7))
     want = [tok.decode(plain_greedy_ids(reference_model, tok, p, 7), skip_special_tokens=True) for p in PROMPTS]
     assert got == want and len(set(got)) > 1
-    cut = handle.generate(PROMPTS, max_new_tokens=7, stop=[want[0][2]])
+    cut = handle.generate(PROMPTS, Sampling(max_new_tokens=7, stop=[want[0][2]]))
     assert cut[0] == want[0][: want[0].index(want[0][2])]
 
 
@@ -91,7 +91,7 @@ def test_set_recipe_writes_in_place_and_equals_the_merged_model(handle, tiny_mod
     fresh = LlamaForCausalLM(handle.model.config).eval()
     fresh.load_state_dict(Materializer(dict(tiny_models)).materialize(RECIPE))
     tok = handle.tokenizer
-    got = handle.generate(PROMPTS, max_new_tokens=6)
+    got = handle.generate(PROMPTS, Sampling(max_new_tokens=6))
     assert got == [tok.decode(plain_greedy_ids(fresh, tok, p, 6), skip_special_tokens=True) for p in PROMPTS]
     merged = handle.score([(PROMPTS[0], "42")])[0].logprobs
     assert merged == pytest.approx(plain_scores(fresh, tok, PROMPTS[0], "42")[0], abs=1e-4)
@@ -156,8 +156,9 @@ def test_chat_template(handle, tiny_models, tmp_path):
     assert "\n" not in str(e.value)
     handle.tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
     try:
-        chat = handle.generate([[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]], max_new_tokens=5)
-        assert chat == handle.generate(["[system]S[user]hi[assistant]"], max_new_tokens=5)
+        five = Sampling(max_new_tokens=5)
+        chat = handle.generate([[{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]], five)
+        assert chat == handle.generate(["[system]S[user]hi[assistant]"], five)
         assert fit.evaluate(handle).objectives["acc/c"] in (0.0, 1.0)
     finally:
         handle.tokenizer.chat_template = None

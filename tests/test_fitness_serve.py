@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from evomerge.merge import Materializer
@@ -20,6 +21,7 @@ from evomerge.records import Candidate, UserError
 from evomerge.serve import ServeConfig, build
 from evomerge.worker import Worker
 from fitness.api import APIHandle
+from fitness.handle import Sampling
 from fitness.hf import HFHandle
 from fitness.remote import RemoteLossFitness
 from fitness.suite import TaskFitness
@@ -102,7 +104,7 @@ def test_completions_equal_a_local_handle_with_the_same_merge(remote, local):
     for r in (recipe(1.0, 0.0), recipe(2.0, 3.0)):
         h.set_recipe(r)
         local.set_recipe(r)
-        assert h.generate(PROMPTS, max_new_tokens=6) == local.generate(PROMPTS, max_new_tokens=6)
+        assert h.generate(PROMPTS, Sampling(max_new_tokens=6)) == local.generate(PROMPTS, Sampling(max_new_tokens=6))
         pairs = [(p, "42 ok") for p in PROMPTS]
         for got, want in zip(h.score(pairs), local.score(pairs)):
             assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4) and got.greedy == want.greedy
@@ -114,15 +116,15 @@ def test_prompts_batched_per_request_are_answered_and_cached_one_by_one(remote, 
     r = recipe(0.5, 1.5)
     h.set_recipe(r)
     local.set_recipe(r)
-    want = local.generate(prompts, max_new_tokens=4)
-    assert h.generate(prompts, max_new_tokens=4) == want and h.pop_cost()["requests"] == 3  # 3 + 3 + 1 prompts
+    want = local.generate(prompts, Sampling(max_new_tokens=4))
+    assert h.generate(prompts, Sampling(max_new_tokens=4)) == want and h.pop_cost()["requests"] == 3  # 3 + 3 + 1 prompts
     pairs = [(p, "11") for p in prompts]
     flat = [lp for s in h.score(pairs) for lp in s.logprobs]
     assert flat == pytest.approx([lp for s in local.score(pairs) for lp in s.logprobs], abs=1e-4)
     h.pop_cost()
     one_by_one = remote(cache=str(tmp_path / "c.sqlite"))  # same cache keys whatever the batch size
     one_by_one.set_recipe(r)
-    assert one_by_one.generate(prompts, max_new_tokens=4) == want and one_by_one.pop_cost() == {"cached": 7.0}
+    assert one_by_one.generate(prompts, Sampling(max_new_tokens=4)) == want and one_by_one.pop_cost() == {"cached": 7.0}
 
 
 def test_loss_endpoint_equals_the_local_loss(remote, local, dataset):
@@ -228,3 +230,52 @@ def test_api_only_search_end_to_end(remote, local, dataset, tmp_path):
     want = TaskFitness.from_config([{"name": "sums", "path": str(dataset), "metrics": ["loss"]}]).evaluate(local)
     assert best.objectives["loss/sums"] == pytest.approx(want.objectives["loss/sums"], abs=1e-5)
     assert best.cost["requests"] == 1 and best.per_example == pytest.approx(want.per_example, abs=1e-5)
+
+
+def test_a_lora_expert_on_the_host_answers_as_its_merged_delta(tiny_models, tmp_path, monkeypatch):
+    """An expert given as a PEFT-format LoRA adapter: the host answers a recipe over it exactly as a local
+    handle over a full checkpoint holding base + (alpha/r) B @ A, computed here directly."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    base = load_file(tiny_models["base"] / "model.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    factors, merged = {}, dict(base)
+    for layer in range(4):
+        for mod in ("self_attn.q_proj", "mlp.down_proj"):
+            name = f"model.layers.{layer}.{mod}"
+            out_dim, in_dim = base[f"{name}.weight"].shape
+            a, b = torch.randn(4, in_dim, generator=gen) * 0.3, torch.randn(out_dim, 4, generator=gen) * 0.3
+            factors[f"base_model.model.{name}.lora_A.weight"], factors[f"base_model.model.{name}.lora_B.weight"] = a, b
+            merged[f"{name}.weight"] = base[f"{name}.weight"] + (16 / 4) * b @ a
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    save_file(factors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 16,
+                                                             "target_modules": ["q_proj", "down_proj"]}))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["base"]))
+    model.load_state_dict(merged)
+    model.save_pretrained(tmp_path / "full")
+
+    monkeypatch.setenv("EVOMERGE_TEST_SERVE_TOKEN", TOKEN)
+    s = Running(build(ServeConfig(sources={"base": str(tiny_models["base"]), "a": str(tiny_models["a"]), "lora": str(adapter)},
+                                  base="base", rate=1000, burst=1000)))
+    try:
+        local = HFHandle(tiny_models["base"], Materializer({"base": tiny_models["base"], "a": tiny_models["a"],
+                                                            "lora": tmp_path / "full"}), batch_size=4)
+        h = APIHandle(base_url=s.url + "/v1", model="evomerge", api_key_env="EVOMERGE_TEST_SERVE_TOKEN",
+                      send_recipe=True, timeout=30, max_retries=0)
+        outputs = []
+        for wl in (0.0, 1.0):
+            r = Recipe(merge_method="task_arithmetic", base_model="base",
+                       models=[ModelRef("a", {"weight": 0.5}), ModelRef("lora", {"weight": wl})])
+            h.set_recipe(r)
+            local.set_recipe(r)
+            outputs.append(h.generate(PROMPTS, Sampling(max_new_tokens=6)))
+            assert outputs[-1] == local.generate(PROMPTS, Sampling(max_new_tokens=6))
+            pairs = [(p, "42 ok") for p in PROMPTS]
+            for got, want in zip(h.score(pairs), local.score(pairs)):
+                assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        assert outputs[0] != outputs[1]  # the adapter's delta changes the answers
+    finally:
+        s.stop()

@@ -14,7 +14,7 @@ import torch
 
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
-from fitness.handle import encode_prompt
+from fitness.handle import Sampling, encode_prompt
 
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -128,7 +128,7 @@ def test_score_matches_hf_log_probabilities(engine, materializer, hf):
     engine.set_recipe(recipe)
     model, tok = hf(materializer.materialize(recipe)), hf.tokenizer
     pairs = [(PROMPTS[0][:40], PROMPTS[0][40:80]), ("Answer: ", "42")]
-    engine.generate(PROMPTS[:1], max_new_tokens=1)  # cached KV for the first pair's first blocks
+    engine.generate(PROMPTS[:1], Sampling(max_new_tokens=1))  # cached KV for the first pair's first blocks
     got = engine.score(pairs, eos=True)
     for (prompt, cont), scores in zip(pairs, got):
         p = encode_prompt(tok, prompt)
@@ -146,18 +146,19 @@ def test_score_matches_hf_log_probabilities(engine, materializer, hf):
 @pytest.mark.vllm
 def test_generate_follows_the_task_sampling_settings(engine):
     engine.set_recipe(CANDIDATES[1])
-    greedy = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    greedy = engine.generate(PROMPTS, Sampling(max_new_tokens=NEW_TOKENS))
     assert greedy == [engine.tokenizer.decode(ids, skip_special_tokens=True)
                       for ids in engine.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)]
     # A stop string ends the completion where it first appears, and is not part of it.
     text = max(greedy, key=len)
     stop = text[len(text) // 2]
-    assert engine.generate([PROMPTS[greedy.index(text)]], max_new_tokens=NEW_TOKENS, stop=[stop]) == [text[: text.index(stop)]]
+    cut = Sampling(max_new_tokens=NEW_TOKENS, stop=[stop])
+    assert engine.generate([PROMPTS[greedy.index(text)]], cut) == [text[: text.index(stop)]]
     # Sampling: a seed reproduces, another seed (on a random model's flat distribution) does not.
     sample = dict(max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0)
-    first = engine.generate(PROMPTS, seed=7, **sample)
-    assert engine.generate(PROMPTS, seed=7, **sample) == first
-    assert engine.generate(PROMPTS, seed=8, **sample) != first
+    first = engine.generate(PROMPTS, Sampling(seed=7, **sample))
+    assert engine.generate(PROMPTS, Sampling(seed=7, **sample)) == first
+    assert engine.generate(PROMPTS, Sampling(seed=8, **sample)) != first
 
 
 @needs_vllm

@@ -14,7 +14,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
+from evomerge.config import load_config
+from evomerge.merge import read_config
 from evomerge.recipe import Recipe
+from evomerge.records import UserError
 from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
 
 TIES = {
@@ -210,9 +213,26 @@ def test_invalid_yaml_and_missing_config(workdir, monkeypatch, capsys):
     bad = workdir / "bad.yaml"
     bad.write_text("merge_method: [ties\n")
     code, _, err = run_cli(monkeypatch, capsys, "merge", str(bad), "-o", str(workdir / "o"))
-    assert_failed_cleanly(code, err, workdir / "o", "not valid YAML")
+    assert_failed_cleanly(code, err, workdir / "o", "not valid YAML", str(bad))
     code, _, err = run_cli(monkeypatch, capsys, "merge", str(workdir / "none.yaml"), "-o", str(workdir / "o"))
-    assert_failed_cleanly(code, err, workdir / "o", "config file not found")
+    assert_failed_cleanly(code, err, workdir / "o", "config file not found", str(workdir / "none.yaml"))
+    bad.write_text("- ties\n")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(bad), "-o", str(workdir / "o"))
+    assert_failed_cleanly(code, err, workdir / "o", "expected a mapping at the top level, got list", str(bad))
+
+
+@pytest.mark.parametrize("load", [load_config, read_config, Recipe.load])
+@pytest.mark.parametrize("text, needle", [
+    (None, "file not found"), ("a: [b\n", "is not valid YAML: "), ("just text\n", "expected a mapping at the top level, got str"),
+])
+def test_yaml_loaders_name_the_file_and_the_problem(tmp_path, load, text, needle):
+    """Run configs, merge configs and recipes share one reader, so all three fail the same way."""
+    path = tmp_path / "x.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError) as e:
+        load(path)
+    assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_emit_mergekit_and_console_script(workdir):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sqlite3
 
@@ -79,6 +80,38 @@ def test_in_flight_and_nan_objectives(tmp_path):
     with pytest.raises(sqlite3.IntegrityError):
         store.record_evaluations([Evaluation(2, objectives={"acc": 1.0}), Evaluation(1, objectives={"acc": 1.0})])
     assert [c.id for c in store.in_flight()] == [0, 2] and len(store.events()) == 2
+
+
+def test_genomes_are_exact_float64_bytes(tmp_path):
+    import numpy as np
+
+    x = [math.nextafter(0.1, 1.0), -0.0, 1e-310, math.inf, 2.0 ** 60 + 1.0, float(np.float32(0.3))]
+    store = RunStore.create(tmp_path / "r", {}, objectives=OBJS[:1], space_names=list("abcdef"))
+    store.record_ask(1, [Candidate(0, np.array(x))])
+    got = store.candidates()[0].x
+    assert [v.hex() for v in got] == [v.hex() for v in x] and math.copysign(1, got[1]) == -1
+    assert store._con.execute("SELECT length(x) FROM candidates").fetchone()[0] == 8 * len(x)
+
+
+def test_schema_1_store_with_json_genomes_is_read_and_resumed(tmp_path):
+    store, cands, _ = _filled(tmp_path)
+    # rewrite it as schema 1 wrote it: x as JSON text
+    store._con.executemany("UPDATE candidates SET x=? WHERE id=?", [(json.dumps(c.x), c.id) for c in cands])
+    store._con.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    store._con.commit()
+    store.close()
+    old = RunStore.open(tmp_path / "run", readonly=True)
+    assert old.candidates() == {c.id: c for c in cands} and old._meta("schema") == 1
+    old.close()
+    resumed = RunStore.open(tmp_path / "run")
+    resumed.record_ask(1, [Candidate(4, [0.25, 0.75])])
+    assert resumed.candidates() == {**{c.id: c for c in cands}, 4: Candidate(4, [0.25, 0.75])}
+    assert resumed._meta("schema") == 2  # it now holds bytes too
+    resumed._con.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    resumed._con.commit()
+    resumed.close()
+    with pytest.raises(UserError, match="has schema 3; this evomerge reads schemas 1, 2"):
+        RunStore.open(tmp_path / "run", readonly=True)
 
 
 def test_reader_frame_pareto_best(tmp_path):

@@ -57,7 +57,7 @@ class Materializer:
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
-        self.sources = open_sources(sources, allow_pickle=allow_pickle)
+        self.sources = open_sources(sources, allow_pickle=allow_pickle, base=base)
         self.reference = base if base is not None else next(iter(self.sources))
         if self.reference not in self.sources:
             raise UserError(f"base {self.reference!r} is not among the sources ({', '.join(self.sources)})")

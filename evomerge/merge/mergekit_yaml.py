@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, read_yaml_mapping
 from evomerge.records import UserError
 
 # mergekit config keys that evomerge's merge does not implement (and would silently misread)
@@ -28,14 +28,7 @@ MERGEKIT_METHODS = {
 def read_config(path: str | Path) -> Recipe:
     """A mergekit config or an evomerge recipe YAML, as a Recipe."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: expected a mapping with merge_method, got {type(data).__name__}")
+    data = read_yaml_mapping(p, "merge config")
     for key, what in _UNSUPPORTED.items():
         if data.get(key) is not None:
             raise UserError(f"{p}: mergekit's {key!r} ({what}) is not supported by evomerge merge")

@@ -1,14 +1,21 @@
-"""Model sources: Hugging Face checkpoint directories read lazily, or in-memory state dicts.
+"""Model sources: Hugging Face checkpoint directories read lazily, LoRA adapters, or in-memory state dicts.
 
 Safetensors files are memory-mapped and parsed here (header + `torch.frombuffer`), so opening a
 checkpoint reads only its headers and a tensor costs nothing until its bytes are touched. Pickle
 checkpoints (`.bin`, `.pt`) execute code when unpickled: they are refused unless the caller opts in,
 and even then loaded with `weights_only=True`.
+
+A LoRA adapter directory (PEFT format: adapter_config.json + adapter_model.safetensors) is an expert too:
+it reads as the full model it makes of the base, each targeted weight plus (alpha/r) * B @ A, so every
+merge method sees it as it sees a full fine-tune. The factors are small; the sum is formed per tensor
+when asked.
 """
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +32,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class _SafetensorsFile:
@@ -64,6 +72,34 @@ class _SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         t = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self._start + begin)
         return t.view(shape)
+
+
+def _dtype_name(code: str) -> str:
+    """A safetensors dtype code as torch names it ('F32' -> 'float32'); unknown codes as they are."""
+    return str(_ST_DTYPES[code]).removeprefix("torch.") if code in _ST_DTYPES else code
+
+
+class _LoraTensors:
+    """A LoRA adapter over a base source: a targeted tensor is its weight (the adapter's own copy where it
+    saved one, else the base's) plus the delta, in float32 at least so a small delta survives a
+    low-precision base; the others are the base's."""
+
+    def __init__(self, base: Source, full: Mapping[str, str], deltas: Mapping[str, Any], stored: _SafetensorsFile):
+        self.base, self.full, self.deltas, self.stored = base, full, deltas, stored
+
+    def dtype_name(self, name: str) -> str:
+        stored = _dtype_name(self.stored.dtype_name(self.full[name])) if name in self.full else self.base.dtype_name(name)
+        return stored if name not in self.deltas or stored == "float64" else "float32"
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.stored.get(self.full[name]) if name in self.full else self.base.get(name)
+        if name not in self.deltas:
+            return t
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        return t.to(dtype) + self.deltas[name]().to(dtype)
 
 
 class Source:
@@ -116,19 +152,20 @@ class Source:
 
     def shape(self, name: str) -> tuple[int, ...]:
         t = self._tensors[name]
-        return t.shape(name) if isinstance(t, _SafetensorsFile) else tuple(t.shape)
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else t.shape(name)
 
     def dtype_name(self, name: str) -> str:
         """The stored dtype as a short name ('float32', 'F8_E4M3', ...), without reading the tensor."""
         t = self._tensors[name]
         if isinstance(t, _SafetensorsFile):
-            code = t.dtype_name(name)
-            return str(_ST_DTYPES[code]).removeprefix("torch.") if code in _ST_DTYPES else code
+            return _dtype_name(t.dtype_name(name))
+        if isinstance(t, _LoraTensors):
+            return t.dtype_name(name)
         return str(t.dtype).removeprefix("torch.")
 
     def get(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
-        return t.get(name) if isinstance(t, _SafetensorsFile) else t
+        return t if isinstance(t, torch.Tensor) else t.get(name)
 
     @property
     def architectures(self) -> list[str]:
@@ -145,6 +182,70 @@ class Source:
         for added in data.get("added_tokens") or []:
             vocab[added["content"]] = added["id"]
         return vocab
+
+
+def open_lora(name: str, path: str | Path, base: Source) -> Source:
+    """A PEFT LoRA adapter directory as the full model it makes of `base`: each targeted weight W gets
+    scale * B @ A (transposed for embeddings and fan-in-fan-out layers), scale = alpha / r, or
+    alpha / sqrt(r) with rsLoRA; r is each module's actual rank, alpha per module from `alpha_pattern`.
+    Full tensors the adapter saved (`modules_to_save`, an embedding's base layer) replace the base's."""
+    p = Path(path)
+    cfg = json.loads((p / ADAPTER_CONFIG).read_text())
+    kind = cfg.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise UserError(f"model {name!r}: {p} is a {kind} adapter; only LoRA adapters are supported")
+    if cfg.get("use_dora"):
+        raise UserError(f"model {name!r}: DoRA adapters are not supported (their update is not a task vector B @ A)")
+    weights = p / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"model {name!r}: no adapter_model.safetensors in {p} (convert a .bin adapter to safetensors)")
+    st = _SafetensorsFile(weights)
+    factors: dict[str, dict[str, str]] = {}
+    full: dict[str, str] = {}
+    for key in st.entries:
+        short = key.removeprefix("base_model.model.")
+        m = re.fullmatch(r"(.+)\.lora_(A|B|embedding_A|embedding_B)(?:\.weight)?", short)
+        if m is not None:
+            factors.setdefault(m.group(1), {})[m.group(2).removeprefix("embedding_")] = key
+            continue
+        target = short.replace(".base_layer.", ".")
+        if target not in base or base.shape(target) != st.shape(key):
+            raise UserError(f"model {name!r}: adapter tensor {key} is neither a LoRA factor nor a tensor of base {base.name!r}")
+        full[target] = key
+    alpha = float(cfg.get("lora_alpha", 8))
+    deltas: dict[str, Any] = {}
+    for module, keys in factors.items():
+        if set(keys) != {"A", "B"}:
+            raise UserError(f"model {name!r}: adapter module {module} has only one of its two LoRA factors")
+        a_key, b_key = keys["A"], keys["B"]
+        target = f"{module}.weight"
+        if target not in base:
+            raise UserError(f"model {name!r}: adapter targets {target}, which base {base.name!r} does not have")
+        r = st.shape(a_key)[0]
+        a = _pattern_value(cfg.get("alpha_pattern") or {}, module, alpha)
+        scale = a / math.sqrt(r) if cfg.get("use_rslora") else a / r
+        transpose = "lora_embedding_A" in a_key or bool(cfg.get("fan_in_fan_out"))
+        shape = (st.shape(a_key)[1], st.shape(b_key)[0]) if transpose else (st.shape(b_key)[0], st.shape(a_key)[1])
+        if shape != base.shape(target):
+            raise UserError(f"model {name!r}: the adapter's B @ A for {target} is {list(shape)}, base {base.name!r} has {list(base.shape(target))}")
+        deltas[target] = lambda a_key=a_key, b_key=b_key, scale=scale, transpose=transpose: lora_delta(
+            st.get(a_key), st.get(b_key), scale, transpose=transpose)
+    tensors = dict.fromkeys(base.names(), _LoraTensors(base, full, deltas, st))
+    return Source(name, p, base.config, tensors)
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, *, transpose: bool = False) -> torch.Tensor:
+    """scale * B @ A in float32 (A: r x in, B: out x r), transposed where the layer stores W as in x out."""
+    d = (b.float() @ a.float()).mul_(scale)
+    return d.T if transpose else d
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: float) -> float:
+    """PEFT's per-module override: the first pattern matching the module name's tail."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(value)
+    return default
 
 
 def _weight_files(name: str, p: Path) -> list[Path]:
@@ -164,17 +265,32 @@ def _weight_files(name: str, p: Path) -> list[Path]:
 
 
 def open_sources(
-    sources: Mapping[str, str | Path | Mapping[str, torch.Tensor] | Source], *, allow_pickle: bool = False
+    sources: Mapping[str, str | Path | Mapping[str, torch.Tensor] | Source],
+    *,
+    allow_pickle: bool = False,
+    base: str | None = None,
 ) -> dict[str, Source]:
-    """Open every source by name: checkpoint paths lazily, state dicts as they are."""
+    """Open every source by name: checkpoint paths lazily, state dicts as they are, LoRA adapter
+    directories over `base` (default: the first source, as the materializer's reference)."""
     out: dict[str, Source] = {}
+    adapters: dict[str, Path] = {}
     for name, s in sources.items():
         if isinstance(s, Source):
             out[name] = s
+        elif isinstance(s, (str, Path)) and Path(s, ADAPTER_CONFIG).is_file():
+            adapters[name] = Path(s)
         elif isinstance(s, (str, Path)):
             out[name] = Source.open(name, s, allow_pickle=allow_pickle)
         elif isinstance(s, Mapping):
             out[name] = Source.from_state_dict(name, s)
         else:
             raise UserError(f"model {name!r}: expected a checkpoint path or a state dict, got {type(s).__name__}")
-    return out
+    if adapters:
+        ref = base if base is not None else next(iter(sources))
+        if ref in adapters:
+            raise UserError(f"LoRA adapter {next(iter(adapters))!r} needs a full base checkpoint as the base model, not an adapter")
+        if ref not in out:
+            raise UserError(f"base {ref!r} is not among the sources ({', '.join(sources)})")
+        for name, path in adapters.items():
+            out[name] = open_lora(name, path, out[ref])
+    return {name: out[name] for name in sources}
