@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import Materializer
+from evomerge.merge import Materializer, gta, rng
 from evomerge.recipe import Recipe
 
 pytest.importorskip("mergekit")
@@ -96,3 +96,34 @@ def test_della_keeps_large_entries_more_often(tensors):
     top, bottom = kept[rank > 0.75].mean(), kept[rank < 0.25].mean()
     # keep probability (d - eps) + 2 eps r: about 0.25 + 0.3 * 0.875 vs 0.25 + 0.3 * 0.125
     assert abs(top - 0.5125) < 0.03 and abs(bottom - 0.2875) < 0.03, (top, bottom)
+
+
+def test_draws_are_uniform_and_independent():
+    """The counter-based draws: keep fractions, and joint keeps across models and across neighbours."""
+    n = 1 << 20
+    u = rng.draws(rng.key_for(0, NAME, "m0"), 0, n).double() / 2**32
+    v = rng.draws(rng.key_for(0, NAME, "m1"), 0, n).double() / 2**32
+    for p in (0.01, 0.3, 0.9):
+        a, b = u < p, v < p
+        assert abs(a.double().mean() - p) < 5 * (p * (1 - p) / n) ** 0.5, p
+        sd = (p * p * (1 - p * p) / n) ** 0.5
+        assert abs((a & b).double().mean() - p * p) < 5 * sd, p
+        assert abs((a[1:] & a[:-1]).double().mean() - p * p) < 5 * sd, p
+
+
+@pytest.mark.parametrize("densities", [(0.3, 0.6), (1.0, 0.4), (0.5, 1e-12)])
+def test_dare_ties_fused_pair_matches_torch_path(densities, tensors):
+    """The CPU kernel's one-loop DARE-TIES pair (random or whole trims) draws what the torch path draws."""
+    base, *deltas = tensors
+    mat = Materializer({"base": {NAME: base}} | {f"m{i}": {NAME: base + d} for i, d in enumerate(deltas)}, base="base")
+    models = [{"model": f"m{i}", "parameters": {"weight": w, "density": d}} for i, (w, d) in enumerate(zip((0.7, 0.5), densities))]
+    recipe = Recipe.from_dict({"merge_method": "dare_ties", "base_model": "base", "models": models, "seed": 4})
+    try:
+        fused = mat.materialize(recipe)[NAME]
+        gta.use_fused = False
+        plain = mat.materialize(recipe)[NAME]
+    finally:
+        gta.use_fused = True
+    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-7), (fused - plain).abs().max()
+    kept = ((fused - base) != 0).float().mean().item()  # an entry survives where either model keeps it
+    assert abs(kept - (1 - (1 - densities[0]) * (1 - densities[1]))) < 0.05, kept

@@ -55,18 +55,11 @@ def merge_task_vectors(
 
 
 def kept_l1(delta: torch.Tensor, keep: Keep) -> float:
-    """Sum of |x| over the entries `keep` keeps. A random trim records its draws in `keep.drawn` on the
-    way, so that the merge reads them rather than drawing again."""
-    random = keep.kind in ("random", "della")
+    """Sum of |x| over the entries `keep` keeps."""
     if _fused_ok(delta):
         from evomerge.merge import kernels
 
-        a = _arrays([keep])
-        drawn = torch.empty(delta.numel() if random else 0, dtype=torch.bool)
-        total = float(kernels.kept_l1(delta.numpy(), *(x[0] for x in a), drawn.numpy()))
-        if random:
-            keep.drawn = drawn
-        return total
+        return float(kernels.kept_l1(delta.numpy(), *_params(keep)))
     total = 0.0
     for s in range(0, delta.numel(), CHUNK):
         x = delta[s : s + CHUNK]
@@ -74,34 +67,31 @@ def kept_l1(delta: torch.Tensor, keep: Keep) -> float:
     return total
 
 
-_NO_MASK = np.zeros(0, np.bool_)
+_NO_RANK = np.zeros(0, np.float32)
+_DTYPES = (np.int64, np.float32, np.float32, np.int64, np.int64, np.float64, np.float64)
+
+
+def _params(k: Keep) -> tuple:
+    """One trim's kernel parameters: mode, lo, hi, key, thr, p_lo, p_span, rank, drop."""
+    from evomerge.merge.rng import threshold
+
+    rank = _NO_RANK if k.rank is None else k.rank.numpy()
+    return _MODES[k.kind], k.lo, k.hi, k.key, threshold(k.p), k.p_lo, k.p_span, rank, k.drop.numpy()
 
 
 def _arrays(keeps: Sequence[Keep]) -> tuple:
-    """The kernel's per-vector trim parameters as numpy arrays and tuples."""
-    from evomerge.merge.rng import threshold
-
-    modes = np.array([4 if k.drawn is not None else _MODES[k.kind] for k in keeps], np.int64)
-    lo = np.array([k.lo for k in keeps], np.float32)
-    hi = np.array([k.hi for k in keeps], np.float32)
-    keys = np.array([k.key for k in keeps], np.uint64)
-    thr = np.array([threshold(k.p) for k in keeps], np.uint64)
-    plo = np.array([k.p_lo for k in keeps], np.float64)
-    pspan = np.array([k.p_span for k in keeps], np.float64)
-    empty_rank = np.zeros(0, np.float32)
-    ranks = tuple(k.rank.numpy() if k.rank is not None else empty_rank for k in keeps)
-    drops = tuple(k.drop.numpy() for k in keeps)
-    return modes, lo, hi, keys, thr, plo, pspan, ranks, drops
+    """The kernel's per-vector trim parameters as numpy arrays (scalars) and tuples (rank, drop)."""
+    cols = list(zip(*map(_params, keeps)))
+    return (*(np.array(c, t) for c, t in zip(cols, _DTYPES)), cols[7], cols[8])
 
 
 def _fused(base, out, live, consensus, normalize, scale) -> None:
     from evomerge.merge import kernels
 
     keeps = [k for _, k, _ in live]
-    masks = tuple(k.drawn.numpy() if k.drawn is not None else _NO_MASK for k in keeps)
     coeff = np.array([w * k.factor for _, k, w in live], np.float32)
     weights = np.array([w for _, _, w in live], np.float32)
-    kernels.merge(base.numpy(), out.numpy(), tuple(d.numpy() for d, _, _ in live), *_arrays(keeps), masks, coeff, weights,
+    kernels.merge(base.numpy(), out.numpy(), tuple(d.numpy() for d, _, _ in live), *_arrays(keeps), coeff, weights,
                   consensus, normalize, np.float32(scale))
 
 

@@ -31,7 +31,6 @@ class Keep:
     p_lo: float = 0.0  # della: keep probability p_lo + p_span * rank
     p_span: float = 0.0
     rank: torch.Tensor | None = None  # della: flat row rank in [0, 1]
-    drawn: torch.Tensor | None = None  # random, della: the draws, once recorded (flat bool)
     factor: float = 1.0
 
     def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -48,13 +47,11 @@ class Keep:
                 d = d[(d >= start) & (d < start + x.numel())]
                 m[d - start] = False
             return m
-        if self.drawn is not None:
-            return self.drawn[start : start + x.numel()].to(x.device)
-        bits = rng.bits32(self.key, start, x.numel(), x.device)
+        u = rng.draws(self.key, start, x.numel(), x.device)
         if self.kind == "random":
-            return bits < rng.threshold(self.p)
+            return u < rng.threshold(self.p)
         rank = self.rank[start : start + x.numel()].double()
-        return bits.double() * 2.0**-32 < self.p_lo + self.p_span * rank
+        return u.double() * 2.0**-32 < self.p_lo + self.p_span * rank
 
 
 def magnitude(vec: TaskVector, density: float) -> Keep:
@@ -96,7 +93,7 @@ def bernoulli(density: float, key: int) -> Keep:
     """DARE's trim: keep each entry with probability `density`."""
     if density >= 1:
         return Keep("all")
-    if density <= 0:
+    if rng.threshold(density) == 0:  # below 2**-32
         return Keep("none")
     return Keep("random", key=key, p=density)
 
