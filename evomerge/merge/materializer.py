@@ -5,9 +5,8 @@ source's task vector (its difference from the reference) in memory, in the compu
 chosen device. Statistics that do not change between candidates, such as each task vector's sorted
 magnitudes for TIES-style trims, are computed on first use and kept. Each output tensor is merged into
 its own freshly allocated buffer (or straight into a module's parameter) by the method's fused kernel,
-so beyond the resident sources a merge holds at most one output model plus one tensor's intermediate buffers
-(none for DARE's fused two-model loop). Nested
-recipes are merged first into transient sources.
+so beyond the resident sources a merge holds at most one output model plus one tensor's intermediate
+buffers (none for DARE's fused two-model loop). Nested recipes are merged first into transient sources.
 """
 from __future__ import annotations
 
