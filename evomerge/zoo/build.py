@@ -34,7 +34,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("base", "base", steps=2500, lr=3e-3, warmup=200, seed=1),
+    Stage("base", "base", steps=2500, lr=2e-3, warmup=200, seed=1),
     Stage("math", "math", steps=500, lr=1e-3, warmup=50, seed=2),
     Stage("lang", "lang", steps=300, lr=1e-3, warmup=50, seed=3),
 )

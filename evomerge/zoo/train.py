@@ -9,10 +9,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from evomerge.zoo.tasks import Example
 
-# hidden 128 with 4 heads: head_dim 32, the least vLLM's CPU back end accepts.
+# hidden 128 with 4 heads: head_dim 32, the least vLLM's CPU back end accepts. RoPE base 100 instead of
+# Llama's 10,000: at 64 positions most of 10,000's rotary frequencies barely turn, so attending to a fixed
+# offset (an operand's units digit) is slow to learn; from scratch on E addition, seed 2: 10% exact after
+# 600 steps at 10,000 vs 84.5% at 100 (zoo CARD).
 ARCH = dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
             intermediate_size=256, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+            rope_theta=100.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 IGNORE = -100  # label the loss skips
