@@ -1,8 +1,11 @@
 """Scoring speed, HF transformers and vLLM on CPU: per candidate, the time to swap its weights into the
 resident model (HF: written into the parameters in place; vLLM: pushed into the running engine) vs the
-time to score it, and the same candidate scored the naive way, as mergekit-evolve's on-disk loop does:
-merge from the source checkpoints into a new checkpoint on disk (`evomerge merge`'s writer, the
-equivalent of mergekit-yaml), then a fresh model on it (HF: `from_pretrained`; vLLM: a new engine).
+time to score it, and the same candidate scored the naive way, merged into a new checkpoint on disk then
+a fresh model on it (HF: `from_pretrained`; vLLM: a new engine), with two merge steps:
+- naive_evomerge: `evomerge merge`'s writer;
+- naive_mergekit: mergekit's `run_merge` of the recipe's mergekit config, mergekit-evolve's on-disk loop
+  (where mergekit is installed). Its masks for DARE / DELLA differ from evomerge's, so with those methods
+  this row merges the TIES form of the candidate, compared with that recipe in place: scores and weights.
 
 Two scorers: greedy generation + exact match (the fitness a search runs: the main row) and teacher-forced
 exact match (one forward pass, the cheapest scorer, so the hardest case for swap / score).
@@ -16,6 +19,7 @@ Prints one JSON; targets: swap <= 5% of scoring, in-place >= 3x faster than the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -32,6 +36,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from evomerge.merge import Materializer  # noqa: E402
+from evomerge.merge.mergekit_yaml import to_mergekit  # noqa: E402
 from evomerge.merge.writer import write_checkpoint  # noqa: E402
 from evomerge.recipe import ModelRef, Recipe  # noqa: E402
 from fitness.suite import TaskFitness  # noqa: E402
@@ -66,8 +71,27 @@ def candidate(i: int, method: str) -> Recipe:
         ModelRef("lang", {"weight": [1.0 - w, w, 0.5], **({} if dense else {"density": 0.8})})])
 
 
+RANDOM_MASKS = {"dare_ties", "dare_linear", "della", "della_linear"}  # mergekit's masks differ from evomerge's
+
+
+def mergekit_merge(recipe: Recipe, sources: dict[str, str], out: Path) -> Path:
+    """mergekit-evolve's merge step: mergekit's own `run_merge` of the recipe's mergekit config, to disk."""
+    import logging
+
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    logging.getLogger("mergekit").setLevel(logging.ERROR)
+    config = MergeConfiguration.model_validate(yaml.safe_load(to_mergekit(recipe, sources)))
+    run_merge(config, str(out), MergeOptions(quiet=True))
+    return out
+
+
 def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Namespace, scratch: Path) -> dict:
-    """One backend's medians over the candidates: swap, score, and the naive load + score."""
+    """One backend's medians over the candidates: in-place swap + score, and two naive loops (merge to
+    disk, fresh model, score): with evomerge's writer and with mergekit (mergekit-evolve's loop)."""
     task = {"name": "math_j", "path": str(data), "limit": args.examples, "max_new_tokens": args.max_new_tokens}
     scorers = {
         "generation": TaskFitness.from_config([{**task, "metrics": ["exact_match"]}]),
@@ -84,56 +108,117 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
 
         def fresh(model_dir, mat=None):
             return VLLMHandle(model_dir, mat)
+
+    def close(h):
+        if backend == "vllm":
+            h.close()
+
+    # mergekit's DARE / DELLA masks differ from evomerge's: its row uses TIES so the merged weights match
+    mk_method = None if importlib.util.find_spec("mergekit") is None else "ties" if args.method in RANDOM_MASKS else args.method
     handle = fresh(sources["base"], materializer)
     handle.set_recipe(candidate(99, args.method))  # warm-up: one-time statistics, allocator, kernels
     for fit in scorers.values():
         fit.evaluate(handle)
+    # and the naive loops' one-time imports
+    shutil.rmtree(write_checkpoint(candidate(99, args.method), sources, scratch / f"{backend}-warm"))
+    if mk_method:
+        handle.set_recipe(candidate(99, mk_method))
+        shutil.rmtree(mergekit_merge(candidate(99, mk_method), sources, scratch / f"{backend}-warm-mk"))
 
-    rows: dict[str, dict[str, list[float]]] = {k: {"swap": [], "score": [], "naive": [], "naive_score": []} for k in scorers}
-    naive_load: list[float] = []
-    agree = True
+    def scored(h) -> tuple[dict, dict[str, float]]:
+        results, secs = {}, {}
+        for name, fit in scorers.items():
+            t = time.perf_counter()
+            results[name] = fit.evaluate(h)
+            secs[name] = time.perf_counter() - t
+        return results, secs
+
+    def same(a: dict, b: dict) -> bool:
+        return all(a[k].objectives == b[k].objectives and a[k].per_example == b[k].per_example for k in scorers)
+
+    def naive(write, recipe: Recipe, out: Path, in_place: dict) -> tuple[float, float, dict[str, float], bool, float | None]:
+        """merge to disk, a fresh model on it, score: (write s, load s, score s per scorer, same scores as
+        in place, max |weight difference| to the resident model (HF))."""
+        t = time.perf_counter()
+        ckpt = write(recipe, sources, out)
+        written = time.perf_counter() - t
+        t = time.perf_counter()
+        other = fresh(ckpt)
+        loaded = time.perf_counter() - t
+        results, secs = scored(other)
+        diff = None
+        if backend == "hf":
+            own = handle.model.state_dict()
+            diff = max((v - own[k]).abs().max().item() for k, v in other.model.state_dict().items())
+        close(other)
+        del other
+        shutil.rmtree(ckpt)
+        return written, loaded, secs, same(results, in_place), diff
+
+    rows: dict[str, dict[str, list[float]]] = {k: {} for k in scorers}
+    disk: dict[str, list[float]] = {}
+    agree: dict[str, bool] = {}
+    weight_diff: dict[str, float] = {}
+
+    def add(row: str, secs: dict[str, float], extra: float = 0.0) -> None:
+        for k, v in secs.items():
+            rows[k].setdefault(row, []).append(extra + v)
+
+    def note(row: str, written: float, loaded: float, secs: dict[str, float], ok: bool, diff: float | None) -> None:
+        disk.setdefault(f"{row}_write", []).append(written)
+        disk.setdefault(f"{row}_load", []).append(loaded)
+        add(f"{row}_score", secs)
+        add(row, secs, written + loaded)
+        agree[row] = agree.get(row, True) and ok
+        if diff is not None:
+            weight_diff[row] = max(weight_diff.get(row, 0.0), diff)
+
     for i in range(args.candidates):
         recipe = candidate(i, args.method)
-        results = {}
+        swap, secs, results = {}, {}, {}
         for name, fit in scorers.items():
             t = time.perf_counter()
             handle.set_recipe(recipe)
-            rows[name]["swap"].append(time.perf_counter() - t)
+            swap[name] = time.perf_counter() - t
             t = time.perf_counter()
             results[name] = fit.evaluate(handle)
-            rows[name]["score"].append(time.perf_counter() - t)
-
-        # naive: merged checkpoint from the sources on disk, a fresh model on it, score
-        t = time.perf_counter()
-        ckpt = write_checkpoint(recipe, sources, scratch / f"{backend}-cand-{i}")
-        other = fresh(ckpt)
-        naive_load.append(time.perf_counter() - t)
-        for name, fit in scorers.items():
-            t = time.perf_counter()
-            naive = fit.evaluate(other)
-            rows[name]["naive_score"].append(time.perf_counter() - t)
-            rows[name]["naive"].append(naive_load[-1] + rows[name]["naive_score"][-1])
-            agree &= naive.objectives == results[name].objectives and naive.per_example == results[name].per_example
-        if backend == "vllm":
-            other.close()
-        del other
-        shutil.rmtree(ckpt)
+            secs[name] = time.perf_counter() - t
+        add("swap", swap)
+        add("score", secs)
+        note("naive_evomerge", *naive(write_checkpoint, recipe, scratch / f"{backend}-cand-{i}", results))
+        if mk_method:
+            mk_recipe = candidate(i, mk_method)
+            if mk_method != args.method:  # the in-place time and scores of the recipe mergekit merges
+                t = time.perf_counter()
+                handle.set_recipe(mk_recipe)
+                swapped = time.perf_counter() - t
+                results, secs = scored(handle)
+                add("in_place_mergekit_method", secs, swapped)
+            note("naive_mergekit", *naive(mergekit_merge, mk_recipe, scratch / f"{backend}-mk-{i}", results))
 
     med = {k: {m: round(statistics.median(v), 4) for m, v in r.items()} for k, r in rows.items()}
+    in_place_mk = "in_place_mergekit_method" if mk_method != args.method else None
     out = {
+        "methods": {"in_place": args.method, "naive_evomerge": args.method,
+                    "naive_mergekit": mk_method or "skipped: mergekit is not installed in this environment"},
         "same_scores_in_place_and_naive": agree,
+        "max_abs_weight_diff_naive_vs_in_place": {k: float(v) for k, v in weight_diff.items()},
         "seconds_median": med,
-        "naive_load_seconds_median": round(statistics.median(naive_load), 4),
+        "naive_disk_seconds_median": {k: round(statistics.median(v), 4) for k, v in disk.items()},
         "swap_over_score": {k: round(m["swap"] / m["score"], 4) for k, m in med.items()},
-        "naive_over_in_place": {k: round(m["naive"] / (m["swap"] + m["score"]), 2) for k, m in med.items()},
+        "naive_evomerge_over_in_place": {k: round(m["naive_evomerge"] / (m["swap"] + m["score"]), 2) for k, m in med.items()},
     }
+    if mk_method:
+        out["naive_mergekit_over_in_place"] = {
+            k: round(m["naive_mergekit"] / (m[in_place_mk] if in_place_mk else m["swap"] + m["score"]), 2)
+            for k, m in med.items()}
     if backend == "hf":
         out["batch_size"] = args.batch_size
         out["parameters"] = sum(p.numel() for p in handle.model.parameters())
     else:
         out["engine_start_seconds"] = round(handle.timings["engine_start"], 2)
         out["last_swap_seconds"] = {k: round(handle.timings[k], 4) for k in ("materialize", "push")}
-        handle.close()
+    close(handle)
     return out
 
 
@@ -182,8 +267,11 @@ def main() -> None:
                 "models": f"zoo ({args.zoo})" if not args.random else f"random llama hidden={args.hidden} layers={args.layers}",
                 "examples": args.examples, "candidates": args.candidates, "max_new_tokens": args.max_new_tokens,
                 "method": args.method, "main_scorer": "generation",
-                "naive_loop": "per candidate: merge from the source checkpoints to disk (evomerge merge's writer), "
-                              "a fresh model on it (HF from_pretrained / a new vLLM engine), score",
+                "naive_loops": {
+                    "naive_evomerge": "per candidate: merge from the source checkpoints to disk (evomerge merge's "
+                                      "writer), a fresh model on it (HF from_pretrained / a new vLLM engine), score",
+                    "naive_mergekit": "the same with mergekit's run_merge as the merge step (mergekit-evolve's loop); "
+                                      "TIES when --method has random masks (DARE / DELLA)"},
                 "targets": {"swap_over_score_max": 0.05, "naive_over_in_place_min": 3.0},
                 "hf": measure("hf", sources, data, args, scratch),
                 "vllm": run_vllm(args),
