@@ -148,7 +148,7 @@ def render(run_dir: str | Path) -> str:
     try:
         objs = run.objectives
         first = objs[0]
-        df = run.frame()
+        df = run.frame(genomes=False)
         values = [float(v) if s == "ok" else float("nan") for v, s in zip(df[first.name], df.status)]
         parts = [f"<h2>Best {html.escape(first.name)} so far ({first.direction})</h2>",
                  best_so_far_svg(values, run.best_so_far(), first.name)]

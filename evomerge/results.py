@@ -59,26 +59,35 @@ class Run:
     def config(self) -> dict[str, Any]:
         return self.store.config
 
-    def frame(self):
+    def frame(self, genomes: bool = True):
+        """With `genomes=False`, no `x.<name>` columns: a run of 10,000 evaluations of 19,210 dimensions
+        would need tens of GB as a frame, so best/pareto select rows first and add their genomes after."""
         import pandas as pd
 
-        cands = self.store.candidates()
-        names = self.store.space_names
         rows = []
         for e in self.store.evaluations():
-            c = cands[e.candidate_id]
             row: dict[str, Any] = {"id": e.candidate_id, "status": e.status}
             for o in self.objectives:
                 row[o.name] = e.objectives.get(o.name, float("nan"))
             row.update(error=e.error, worker=e.worker, seconds=sum(e.timings.values()))
-            for i, v in enumerate(c.x):
-                row[f"x.{names[i] if i < len(names) else i}"] = v
             rows.append(row)
         cols = ["id", "status", *[o.name for o in self.objectives], "error", "worker", "seconds"]
-        return pd.DataFrame(rows, columns=cols + [k for k in (rows[0] if rows else {}) if k not in cols])
+        df = pd.DataFrame(rows, columns=cols)
+        return self._with_genomes(df) if genomes else df
+
+    def _with_genomes(self, df):
+        """`df` with the `x.<name>` columns of its rows' genomes, read for those rows only."""
+        import pandas as pd
+
+        cands = self.store.candidates({int(i) for i in df.id})
+        xs = [list(cands[int(i)].x) for i in df.id]
+        names = self.store.space_names
+        width = len(xs[0]) if xs else 0
+        x = pd.DataFrame(xs, index=df.index, columns=[f"x.{names[i] if i < len(names) else i}" for i in range(width)])
+        return pd.concat([df, x], axis=1)
 
     def _ok(self):
-        df = self.frame()
+        df = self.frame(genomes=False)
         names = [o.name for o in self.objectives]
         ok = df[(df.status == "ok")]
         return ok[np.isfinite(ok[names].to_numpy(dtype=float)).all(axis=1)] if len(ok) else ok
@@ -90,7 +99,7 @@ class Run:
     def pareto(self):
         """The successful evaluations no other one dominates, over all objectives."""
         ok = self._ok()
-        return ok[nondominated(self.signed(ok))] if len(ok) else ok
+        return self._with_genomes(ok[nondominated(self.signed(ok))] if len(ok) else ok)
 
     def best(self, objective: str | None = None):
         """The row of the best successful evaluation on `objective` (default: the first objective)."""
@@ -98,7 +107,7 @@ class Run:
         ok = self._ok()
         if not len(ok):
             raise UserError(f"{self.run_dir} has no successful evaluation yet")
-        return ok.loc[(ok[obj.name] * obj.sign()).idxmax()]
+        return self._with_genomes(ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]).iloc[0]
 
     def _objective(self, name: str | None) -> Objective:
         objs = self.objectives

@@ -125,6 +125,12 @@ def test_reader_frame_pareto_best(tmp_path):
     assert int(run.best("size")["id"]) == 3  # size, min
     # 0: (0.5, 3) is dominated by nobody? 2 has more acc, more size; 3 less acc, less size -> all on the front
     assert sorted(run.pareto().id) == [0, 2, 3]
+    # best and pareto read genomes for their own rows only; the values are those rows' genomes
+    genomes = run.store.candidates()
+    assert run.best()[["x.w.a", "x.w.b"]].tolist() == list(genomes[2].x)
+    front = run.pareto()
+    assert all(r[["x.w.a", "x.w.b"]].tolist() == list(genomes[int(r.id)].x) for _, r in front.iterrows())
+    assert "x.w.a" not in run.frame(genomes=False).columns
     assert run.best_so_far() == [0.5, 0.7, 0.7, 0.7]
     with pytest.raises(UserError, match="no objective 'speed'"):
         run.best("speed")
