@@ -193,11 +193,11 @@ def test_demo_ray_two_workers(tmp_path):
 
 
 def test_digits_m2n2_user_fitness_over_flattened_parameters(tmp_path):
-    cfg = reduced("digits_m2n2", tmp_path, evaluations=40,
+    cfg = reduced("digits_m2n2", tmp_path, evaluations=300,
                   holdout={"function": "digits_m2n2:holdout", "options": {"ratios": 21}})
     out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
     assert out.returncode == 0, out.stderr[-2000:]
-    finished(tmp_path / "run", 40)
+    finished(tmp_path / "run", 300)
     rows = json.loads((tmp_path / "run" / "holdout.json").read_text())["rows"]
     parents = [rows["MLP digits 0-4"]["test_acc"], rows["MLP digits 5-9"]["test_acc"]]
     assert max(parents) < 0.55  # each parent knows only half the digits
@@ -210,15 +210,36 @@ def test_digits_m2n2_user_fitness_over_flattened_parameters(tmp_path):
         first_two = [run.store.candidates({i})[i].x for i in (0, 1)]
     finally:
         run.close()
+    import numpy as np
+
+    assert np.allclose(first_two, digits_m2n2().pretrained())  # the archive starts from the two trained models
+    assert df["train_acc"].max() > df["train_acc"].iloc[:2].max()
+
+
+def digits_m2n2():
     sys.path.insert(0, str(RUNS))
     try:
         import digits_m2n2
     finally:
         sys.path.remove(str(RUNS))
+    return digits_m2n2
+
+
+def test_digits_m2n2_generator_matches_threefry_known_answers():
+    """The paper's initial draws come from JAX's threefry-2x32: checked against the known-answer vectors
+    published with Random123 (kat_vectors, threefry2x32 with 20 rounds)."""
     import numpy as np
 
-    assert np.allclose(first_two, digits_m2n2.pretrained())  # the archive starts from the two trained models
-    assert df["train_acc"].max() > df["train_acc"].iloc[:2].max()
+    d = digits_m2n2()
+    u32 = lambda v: np.array([v], dtype=np.uint32)  # noqa: E731
+    with np.errstate(over="ignore"):
+        for key, ctr, want in [((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+                               ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+                               ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0))]:
+            y0, y1 = d._threefry2x32(key, u32(ctr[0]), u32(ctr[1]))
+            assert (int(y0[0]), int(y1[0])) == want
+    init = d.paper_init()
+    assert init.shape == (2, d.NUM_PARAMS) and abs(init.std() - 0.01) < 2e-4 and abs(init.mean()) < 2e-4
 
 
 @pytest.mark.parametrize("holdout, needle", [
