@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evomerge.optimizers import make, names
-from evomerge.records import Evaluation
+from evomerge.records import Evaluation, UserError
 from search_fixtures import SPHERE_OBJ, ZDT1_OBJ, best_loss, drive, hypervolume, sphere, zdt1
 
 SPHERE_BOUNDS = np.array([[-5.0, 5.0]] * 5)
@@ -173,3 +173,19 @@ def test_cmaes_restarts_grow_the_population():
         opt.tell([Evaluation(c.id, objectives=sphere(np.asarray(c.x))) for c in cs])
     assert sorted(sizes) == [8, 16]
     assert opt.ask(3) == []
+
+
+@pytest.mark.parametrize("step_size, dim, want", [("csa", 400, "CMAAdaptSigmaCSA"), ("tpa", 5, "CMAAdaptSigmaTPA"),
+                                                 (None, 5, "CMAAdaptSigmaCSA"), (None, 400, "CMAAdaptSigmaTPA")])
+def test_cmaes_step_size_adaptation_is_chosen_or_left_to_cma(step_size, dim, want):
+    bounds = np.array([[-1.0, 1.0]] * dim)
+    opt = make("cmaes", bounds=bounds, objectives=SPHERE_OBJ, seed=0, step_size=step_size)
+    assert type(opt._es.adapt_sigma).__name__ == want
+    cs = opt.ask(100)  # and it runs a generation with it
+    opt.tell([Evaluation(c.id, objectives=sphere(np.asarray(c.x))) for c in cs])
+    assert opt.ask(1)
+
+
+def test_cmaes_step_size_unknown_is_a_one_line_error():
+    with pytest.raises(UserError, match="step_size 'sa' is not valid; use one of csa, tpa"):
+        make("cmaes", bounds=SPHERE_BOUNDS, objectives=SPHERE_OBJ, seed=0, step_size="sa")
