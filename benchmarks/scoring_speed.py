@@ -14,7 +14,7 @@ environment its rows are skipped with a note. Models: the zoo (`--zoo`, default 
 `--random`, a random Llama built here with two "experts" (base + random deltas).
 Prints one JSON; targets: swap <= 5% of scoring, in-place >= 3x faster than the naive loop.
 
-    python benchmarks/scoring_speed.py [--zoo DIR | --random] [--examples 200] [--candidates 2] [--out F]
+    python benchmarks/scoring_speed.py [--zoo DIR | --random] [--examples 200] [--candidates 2] [--device cuda] [--out F]
 """
 from __future__ import annotations
 
@@ -89,6 +89,12 @@ def mergekit_merge(recipe: Recipe, sources: dict[str, str], out: Path) -> Path:
     return out
 
 
+def synchronize(device: str) -> None:
+    """A GPU swap is queued, not done, when set_recipe returns: wait for it before reading the clock."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Namespace, scratch: Path) -> dict:
     """One backend's medians over the candidates: in-place swap + score, and two naive loops (merge to
     disk, fresh model, score): with evomerge's writer and with mergekit (mergekit-evolve's loop)."""
@@ -97,12 +103,13 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
         "generation": TaskFitness.from_config([{**task, "metrics": ["exact_match"]}]),
         "teacher_forced": TaskFitness.from_config([{**task, "metrics": ["teacher_exact"]}]),
     }
-    materializer = Materializer(sources, base="base")
+    device = args.device if backend == "hf" else "cpu"  # vLLM places its own weights
+    materializer = Materializer(sources, base="base", device=device)
     if backend == "hf":
         from fitness.hf import HFHandle
 
         def fresh(model_dir, mat=None):
-            return HFHandle(model_dir, mat, batch_size=args.batch_size)
+            return HFHandle(model_dir, mat, batch_size=args.batch_size, device=device)
     else:
         from fitness.vllm_handle import VLLMHandle
 
@@ -179,6 +186,7 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
         for name, fit in scorers.items():
             t = time.perf_counter()
             handle.set_recipe(recipe)
+            synchronize(device)
             swap[name] = time.perf_counter() - t
             t = time.perf_counter()
             results[name] = fit.evaluate(handle)
@@ -191,6 +199,7 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
             if mk_method != args.method:  # the in-place time and scores of the recipe mergekit merges
                 t = time.perf_counter()
                 handle.set_recipe(mk_recipe)
+                synchronize(device)
                 swapped = time.perf_counter() - t
                 results, secs = scored(handle)
                 add("in_place_mergekit_method", secs, swapped)
@@ -252,6 +261,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="with --random")
     ap.add_argument("--method", default="dare_ties", help="merge method of the candidates (dare_ties, ties, task_arithmetic, ...)")
     ap.add_argument("--backend", choices=("both", "hf", "vllm"), default="both")
+    ap.add_argument("--device", default="cpu", help="the HF half's device (cuda on a GPU machine; vLLM picks its own)")
     ap.add_argument("--vllm-python", default=str(VLLM_PYTHON), help="the python of the vLLM environment")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
@@ -263,7 +273,7 @@ def main() -> None:
             out = measure(args.backend, sources, data, args, scratch)
         else:
             out = {
-                "benchmark": "scoring_speed", "device": "cpu", "threads": torch.get_num_threads(),
+                "benchmark": "scoring_speed", "device": args.device, "threads": torch.get_num_threads(),
                 "models": f"zoo ({args.zoo})" if not args.random else f"random llama hidden={args.hidden} layers={args.layers}",
                 "examples": args.examples, "candidates": args.candidates, "max_new_tokens": args.max_new_tokens,
                 "method": args.method, "main_scorer": "generation",
