@@ -16,18 +16,29 @@ from evomerge.records import UserError
 
 
 def _progress_bar(total: int | None):
-    """A rich progress bar fed by the engine's Progress records: done, ETA, best so far, evaluations/min."""
+    """A rich progress bar fed by the engine's Progress records: done, ETA, best so far, evaluations/min.
+    The best-so-far text is cut to the terminal's width (80 columns in a log) so the other columns keep theirs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Column
+    from rich.text import Text
 
-    bar = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
-                   TextColumn("{task.fields[best]}"), transient=False)
+    class ETAColumn(TimeRemainingColumn):
+        def render(self, task) -> Text:
+            return Text("ETA ") + super().render(task)
+
+    bar = Progress(TextColumn("[bold]search"), BarColumn(bar_width=10), MofNCompleteColumn(),
+                   TimeElapsedColumn(), ETAColumn(), TextColumn("{task.fields[rate]}"),
+                   TextColumn("{task.fields[best]}", table_column=Column(no_wrap=True)), transient=False)
     task = bar.add_task("search", total=total, rate="", best="")
 
     def update(p) -> None:
-        best = " ".join(f"{k}={v:.4g}" for k, v in p.best.items())
-        bar.update(task, completed=p.done, total=p.total, rate=f"{p.evals_per_min:.1f} eval/min",
-                   best=f"best {best}" + (f" ({p.failed} failed)" if p.failed else ""))
+        best = "best " + " ".join(f"{k}={v:.4g}" for k, v in p.best.items()) + (f" ({p.failed} failed)" if p.failed else "")
+        rate = f"{p.evals_per_min:.0f} eval/min"
+        # the other columns: "search", the bar, done/total, elapsed, "ETA h:mm:ss", the rate, one space after each
+        used = 7 + 11 + len(f"{p.done}/{p.total if p.total is not None else '?'}") + 1 + 8 + 12 + len(rate) + 1
+        room = max(12, bar.console.width - used)
+        bar.update(task, completed=p.done, total=p.total, rate=rate,
+                   best=best if len(best) <= room else best[: room - 1] + "…")
 
     return bar, update
 

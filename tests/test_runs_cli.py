@@ -156,3 +156,14 @@ def test_resume_with_a_larger_budget_continues_as_if_planned(finished_run, tmp_p
     assert code == 0, err
     a, b = open_run(finished_run).frame(), open_run(tmp_path / "r40").frame()
     assert len(a) == 40 and a.drop(columns=["seconds", "worker"]).equals(b.drop(columns=["seconds", "worker"]))
+
+
+def test_progress_bar_keeps_its_columns_on_a_narrow_terminal(tmp_path, capsys, monkeypatch):
+    """Done/total, elapsed, ETA and rate keep their width; the best-so-far text is cut with an ellipsis."""
+    monkeypatch.setenv("COLUMNS", "72")
+    code, out, err = _cli(capsys, "run", str(_write(tmp_path, _box())), "--run-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    line = [ln.rstrip() for ln in out.splitlines() if ln.startswith("search")][-1]
+    assert len(line) <= 72, line
+    assert "24/24" in line and "ETA 0:00:00" in line and "eval/min" in line, line
+    assert "best a=" in line and line.endswith("…"), line
