@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run already in --run-dir."),
         evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Set the budget to this many evaluations (e.g. a quick try)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Search seed instead of the config's (repeat a search over seeds)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Start a search (or continue one with --resume)."""
@@ -106,8 +107,15 @@ def register(app: typer.Typer) -> None:
         from evomerge.config import load_config, parse_config
 
         cfg = load_config(config)
+        changes: dict = {}
         if evaluations is not None:
-            cfg = parse_config({**cfg.to_dict(), "budget": {**cfg.budget.model_dump(exclude_none=True), "evaluations": evaluations}})
+            changes["budget"] = {**cfg.budget.model_dump(exclude_none=True), "evaluations": evaluations}
+        if seed is not None:
+            if resume:
+                raise UserError("--seed starts a new search; a resumed run keeps the seed it started with")
+            changes["seed"] = seed
+        if changes:
+            cfg = parse_config({**cfg.to_dict(), **changes})
         target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
         _finish(target, _drive(open_engine(cfg, target, resume=resume, address=address), quiet), quiet)
 

@@ -167,3 +167,17 @@ def test_progress_bar_keeps_its_columns_on_a_narrow_terminal(tmp_path, capsys, m
     assert len(line) <= 72, line
     assert "24/24" in line and "ETA 0:00:00" in line and "eval/min" in line, line
     assert "best a=" in line and line.endswith("…"), line
+
+
+def test_seed_option_is_the_config_seed_and_not_for_a_resume(finished_run, tmp_path, capsys):
+    from evomerge import open_run
+
+    code, _, err = _cli(capsys, "run", str(_write(tmp_path, _box())), "--run-dir", str(tmp_path / "s7"), "--seed", "7", "-q")
+    assert code == 0, err
+    code, _, err = _cli(capsys, "run", str(_write(tmp_path, _box(seed=7), "seed7.yaml")), "--run-dir", str(tmp_path / "c7"), "-q")
+    assert code == 0, err
+    by_flag, by_config, seed2 = (open_run(d).frame().drop(columns=["seconds", "worker"]) for d in
+                                 (tmp_path / "s7", tmp_path / "c7", finished_run))
+    assert by_flag.equals(by_config) and not by_flag.equals(seed2.iloc[:len(by_flag)])
+    code, _, err = _cli(capsys, "run", str(tmp_path / "run.yaml"), "--run-dir", str(finished_run), "--resume", "--seed", "3")
+    _one_line_error(code, err, "--seed starts a new search")
