@@ -126,6 +126,10 @@ def build_fitness(cfg: RunConfig):
         importable(cfg)
 
         return FunctionFitness(cfg.fitness.function, [Objective(o.name, o.direction) for o in cfg.fitness.objectives])
+    if cfg.fitness.remote_loss is not None:
+        from fitness.remote import RemoteLossFitness
+
+        return RemoteLossFitness(**cfg.fitness.remote_loss.model_dump())
     from fitness.suite import TaskFitness
 
     return TaskFitness.from_config(cfg.fitness.tasks, base_dir=cfg.workdir)

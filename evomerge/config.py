@@ -68,20 +68,34 @@ class OptimizerConfig(_Strict):
     start: Literal["space", "none"] = "space"  # start from the space's initial point, or let the optimizer pick
 
 
+class RemoteLossConfig(_Strict):
+    """The loss of each recipe on a dataset the service keeps (`evomerge serve --dataset`): the client sees
+    neither weights nor data."""
+
+    dataset: str
+    limit: int | None = Field(default=None, ge=1)
+    objective: str | None = None  # default loss/<dataset>
+
+
 class FitnessConfig(_Strict):
-    """Task suites scored through a model handle (`tasks`, `backend`, `handle` options), or the user's own
-    function `module:function` of the handle (`function` + `objectives`)."""
+    """Task suites scored through a model handle (`tasks`, `backend`, `handle` options), the user's own
+    function `module:function` of the handle (`function` + `objectives`), or a loss the service computes
+    (`remote_loss`, with the api backend)."""
 
     tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings
     backend: Literal["hf", "vllm", "api"] = "hf"  # api: an OpenAI-compatible service (`evomerge serve` builds recipes)
     handle: dict[str, Any] = Field(default_factory=dict)  # options of the handle (batch_size, dtype, base_url, ...)
     function: str | None = None
     objectives: list[ObjectiveConfig] | None = None
+    remote_loss: RemoteLossConfig | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> FitnessConfig:
-        if (self.tasks is None) == (self.function is None):
-            raise ValueError("give either fitness.tasks (task suites) or fitness.function (module:function), not both")
+        if sum(v is not None for v in (self.tasks, self.function, self.remote_loss)) != 1:
+            raise ValueError("give exactly one of fitness.tasks (task suites), fitness.function (module:function) "
+                             "or fitness.remote_loss (a loss evomerge serve computes)")
+        if self.remote_loss is not None and self.backend != "api":
+            raise ValueError("fitness.remote_loss needs backend: api (a service that takes recipes: evomerge serve)")
         if self.function is not None and not self.objectives:
             raise ValueError("fitness.function needs fitness.objectives: [{name: ..., direction: max|min}]")
         return self

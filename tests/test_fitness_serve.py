@@ -279,3 +279,42 @@ def test_a_lora_expert_on_the_host_answers_as_its_merged_delta(tiny_models, tmp_
         assert outputs[0] != outputs[1]  # the adapter's delta changes the answers
     finally:
         s.stop()
+
+
+def test_remote_loss_from_a_run_config(server, local, dataset, tmp_path, monkeypatch):
+    """`fitness.remote_loss` in a run config: the engine searches through the service's loss endpoint, and
+    every stored loss is the local loss of the recipe stored beside it."""
+    from evomerge.assemble import open_engine
+    from evomerge.config import parse_config
+    from evomerge.results import open_run
+
+    monkeypatch.setenv("EVOMERGE_TEST_SERVE_TOKEN", TOKEN)
+    handle = {"base_url": server.url + "/v1", "model": "evomerge", "api_key_env": "EVOMERGE_TEST_SERVE_TOKEN",
+              "send_recipe": True, "max_retries": 0}
+    cfg = {"space": {"name": "layer_weights", "options": {"sources": ["a", "b"], "base": "base", "num_layers": 4,
+                                                          "method": "task_arithmetic", "normalize": False}},
+           "optimizer": {"name": "random"}, "budget": {"evaluations": 3}, "seed": 1,
+           "fitness": {"backend": "api", "handle": handle, "remote_loss": {"dataset": "sums"}}}
+    open_engine(parse_config(cfg), tmp_path / "run", resume=False).run()
+    run = open_run(tmp_path / "run")
+    try:
+        df = run.frame()
+        assert list(df.status) == ["ok"] * 3 and df["loss/sums"].nunique() == 3
+        want = TaskFitness.from_config([{"name": "sums", "path": str(dataset), "metrics": ["loss"]}])
+        for cid, loss in zip(df["id"], df["loss/sums"]):
+            local.set_recipe(run.recipe(int(cid)))
+            assert loss == pytest.approx(want.evaluate(local).objectives["loss/sums"], abs=1e-5)
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("fitness, needle", [
+    ({"backend": "hf", "remote_loss": {"dataset": "sums"}}, "fitness.remote_loss needs backend: api"),
+    ({"backend": "api", "remote_loss": {"dataset": "sums"}, "tasks": []}, "give exactly one of fitness.tasks"),
+    ({"backend": "api", "remote_loss": {"datset": "sums"}}, "fitness.remote_loss.dataset is required"),
+])
+def test_remote_loss_config_mistakes_are_one_line(fitness, needle):
+    from evomerge.config import parse_config
+
+    with pytest.raises(UserError, match=needle):
+        parse_config({"space": {"bounds": [[0, 1]]}, "fitness": fitness})
