@@ -193,15 +193,17 @@ def test_demo_ray_two_workers(tmp_path):
 
 
 def test_digits_m2n2_user_fitness_over_flattened_parameters(tmp_path):
-    cfg = reduced("digits_m2n2", tmp_path, evaluations=300,
+    cfg = reduced("digits_m2n2", tmp_path, evaluations=1000,
                   holdout={"function": "digits_m2n2:holdout", "options": {"ratios": 21}})
     out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
     assert out.returncode == 0, out.stderr[-2000:]
-    finished(tmp_path / "run", 300)
+    finished(tmp_path / "run", 1000)
     rows = json.loads((tmp_path / "run" / "holdout.json").read_text())["rows"]
     parents = [rows["MLP digits 0-4"]["test_acc"], rows["MLP digits 5-9"]["test_acc"]]
     assert max(parents) < 0.55  # each parent knows only half the digits
     assert rows["M2N2 (evolved)"]["test_acc"] > max(parents) + 0.1  # the merge reads digits of both halves
+    slerp = next(v["test_acc"] for k, v in rows.items() if k.startswith("best SLERP"))
+    assert rows["M2N2 (evolved)"]["test_acc"] > slerp  # and better than the best single SLERP ratio (paper §5.2)
     from evomerge.results import open_run
 
     run = open_run(tmp_path / "run")
