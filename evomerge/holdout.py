@@ -102,6 +102,54 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
     console.print(table)
 
 
+def compare(run_dirs: list[Path]) -> dict[str, Any]:
+    """The held-out tables of several runs (e.g. one search over seeds) side by side: per row and column the
+    mean, min and max over the runs. Every run must have its table and the same rows and columns."""
+    if len(run_dirs) < 2:
+        raise UserError("compare needs two or more run directories")
+    results = []
+    for d in run_dirs:
+        f = Path(d) / RESULT_FILE
+        if not f.is_file():
+            raise UserError(f"{d} has no held-out table ({RESULT_FILE}): run `evomerge holdout {d}` first")
+        try:
+            results.append(json.loads(f.read_text()))
+        except (ValueError, OSError) as e:
+            raise UserError(f"{f}: not a held-out table ({e})") from None
+    shape = {r: sorted(v) for r, v in results[0]["rows"].items()}
+    for d, res in zip(run_dirs[1:], results[1:]):
+        if {r: sorted(v) for r, v in res["rows"].items()} != shape:
+            raise UserError(f"{d}: its held-out table has other rows or columns than {run_dirs[0]}'s")
+    rows = {r: {c: [res["rows"][r][c] for res in results] for c in cols} for r, cols in shape.items()}
+    return {"runs": [{"dir": str(d), "seed": res["seed"], "best": res["best"]} for d, res in zip(run_dirs, results)],
+            "percent": results[0].get("percent", True),
+            "rows": {r: {c: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for c, v in cols.items()}
+                     for r, cols in rows.items()}}
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+    """`compare`'s numbers as a rich table: mean [min-max] per cell."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    scale = 100.0 if result["percent"] else 1.0
+    fmt = (lambda v: f"{v * scale:.1f}") if scale == 100.0 else (lambda v: f"{v:.4g}")
+    columns = list(dict.fromkeys(c for r in result["rows"].values() for c in r))
+    seeds = ", ".join(str(r["seed"]) for r in result["runs"])
+    table = Table(title=escape(f"held-out comparison over {len(result['runs'])} runs (seeds {seeds}): mean [min-max]"))
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c + (" %" if scale == 100.0 else ""), justify="right")
+    for name, r in result["rows"].items():
+        table.add_row(escape(name), *[escape(fmt(r[c]["mean"]) + ("" if r[c]["min"] == r[c]["max"] else
+                                                           f" [{fmt(r[c]['min'])}-{fmt(r[c]['max'])}]")) for c in columns])
+    console = Console()
+    if console.width < 120:  # not a terminal (a log, CI): wide enough for the column names
+        console = Console(width=120)
+    console.print(table)
+
+
 def finish_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
     """What `evomerge run` does once the budget is reached: the held-out table, then the best model exported
     (once: an export already there is kept). None when the config has no holdout section."""

@@ -145,6 +145,20 @@ def register(app: typer.Typer) -> None:
         if finish_run(run_dir, progress=not quiet) is None:
             raise UserError(f"the run in {run_dir} has no holdout section in its config")
 
+    @app.command("compare")
+    def compare_cmd(
+        run_dirs: list[Path] = typer.Argument(..., help="Run directories with held-out tables (e.g. one search over seeds)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Held-out tables of several runs side by side: mean, min and max per row and column."""
+        from evomerge.holdout import compare, print_comparison
+
+        result = compare(run_dirs)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_comparison(result)
+
     @app.command("status")
     def status(
         run_dir: Path = typer.Argument(..., help="A run directory."),

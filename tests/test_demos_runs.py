@@ -254,3 +254,25 @@ def test_bad_holdout_section_is_a_one_line_error_naming_it(tmp_path, holdout, ne
     out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=60)
     assert out.returncode == 2 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_summarises_held_out_tables_over_seeds(tmp_path):
+    cfg = reduced("digits_m2n2", tmp_path, evaluations=30,
+                  holdout={"function": "digits_m2n2:holdout", "options": {"ratios": 5}})
+    dirs = [tmp_path / f"s{s}" for s in (0, 1)]
+    for s, d in zip((0, 1), dirs):
+        out = evomerge("run", str(cfg), "--run-dir", str(d), "--seed", str(s), "-q")
+        assert out.returncode == 0, out.stderr[-2000:]
+    out = evomerge("compare", *map(str, dirs), "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    tables = [json.loads((d / "holdout.json").read_text())["rows"] for d in dirs]
+    assert [r["seed"] for r in got["runs"]] == [0, 1]
+    for row, cols in got["rows"].items():
+        for col, stats in cols.items():
+            values = [t[row][col] for t in tables]
+            assert stats == {"mean": sum(values) / 2, "min": min(values), "max": max(values)}
+    text = evomerge("compare", *map(str, dirs)).stdout
+    assert "over 2 runs (seeds 0, 1)" in text and "[min-max]" in text and "M2N2 (evolved)" in text
+    out = evomerge("compare", str(dirs[0]), str(tmp_path))  # tmp_path holds no table
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "has no held-out table" in out.stderr
