@@ -76,17 +76,20 @@ def _progress(items, show: bool):
     return track(items, description="held-out scoring", transient=True)
 
 
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    return console if console.width >= 120 else Console(width=120)  # a log or CI: wide enough for the column names
+
+
 def print_table(result: dict[str, Any], title: str = "held-out comparison") -> None:
     """The rows as a rich table; values × 100 when the config says percent. The best value per column is bold."""
-    from rich.console import Console
     from rich.table import Table
 
     rows: dict[str, dict[str, float]] = result["rows"]
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
     scale = 100.0 if result.get("percent", True) else 1.0
-    console = Console()
-    if console.width < 120:  # not a terminal (a log, CI): wide enough for the column names
-        console = Console(width=120)
     table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']})")
     table.add_column("model")
     for c in columns:
@@ -99,7 +102,7 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
             text = "" if v is None else f"{v * scale:.1f}" if scale == 100.0 else f"{v:.4g}"
             cells.append(f"[bold]{text}[/bold]" if v is not None and v == tops[c] else text)
         table.add_row(name, *cells)
-    console.print(table)
+    _console().print(table)
 
 
 def compare(run_dirs: list[Path]) -> dict[str, Any]:
@@ -129,7 +132,6 @@ def compare(run_dirs: list[Path]) -> dict[str, Any]:
 
 def print_comparison(result: dict[str, Any]) -> None:
     """`compare`'s numbers as a rich table: mean [min-max] per cell."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -144,10 +146,7 @@ def print_comparison(result: dict[str, Any]) -> None:
     for name, r in result["rows"].items():
         table.add_row(escape(name), *[escape(fmt(r[c]["mean"]) + ("" if r[c]["min"] == r[c]["max"] else
                                                            f" [{fmt(r[c]['min'])}-{fmt(r[c]['max'])}]")) for c in columns])
-    console = Console()
-    if console.width < 120:  # not a terminal (a log, CI): wide enough for the column names
-        console = Console(width=120)
-    console.print(table)
+    _console().print(table)
 
 
 def finish_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
