@@ -76,6 +76,10 @@ def _progress(items, show: bool):
     return track(items, description="held-out scoring", transient=True)
 
 
+def _number(v: float, percent: bool) -> str:
+    return f"{v * 100:.1f}" if percent else f"{v:.4g}"
+
+
 def _console():
     from rich.console import Console
 
@@ -89,17 +93,17 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
 
     rows: dict[str, dict[str, float]] = result["rows"]
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
-    scale = 100.0 if result.get("percent", True) else 1.0
+    percent = bool(result.get("percent", True))
     table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']})")
     table.add_column("model")
     for c in columns:
-        table.add_column(c + (" %" if scale == 100.0 else ""), justify="right")
+        table.add_column(c + (" %" if percent else ""), justify="right")
     tops = {c: max((r[c] for r in rows.values() if c in r), default=None) for c in columns}
     for name, r in rows.items():
         cells = []
         for c in columns:
             v = r.get(c)
-            text = "" if v is None else f"{v * scale:.1f}" if scale == 100.0 else f"{v:.4g}"
+            text = "" if v is None else _number(v, percent)
             cells.append(f"[bold]{text}[/bold]" if v is not None and v == tops[c] else text)
         table.add_row(name, *cells)
     _console().print(table)
@@ -135,14 +139,17 @@ def print_comparison(result: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    scale = 100.0 if result["percent"] else 1.0
-    fmt = (lambda v: f"{v * scale:.1f}") if scale == 100.0 else (lambda v: f"{v:.4g}")
+    percent = bool(result["percent"])
+
+    def fmt(v: float) -> str:
+        return _number(v, percent)
+
     columns = list(dict.fromkeys(c for r in result["rows"].values() for c in r))
     seeds = ", ".join(str(r["seed"]) for r in result["runs"])
     table = Table(title=escape(f"held-out comparison over {len(result['runs'])} runs (seeds {seeds}): mean [min-max]"))
     table.add_column("model")
     for c in columns:
-        table.add_column(c + (" %" if scale == 100.0 else ""), justify="right")
+        table.add_column(c + (" %" if percent else ""), justify="right")
     for name, r in result["rows"].items():
         table.add_row(escape(name), *[escape(fmt(r[c]["mean"]) + ("" if r[c]["min"] == r[c]["max"] else
                                                            f" [{fmt(r[c]['min'])}-{fmt(r[c]['max'])}]")) for c in columns])

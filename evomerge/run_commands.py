@@ -33,7 +33,7 @@ def _progress_bar(total: int | None):
 
     def update(p) -> None:
         best = "best " + " ".join(f"{k}={v:.4g}" for k, v in p.best.items()) + (f" ({p.failed} failed)" if p.failed else "")
-        rate = f"{p.evals_per_min:.0f} eval/min"
+        rate = f"{p.evals_per_min:.{1 if p.evals_per_min < 100 else 0}f} eval/min"  # slow runs keep a decimal
         # the other columns: "search", the bar, done/total, elapsed, "ETA h:mm:ss", the rate, one space after each
         used = 7 + 11 + len(f"{p.done}/{p.total if p.total is not None else '?'}") + 1 + 8 + 12 + len(rate) + 1
         room = max(12, bar.console.width - used)

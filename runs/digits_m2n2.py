@@ -11,7 +11,7 @@ The parents start from the paper's own initial draws: SakanaAI/natural_niches dr
 `jax.random.normal` from `PRNGKey(42)` under jax 0.4.31, whose threefry generator is written out below in
 NumPy (no JAX needed). From them this file's training lands within 2e-4 of the paper's models and on the
 same best-SLERP accuracy (57.8%, paper 57.7%). The starting pair matters: from other draws (torch seeds)
-the best SLERP ratio reached 62-79% and M2N2, ours or the paper's code, gained 0-2 points over it.
+the best SLERP ratio reached 62-79% and M2N2, ours or the paper's code, moved -1 to +2 points from it.
 
 evomerge imports this file as `digits_m2n2` because the run config's folder is on the import path.
 """
