@@ -26,8 +26,8 @@ class Entry:
 
     model: str
     params: dict[str, Any]
-    full: Callable[[], torch.Tensor]  # this input's tensor (may be resident storage: never modify it)
-    vector: Callable[[], TaskVector]  # its delta from the group's base, with cached statistics when resident
+    full: Callable[[], torch.Tensor]  # this input's tensor in the compute dtype (may be shared: never modify it)
+    vector: Callable[[], TaskVector]  # its delta from the group's base, with statistics kept across candidates
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Group:
     shared: dict[str, Any]
     seed: int
     out: torch.Tensor
+    tie_order: str = "index"  # which of the equal magnitudes at a trim's threshold survive (sparsify)
 
     @property
     def non_base(self) -> list[Entry]:
@@ -53,6 +54,7 @@ class Method:
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
+    any_out_dtype: bool = False  # computes in float32 and writes a bfloat16 or float32 destination itself
 
     def shared_params(self) -> list[ParamSpec]:
         return [p for p in self.params if not p.per_model]
@@ -101,16 +103,19 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
     def merge(g: Group) -> None:
         entries = g.non_base
         assert g.base is not None
+        if not entries:
+            g.out.copy_(g.base.full())
+            return
         vectors = [e.vector() for e in entries]
         keeps = [_trim(trim, v, e, g) for v, e in zip(vectors, entries)]
         if g.shared["rescale"]:
             keeps = [sparsify.rescale(k, v) for k, v in zip(keeps, vectors)]
         merge_task_vectors(
-            g.base.full(), [v.delta for v in vectors], keeps, [e.params["weight"] for e in entries],
+            vectors[0].base, [v.model for v in vectors], keeps, [e.params["weight"] for e in entries],
             consensus=consensus, normalize=g.shared["normalize"], lam=g.shared["lambda"], out=g.out,
         )
 
-    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"))
+    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True)
 
 
 def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
@@ -118,9 +123,9 @@ def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
     if trim is None:
         return sparsify.Keep("all")
     if trim == "magnitude":
-        return sparsify.magnitude(v, d)
+        return sparsify.magnitude(v, d, g.tie_order)
     if trim == "magnitude_outliers":
-        return sparsify.magnitude_outliers(v, d, e.params["gamma"])
+        return sparsify.magnitude_outliers(v, d, e.params["gamma"], g.tie_order)
     key = rng.key_for(g.seed, g.name, e.model)
     if trim == "random":
         return sparsify.bernoulli(d, key)

@@ -1,31 +1,44 @@
 """Trims of a task vector, as mergekit 0.1.5 defines them, turned into cheap per-element rules.
 
-A `Keep` says which entries survive, without materialising a mask: all; none; a magnitude band
-(thresholds read from the task vector's sorted magnitudes, minus the few tied entries that torch's sort,
-which mergekit uses, ordered out); or a random draw (DARE, DELLA) from counter-based bits keyed by
-(seed, tensor, model). `factor` is the rescale that restores the L1 norm when `rescale` is on.
+A `Keep` says which entries survive, without materialising a mask: all; none; a magnitude band (its
+thresholds found exactly from the task vector's summary and one selection pass); or a random draw (DARE,
+DELLA) from counter-based bits keyed by (seed, tensor, model). `factor` is the rescale that restores the
+L1 norm when `rescale` is on.
+
+Equal magnitudes at a threshold (common in low-precision deltas) need a rule for which of them a trim to
+exactly k entries keeps. `tie_order="index"` keeps the lowest flat indices first, in the trim's order
+(largest first for TIES, smallest first for breadcrumbs' band): exact, cheap, the same on every device.
+`tie_order="mergekit"` keeps the ones torch's (unstable) sort puts first, as mergekit does, by sorting the
+whole delta when, and only when, a tie straddles the threshold: mergekit's own cost, for replays that
+must match it bit for bit.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from evomerge.merge import rng
-from evomerge.merge.vectors import TaskVector
+from evomerge.merge.vectors import Cut, TaskVector
 from evomerge.records import UserError
 
 _EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
-_NO_DROP = torch.empty(0, dtype=torch.int64)
+_NO_DROP = np.zeros(0, np.int64)
+_ALL = (0, 1 << 62)  # flat-index range of the tied entries kept at a bound
+_NONE = (1, 0)
+TIE_ORDERS = ("index", "mergekit")
 
 
 @dataclass
 class Keep:
     kind: str  # "all" | "none" | "band" | "random" | "della"
-    lo: float = 0.0  # band: lo <= |x| <= hi, except the indices in drop
-    hi: float = math.inf
-    drop: torch.Tensor = _NO_DROP  # sorted flat indices
+    lo: float = 0.0  # band: lo < |x| < hi, plus the tied entries at lo / hi whose index is in its range,
+    hi: float = math.inf  # minus the flat indices in drop (sorted)
+    lo_range: tuple[int, int] = _ALL
+    hi_range: tuple[int, int] = _NONE
+    drop: np.ndarray = field(default_factory=lambda: _NO_DROP)
     key: int = 0  # random, della: the entry's random stream
     p: float = 1.0  # random: keep probability
     p_lo: float = 0.0  # della: keep probability p_lo + p_span * rank
@@ -34,27 +47,30 @@ class Keep:
     factor: float = 1.0
 
     def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """The keep mask of the flat chunk `x` that starts at flat position `start` (torch path)."""
+        """The keep mask of the flat delta chunk `x` that starts at flat position `start` (torch path)."""
         if self.kind == "all":
             return torch.ones_like(x, dtype=torch.bool)
         if self.kind == "none":
             return torch.zeros_like(x, dtype=torch.bool)
         if self.kind == "band":
             a = x.abs()
-            m = (a >= self.lo) & (a <= self.hi)
-            if self.drop.numel():
-                d = self.drop.to(x.device)
+            i = torch.arange(start, start + x.numel(), device=x.device)
+            m = (a > self.lo) & (a < self.hi)
+            for value, (first, last) in ((self.lo, self.lo_range), (self.hi, self.hi_range)):
+                m |= (a == value) & (i >= first) & (i <= last)
+            if self.drop.size:
+                d = torch.from_numpy(self.drop).to(x.device)
                 d = d[(d >= start) & (d < start + x.numel())]
                 m[d - start] = False
             return m
         u = rng.draws(self.key, start, x.numel(), x.device)
         if self.kind == "random":
             return u < rng.threshold(self.p)
-        rank = self.rank[start : start + x.numel()].double()
+        rank = self.rank[start : start + x.numel()].to(x.device).double()
         return u.double() * 2.0**-32 < self.p_lo + self.p_span * rank
 
 
-def magnitude(vec: TaskVector, density: float) -> Keep:
+def magnitude(vec: TaskVector, density: float, tie_order: str = "index") -> Keep:
     """TIES' trim: keep the top max(1, int(density * n)) entries by magnitude."""
     if density >= 1:
         return Keep("all")
@@ -62,14 +78,17 @@ def magnitude(vec: TaskVector, density: float) -> Keep:
     if density <= 0 or n == 0:
         return Keep("none")
     k = max(1, int(density * n))
-    lo = vec.magnitude_at_rank(k - 1)
-    drop = _NO_DROP
-    if vec.tie_at(k):  # equal magnitudes straddle the cut: keep those torch's sort put first
-        drop = vec.order(descending=True)[k : vec.count_at_least(lo)].long().sort().values
-    return Keep("band", lo=lo, drop=drop)
+    cut = vec.cut(k - 1)
+    keep_tied = k - cut.larger  # of the entries equal to the threshold, this many are kept
+    if keep_tied == cut.equal.size:
+        return Keep("band", lo=cut.value)
+    if tie_order == "index":
+        return Keep("band", lo=cut.value, lo_range=(0, int(cut.equal[keep_tied - 1])))
+    order = torch.argsort(vec.delta.reshape(-1).abs(), descending=True)
+    return Keep("band", lo=cut.value, drop=_sorted(order[k : cut.larger + cut.equal.size]))
 
 
-def magnitude_outliers(vec: TaskVector, density: float, gamma: float) -> Keep:
+def magnitude_outliers(vec: TaskVector, density: float, gamma: float, tie_order: str = "index") -> Keep:
     """Breadcrumbs' trim: drop the top int(gamma * n) entries, then the smallest, keeping int(density * n)."""
     if density >= 1:
         return Keep("all")
@@ -79,14 +98,27 @@ def magnitude_outliers(vec: TaskVector, density: float, gamma: float) -> Keep:
         return Keep("none")
     first = max(0, n - target - top)  # keep ascending positions [first, last)
     last = first + target
-    lo, hi = vec.magnitude_at_rank(n - 1 - first), vec.magnitude_at_rank(n - last)
-    below = n - vec.count_at_least(lo)  # ascending position of the first entry equal to lo
-    above = n - vec.count_above(hi)  # ascending position after the last entry equal to hi
-    drop = _NO_DROP
-    if below < first or above > last:
-        order = vec.order(descending=False)
-        drop = torch.cat([order[below:first], order[last:above]]).long().sort().values
-    return Keep("band", lo=lo, hi=hi, drop=drop)
+    lo_cut, hi_cut = vec.cuts([n - 1 - first, n - last])
+    lo_start = n - lo_cut.larger - lo_cut.equal.size  # ascending position of the first entry equal to lo
+    hi_end = n - hi_cut.larger  # ascending position after the last entry equal to hi
+    if lo_start == first and hi_end == last:
+        return Keep("band", lo=lo_cut.value, hi=hi_cut.value, hi_range=_ALL)
+    if tie_order == "index":  # ascending order, lower index first among equals
+        lo_range = (_at(lo_cut, first - lo_start), _at(lo_cut, min(last, n - lo_cut.larger) - 1 - lo_start))
+        hi_start = n - hi_cut.larger - hi_cut.equal.size
+        hi_range = lo_range if hi_cut.value == lo_cut.value else (0, _at(hi_cut, last - 1 - hi_start))
+        return Keep("band", lo=lo_cut.value, hi=hi_cut.value, lo_range=lo_range, hi_range=hi_range)
+    order = torch.sort(vec.delta.reshape(-1).abs(), descending=False).indices
+    drop = _sorted(torch.cat([order[lo_start:first], order[last:hi_end]]))
+    return Keep("band", lo=lo_cut.value, hi=hi_cut.value, hi_range=_ALL, drop=drop)
+
+
+def _at(cut: Cut, i: int) -> int:
+    return int(cut.equal[i])
+
+
+def _sorted(index: torch.Tensor) -> np.ndarray:
+    return index.sort().values.numpy().astype(np.int64)
 
 
 def bernoulli(density: float, key: int) -> Keep:
@@ -99,14 +131,15 @@ def bernoulli(density: float, key: int) -> Keep:
 
 
 def della(vec: TaskVector, density: float, epsilon: float, key: int) -> Keep:
-    """DELLA's MagPrune: keep probability (density - eps) + 2 eps * (rank of |x| in its row, in [0, 1])."""
+    """DELLA's MagPrune: keep probability (density - eps) + 2 eps * (rank of |x| in its row, in [0, 1]).
+    The ranks are computed for this merge and dropped after it (4 bytes per entry of one tensor)."""
     if density >= 1:
         return Keep("all")
     if density <= 0:
         return Keep("none")
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise UserError(f"della needs 0 < density ± epsilon < 1, got density {density:g} and epsilon {epsilon:g}")
-    return Keep("della", key=key, p_lo=density - epsilon, p_span=2 * epsilon, rank=vec.row_rank().reshape(-1))
+    return Keep("della", key=key, p_lo=density - epsilon, p_span=2 * epsilon, rank=row_rank(vec.delta).reshape(-1))
 
 
 def rescale(keep: Keep, vec: TaskVector) -> Keep:
@@ -115,8 +148,17 @@ def rescale(keep: Keep, vec: TaskVector) -> Keep:
         return keep
     from evomerge.merge import gta
 
-    after = gta.kept_l1(vec.delta.reshape(-1), keep)
+    after = gta.kept_l1(vec, keep)
     before = vec.l1()
     if before >= _EPS and after >= _EPS:
         keep.factor = before / after
     return keep
+
+
+def row_rank(delta: torch.Tensor) -> torch.Tensor:
+    """Each entry's magnitude rank within its row, normalised to [0, 1]; a 1-d tensor is one row."""
+    d = delta if delta.dim() >= 2 else delta.reshape(1, -1)
+    d = d.reshape(d.shape[0], -1)
+    ranks = d.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    cols = d.shape[1]
+    return ranks / (cols - 1) if cols > 1 else ranks
