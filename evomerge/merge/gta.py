@@ -65,54 +65,66 @@ def merge_task_vectors(
         _chunked(base, out, live, consensus, normalize, scale, offset)
 
 
-def kept_l1(vec: TaskVector, keep: Keep) -> float:
-    """Sum of |delta| over the entries `keep` keeps."""
+def kept_l1(vec: TaskVector, keep: Keep) -> tuple[float, float]:
+    """Sums of |delta| over the entries `keep` keeps and over all entries, in one pass."""
     base, model = vec.flat()
     if _fused_ok(base, model):
         from evomerge.merge import kernels
 
-        return float(kernels.kept_l1(_np(base), _np(model), 0, *_params(keep)))
-    total = 0.0
+        kept, whole = kernels.kept_l1(_np(base), _np(model), 0, *_params(keep))
+        return float(kept), float(whole)
+    kept = whole = 0.0
     for s in range(0, base.numel(), CHUNK):
         x = model[s : s + CHUNK].float() - base[s : s + CHUNK].float()
-        total += float(torch.where(keep.mask(x, s), x.abs(), 0).sum(dtype=torch.float64))
-    return total
+        kept += float(torch.where(keep.mask(x, s), x.abs(), 0).sum(dtype=torch.float64))
+        whole += float(x.abs().sum(dtype=torch.float64))
+    return kept, whole
 
 
-def histogram(base: torch.Tensor, model: torch.Tensor) -> tuple[np.ndarray, float]:
-    """Counts of |model - base| per magnitude bin (top 16 bits of the float32), and the L1 norm."""
+def histogram(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
+    """Counts of |model - base| per magnitude bin (the top 16 bits of the float32)."""
     from evomerge.merge import kernels
 
     if _fused_ok(base, model):
         counts = np.zeros(kernels.BINS, np.int64)
-        l1 = kernels.histogram(_np(base), _np(model), counts)
-        return counts, float(l1)
+        kernels.histogram(_np(base), _np(model), counts)
+        return counts
     counts_t = torch.zeros(kernels.BINS, dtype=torch.int64, device=base.device)
-    l1 = 0.0
     for s in range(0, base.numel(), CHUNK):
         a = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs()
-        l1 += float(a.sum(dtype=torch.float64))
-        counts_t += torch.bincount(a.view(torch.int32) >> 16, minlength=kernels.BINS)
-    return counts_t.cpu().numpy(), l1
+        counts_t += torch.bincount((a.view(torch.int32) >> 16).reshape(-1), minlength=kernels.BINS)
+    return counts_t.cpu().numpy()
 
 
-def select(base: torch.Tensor, model: torch.Tensor, bin0: int, bin1: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The magnitudes in bins bin0 / bin1 and their flat indices, in index order (`size` of them)."""
+def refine(base: torch.Tensor, model: torch.Tensor, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of |model - base| by their low 16 bits, within magnitude bins bin0 and bin1."""
     from evomerge.merge import kernels
 
     if _fused_ok(base, model):
-        values, index = np.empty(size, np.float32), np.empty(size, np.int64)
-        got = kernels.select(_np(base), _np(model), bin0, bin1, values, index)
-        assert got == size
-        return values, index
-    vals, idx = [], []
+        low0, low1 = np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)
+        kernels.refine(_np(base), _np(model), bin0, bin1, low0, low1)
+        return low0, low1
+    lows = [torch.zeros(1 << 16, dtype=torch.int64, device=base.device) for _ in range(2)]
     for s in range(0, base.numel(), CHUNK):
-        a = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs()
-        b = a.view(torch.int32) >> 16
-        hit = torch.nonzero((b == bin0) | (b == bin1)).reshape(-1)
-        vals.append(a[hit].cpu())
-        idx.append((hit + s).cpu())
-    return torch.cat(vals).numpy(), torch.cat(idx).numpy()
+        bits = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs().view(torch.int32)
+        for low, b in zip(lows, (bin0, bin1) if bin1 != bin0 else (bin0,)):
+            low += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    return lows[0].cpu().numpy(), lows[1].cpu().numpy()
+
+
+def nth_equal(base: torch.Tensor, model: torch.Tensor, value: float, nth: int) -> int:
+    """The flat index of the nth (from 1) entry with |model - base| == value, in index order."""
+    from evomerge.merge import kernels
+
+    if _fused_ok(base, model):
+        return int(kernels.nth_equal(_np(base), _np(model), np.float32(value), nth))
+    seen = 0
+    for s in range(0, base.numel(), CHUNK):
+        hits = torch.nonzero((model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs() == value).reshape(-1)
+        if seen + hits.numel() >= nth:
+            return s + int(hits[nth - seen - 1])
+        seen += hits.numel()
+    return -1
 
 
 _NO_RANK = np.zeros(0, np.float32)

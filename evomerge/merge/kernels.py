@@ -75,6 +75,16 @@ def _bin(typingctx, x):
     return types.int32(types.float32), codegen
 
 
+@intrinsic
+def _low(typingctx, x):
+    """The low 16 bits of a float32: its place within its magnitude bin."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0xFFFF))
+
+    return types.int32(types.float32), codegen
+
+
 def _ld(a, j):
     """a[j] as float32 (a: float32, or bfloat16 bit patterns as int16)."""
 
@@ -167,6 +177,7 @@ def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspa
     n = base.size
     count = len(models)
     buf = np.empty((count, BLOCK), np.float32)
+    total, acc, div = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     ptr = np.zeros(count, np.int64)
     for i in range(count):  # skip the drops before this piece
         while ptr[i] < drops[i].size and drops[i][ptr[i]] < offset:
@@ -200,79 +211,92 @@ def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspa
             w0, w1 = weights[0], weights[1]
             for j in range(m):
                 _st(o, j, _ld(bs, j) + _elect2(v0[j], v1[j], w0, w1, normalize) * scale)
-        elif consensus:
+        else:  # any number of models: passes over the block with the entry loop innermost, so each vectorizes
+            total[:m] = zero
+            for i in range(count):
+                v = buf[i]
+                for j in range(m):
+                    total[j] += v[j]
+            if consensus:
+                acc[:m] = zero
+                div[:m] = zero
+                for i in range(count):
+                    v, w = buf[i], weights[i]
+                    for j in range(m):
+                        agree = v[j] * (one if total[j] >= zero else -one) > zero
+                        acc[j] += v[j] if agree else zero
+                        div[j] += w if agree else zero
+                for j in range(m):
+                    d = div[j] if normalize else one
+                    total[j] = acc[j] / (one if d == zero else d)
             for j in range(m):
-                total = zero
-                for i in range(count):
-                    total += buf[i, j]
-                sign = one if total >= zero else -one
-                acc = zero
-                div = zero
-                for i in range(count):
-                    v = buf[i, j]
-                    if v * sign > zero:
-                        acc += v
-                        div += weights[i]
-                if normalize:
-                    acc = acc / (one if div == zero else div)
-                _st(o, j, _ld(bs, j) + acc * scale)
-        else:
-            for j in range(m):
-                total = zero
-                for i in range(count):
-                    total += buf[i, j]
-                _st(o, j, _ld(bs, j) + total * scale)
+                _st(o, j, _ld(bs, j) + total[j] * scale)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})  # reassoc: a vectorised sum
 def kept_l1(base, model, offset, mode, lo, hi, bounds, key, thr, plo, pspan, rank, drop):
-    """Sum of |model - base| over the entries one trim keeps (for rescaling)."""
+    """Sums of |model - base| over the entries one trim keeps and over all of them (for rescaling)."""
     kept = np.empty(BLOCK, np.float32)
     p = 0
     while p < drop.size and drop[p] < offset:
         p += 1
-    total = 0.0
+    total, whole = 0.0, 0.0
     for s in range(0, base.size, BLOCK):
         e = min(base.size, s + BLOCK)
-        p = _trim(base[s:e], model[s:e], e - s, offset + s, kept, np.float32(1.0), mode, lo, hi, bounds, key, thr,
+        bs, ms = base[s:e], model[s:e]
+        p = _trim(bs, ms, e - s, offset + s, kept, np.float32(1.0), mode, lo, hi, bounds, key, thr,
                   plo, pspan, rank[offset + s:offset + e], drop, p)
-        block = np.float32(0.0)  # float32 within a block, float64 across blocks
+        block, all_ = np.float32(0.0), np.float32(0.0)  # float32 within a block, float64 across blocks
         for j in range(e - s):
             block += abs(kept[j])
+            all_ += abs(_ld(ms, j) - _ld(bs, j))
         total += block
-    return total
+        whole += all_
+    return total, whole
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def histogram(base, model, counts):
-    """counts[bin(|model - base|)] += 1 over the tensor (bin: the top 16 bits of the float32 magnitude);
-    returns the L1 norm of the delta."""
-    total = 0.0
+    """counts[bin(|model - base|)] += 1 over the tensor (bin: the top 16 bits of the float32 magnitude)."""
     for s in range(0, base.size, BLOCK):
         e = min(base.size, s + BLOCK)
         bs, ms = base[s:e], model[s:e]
-        block = np.float32(0.0)
         for j in range(e - s):
-            a = abs(_ld(ms, j) - _ld(bs, j))
-            block += a
-            counts[_bin(a)] += 1
-        total += block
-    return total
+            counts[_bin(abs(_ld(ms, j) - _ld(bs, j)))] += 1
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def select(base, model, bin0, bin1, values, index):
-    """The magnitudes |model - base| whose bin is bin0 or bin1, with their flat indices, in index order;
-    returns how many (the caller sizes `values` and `index` from the histogram)."""
-    k = 0
+def refine(base, model, bin0, bin1, low0, low1):
+    """Within bins bin0 and bin1 (possibly equal): counts of |model - base| by its low 16 bits, so that
+    with the histogram every magnitude in those bins is known with its count."""
     for s in range(0, base.size, BLOCK):
         e = min(base.size, s + BLOCK)
         bs, ms = base[s:e], model[s:e]
         for j in range(e - s):
             a = abs(_ld(ms, j) - _ld(bs, j))
             h = _bin(a)
-            if h == bin0 or h == bin1:
-                values[k] = a
-                index[k] = s + j
-                k += 1
-    return k
+            if h == bin0:
+                low0[_low(a)] += 1
+            elif h == bin1:
+                low1[_low(a)] += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def nth_equal(base, model, value, nth):
+    """The flat index of the nth (from 1) entry whose |model - base| equals `value`, in index order; -1 if
+    there are fewer. Stops as soon as it is found."""
+    seen = 0
+    for s in range(0, base.size, BLOCK):
+        e = min(base.size, s + BLOCK)
+        bs, ms = base[s:e], model[s:e]
+        hits = 0
+        for j in range(e - s):
+            hits += abs(_ld(ms, j) - _ld(bs, j)) == value
+        if seen + hits >= nth:
+            for j in range(e - s):
+                if abs(_ld(ms, j) - _ld(bs, j)) == value:
+                    seen += 1
+                    if seen == nth:
+                        return s + j
+        seen += hits
+    return -1

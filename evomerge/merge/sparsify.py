@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from evomerge.merge import rng
-from evomerge.merge.vectors import Cut, TaskVector
+from evomerge.merge.vectors import TaskVector
 from evomerge.records import UserError
 
 _EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
@@ -80,12 +80,12 @@ def magnitude(vec: TaskVector, density: float, tie_order: str = "index") -> Keep
     k = max(1, int(density * n))
     cut = vec.cut(k - 1)
     keep_tied = k - cut.larger  # of the entries equal to the threshold, this many are kept
-    if keep_tied == cut.equal.size:
+    if keep_tied == cut.equal:
         return Keep("band", lo=cut.value)
     if tie_order == "index":
-        return Keep("band", lo=cut.value, lo_range=(0, int(cut.equal[keep_tied - 1])))
+        return Keep("band", lo=cut.value, lo_range=(0, vec.nth_equal(cut.value, keep_tied)))
     order = torch.argsort(vec.delta.reshape(-1).abs(), descending=True)
-    return Keep("band", lo=cut.value, drop=_sorted(order[k : cut.larger + cut.equal.size]))
+    return Keep("band", lo=cut.value, drop=_sorted(order[k : cut.larger + cut.equal]))
 
 
 def magnitude_outliers(vec: TaskVector, density: float, gamma: float, tie_order: str = "index") -> Keep:
@@ -99,22 +99,19 @@ def magnitude_outliers(vec: TaskVector, density: float, gamma: float, tie_order:
     first = max(0, n - target - top)  # keep ascending positions [first, last)
     last = first + target
     lo_cut, hi_cut = vec.cuts([n - 1 - first, n - last])
-    lo_start = n - lo_cut.larger - lo_cut.equal.size  # ascending position of the first entry equal to lo
+    lo_start = n - lo_cut.larger - lo_cut.equal  # ascending position of the first entry equal to lo
     hi_end = n - hi_cut.larger  # ascending position after the last entry equal to hi
     if lo_start == first and hi_end == last:
         return Keep("band", lo=lo_cut.value, hi=hi_cut.value, hi_range=_ALL)
-    if tie_order == "index":  # ascending order, lower index first among equals
-        lo_range = (_at(lo_cut, first - lo_start), _at(lo_cut, min(last, n - lo_cut.larger) - 1 - lo_start))
-        hi_start = n - hi_cut.larger - hi_cut.equal.size
-        hi_range = lo_range if hi_cut.value == lo_cut.value else (0, _at(hi_cut, last - 1 - hi_start))
+    if tie_order == "index":  # ascending order, lower index first among equals: group rank r is the (r+1)th
+        lo_range = (vec.nth_equal(lo_cut.value, first - lo_start + 1),
+                    vec.nth_equal(lo_cut.value, min(last, n - lo_cut.larger) - lo_start))
+        hi_start = n - hi_cut.larger - hi_cut.equal
+        hi_range = lo_range if hi_cut.value == lo_cut.value else (0, vec.nth_equal(hi_cut.value, last - hi_start))
         return Keep("band", lo=lo_cut.value, hi=hi_cut.value, lo_range=lo_range, hi_range=hi_range)
     order = torch.sort(vec.delta.reshape(-1).abs(), descending=False).indices
     drop = _sorted(torch.cat([order[lo_start:first], order[last:hi_end]]))
     return Keep("band", lo=lo_cut.value, hi=hi_cut.value, hi_range=_ALL, drop=drop)
-
-
-def _at(cut: Cut, i: int) -> int:
-    return int(cut.equal[i])
 
 
 def _sorted(index: torch.Tensor) -> np.ndarray:
@@ -148,8 +145,7 @@ def rescale(keep: Keep, vec: TaskVector) -> Keep:
         return keep
     from evomerge.merge import gta
 
-    after = gta.kept_l1(vec, keep)
-    before = vec.l1()
+    after, before = gta.kept_l1(vec, keep)  # the whole L1 too: a random trim then needs no summary
     if before >= _EPS and after >= _EPS:
         keep.factor = before / after
     return keep

@@ -4,9 +4,10 @@ A task vector is a pair of source tensors in their stored dtype (memory-mapped, 
 cache); kernels form `model - base` block by block in float32 registers. What a trim needs to know about
 the whole delta is kept in a compact `Summary`, computed once per (model, tensor, base) and reused by
 every candidate: a histogram of the magnitudes over 2**15 bins (the top 16 bits of the float32 magnitude,
-which order like the magnitudes themselves) and the delta's L1 norm. A trim to any density reads the bin
-holding its threshold from the summary, then finds the exact threshold in one streaming pass that
-collects only that bin's entries (a fraction of a percent of the tensor).
+which order like the magnitudes themselves). A trim to any density reads the bin
+holding its threshold from the summary, then finds the exact threshold in one streaming pass that counts
+that bin's entries by their low 16 bits; where equal magnitudes straddle the threshold, a second pass,
+which stops early, finds the flat index at which the tied entries stop being kept.
 """
 from __future__ import annotations
 
@@ -20,12 +21,11 @@ import torch
 @dataclass(frozen=True)
 class Summary:
     """The populated magnitude bins in descending order, how many entries each holds and how many lie in
-    higher bins, and the delta's L1 norm."""
+    higher bins."""
 
     bins: np.ndarray  # int32
     counts: np.ndarray  # int64
     above: np.ndarray  # int64: entries in higher bins
-    l1: float
 
     @property
     def nbytes(self) -> int:
@@ -34,12 +34,11 @@ class Summary:
 
 @dataclass(frozen=True)
 class Cut:
-    """The magnitude at one descending rank: its value, how many entries are larger, and the flat
-    indices (ascending) of the entries equal to it."""
+    """The magnitude at one descending rank: its value, and how many entries are larger and equal."""
 
     value: float
     larger: int
-    equal: np.ndarray  # int64
+    equal: int
 
 
 class TaskVector:
@@ -72,45 +71,41 @@ class TaskVector:
             self._summary = self._summary_of(self) if self._summary_of is not None else summarize(self)
         return self._summary
 
-    def l1(self) -> float:
-        return self.summary().l1
-
     def cut(self, rank: int) -> Cut:
         """The magnitude at descending position `rank` (0 = largest)."""
         return self.cuts([rank])[0]
 
     def cuts(self, ranks: list[int]) -> list[Cut]:
         """Cuts at up to two descending ranks, from one pass over the tensor."""
+        from evomerge.merge import gta
+
         s = self.summary()
         slots = [int(np.searchsorted(s.above, r, side="right")) - 1 for r in ranks]
         bins = [int(s.bins[i]) for i in slots]
-        values, index = _select(self, bins[0], bins[-1], int(sum(s.counts[i] for i in set(slots))))
+        lows = gta.refine(*self.flat(), bins[0], bins[-1])
         out = []
-        for r, i, b in zip(ranks, slots, bins):
-            mine = _bin_of(values) == b
-            v, idx = values[mine], index[mine]
-            ordered = np.sort(v)[::-1]
-            value = float(ordered[r - int(s.above[i])])
-            out.append(Cut(value, int(s.above[i]) + int((v > value).sum()), idx[v == value]))
+        for r, i, low in zip(ranks, slots, (lows[0], lows[int(bins[-1] != bins[0])])):
+            present = np.flatnonzero(low)[::-1]  # low bits of the magnitudes in this bin, largest first
+            within = np.cumsum(low[present])
+            j = int(np.searchsorted(within, r - int(s.above[i]), side="right"))
+            bits = np.array([(s.bins[i] << 16) | present[j]], np.uint32)
+            larger = int(s.above[i]) + (int(within[j - 1]) if j else 0)
+            out.append(Cut(float(bits.view(np.float32)[0]), larger, int(low[present[j]])))
         return out
 
+    def nth_equal(self, value: float, nth: int) -> int:
+        """The flat index of the nth (from 1) entry whose magnitude is `value`, in index order."""
+        from evomerge.merge import gta
 
-def _bin_of(values: np.ndarray) -> np.ndarray:
-    return values.view(np.uint32) >> 16
+        return gta.nth_equal(*self.flat(), value, nth)
 
 
 def summarize(vec: TaskVector) -> Summary:
-    """One pass over the pair: the magnitude histogram and the L1 norm."""
+    """One pass over the pair: the magnitude histogram."""
     from evomerge.merge import gta
 
-    counts, l1 = gta.histogram(*vec.flat())
+    counts = gta.histogram(*vec.flat())
     bins = np.flatnonzero(counts)[::-1].astype(np.int32)
     c = counts[bins].astype(np.int64)
     above = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
-    return Summary(bins, c, above, l1)
-
-
-def _select(vec: TaskVector, bin0: int, bin1: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    from evomerge.merge import gta
-
-    return gta.select(*vec.flat(), bin0, bin1, size)
+    return Summary(bins, c, above)
