@@ -172,3 +172,13 @@ def test_arcee_fusion_quartiles_are_exact_where_mergekit_samples():
     assert upper_fence(small) == DynamicThresholdFusion().calculate_dynamic_threshold(small)
     estimates = torch.stack([DynamicThresholdFusion().calculate_dynamic_threshold(x) for _ in range(3)])
     assert ((estimates - exact).abs() / exact).max() < 5e-3
+
+
+def test_arcee_fusion_row_divergence_is_the_same_in_blocks():
+    """Large tensors' row KL divergences are computed a block of rows at a time: bitwise the same."""
+    from evomerge.merge.selective import _row_kl
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 50, 13, generator=g), torch.randn(3, 50, 13, generator=g)
+    whole = _row_kl(x, y)
+    assert whole.shape == (3, 50, 1) and torch.equal(_row_kl(x, y, block=40), whole)

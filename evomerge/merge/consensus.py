@@ -18,13 +18,22 @@ from evomerge.records import UserError
 # --- sce ------------------------------------------------------------------------------------------
 
 def _most_varied(tv: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mask of the int(fraction x #non-zero variances) entries whose variance across models is largest
-    (torch's top-k order among equal variances, as mergekit's)."""
+    """Mask of the int(fraction x #non-zero variances) entries whose variance across models is largest.
+
+    The cut is the k-th largest variance (a linear-time selection); only when more entries equal it than
+    are left to keep does the choice among them need torch's top-k order (mergekit's), which costs a
+    partial sort."""
     var = torch.var(tv, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(var) * fraction)
-    mask = torch.zeros(var.shape, dtype=torch.bool, device=var.device)
-    if k > 0:
-        mask.view(-1)[torch.topk(var.reshape(-1), k=k, largest=True).indices] = True
+    k = int(torch.count_nonzero(var) * fraction)  # a float32 product, as mergekit's, so the count truncates alike
+    if k == 0:
+        return torch.zeros(var.shape, dtype=torch.bool, device=var.device)
+    flat = var.reshape(-1)
+    cut = torch.kthvalue(flat, flat.numel() - k + 1).values
+    mask = var > cut
+    at_cut = var == cut
+    if int(mask.sum()) + int(at_cut.sum()) == k:
+        return mask.logical_or_(at_cut)
+    mask.zero_().view(-1)[torch.topk(flat, k=k, largest=True).indices] = True
     return mask
 
 
@@ -40,13 +49,17 @@ def _sce(g: Group) -> None:
     tv = torch.stack([e.vector().delta for e in entries])  # the variance and the vote need all models at once
     if fraction < 1:
         tv.mul_(_most_varied(tv, fraction))
-    majority = torch.where(tv.sum(dim=0) >= 0, 1.0, -1.0)
-    energy = tv.square().reshape(len(entries), -1).mean(dim=1)
+    positive = tv.sum(dim=0) >= 0  # the majority sign, by total delta
+    energy = torch.stack([d.square().mean() for d in tv])
     total = energy.sum().item()
     weights = torch.ones_like(energy) / len(entries) if abs(total) < 1e-6 else energy / total
-    weights = weights.reshape(-1, *([1] * (tv.dim() - 1))) * (tv.sign() == majority)
-    merged = (tv * weights).sum(dim=0).div_(weights.sum(dim=0).clamp(min=1e-6))
-    torch.add(base, merged, out=g.out)
+    # the weighted mean over the models whose delta has the majority sign (zero deltas have none)
+    num, den = g.out.zero_(), torch.zeros_like(g.out)
+    for d, w in zip(tv, weights):
+        agree = torch.where(positive, d > 0, d < 0)
+        num.add_(d * torch.where(agree, w, 0))
+        den.add_(torch.where(agree, w, 0))
+    num.div_(den.clamp_(min=1e-6)).add_(base)
 
 
 register(Method("sce", _sce, (
@@ -67,23 +80,24 @@ def _ram_family(g: Group, boost: bool) -> None:
     if not deltas:
         g.out.copy_(base)
         return
+    changed = [d.abs() > eps for d in deltas]  # one byte per entry and model
     counts = torch.zeros(base.shape, dtype=torch.int32, device=base.device)  # models that changed each entry
-    for d in deltas:
-        counts += d.abs() > eps
+    for c in changed:
+        counts += c
+    alone = counts == 1
     boosts = [1.0] * len(deltas)
     if boost:
         r, alpha = g.shared["r"], g.shared["alpha"]
         if not alpha >= 0:
             raise UserError(f"ramplus_tl's alpha must be >= 0, got {alpha:g}")
-        shared = torch.stack([((d.abs() > eps) & (counts > 1)).sum() for d in deltas])
-        alone = torch.stack([((d.abs() > eps) & (counts == 1)).sum() for d in deltas])
-        boosts = 1 + r * (shared / alone.clamp(min=eps)).clamp(min=0, max=alpha)
-    divisor = counts.clamp(min=1)
+        shared = torch.stack([(c & ~alone).sum() for c in changed])
+        own = torch.stack([(c & alone).sum() for c in changed])
+        boosts = 1 + r * (shared / own.clamp(min=eps)).clamp(min=0, max=alpha)
+    divisor = counts.clamp_(min=1)
     g.out.zero_()
-    for d, b in zip(deltas, boosts):
-        changed = d.abs() > eps
+    for d, c, b in zip(deltas, changed, boosts):
         # an entry one model changed takes that model's delta (boosted); one several changed, their mean
-        g.out.add_(torch.where(changed & (counts == 1), d * b, torch.where(changed, d / divisor, 0)))
+        g.out.add_(torch.where(c & alone, d * b, torch.where(c, d / divisor, 0)))
     g.out.add_(base)
 
 

@@ -29,11 +29,18 @@ def _nearswap(g: Group) -> None:
 register(Method("nearswap", _nearswap, (ParamSpec("t", float),), needs_base=True, min_inputs=2, max_inputs=2))
 
 
-def _row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KL(p || q) of the softmaxed last-dimension rows (kept as a dimension), each probability + eps."""
-    p = F.softmax(p_logits, dim=-1) + eps
-    q = F.softmax(q_logits, dim=-1) + eps
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+def _row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, eps: float = 1e-8, block: int = 1 << 22) -> torch.Tensor:
+    """KL(p || q) of the softmaxed last-dimension rows (kept as a dimension), each probability + eps;
+    computed a block of rows at a time, so its temporaries stay small whatever the tensor's size."""
+    p_rows = p_logits.reshape(-1, p_logits.shape[-1])
+    q_rows = q_logits.reshape(-1, q_logits.shape[-1])
+    kl = torch.empty(p_rows.shape[0], 1, dtype=p_rows.dtype, device=p_rows.device)
+    step = max(1, block // p_rows.shape[1])
+    for i in range(0, p_rows.shape[0], step):
+        p = F.softmax(p_rows[i : i + step], dim=-1) + eps
+        q = F.softmax(q_rows[i : i + step], dim=-1) + eps
+        kl[i : i + step] = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return kl.reshape(*p_logits.shape[:-1], 1)
 
 
 def upper_fence(x: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,12 @@
 Each tensor (or its delta from the base, where a base is given) is one point; the merge interpolates
 directions along great circles and restores a weighted norm. The numerics follow mergekit's step by step
 in the compute dtype, because karcher's iteration count depends on a tolerance test that a different
-rounding could tip. Every method holds a few float copies of the tensor being merged (no stacking of
-the inputs: memory stays ~3 tensors whatever the number of models).
+rounding could tip. Beyond its inputs, each method holds a few working tensors the size of the one
+being merged, however many models there are (the inputs are never stacked).
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -79,13 +81,13 @@ def _multislerp(g: Group) -> None:
     if len(entries) == 1:  # nothing to interpolate: the model itself, whatever the base
         g.out.copy_(entries[0].full())
         return
-    weights = torch.tensor([e.params["weight"] for e in entries], dtype=g.out.dtype)
+    points = [p.reshape(-1) for p in _points(g, entries)]
+    weights = torch.tensor([e.params["weight"] for e in entries], dtype=points[0].dtype)
     if g.shared["normalize_weights"]:
         total = weights.sum()
         if total == 0:
             raise UserError("multislerp's weights sum to 0 and cannot be normalized (set normalize_weights: false or change a weight)")
         weights = weights / total
-    points = [p.reshape(-1) for p in _points(g, entries)]
     norms = [torch.linalg.vector_norm(p) for p in points]
     mean = torch.zeros_like(points[0])
     for p, n, w in zip(points, norms, weights):
@@ -115,23 +117,27 @@ register(Method("multislerp", _multislerp, (
 
 # --- karcher: the Riemannian (Karcher) mean of all inputs' directions ------------------------------
 
-def karcher_mean(points: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
-    """The equal-weight Karcher mean of the points' directions on the unit sphere (fixed-point
-    iteration from the normalised Euclidean mean), scaled by the points' mean norm."""
-    alpha = 1.0 / len(points)
-    norms = [torch.linalg.vector_norm(p) for p in points]
-    valid = [(p / n) for p, n in zip(points, norms) if n.item() > tol]
-    if not valid:
-        return torch.zeros_like(points[0])
-    share = alpha / sum([alpha] * len(valid))  # renormalised over the non-zero points, summed as mergekit does
-    mean = torch.zeros_like(valid[0])
-    for u in valid:
+def karcher_mean(points: Iterable[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """The equal-weight Karcher mean of the (flat) points' directions on the unit sphere, by fixed-point
+    iteration from their normalised Euclidean mean, scaled by the points' mean norm. Holds one unit
+    vector per point, never the points themselves."""
+    norms, units = [], []
+    for p in points:
+        norms.append(torch.linalg.vector_norm(p))
+        if norms[-1].item() > tol:  # zero (or nearly) points have no direction: they only count in the norm
+            units.append(p / norms[-1])
+    if not units:
+        return torch.zeros_like(p)
+    alpha = 1.0 / len(norms)
+    share = alpha / sum([alpha] * len(units))  # renormalised over the points with a direction, summed as mergekit does
+    mean = torch.zeros_like(units[0])
+    for u in units:
         mean += share * u
     n = torch.linalg.vector_norm(mean)
-    mean = valid[0].clone() if n.item() < tol else mean / n
+    mean = units[0].clone() if n.item() < tol else mean / n
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for u in valid:
+        for u in units:
             dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
             theta = torch.arccos(dot)
             if theta.item() < tol:
@@ -155,7 +161,7 @@ def _karcher(g: Group) -> None:
         g.out.copy_(g.entries[0].full())
         return
     # every input, the base included (mergekit's karcher ignores which one is the base)
-    result = karcher_mean([e.full().reshape(-1) for e in g.entries], max_iter, tol)
+    result = karcher_mean((e.full().reshape(-1) for e in g.entries), max_iter, tol)
     g.out.copy_(result.reshape(g.out.shape))
 
 
