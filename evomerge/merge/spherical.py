@@ -82,7 +82,7 @@ def _multislerp(g: Group) -> None:
         g.out.copy_(entries[0].full())
         return
     points = [p.reshape(-1) for p in _points(g, entries)]
-    weights = torch.tensor([e.params["weight"] for e in entries], dtype=points[0].dtype)
+    weights = torch.tensor([e.params["weight"] for e in entries], dtype=points[0].dtype, device=points[0].device)
     if g.shared["normalize_weights"]:
         total = weights.sum()
         if total == 0:
