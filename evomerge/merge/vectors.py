@@ -5,31 +5,46 @@ cache); kernels form `model - base` block by block in float32 registers. What a 
 the whole delta is kept in a compact `Summary`, computed once per (model, tensor, base) and reused by
 every candidate: a histogram of the magnitudes over 2**15 bins (the top 16 bits of the float32 magnitude,
 which order like the magnitudes themselves). A trim to any density reads the bin
-holding its threshold from the summary, then finds the exact threshold in one streaming pass that counts
-that bin's entries by their low 16 bits; where equal magnitudes straddle the threshold, a second pass,
-which stops early, finds the flat index at which the tied entries stop being kept.
+holding its threshold from the summary and finds the exact threshold from that bin's distinct magnitudes,
+counted by their low 16 bits in one streaming pass the first time a trim cuts inside the bin; where equal
+magnitudes straddle the threshold, a pass that stops early finds the flat index at which the tied entries
+stop being kept.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 
+REFINED_ENTRIES = 1 << 14  # per summary: distinct magnitudes kept from refined bins (12 bytes each)
+
+
 @dataclass(frozen=True)
 class Summary:
     """The populated magnitude bins in descending order, how many entries each holds and how many lie in
-    higher bins."""
+    higher bins; and, for bins that trims have cut inside, their distinct magnitudes (low 16 bits,
+    descending) with cumulative counts, so a later trim in the same bin needs no pass. Search densities
+    settle in a few bins; the oldest refined bins are dropped beyond REFINED_ENTRIES."""
 
     bins: np.ndarray  # int32
     counts: np.ndarray  # int64
     above: np.ndarray  # int64: entries in higher bins
+    refined: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return self.bins.nbytes + self.counts.nbytes + self.above.nbytes
+        return sum(a.nbytes for a in (self.bins, self.counts, self.above, *(x for r in self.refined.values() for x in r)))
+
+    def remember(self, b: int, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        present = np.flatnonzero(low)[::-1].astype(np.int32)  # largest first
+        entry = (present, np.cumsum(low[present]))
+        self.refined[b] = entry
+        while sum(r[0].size for r in self.refined.values()) > REFINED_ENTRIES and len(self.refined) > 1:
+            del self.refined[next(iter(self.refined))]
+        return entry
 
 
 @dataclass(frozen=True)
@@ -82,15 +97,17 @@ class TaskVector:
         s = self.summary()
         slots = [int(np.searchsorted(s.above, r, side="right")) - 1 for r in ranks]
         bins = [int(s.bins[i]) for i in slots]
-        lows = gta.refine(*self.flat(), bins[0], bins[-1])
+        missing = [b for b in dict.fromkeys(bins) if b not in s.refined]
+        if missing:
+            lows = gta.refine(*self.flat(), missing[0], missing[-1])
+            found = {b: s.remember(b, low) for b, low in zip(missing, lows)}
         out = []
-        for r, i, low in zip(ranks, slots, (lows[0], lows[int(bins[-1] != bins[0])])):
-            present = np.flatnonzero(low)[::-1]  # low bits of the magnitudes in this bin, largest first
-            within = np.cumsum(low[present])
+        for r, i, b in zip(ranks, slots, bins):
+            present, within = s.refined[b] if b in s.refined else found[b]
             j = int(np.searchsorted(within, r - int(s.above[i]), side="right"))
-            bits = np.array([(s.bins[i] << 16) | present[j]], np.uint32)
+            bits = np.array([(b << 16) | int(present[j])], np.uint32)
             larger = int(s.above[i]) + (int(within[j - 1]) if j else 0)
-            out.append(Cut(float(bits.view(np.float32)[0]), larger, int(low[present[j]])))
+            out.append(Cut(float(bits.view(np.float32)[0]), larger, int(within[j] - (within[j - 1] if j else 0))))
         return out
 
     def nth_equal(self, value: float, nth: int) -> int:
