@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from evomerge.merge.sparsify import Keep
-from evomerge.merge.vectors import TaskVector
 
 CHUNK = 1 << 22  # torch path: elements per chunk, bounds its scratch memory
 _MODES = {"all": 0, "band": 1, "random": 2, "della": 3}
@@ -65,18 +64,18 @@ def merge_task_vectors(
         _chunked(base, out, live, consensus, normalize, scale, offset)
 
 
-def kept_l1(vec: TaskVector, keep: Keep) -> tuple[float, float]:
-    """Sums of |delta| over the entries `keep` keeps and over all entries, in one pass."""
-    base, model = vec.flat()
+def kept_l1(base: torch.Tensor, model: torch.Tensor, keep: Keep, offset: int = 0) -> tuple[float, float]:
+    """Sums of |model - base| over the entries `keep` keeps and over all entries, in one pass (flat views;
+    `offset` as for merge_task_vectors)."""
     if _fused_ok(base, model):
         from evomerge.merge import kernels
 
-        kept, whole = kernels.kept_l1(_np(base), _np(model), 0, *_params(keep))
+        kept, whole = kernels.kept_l1(_np(base), _np(model), offset, *_params(keep))
         return float(kept), float(whole)
     kept = whole = 0.0
     for s in range(0, base.numel(), CHUNK):
         x = model[s : s + CHUNK].float() - base[s : s + CHUNK].float()
-        kept += float(torch.where(keep.mask(x, s), x.abs(), 0).sum(dtype=torch.float64))
+        kept += float(torch.where(keep.mask(x, offset + s), x.abs(), 0).sum(dtype=torch.float64))
         whole += float(x.abs().sum(dtype=torch.float64))
     return kept, whole
 

@@ -9,9 +9,9 @@ intermediate stays in cache, so no full-size float32 copy of any source or delta
 Trim modes per task vector: 0 keep all, 1 magnitude band (entries strictly inside (lo, hi) kept; entries
 equal to lo or hi kept when their flat index lies in that bound's index range; minus the sorted flat
 indices in `drop`), 2 random (keep when the entry's draw u < thr), 3 DELLA (keep when u / 2**32 <
-plo + pspan * rank[j]). `offset` is the flat index of the arrays' first entry in the whole tensor, so a
-tensor merged in pieces draws and cuts exactly as when merged whole (DELLA's `ranks` are the whole
-tensor's).
+plo + pspan * rank[j], `rank` given for the entries of the arrays). `offset` is the flat index of the
+arrays' first entry in the whole tensor, so a tensor merged in pieces draws and cuts exactly as when
+merged whole.
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspa
             continue
         for i in range(count):
             ptr[i] = _trim(bs, models[i][s:e], m, offset + s, buf[i], coeff[i], modes[i], lo[i], hi[i], bounds[i],
-                           keys[i], thr[i], plo[i], pspan[i], ranks[i][offset + s:offset + e], drops[i], ptr[i])
+                           keys[i], thr[i], plo[i], pspan[i], ranks[i][s:e], drops[i], ptr[i])
         if count == 2 and consensus:  # the common case, branch-free so that it vectorizes
             v0, v1 = buf[0], buf[1]
             w0, w1 = weights[0], weights[1]
@@ -245,7 +245,7 @@ def kept_l1(base, model, offset, mode, lo, hi, bounds, key, thr, plo, pspan, ran
         e = min(base.size, s + BLOCK)
         bs, ms = base[s:e], model[s:e]
         p = _trim(bs, ms, e - s, offset + s, kept, np.float32(1.0), mode, lo, hi, bounds, key, thr,
-                  plo, pspan, rank[offset + s:offset + e], drop, p)
+                  plo, pspan, rank[s:e], drop, p)
         block, all_ = np.float32(0.0), np.float32(0.0)  # float32 within a block, float64 across blocks
         for j in range(e - s):
             block += abs(kept[j])

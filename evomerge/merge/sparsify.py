@@ -15,7 +15,7 @@ must match it bit for bit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ class Keep:
     p: float = 1.0  # random: keep probability
     p_lo: float = 0.0  # della: keep probability p_lo + p_span * rank
     p_span: float = 0.0
-    rank: torch.Tensor | None = None  # della: flat row rank in [0, 1]
+    rank: torch.Tensor | None = None  # della: row ranks in [0, 1] of the entries from flat index rank_start on
+    rank_start: int = 0
     factor: float = 1.0
 
     def mask(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -66,7 +67,7 @@ class Keep:
         u = rng.draws(self.key, start, x.numel(), x.device)
         if self.kind == "random":
             return u < rng.threshold(self.p)
-        rank = self.rank[start : start + x.numel()].to(x.device).double()
+        rank = self.rank[start - self.rank_start : start - self.rank_start + x.numel()].to(x.device).double()
         return u.double() * 2.0**-32 < self.p_lo + self.p_span * rank
 
 
@@ -127,16 +128,24 @@ def bernoulli(density: float, key: int) -> Keep:
     return Keep("random", key=key, p=density)
 
 
-def della(vec: TaskVector, density: float, epsilon: float, key: int) -> Keep:
+def della(density: float, epsilon: float, key: int) -> Keep:
     """DELLA's MagPrune: keep probability (density - eps) + 2 eps * (rank of |x| in its row, in [0, 1]).
-    The ranks are computed for this merge and dropped after it (4 bytes per entry of one tensor)."""
+    The ranks are not stored: `ranked` gives them for the rows being merged (methods.py merges DELLA by
+    pieces of whole rows, so no full-size rank array exists)."""
     if density >= 1:
         return Keep("all")
     if density <= 0:
         return Keep("none")
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise UserError(f"della needs 0 < density ± epsilon < 1, got density {density:g} and epsilon {epsilon:g}")
-    return Keep("della", key=key, p_lo=density - epsilon, p_span=2 * epsilon, rank=row_rank(vec.delta).reshape(-1))
+    return Keep("della", key=key, p_lo=density - epsilon, p_span=2 * epsilon)
+
+
+def ranked(keep: Keep, base: torch.Tensor, model: torch.Tensor, start: int, cols: int) -> Keep:
+    """A DELLA keep with the row ranks of the flat piece `base`/`model` of whole rows starting at `start`."""
+    if keep.kind != "della":
+        return keep
+    return replace(keep, rank=row_rank((model.float() - base.float()).reshape(-1, cols)).reshape(-1), rank_start=start)
 
 
 def rescale(keep: Keep, vec: TaskVector) -> Keep:
@@ -145,9 +154,13 @@ def rescale(keep: Keep, vec: TaskVector) -> Keep:
         return keep
     from evomerge.merge import gta
 
-    after, before = gta.kept_l1(vec, keep)  # the whole L1 too: a random trim then needs no summary
-    if before >= _EPS and after >= _EPS:
-        keep.factor = before / after
+    return rescaled(keep, *gta.kept_l1(*vec.flat(), keep))  # the whole L1 too: a random trim needs no summary
+
+
+def rescaled(keep: Keep, kept: float, whole: float) -> Keep:
+    """`keep` with the rescale factor whole / kept (L1 norms), unless either is negligible."""
+    if whole >= _EPS and kept >= _EPS:
+        keep.factor = whole / kept
     return keep
 
 
