@@ -106,7 +106,7 @@ def test_fused_kernel_and_torch_path_agree(tiny_models, threads):
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_della_by_pieces_of_rows_equals_della_whole(tiny_models, method):
     """DELLA's row ranks are computed per piece of whole rows (no full-size rank array): any piece size
-    gives the same bits."""
+    keeps the same entries, and the rescale's L1 sums differ only in float32 rounding."""
     from evomerge.merge import methods
 
     r = _ties(0.4, 0.35, seed=9, method=method)
@@ -118,4 +118,5 @@ def test_della_by_pieces_of_rows_equals_della_whole(tiny_models, method):
         pieces = mat.materialize(r)
     finally:
         methods.DELLA_PIECE = 1 << 22
-    assert all(torch.equal(whole[n], pieces[n]) for n in whole)
+    assert all(torch.allclose(whole[n], pieces[n], rtol=1e-6, atol=1e-7) for n in whole)
+    assert all(torch.equal(whole[n] == mat.sources["base"].get(n), pieces[n] == mat.sources["base"].get(n)) for n in whole)
