@@ -1,0 +1,195 @@
+"""The architecture table (evomerge/arch.py) against transformers and mergekit, family by family: tiny
+random checkpoints of Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 (text), Phi3, GPT-2, GPT-NeoX, Mixtral
+and Qwen2-MoE (tests/arch_fixtures.py)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from evomerge import arch
+from evomerge.merge import Materializer
+from evomerge.merge.writer import write_checkpoint
+from evomerge.recipe import Recipe
+from evomerge.records import UserError
+from tests.arch_fixtures import LAYERS, build_family
+from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
+
+FAMILIES = list(arch.FAMILIES)
+IDS = torch.tensor([[5, 17, 33, 60, 2, 90, 7, 41]])
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, dict[str, Path]] = {}
+
+    def get(name: str) -> dict[str, Path]:
+        if name not in built:
+            built[name] = build_family(name, root / name)
+        return built[name]
+
+    return get
+
+
+def logits(path_or_model, ids=IDS) -> torch.Tensor:
+    model = path_or_model if isinstance(path_or_model, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(path_or_model).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_table_describes_each_checkpoint(family, family_models):
+    paths = family_models(family)
+    cfg = json.loads((paths["base"] / "config.json").read_text())
+    names = list(load_checkpoint(paths["base"]))
+    f = arch.lookup(cfg)
+    assert f.name == family and arch.depth(f, cfg) == LAYERS
+    by_names = arch.lookup({}, names)  # state-dict sources: the same layout, found from the names alone
+    assert (by_names.layers, by_names.residual, by_names.post_norms, by_names.fused) == (f.layers, f.residual, f.post_norms, f.fused)
+    layout = arch.Layout(f)
+    assert layout.num_layers(names) == LAYERS
+    outside = [n for n in names if layout.layer_of(n) is None]
+    assert sorted(outside) == sorted(arch.outside_filters(f, cfg["tie_word_embeddings"]))
+    assert (f.head in names) == (not cfg["tie_word_embeddings"])
+    for group, filters in f.groups.items():  # every module group names tensors (all of them layer tensors)
+        matched = [n for n in names if any(flt in n for flt in filters)]
+        assert matched and all(layout.layer_of(n) for n in matched), group
+    writers = [ln.rest for ln in map(layout.layer_of, names) if ln and ln.index == 0 and any(re.match(p, ln.rest) for p in f.residual)]
+    assert len(writers) >= 2, writers  # attention and MLP (every expert of an MoE) write the residual
+    if f.moe:
+        assert sum("experts" in w for w in writers) >= 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_module_targets_reproduce_from_pretrained(family, family_models):
+    """Writing each checkpoint tensor into its in-memory target (renamed, a slice of a stacked expert
+    tensor) gives bit for bit the model from_pretrained loads."""
+    paths = family_models(family)
+    model = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
+    stored = load_checkpoint(paths["a"])
+    targets = arch.module_targets(model, stored)
+    assert set(targets) == set(stored)
+    with torch.no_grad():
+        for name, t in stored.items():
+            targets[name].copy_(t)
+    expected = AutoModelForCausalLM.from_pretrained(paths["a"]).state_dict()
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_module_targets_name_what_does_not_fit(family_models):
+    paths = family_models("mixtral")
+    model = AutoModelForCausalLM.from_pretrained(paths["base"])
+    names = list(load_checkpoint(paths["base"]))
+    for bad, needle in [([*names, "model.layers.0.block_sparse_moe.experts.7.w1.weight"], "expert 7"),
+                        ([n for n in names if ".experts.2.w3." not in n], "experts.gate_up_proj")]:
+        with pytest.raises(UserError, match=needle) as e:
+            arch.module_targets(model, bad)
+        assert "\n" not in str(e.value)
+
+
+def _merges(family: str) -> dict[str, dict]:
+    moe = arch.family(family).moe
+    flt = arch.family(family).groups["attention"][0]  # (mergekit matches filters against in-memory names)
+    weight = [{"filter": flt, "value": [0.2, 0.9]}, {"value": 0.6}]
+    # mergekit 0.1.5 merges transformers' in-memory layout, where all experts of a layer are one tensor: a
+    # trim (TIES) then ranks all experts together, evomerge each expert's matrix alone (as they are stored)
+    method = {"merge_method": "task_arithmetic"} if moe else {"merge_method": "ties", "parameters": {"density": 0.6}}
+    return {
+        "merge": {**method, "base_model": "base",
+                  "models": [{"model": "a", "parameters": {"weight": weight}}, {"model": "b", "parameters": {"weight": 0.4}}]},
+        "passthrough": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 2]}]}, {"sources": [{"model": "b", "layer_range": [1, 4]}]}]},
+    }
+
+
+# where mergekit 0.1.5 gives no model to compare with (on transformers 5 checkpoints)
+MERGEKIT_FAILS = {
+    **dict.fromkeys([("gpt_neox", m) for m in ("merge", "passthrough")], "it asks for attention.bias, which is not stored"),
+    **dict.fromkeys([("qwen2_moe", m) for m in ("merge", "passthrough")], "its inferred architecture drops the experts"),
+    **dict.fromkeys([(f, "passthrough") for f in ("qwen2", "qwen3", "gemma2", "gemma3_text")],
+                    "it keeps the old layer_types, and transformers refuses the config"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["merge", "passthrough"])
+def test_merge_equals_mergekit_and_loads_at_its_depth(family, method, family_models, tmp_path):
+    """The written checkpoint loads in transformers with the stack it was merged into (5 layers for the
+    slices, whose `layer_types`, dense layers etc. follow their source layers), and equals mergekit 0.1.5's
+    merge as loaded by transformers, where mergekit runs."""
+    paths = family_models(family)
+    cfg = _merges(family)[method]
+    out = write_checkpoint(Recipe.from_dict(cfg), {k: str(v) for k, v in paths.items()}, tmp_path / "ours")
+    src = [0, 1, 1, 2, 3] if method == "passthrough" else list(range(LAYERS))
+    base_cfg = AutoConfig.from_pretrained(paths["base"])
+    new_cfg = AutoConfig.from_pretrained(out)
+    assert new_cfg.num_hidden_layers == len(src)
+    if getattr(base_cfg, "layer_types", None):
+        assert new_cfg.layer_types == [base_cfg.layer_types[s] for s in src]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert len(arch.layer_list(model)) == len(src)
+    if family == "qwen2_moe":  # the dense layer (base layer 2) is output layer 3 of the slices
+        dense = [type(layer.mlp).__name__ == "Qwen2MoeMLP" for layer in model.model.layers]
+        assert dense == [s == 2 for s in src]
+    assert torch.isfinite(logits(model)).all()
+    if (family, method) in MERGEKIT_FAILS:
+        return
+    pytest.importorskip("mergekit")
+    mergekit_merge(cfg, paths, tmp_path / "mergekit")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "mergekit").state_dict()
+    err, where = worst_relative_error(model.state_dict(), theirs)
+    assert err < 1e-6, (err, where)
+
+
+STEPS = [("a", 0, 1.0), ("b", 1, 0.8), ("a", 1, 1.3), ("b", 2, 0.6), ("a", 3, 1.1)]
+
+
+def path_recipe(steps) -> Recipe:
+    return Recipe.from_dict({"merge_method": "passthrough", "models": [{"model": "a"}, {"model": "b"}],
+                             "path": [{"model": m, "layer": l, "scale": s} for m, l, s in steps]})
+
+
+def hooked(model: torch.nn.Module, scales) -> torch.nn.Module:
+    """The path run literally: each layer's input hidden state multiplied by its step's scale."""
+    def scaler(scale):
+        def hook(module, args, kwargs):
+            if args:
+                return (args[0] * scale, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
+        return hook
+
+    for layer, scale in zip(arch.layer_list(model), scales):
+        layer.register_forward_pre_hook(scaler(scale), with_kwargs=True)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_data_flow_folding_equals_explicit_scaling(family, family_models, tmp_path):
+    """A data-flow path written as a checkpoint (scales folded into the residual writers) computes what the
+    unscaled stacked layers compute with the hidden state scaled before each step (forward hooks). Where
+    post-norms make folding inexact (Gemma2/3) a scaled path is refused and an unscaled one still works."""
+    paths = family_models(family)
+    sources = {k: str(v) for k, v in paths.items() if k != "base"}
+    plain = write_checkpoint(path_recipe([(m, l, 1.0) for m, l, _ in STEPS]), sources, tmp_path / "plain")
+    assert AutoConfig.from_pretrained(plain).num_hidden_layers == len(STEPS)
+    if arch.family(family).post_norms:
+        with pytest.raises(UserError, match="post-norms"):
+            write_checkpoint(path_recipe(STEPS), sources, tmp_path / "folded")
+        return
+    folded = logits(write_checkpoint(path_recipe(STEPS), sources, tmp_path / "folded"))
+    reference = logits(hooked(AutoModelForCausalLM.from_pretrained(plain).eval(), [s for *_, s in STEPS]))
+    err = rel(folded, reference)
+    assert err < 1e-3, err
+    assert rel(logits(plain), reference) > 20 * err  # the scales matter, and the folding reproduces them
