@@ -264,8 +264,8 @@ def resize_config(f: Family, cfg: Mapping[str, Any] | Any, src: list[int]) -> di
     """The depth key and every depth-indexed field of `cfg` for a stack whose layer k is `cfg`'s layer
     src[k]: per-layer lists (`layer_types`) follow their layers; `mlp_only_layers` (with
     `decoder_sparse_step`, Qwen2-MoE) lists the new positions of dense layers; `max_window_layers` (Qwen2:
-    layers from this index on use the sliding window) is recomputed, refused when sliding windows are on and
-    the new order cannot be expressed by one threshold. Returns only the fields to set."""
+    layers from this index on slide; transformers and vLLM read `layer_types`, written alongside, which
+    holds any order) becomes the number of leading full-attention layers. Returns only the fields to set."""
     old = depth(f, cfg)
     out: dict[str, Any] = {depth_key(f, cfg): len(src)}
     if old is None:
@@ -285,14 +285,7 @@ def resize_config(f: Family, cfg: Mapping[str, Any] | Any, src: list[int]) -> di
             out["decoder_sparse_step"] = 1  # the dense layers are listed explicitly now
         elif key == "max_window_layers":
             full = [s < value for s in src]
-            lead = next((k for k, is_full in enumerate(full) if not is_full), len(full))
-            if all(full):
-                out[key] = max(int(value), len(src))
-            elif any(full[lead:]) and get_path(cfg, "use_sliding_window"):
-                raise UserError(f"{f.name}: this layer order puts a full-attention layer after a sliding-window one, "
-                                "which max_window_layers cannot express")
-            else:
-                out[key] = lead
+            out[key] = max(int(value), len(src)) if all(full) else full.index(False)
         else:
             raise AssertionError(f"no resize rule for {key}")
     return out

@@ -193,3 +193,65 @@ def test_data_flow_folding_equals_explicit_scaling(family, family_models, tmp_pa
     err = rel(folded, reference)
     assert err < 1e-3, err
     assert rel(logits(plain), reference) > 20 * err  # the scales matter, and the folding reproduces them
+
+
+SPACES = {"layer_weights": {"modules": ["attention", "embeddings"]}, "layer_swap": {}, "data_flow": {"repeats": 2}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("space", list(SPACES))
+def test_run_scores_every_candidate_and_exports_what_it_scored(family, space, family_models, tmp_path):
+    """`evomerge run` over each family and space: every evaluation ok (the resident model changes depth
+    in place for data-flow paths), and the exported best loads at its depth and scores what was recorded."""
+    import yaml
+
+    from evomerge import open_run
+    from evomerge.assemble import open_engine
+    from evomerge.config import load_config
+    from evomerge.export import export_run
+    from fitness.hf import HFHandle
+    from fitness.suite import TaskFitness
+
+    paths = family_models(family)
+    task = {"name": "t", "path": "task.jsonl", "metrics": ["loss"]}
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "reference": str(2 * i)}) + "\n" for i in range(3)))
+    cfg = {"sources": {k: str(v) for k, v in paths.items()}, "base": "base",
+           "space": {"name": space, "options": SPACES[space]}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [task], "handle": {"batch_size": 4}}, "budget": {"evaluations": 3}, "seed": 1}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    engine = open_engine(load_config(tmp_path / "run.yaml"), tmp_path / "run", resume=False)
+    assert engine.run() == "budget: evaluations"
+    engine.store.close()
+    run = open_run(tmp_path / "run")
+    df = run.frame()
+    assert list(df.status) == ["ok"] * 3, [e.error for e in run.store.evaluations()]
+    best = run.best("loss/t")
+    (out,) = export_run(tmp_path / "run", tmp_path / "best", fmt="hf", best="loss/t")
+    recipe = run.recipe(int(best["id"]))
+    depth = len(recipe.path) if recipe.path else LAYERS
+    handle = HFHandle(out)
+    assert len(arch.layer_list(handle.model)) == depth == AutoConfig.from_pretrained(out).num_hidden_layers
+    rescored = TaskFitness.from_config([task], base_dir=tmp_path).evaluate(handle).objectives["loss/t"]
+    assert rescored == best["loss/t"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resident_model_follows_each_recipe_in_place(family, family_models, tmp_path):
+    """The HF handle's model, rewritten in place (depth, per-layer settings, renamed and stacked tensors),
+    computes exactly what the written checkpoint of each recipe computes in a fresh transformers model."""
+    from fitness.hf import HFHandle
+
+    paths = family_models(family)
+    sources = {k: str(v) for k, v in paths.items()}
+    handle = HFHandle(paths["base"], Materializer(sources, base="base"))
+    scaled = not arch.family(family).post_norms
+    recipes = [
+        path_recipe([(m, l, s if scaled else 1.0) for m, l, s in STEPS]),  # deeper, reordered layer types
+        path_recipe([("b", 3, 1.0), ("a", 2, 1.0), ("a", 0, 1.0)]),  # shallower
+        Recipe.from_dict(_merges(family)["passthrough"]),
+        Recipe.from_dict(_merges(family)["merge"]),  # back to the base's stack
+    ]
+    for i, recipe in enumerate(recipes):
+        handle.set_recipe(recipe)
+        expected = logits(write_checkpoint(recipe, sources, tmp_path / str(i), base="base"))
+        assert torch.equal(logits(handle.model), expected), i
