@@ -130,7 +130,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 GENERIC = Family(
     name="generic", architectures=(), layers="", modules="", pre=(), post=(), head="lm_head.weight",
     groups={"attention": ("self_attn", "attn.", "attention."), "mlp": ("mlp",), "norms": ("layernorm", "ln_")},
-    residual=(r"(o_proj|down_proj|out_proj|c_proj|dense_4h_to_h|fc2|attention\.dense)\.",),
+    residual=(r".*(o_proj|down_proj|out_proj|c_proj|dense_4h_to_h|fc2|attention\.dense)\.",),
 )
 _BY_ARCH = {a: f for f in FAMILIES.values() for a in f.architectures}
 _warned: set[str] = set()
@@ -334,16 +334,15 @@ def memory_name(f: Family, name: str) -> tuple[str, int | None, Fused | None]:
 
 def module_targets(model: Any, names: Iterable[str], f: Family | None = None) -> dict[str, Any]:
     """Checkpoint tensor name -> the tensor of `model` (a view for a fused expert) that from_pretrained
-    fills from it, for every name in `names`, which must cover every parameter of the model. A head tied to
-    the input embedding is left out: transformers ignores a stored copy when the config ties them."""
+    fills from it, for every name in `names`, which must cover every parameter of the model. The model's
+    head is left out while it is its input embedding (tied): see `untie_head`."""
     f = f or lookup(model.config)
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers(remove_duplicate=False)))
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     out: dict[str, Any] = {}
     covered: dict[str, int] = {}
     for n in names:
-        if tied and n == f.head and f is not GENERIC:
+        if n == f.head and is_tied(model):
             continue
         target, e, rule = memory_name(f, n)
         t = own.get(target)
@@ -357,6 +356,18 @@ def module_targets(model: Any, names: Iterable[str], f: Family | None = None) ->
         if covered.get(name, 0) != p.numel():  # e.g. a model deeper than the recipe: old weights would stay
             raise UserError(f"the recipe does not produce all of the model's parameter {name!r} (check the model's depth)")
     return out
+
+
+def is_tied(model: Any) -> bool:
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embedding is not None and head.weight is embedding.weight
+
+
+def untie_head(model: Any) -> None:
+    """Give a tied model its own head (a copy of the embedding): transformers loads a stored head that
+    differs from the embedding untied, whatever the config says, so a merge producing one needs it."""
+    head = model.get_output_embeddings()
+    head.weight = type(head.weight)(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
 
 
 def layer_list(model: Any, f: Family | None = None) -> Any:

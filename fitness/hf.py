@@ -68,7 +68,10 @@ class HFHandle:
         if recipe.path is not None:
             arch.check_reorderable(stack.layout.family, stack.base_config)
         self._fit_depth(stack.layout.source_layers(planned))
-        targets = arch.module_targets(self.model, [p.name for p in planned], stack.layout.family)
+        names = [p.name for p in planned]
+        if stack.layout.family.head in names and arch.is_tied(self.model):  # an expert stores its own head
+            arch.untie_head(self.model)
+        targets = arch.module_targets(self.model, names, stack.layout.family)
         self.materializer.load_into(recipe, self.model, targets=targets)
         self.timings["swap"] = time.perf_counter() - start
         self.recipe = recipe
