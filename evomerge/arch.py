@@ -54,6 +54,8 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()  # checkpoint -> memory name substitutions (regex, replacement)
     fused: tuple[Fused, ...] = ()
     moe: bool = False
+    text_config: str = ""  # the sub-config holding the decoder's settings (multimodal models), "" = top level
+    outside_prefixes: tuple[str, ...] = ()  # other modules outside the stack (a vision tower), as filters
 
     @property
     def tensors_outside(self) -> tuple[str, ...]:
@@ -82,6 +84,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     dataclasses.replace(_LLAMA, name="qwen3", architectures=("Qwen3ForCausalLM",), depth_fields=_QWEN_FIELDS),
     dataclasses.replace(_LLAMA, name="gemma2", architectures=("Gemma2ForCausalLM",), **_GEMMA),
     dataclasses.replace(_LLAMA, name="gemma3_text", architectures=("Gemma3ForCausalLM",), **_GEMMA),
+    dataclasses.replace(
+        _LLAMA, name="gemma3", architectures=("Gemma3ForConditionalGeneration",), **_GEMMA,
+        layers="language_model.model.layers", modules="model.language_model.layers", text_config="text_config",
+        pre=("language_model.model.embed_tokens.weight",), head="language_model.lm_head.weight",
+        post=("language_model.model.norm.weight", "language_model.lm_head.weight"),
+        outside_prefixes=("vision_tower.", "multi_modal_projector."),
+        renames=((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
+                 (r"^vision_tower\.", "model.vision_tower."), (r"^multi_modal_projector\.", "model.multi_modal_projector.")),
+    ),
     dataclasses.replace(_LLAMA, name="phi3", architectures=("Phi3ForCausalLM",)),
     Family(
         name="gpt2", architectures=("GPT2LMHeadModel",), layers="transformer.h", modules="transformer.h",
@@ -248,6 +259,21 @@ def get_path(cfg: Mapping[str, Any] | Any, key: str) -> Any:
     return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
 
 
+def text_config(f: Family, cfg: Mapping[str, Any] | Any) -> Mapping[str, Any] | Any:
+    """The (sub-)config holding the decoder's depth and depth-indexed fields (a config.json dict or object)."""
+    return get_path(cfg, f.text_config) if f.text_config else cfg
+
+
+def apply_config(f: Family, cfg: dict[str, Any] | Any, fields: Mapping[str, Any]) -> None:
+    """Set `resize_config`'s fields in `cfg` (a dict, changed in place, or a transformers config)."""
+    sub = text_config(f, cfg)
+    for key, value in fields.items():
+        if isinstance(sub, dict):
+            sub[key] = value
+        else:
+            setattr(sub, key, value)
+
+
 def depth_key(f: Family, cfg: Mapping[str, Any] | Any) -> str:
     """The config key holding the number of layers (for an unknown family: the usual spellings)."""
     if f is not GENERIC:
@@ -256,6 +282,7 @@ def depth_key(f: Family, cfg: Mapping[str, Any] | Any) -> str:
 
 
 def depth(f: Family, cfg: Mapping[str, Any] | Any) -> int | None:
+    cfg = text_config(f, cfg)
     n = get_path(cfg, depth_key(f, cfg))
     return None if n is None else int(n)
 
@@ -265,8 +292,10 @@ def resize_config(f: Family, cfg: Mapping[str, Any] | Any, src: list[int]) -> di
     src[k]: per-layer lists (`layer_types`) follow their layers; `mlp_only_layers` (with
     `decoder_sparse_step`, Qwen2-MoE) lists the new positions of dense layers; `max_window_layers` (Qwen2:
     layers from this index on slide; transformers and vLLM read `layer_types`, written alongside, which
-    holds any order) becomes the number of leading full-attention layers. Returns only the fields to set."""
+    holds any order) becomes the number of leading full-attention layers. Returns only the fields to set
+    (in the family's `text_config`: see `apply_config`)."""
     old = depth(f, cfg)
+    cfg = text_config(f, cfg)
     out: dict[str, Any] = {depth_key(f, cfg): len(src)}
     if old is None:
         return out
@@ -294,7 +323,7 @@ def resize_config(f: Family, cfg: Mapping[str, Any] | Any, src: list[int]) -> di
 def check_reorderable(f: Family, cfg: Mapping[str, Any] | Any) -> None:
     """Refuse layer orders a family cannot compute faithfully (a layer whose math depends on its index)."""
     for flag in f.layer_index_flags:
-        if get_path(cfg, flag):
+        if get_path(text_config(f, cfg), flag):
             raise UserError(f"{f.name}: {flag} is set, so a layer computes differently at another depth; "
                             "data-flow paths cannot be scored faithfully")
 
@@ -311,7 +340,7 @@ def outside_filters(f: Family, tied: bool) -> tuple[str, ...]:
     """Filters naming each tensor outside the layers (the head only when it is stored, i.e. not tied)."""
     if f is GENERIC:
         return ("embed_tokens", "norm", *(() if tied else (f.head,)))
-    return tuple(n for n in f.tensors_outside if not (tied and n == f.head))
+    return tuple(n for n in f.tensors_outside if not (tied and n == f.head)) + f.outside_prefixes
 
 
 def embedding_filters(f: Family, tied: bool) -> tuple[str, ...]:
@@ -396,7 +425,7 @@ def markdown_table() -> str:
     rows = ["| Family | `architectures` | Layers | Depth fields | Module groups | Data-flow scale goes into | Load-time layout |",
             "|---|---|---|---|---|---|---|"]
     for f in FAMILIES.values():
-        fields = ", ".join(f"`{k}`" for k in (f.depth_key, *f.depth_fields))
+        fields = ", ".join(f"`{f.text_config + '.' if f.text_config else ''}{k}`" for k in (f.depth_key, *f.depth_fields))
         fold = "none: post-norms renormalize the writes (scales must be 1)" if f.post_norms else "residual writers"
         layout = "; ".join(filter(None, [
             ", ".join(f"`{p.strip('^').replace(chr(92), '')}`→`{r}`" for p, r in f.renames),

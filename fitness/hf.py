@@ -92,8 +92,7 @@ class HFHandle:
         if src == stack.current:
             return
         family, base = stack.layout.family, stack.base_config
-        for key, value in arch.resize_config(family, base, src).items():
-            setattr(self.model.config, key, value)
+        arch.apply_config(family, self.model.config, arch.resize_config(family, base, src))
         layers = arch.layer_list(self.model, family)
         kind = lambda s: arch.resize_config(family, base, [s])  # noqa: E731 - a layer's own settings
         proto = next(layers[0].parameters())
@@ -101,7 +100,7 @@ class HFHandle:
             if k < len(layers) and k < len(stack.current) and kind(stack.current[k]) == kind(s):
                 continue
             with torch.device("meta"):
-                layer = type(layers[0])(self.model.config, layer_idx=k)
+                layer = type(layers[0])(arch.text_config(family, self.model.config), layer_idx=k)
             layer = layer.to(dtype=proto.dtype).to_empty(device=proto.device).train(self.model.training)
             if k < len(layers):
                 layers[k] = layer

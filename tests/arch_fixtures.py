@@ -26,6 +26,11 @@ def config(family: str) -> T.PretrainedConfig:
         "qwen3": lambda: T.Qwen3Config(**_COMMON, head_dim=16, use_sliding_window=True, sliding_window=8, layer_types=mixed),
         "gemma2": lambda: T.Gemma2Config(**_COMMON, head_dim=16, sliding_window=8, layer_types=mixed),
         "gemma3_text": lambda: T.Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, layer_types=mixed),
+        "gemma3": lambda: T.Gemma3Config(  # multimodal: the decoder's settings live in text_config
+            text_config=T.Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, layer_types=mixed).to_dict(),
+            vision_config=T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=14).to_dict(),
+            mm_tokens_per_image=4, boi_token_index=125, eoi_token_index=126, image_token_index=127, **_IDS),
         "phi3": lambda: T.Phi3Config(**_COMMON),
         "gpt2": lambda: T.GPT2Config(vocab_size=128, n_embd=32, n_layer=LAYERS, n_head=2, n_positions=128, **_IDS),
         "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, intermediate_size=48,

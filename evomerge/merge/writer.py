@@ -7,6 +7,7 @@ config of the chosen sources, and a model card recording the recipe and the sour
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -130,14 +131,14 @@ def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_by
 
 
 def _write_config(tmp: Path, config: dict[str, Any], dtype: torch.dtype, recipe: Recipe, planned: list, names: list[str]) -> None:
-    cfg = dict(config)
+    cfg = copy.deepcopy(config)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
     if recipe.path is not None or recipe.slices:  # the depth and every depth-indexed field follow the new stack
         layout = arch.layout_for(config, names)
         if recipe.path is not None:
             arch.check_reorderable(layout.family, cfg)
-        cfg.update(arch.resize_config(layout.family, cfg, layout.source_layers(planned)))
+        arch.apply_config(layout.family, cfg, arch.resize_config(layout.family, cfg, layout.source_layers(planned)))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
