@@ -241,6 +241,7 @@ def test_run_scores_every_candidate_and_exports_what_it_scored(family, space, fa
 def test_resident_model_follows_each_recipe_in_place(family, family_models, tmp_path):
     """The HF handle's model, rewritten in place (depth, per-layer settings, renamed and stacked tensors),
     computes exactly what the written checkpoint of each recipe computes in a fresh transformers model."""
+    from fitness.handle import Sampling
     from fitness.hf import HFHandle
 
     paths = family_models(family)
@@ -255,8 +256,11 @@ def test_resident_model_follows_each_recipe_in_place(family, family_models, tmp_
     ]
     for i, recipe in enumerate(recipes):
         handle.set_recipe(recipe)
-        expected = logits(write_checkpoint(recipe, sources, tmp_path / str(i), base="base"))
-        assert torch.equal(logits(handle.model), expected), i
+        written = write_checkpoint(recipe, sources, tmp_path / str(i), base="base")
+        assert torch.equal(logits(handle.model), logits(written)), i
+        if i == 0:  # generation's KV cache is sized and typed by the rewritten config
+            prompts, sampling = ["12+3=", "a"], Sampling(max_new_tokens=6)
+            assert handle.generate(prompts, sampling) == HFHandle(written).generate(prompts, sampling)
 
 
 def test_readme_lists_the_table():
@@ -329,3 +333,34 @@ def test_a_filter_matching_no_tensor_is_a_one_line_error(family_models):
     with pytest.raises(UserError, match="filter 'self_attn' matches no tensor of this gpt2 model") as e:
         mat.materialize(recipe)
     assert "\n" not in str(e.value) and "attention='attn.'" in str(e.value)
+
+
+def test_spaces_read_the_family():
+    import search_spaces
+
+    gpt2 = search_spaces.make("layer_swap", sources=["a", "b"], num_layers=2, architecture="gpt2", tied_embeddings=True)
+    assert gpt2.non_layer_filters == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+    moe = search_spaces.make("layer_weights", sources=["a"], base="base", num_layers=2, granularity=0, method="task_arithmetic",
+                             modules=["mlp", "experts"], architecture="mixtral")
+    entries = moe.decode(moe.initial()).models[0].parameters["weight"]
+    assert [e.get("filter") for e in entries] == ["block_sparse_moe.experts.", "block_sparse_moe.", None]  # specific first
+    with pytest.raises(UserError, match="valid: attention, mlp, norms, embeddings"):
+        search_spaces.make("layer_weights", sources=["a"], base="base", num_layers=2, modules=["experts"], architecture="qwen2")
+    gemma = search_spaces.make("data_flow", sources=["a", "b"], num_layers=2, architecture="gemma2")
+    assert gemma.dim == 2 * 2 * 3 and all(s.scale == 1.0 for s in gemma.decode(gemma.bounds[:, 1]).path)
+    with pytest.raises(UserError, match="post-norms"):
+        search_spaces.make("data_flow", sources=["a"], num_layers=2, architecture="gemma2", scale_range=(0.5, 2.0))
+
+
+def test_index_dependent_layers_refuse_data_flow(family_models, tmp_path):
+    """GPT-2 with scale_attn_by_inverse_layer_idx scales attention by 1/(layer index + 1): a layer moved
+    along a path would compute something else."""
+    import shutil
+
+    paths = dict(family_models("gpt2"))
+    flagged = tmp_path / "a"
+    shutil.copytree(paths["a"], flagged)
+    cfg = json.loads((flagged / "config.json").read_text())
+    (flagged / "config.json").write_text(json.dumps({**cfg, "scale_attn_by_inverse_layer_idx": True}))
+    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx"):
+        write_checkpoint(path_recipe([("a", 0, 1.0), ("b", 2, 1.0)]), {"a": str(flagged), "b": str(paths["b"])}, tmp_path / "out")
