@@ -7,7 +7,8 @@ depth key), the HF handle (the layer list, in-memory targets). A checkpoint of a
 here is read by name patterns, with a one-time warning.
 
 `Layout` reads the table for one family: which layer a tensor name belongs to, pre/post tensors, where a
-data-flow scale folds. Plain data and plain functions: no torch import (this module is ground floor: everything may read it).
+data-flow scale folds. Plain data and plain functions, no torch import: this module is ground floor, every
+other may read it.
 """
 from __future__ import annotations
 
@@ -46,8 +47,7 @@ class Family:
     head: str  # the output embedding, absent from the checkpoint when tied to pre[0]
     groups: Mapping[str, tuple[str, ...]]  # module group -> name fragments (mergekit `filter`s), most specific first
     residual: tuple[str, ...]  # regexes over a layer tensor's rest: projections whose output is added to the residual
-    post_norms: tuple[str, ...] = ()  # norms that renormalize those outputs before the add (then THEY set the scale)
-    norm_offset: float = 0.0  # a norm multiplies by (offset + weight): Gemma's (1 + w)
+    post_norms: tuple[str, ...] = ()  # norms that renormalize those outputs before the add (Gemma: x * (1 + w))
     depth_key: str = "num_hidden_layers"  # as config.json spells it
     depth_fields: tuple[str, ...] = ()  # config fields indexed by layer (see `resize_config`)
     layer_index_flags: tuple[str, ...] = ()  # config flags that make a layer's computation depend on its index
@@ -73,7 +73,7 @@ _QWEN_FIELDS = ("layer_types", "max_window_layers")
 _GEMMA = dict(
     groups={"attention": ("self_attn",), "mlp": ("mlp",),
             "norms": (*_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")},
-    post_norms=(r"post_attention_layernorm\.", r"post_feedforward_layernorm\."), norm_offset=1.0,
+    post_norms=(r"post_attention_layernorm\.", r"post_feedforward_layernorm\."),
     depth_fields=("layer_types",),
 )
 
@@ -433,5 +433,3 @@ def markdown_table() -> str:
         rows.append(f"| {f.name} | {', '.join(f.architectures)} | `{f.layers}` | {fields} | {', '.join(f.groups)} | {fold} | {layout} |")
     return "\n".join(rows)
 
-
-__all__ = ["FAMILIES", "GENERIC", "Family", "Fused", "family", "lookup", "resize_config", "module_targets", "layer_list"]

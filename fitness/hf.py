@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
