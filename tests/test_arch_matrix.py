@@ -350,6 +350,10 @@ def test_spaces_read_the_family():
     assert gemma.dim == 2 * 2 * 3 and all(s.scale == 1.0 for s in gemma.decode(gemma.bounds[:, 1]).path)
     with pytest.raises(UserError, match="post-norms"):
         search_spaces.make("data_flow", sources=["a"], num_layers=2, architecture="gemma2", scale_range=(0.5, 2.0))
+    hybrid = search_spaces.make("hybrid", architecture="gemma2", tied_embeddings=True, parts=[
+        {"name": "ps", "space": "layer_weights", "options": {"sources": ["a", "b"], "base": "base", "num_layers": 2, "modules": ["embeddings"]}},
+        {"name": "dfs", "space": "data_flow", "options": {"sources": ["ps", "b"], "num_layers": 2}}])
+    assert not hybrid.parts[1][1].scaled and hybrid.parts[0][1].filters["embeddings"] == ("model.embed_tokens.weight",)
 
 
 def test_index_dependent_layers_refuse_data_flow(family_models, tmp_path):
