@@ -30,7 +30,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from evomerge.merge import Materializer  # noqa: E402
-from evomerge.merge.layout import layer_of, layer_position, num_layers  # noqa: E402
+from evomerge.arch import layout_for  # noqa: E402
+from evomerge.merge.plan import layer_position  # noqa: E402
 from evomerge.merge.params import ParamSpec, evaluate  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 
@@ -65,13 +66,14 @@ def mergekit_parameters(r: Recipe, names: list[str]):
     """The recipe's per-tensor weights and densities as mergekit PerGroupValues (same gradient arithmetic)."""
     from mergekit.merge_methods.base import PerGroupValues
 
-    count = num_layers(names)
+    layout = layout_for(None, names)
+    count = layout.num_layers(names)
     out = {}
     for key in ("weight", "density"):
         spec = ParamSpec(key, float)
         values = []
         for n in names:
-            ln = layer_of(n)
+            ln = layout.layer_of(n)
             t = layer_position(ln.index, count) if ln else 0.0
             values.append({m.model: evaluate(m.parameters[key], n, t, spec, n) for m in r.models})
         out[key] = PerGroupValues(values)

@@ -63,8 +63,12 @@ def importable(cfg: RunConfig) -> None:
 
 
 def model_facts(cfg: RunConfig) -> dict[str, Any]:
-    """What a search space may need to know about the sources: expert names, base name, layer count
-    (read from the base's config.json)."""
+    """What a search space may need to know about the sources: expert names, base name, and from the base
+    checkpoint (config.json and safetensors headers) its architecture (evomerge/arch.py), layer count and
+    whether its head is tied to the input embedding."""
+    from evomerge import arch
+    from evomerge.merge.sources import Source
+
     experts = [n for n in cfg.sources if n != cfg.base]
     facts: dict[str, Any] = {"sources": experts} if experts else {}
     if cfg.base is not None:
@@ -72,9 +76,13 @@ def model_facts(cfg: RunConfig) -> dict[str, Any]:
         conf = Path(cfg.sources[cfg.base]) / "config.json"
         if not conf.is_file():
             raise UserError(f"sources.{cfg.base}: {conf.parent} has no config.json (not a Hugging Face checkpoint)")
-        n = json.loads(conf.read_text()).get("num_hidden_layers")
+        config = json.loads(conf.read_text())
+        family = arch.lookup(config)
+        facts["architecture"] = family.name
+        n = arch.depth(family, config)
         if n is not None:
-            facts["num_layers"] = int(n)
+            facts["num_layers"] = n
+        facts["tied_embeddings"] = family.head not in Source.open(cfg.base, conf.parent).names()
     return facts
 
 

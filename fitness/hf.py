@@ -3,20 +3,25 @@ overwritten in place for each candidate; batched greedy generation with left pad
 teacher-forced scoring with right padding."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from evomerge import arch
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 from fitness.handle import Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
 
 
 class LoadsInto(Protocol):
-    def load_into(self, recipe: Recipe, module: torch.nn.Module) -> Any: ...
+    def plan(self, recipe: Recipe) -> tuple[list[Any], int]: ...
+
+    def load_into(self, recipe: Recipe, module: torch.nn.Module, *, targets: Mapping[str, torch.Tensor] | None = None) -> Any: ...
 
 
 class HFHandle:
@@ -44,7 +49,6 @@ class HFHandle:
         kw: dict[str, Any] = {} if dtype is None else {"dtype": getattr(torch, dtype)}
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self._depth = int(getattr(self.model.config, "num_hidden_layers", 0))  # a data-flow path may change it
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.materializer = materializer
@@ -59,30 +63,51 @@ class HFHandle:
             raise UserError("this HF handle has no materializer; it cannot build a recipe")
         start = time.perf_counter()
         self.recipe = None  # a failed write leaves the weights matching no recipe
-        if recipe.path is not None and hasattr(self.materializer, "plan"):
-            self._fit_depth(self.materializer.plan(recipe)[1])
-        elif recipe.path is None:
-            self._fit_depth(self._depth)
-        self.materializer.load_into(recipe, self.model)
+        planned, _ = self.materializer.plan(recipe)
+        stack = self._stack
+        if recipe.path is not None:
+            arch.check_reorderable(stack.layout.family, stack.base_config)
+        self._fit_depth(stack.layout.source_layers(planned))
+        names = [p.name for p in planned]
+        if stack.layout.family.head in names and arch.is_tied(self.model):  # an expert stores its own head
+            arch.untie_head(self.model)
+        targets = arch.module_targets(self.model, names, stack.layout.family)
+        self.materializer.load_into(recipe, self.model, targets=targets)
         self.timings["swap"] = time.perf_counter() - start
         self.recipe = recipe
 
-    def _fit_depth(self, n: int) -> None:
-        """A data-flow recipe builds a model as deep as its path: grow or shrink the resident layer stack
-        (copies of a layer, overwritten by the merge next), so no candidate reloads the model."""
-        import copy
+    @functools.cached_property
+    def _stack(self) -> _Stack:
+        layout = arch.layout_for(self.model.config)
+        n = arch.depth(layout.family, self.model.config) or len(arch.layer_list(self.model, layout.family))
+        return _Stack(layout, self.model.config.to_dict(), list(range(n)))
 
-        layers = getattr(getattr(self.model, "model", None), "layers", None)
-        if layers is None or n == len(layers):
+    def _fit_depth(self, src: list[int]) -> None:
+        """Output layer k of the recipe is base layer src[k] (data-flow paths and passthrough slices change
+        the stack): set the config's depth and depth-indexed fields (`layer_types`, ...) and grow or shrink
+        the resident layer list, so no candidate reloads the model. A layer is rebuilt where its per-layer
+        settings change, from its class on the meta device with uninitialised storage (the merge writes
+        every weight next); the others stay."""
+        stack = self._stack
+        if src == stack.current:
             return
-        while len(layers) < n:
-            layers.append(copy.deepcopy(layers[-1]))
-        while len(layers) > n:
-            del layers[-1]
-        for i, layer in enumerate(layers):
-            if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
-                layer.self_attn.layer_idx = i  # the KV cache of generation is indexed by it
-        self.model.config.num_hidden_layers = n
+        family, base = stack.layout.family, stack.base_config
+        arch.apply_config(family, self.model.config, arch.resize_config(family, base, src))
+        layers = arch.layer_list(self.model, family)
+        kind = lambda s: arch.resize_config(family, base, [s])  # noqa: E731 - a layer's own settings
+        proto = next(layers[0].parameters())
+        for k, s in enumerate(src):
+            if k < len(layers) and k < len(stack.current) and kind(stack.current[k]) == kind(s):
+                continue
+            with torch.device("meta"):
+                layer = type(layers[0])(arch.text_config(family, self.model.config), layer_idx=k)
+            layer = layer.to(dtype=proto.dtype).to_empty(device=proto.device).train(self.model.training)
+            if k < len(layers):
+                layers[k] = layer
+            else:
+                layers.append(layer)
+        del layers[len(src):]
+        stack.current = list(src)
 
     @torch.no_grad()
     def load_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -165,6 +190,15 @@ class HFHandle:
         """Indices grouped into batches of similar length (less padding), covering every sequence once."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         return [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+
+
+@dataclass
+class _Stack:
+    """The resident model's architecture, its base config and which base layer each resident layer runs."""
+
+    layout: arch.Layout
+    base_config: dict[str, Any]
+    current: list[int]
 
 
 def _tied(model: torch.nn.Module, name: str) -> bool:

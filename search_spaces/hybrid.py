@@ -4,7 +4,8 @@ part's recipe is nested into a later part that names it as a source or base. Sak
            {"name": "dfs", "space": "data_flow", "options": {"sources": ["ps", "b"], "num_layers": 32}}]
 where the data-flow part's model A is the parameter-space merge. The last part's recipe is the result;
 every earlier part must be used by exactly one later part. Parts are given as such dicts, or as
-(name, SearchSpace) pairs.
+(name, SearchSpace) pairs. `architecture` and `tied_embeddings` (filled in from the base checkpoint by
+`evomerge run`) reach every dict part whose space takes them, unless its options set them.
 """
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ from search_spaces.base import SearchSpace
 
 
 class Hybrid(SearchSpace):
-    def __init__(self, parts: Sequence[Mapping[str, Any] | tuple[str, SearchSpace]]) -> None:
+    def __init__(self, parts: Sequence[Mapping[str, Any] | tuple[str, SearchSpace]], architecture: str = "llama",
+                 tied_embeddings: bool = False) -> None:
+        import inspect
+
         import search_spaces
+
+        facts = {"architecture": architecture, "tied_embeddings": tied_embeddings}
 
         self.parts: list[tuple[str, SearchSpace]] = []
         for p in parts or []:
@@ -29,7 +35,9 @@ class Hybrid(SearchSpace):
             elif isinstance(p, Mapping) and {"name", "space"} <= set(p):
                 if p["space"] == "hybrid":
                     raise UserError("a hybrid part cannot itself be hybrid; list its parts instead")
-                name, space = p["name"], search_spaces.make(p["space"], **dict(p.get("options") or {}))
+                takes = inspect.signature(search_spaces.space_class(p["space"]).__init__).parameters
+                options = {**{k: v for k, v in facts.items() if k in takes}, **dict(p.get("options") or {})}
+                name, space = p["name"], search_spaces.make(p["space"], **options)
             else:
                 raise UserError(f"a hybrid part is {{name, space, options}} or (name, space), got {p!r}")
             self.parts.append((str(name), space))

@@ -9,8 +9,9 @@ blocks blend smoothly over about w layers on each side.
 Decodes to a `linear` recipe whose per-source `weight` is a per-layer gradient list (exact at each layer);
 tensors outside the layers (names containing any of `non_layer_filters`) come from `embeddings_from`
 (default: the first source). Options: `sources`, `num_layers`, `transition` (0), `non_layer_filters`
-(("embed_tokens", "lm_head", "model.norm")), `embeddings_from`, `initial` (a source per layer; default all
-from the first source).
+(default: the architecture's embeddings, final norm and stored head, from evomerge/arch.py),
+`embeddings_from`, `initial` (a source per layer; default all from the first source), `architecture` and
+`tied_embeddings` (filled in from the base checkpoint by `evomerge run`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evomerge import arch
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
 from search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
@@ -29,15 +31,19 @@ class LayerSwap(SearchSpace):
         sources: Sequence[str],
         num_layers: int,
         transition: int = 0,
-        non_layer_filters: Sequence[str] = ("embed_tokens", "lm_head", "model.norm"),
+        non_layer_filters: Sequence[str] | None = None,
         embeddings_from: str | None = None,
         initial: Sequence[str] | None = None,
+        architecture: str = "llama",
+        tied_embeddings: bool = False,
     ) -> None:
         self.sources = check_sources(sources, at_least=2)
         self.num_layers = check_layers(num_layers)
         if not isinstance(transition, int) or transition < 0:
             raise UserError(f"transition must be an integer >= 0 (layers), got {transition!r}")
         self.transition = transition
+        if non_layer_filters is None:
+            non_layer_filters = arch.outside_filters(arch.family(architecture), tied_embeddings)
         self.non_layer_filters = list(non_layer_filters)
         self.embeddings_from = embeddings_from or self.sources[0]
         if self.embeddings_from not in self.sources:

@@ -4,15 +4,19 @@ module group and each source model, a merge `weight` and (for sparsifying method
 Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
 `method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
 task_arithmetic, linear), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
-the whole model), `modules` (subset of attention, mlp, embeddings: each gets its own values; the rest of
-the tensors share a default group), `normalize` (sets the recipe's `normalize` when given),
+the whole model), `modules` (a subset of the architecture's module groups — attention, mlp, norms, and
+for mixtures of experts experts, router... — plus embeddings: each gets its own values; the rest of the
+tensors share a default group), `normalize` (sets the recipe's `normalize` when given),
 `negative_weights` (weights range over [-weight_max, weight_max] instead of [0, weight_max]),
 `weight_max` (1.0), `density_range` ((0.1, 1.0); della's default keeps d ± ε inside (0, 1)), `merge_seed`
-(the recipe's seed for the random methods), `initial_weight` and `initial_density` (0.5: Sakana's start).
+(the recipe's seed for the random methods), `initial_weight` and `initial_density` (0.5: Sakana's start),
+`architecture` and `tied_embeddings` (filled in from the base checkpoint by `evomerge run`: the family in
+evomerge/arch.py whose names the filters use, and whether the head is the input embedding).
 
 Decoding: a value per layer becomes a mergekit gradient list with one entry per layer (exact at every
-layer), a single group a scalar; module groups become `{filter, value}` entries (attention: `self_attn`,
-mlp: `mlp`, embeddings: `embed_tokens` and `lm_head`), the default group the entry without a filter.
+layer), a single group a scalar; module groups become `{filter, value}` entries (the architecture table's
+filters, e.g. Llama's attention: `self_attn`; embeddings: the embedding and head tensors), the default
+group the entry without a filter.
 Tensors outside the layers take the first layer group's value unless `embeddings` is searched.
 Dimensions are ordered layer group, then module, then source, then weight/density: a split point (M2N2)
 cuts between layers.
@@ -24,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evomerge import arch
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
 from search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
@@ -31,9 +36,7 @@ from search_spaces.base import SearchSpace, check_layers, check_sources, model_r
 METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear")
 WEIGHT_ONLY = ("task_arithmetic", "linear")
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
-# tensor-name substrings per module group (Llama/Mistral/Qwen naming, as mergekit's filters use them)
-MODULE_FILTERS: dict[str, tuple[str, ...]] = {"attention": ("self_attn",), "mlp": ("mlp",), "embeddings": ("embed_tokens", "lm_head")}
-DEFAULT = "default"
+EMBEDDINGS, DEFAULT = "embeddings", "default"
 
 
 class LayerWeights(SearchSpace):
@@ -52,6 +55,8 @@ class LayerWeights(SearchSpace):
         merge_seed: int = 0,
         initial_weight: float = 0.5,
         initial_density: float = 0.5,
+        architecture: str = "llama",
+        tied_embeddings: bool = False,
     ) -> None:
         if method not in METHODS:
             raise UserError(f"unknown merge method {method!r} for layer_weights; valid: {', '.join(METHODS)}")
@@ -61,9 +66,13 @@ class LayerWeights(SearchSpace):
             raise UserError(f"method {method!r} needs a base model: set `base`")
         if base in self.sources:
             raise UserError(f"base {base!r} is also listed as a source")
-        unknown = [m for m in modules if m not in MODULE_FILTERS]
+        family = arch.family(architecture)
+        # tensor-name substrings per module group, as mergekit's filters use them; the most specific group first
+        self.filters = {g: f for g, f in family.groups.items() if g in modules}
+        self.filters[EMBEDDINGS] = arch.embedding_filters(family, tied_embeddings)
+        unknown = [m for m in modules if m not in self.filters]
         if unknown:
-            raise UserError(f"unknown module group {unknown[0]!r}; valid: {', '.join(MODULE_FILTERS)}")
+            raise UserError(f"unknown module group {unknown[0]!r} for {family.name}; valid: {', '.join([*family.groups, EMBEDDINGS])}")
         if not isinstance(granularity, int) or granularity < 0:
             raise UserError(f"granularity must be an integer >= 0 (0 = whole model), got {granularity!r}")
         if weight_max <= 0:
@@ -72,8 +81,8 @@ class LayerWeights(SearchSpace):
         lo_d, hi_d = density_range or ((0.16, 0.84) if method.startswith("della") else (0.1, 1.0))
         if not 0 <= lo_d < hi_d <= 1:
             raise UserError(f"density_range must satisfy 0 <= low < high <= 1, got {(lo_d, hi_d)}")
-        self.embeddings = "embeddings" in modules
-        self.layer_modules = [m for m in MODULE_FILTERS if m in modules and m != "embeddings"] + [DEFAULT]
+        self.embeddings = EMBEDDINGS in modules
+        self.layer_modules = [m for m in self.filters if m != EMBEDDINGS] + [DEFAULT]
         self.params = ["weight"] if method in WEIGHT_ONLY else ["weight", "density"]
         n_groups = 1 if granularity == 0 else math.ceil(self.num_layers / granularity)
         size = self.num_layers if granularity == 0 else granularity
@@ -83,7 +92,7 @@ class LayerWeights(SearchSpace):
         # slots: (group index or None for embeddings, module, source, param), in genome order
         self._slots: list[tuple[int | None, str, str, str]] = []
         if self.embeddings:
-            self._slots += [(None, "embeddings", s, p) for s in self.sources for p in self.params]
+            self._slots += [(None, EMBEDDINGS, s, p) for s in self.sources for p in self.params]
         for g in range(n_groups):
             self._slots += [(g, m, s, p) for m in self.layer_modules for s in self.sources for p in self.params]
         self._names = [self._name(*slot) for slot in self._slots]
@@ -119,11 +128,11 @@ class LayerWeights(SearchSpace):
                     continue
                 entries: list[dict[str, Any]] = []
                 if self.embeddings:
-                    v = float(x[self._index[(None, "embeddings", s, p)]])
-                    entries += [{"filter": f, "value": v} for f in MODULE_FILTERS["embeddings"]]
+                    v = float(x[self._index[(None, EMBEDDINGS, s, p)]])
+                    entries += [{"filter": f, "value": v} for f in self.filters[EMBEDDINGS]]
                 for m in self.layer_modules:
                     v = self._layer_value(x, m, s, p)
-                    entries += [{"value": v}] if m == DEFAULT else [{"filter": f, "value": v} for f in MODULE_FILTERS[m]]
+                    entries += [{"value": v}] if m == DEFAULT else [{"filter": f, "value": v} for f in self.filters[m]]
                 params[p] = entries
             models.append(ModelRef(model=s, parameters=params))
         return Recipe(
@@ -149,9 +158,9 @@ class LayerWeights(SearchSpace):
                     continue
                 entries = {e.get("filter"): e["value"] for e in value} if isinstance(value, list) else {}
                 if self.embeddings:
-                    x[self._index[(None, "embeddings", s, p)]] = float(entries.get(MODULE_FILTERS["embeddings"][0], math.nan))
+                    x[self._index[(None, EMBEDDINGS, s, p)]] = float(entries.get(self.filters[EMBEDDINGS][0], math.nan))
                 for m in self.layer_modules:
-                    key = None if m == DEFAULT else MODULE_FILTERS[m][0]
+                    key = None if m == DEFAULT else self.filters[m][0]
                     if key not in entries:
                         raise UserError(f"recipe: model {s!r} {p!r} has no entry for module group {m!r}")
                     self._read_layers(x, entries[key], m, s, p)

@@ -80,7 +80,7 @@ def test_layer_weights_modules_become_filters_and_linear_has_no_density():
     s = search_spaces.make("layer_weights", sources=["a"], base="base", num_layers=2, granularity=0, modules=["mlp", "embeddings"], method="task_arithmetic")
     assert s.names() == ["non_layer.embeddings.a.weight", "all_layers.mlp.a.weight", "all_layers.default.a.weight"]
     w = s.decode([0.1, 0.2, 0.3]).models[0].parameters["weight"]
-    assert w == [{"filter": "embed_tokens", "value": 0.1}, {"filter": "lm_head", "value": 0.1}, {"filter": "mlp", "value": 0.2}, {"value": 0.3}]
+    assert w == [{"filter": "model.embed_tokens.weight", "value": 0.1}, {"filter": "lm_head.weight", "value": 0.1}, {"filter": "mlp", "value": 0.2}, {"value": 0.3}]
     neg = search_spaces.make("layer_weights", sources=["a"], base="base", num_layers=2, negative_weights=True, weight_max=2.0)
     assert neg.bounds[0].tolist() == [-2.0, 2.0]
 

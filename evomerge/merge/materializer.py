@@ -192,7 +192,7 @@ class Materializer:
     def _prepare(self, recipe: Recipe) -> tuple[Method, list[Planned], int, int]:
         """The method, the plan, the number of output layers and the seed (0 when the recipe has none)."""
         method = registry.get(recipe.merge_method)
-        planned, layers = plan(recipe, self.names)
+        planned, layers = plan(recipe, self.names, config=self.sources[self.reference].config)
         self._validate(method, recipe, planned)
         return method, planned, layers, 0 if recipe.seed is None else recipe.seed
 

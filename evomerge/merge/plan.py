@@ -5,14 +5,16 @@ it is not listed, as mergekit does). `slices` recipes stack output layers from l
 sources; tensors outside the layers come from the first slice (embeddings) or the last (norm, head).
 Parameter scopes follow mergekit: a source's own parameters, then its slice's, then the recipe's.
 `path` recipes (data-flow) stack the listed layers with their scales folded into the weights.
+Which tensors are layers, embeddings or head, and where a scale folds, comes from the architecture table
+(evomerge/arch.py) through `Layout`. A parameter `filter` that matches no tensor is an error, not a no-op.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.merge.layout import is_pre, layer_of, layer_position, num_layers, writes_residual
+from evomerge.arch import LayerName, Layout, layout_for
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
@@ -51,18 +53,48 @@ def model_name(m: Any, what: str) -> str:
     return m
 
 
-def plan(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
-    """The plan over the reference's tensor `names`, and the number of output layers."""
+def layer_position(index: int, count: int) -> float:
+    """mergekit's gradient position of layer `index` among `count` layers."""
+    return index / (count - 1) if count > 1 else 1.0
+
+
+def plan(recipe: Recipe, names: list[str], config: Mapping[str, Any] | None = None) -> tuple[list[Planned], int]:
+    """The plan over the reference's tensor `names` (its `config` names the architecture; without it the
+    names do), and the number of output layers."""
+    layout = layout_for(config, names)
     if recipe.path is not None:
-        return _plan_path(recipe, names)
-    if bool(recipe.models) == bool(recipe.slices):
+        out, layers = _plan_path(recipe, names, layout)
+    elif bool(recipe.models) == bool(recipe.slices):
         raise UserError("a recipe needs exactly one of 'models' or 'slices'")
-    if recipe.models:
-        return _plan_models(recipe, names), num_layers(names)
-    return _plan_slices(recipe, names)
+    elif recipe.models:
+        out, layers = _plan_models(recipe, names, layout), layout.num_layers(names)
+    else:
+        out, layers = _plan_slices(recipe, names, layout)
+    _check_filters(recipe, out, layout)
+    return out, layers
 
 
-def _plan_models(recipe: Recipe, names: list[str]) -> list[Planned]:
+def _check_filters(recipe: Recipe, planned: list[Planned], layout: Layout) -> None:
+    """Every `filter` of the recipe's parameters names at least one tensor it merges."""
+    names = {p.name for p in planned} | {i.tensor for p in planned for i in p.inputs}
+    for f in sorted(set(_filters([recipe.parameters, *(r.parameters for r in recipe.models), recipe.slices]))):
+        if f != "*" and not any(f in n for n in names):
+            raise UserError(f"filter {f!r} matches no tensor of this {layout.family.name} model "
+                            f"(its groups: {', '.join(f'{g}={v[0]!r}' for g, v in layout.family.groups.items())})")
+
+
+def _filters(x: Any) -> Iterable[str]:
+    if isinstance(x, Mapping):
+        if isinstance(x.get("filter"), str) and "value" in x:
+            yield x["filter"]
+        for v in x.values():
+            yield from _filters(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _filters(v)
+
+
+def _plan_models(recipe: Recipe, names: list[str], layout: Layout) -> list[Planned]:
     base = model_name(recipe.base_model, "base_model") if recipe.base_model is not None else None
     refs = [(model_name(r.model, "models"), r.parameters) for r in recipe.models]
     if base is not None and base not in [m for m, _ in refs]:
@@ -71,25 +103,22 @@ def _plan_models(recipe: Recipe, names: list[str]) -> list[Planned]:
     if len(set(models)) != len(models):
         raise UserError(f"model {next(m for m in models if models.count(m) > 1)!r} is listed twice")
     base_idx = models.index(base) if base is not None else None
-    count = num_layers(names)
+    count = layout.num_layers(names)
     out = []
     for n in names:
-        ln = layer_of(n)
+        ln = layout.layer_of(n)
         t = layer_position(ln.index, count) if ln else 0.0
         inputs = tuple(Input(m, n, (p, recipe.parameters)) for m, p in refs)
         out.append(Planned(n, inputs, base_idx, t, (recipe.parameters,)))
     return out
 
 
-def _plan_slices(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
-    layer_names = {}
+def _plan_slices(recipe: Recipe, names: list[str], layout: Layout) -> tuple[list[Planned], int]:
+    by_layer = layout.layers(names)
     pre, post = [], []
     for n in names:
-        ln = layer_of(n)
-        if ln is None:
-            (pre if is_pre(n) else post).append(n)
-        elif ln.index == 0:
-            layer_names[ln.rest] = ln
+        if layout.layer_of(n) is None:
+            (pre if layout.is_pre(n) else post).append(n)
     slices = recipe.slices or []
     parsed = [_parse_slice(i, s, recipe) for i, s in enumerate(slices)]
     out: list[Planned] = []
@@ -105,12 +134,18 @@ def _plan_slices(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
         length = sources[0][1][1] - sources[0][1][0]
         for off in range(length):
             t = layer_position(off, length)
-            for rest, ln in layer_names.items():
+            for ln in _layer(by_layer, sources[0][1][0] + off, "slices"):  # a layer's own tensors (MoE or dense)
                 inputs = tuple(Input(m, ln.at(r[0] + off), (p, params, recipe.parameters)) for m, r, p in sources)
                 out.append(Planned(ln.at(layer), inputs, base_idx, t, (params, recipe.parameters)))
             layer += 1
     out.extend(edge(n, parsed[-1]) for n in post)
     return out, layer
+
+
+def _layer(by_layer: dict[int, list[LayerName]], index: int, where: str) -> list[LayerName]:
+    if index not in by_layer:
+        raise UserError(f"{where}: layer {index} is not a layer of the model (it has {len(by_layer)})")
+    return by_layer[index]
 
 
 def _parse_slice(i: int, s: Any, recipe: Recipe) -> tuple[list[tuple[str, tuple[int, int], Scope]], int | None, Scope]:
@@ -138,20 +173,20 @@ def _parse_slice(i: int, s: Any, recipe: Recipe) -> tuple[list[tuple[str, tuple[
     return sources, base_idx, s.get("parameters")
 
 
-def _plan_path(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
+def _plan_path(recipe: Recipe, names: list[str], layout: Layout) -> tuple[list[Planned], int]:
     """A data-flow path as a stacked model. Step k runs layer `step.layer` of `step.model` on the hidden
     state times `step.scale`. In a pre-norm decoder a layer only sees its input through scale-invariant
     norms, except for the residual itself, so scaling the stream by P_k = s_1 ... s_k before step k equals
-    dividing the residual-writing projections (o_proj, down_proj) of steps k, k+1, ... by P_k: the final
-    norm removes the overall factor. The path thus becomes an ordinary checkpoint any runtime can load.
-    Embeddings, final norm and head come from the first model entry ("model A")."""
+    dividing the residual-writing projections (o_proj, down_proj, MoE experts' output) of steps k, k+1, ...
+    by P_k: the final norm removes the overall factor. The path thus becomes an ordinary checkpoint any
+    runtime can load. Embeddings, final norm and head come from the first model entry ("model A")."""
     if not recipe.models:
         raise UserError("a path recipe needs 'models' (the first supplies embeddings and head)")
     model_a = entry_name(recipe.models[0])
     known = {entry_name(r) for r in recipe.models}
-    rests = [ln.rest for ln in map(layer_of, names) if ln is not None and ln.index == 0]
-    first = next(ln for ln in map(layer_of, names) if ln is not None)
-    out: list[Planned] = [Planned(n, (Input(model_a, n, ()),), None, 0.0, ()) for n in names if layer_of(n) is None and is_pre(n)]
+    by_layer = layout.layers(names)
+    outside = [n for n in names if layout.layer_of(n) is None]
+    out: list[Planned] = [Planned(n, (Input(model_a, n, ()),), None, 0.0, ()) for n in outside if layout.is_pre(n)]
     scale = 1.0
     for k, step in enumerate(recipe.path or []):
         if step.model not in known:
@@ -159,9 +194,7 @@ def _plan_path(recipe: Recipe, names: list[str]) -> tuple[list[Planned], int]:
         if not step.scale > 0:
             raise UserError(f"path step {k}: scale {step.scale:g} must be > 0 (a pre-norm model cannot fold it otherwise)")
         scale *= step.scale
-        for rest in rests:
-            scope = {"scale": 1.0 / scale} if scale != 1.0 and writes_residual(rest) else None
-            src = f"{first.prefix}.{step.layer}.{rest}"
-            out.append(Planned(f"{first.prefix}.{k}.{rest}", (Input(step.model, src, (scope,)),), None, 0.0, ()))
-    out += [Planned(n, (Input(model_a, n, ()),), None, 0.0, ()) for n in names if layer_of(n) is None and not is_pre(n)]
+        for ln in _layer(by_layer, step.layer, f"path step {k}"):
+            out.append(Planned(ln.at(k), (Input(step.model, ln.at(step.layer), (layout.fold_scope(ln.rest, scale),)),), None, 0.0, ()))
+    out += [Planned(n, (Input(model_a, n, ()),), None, 0.0, ()) for n in outside if not layout.is_pre(n)]
     return out, len(recipe.path or [])

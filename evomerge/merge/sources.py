@@ -110,6 +110,7 @@ class Source:
         self.path = path
         self.config = config
         self._tensors = tensors  # name -> _SafetensorsFile | torch.Tensor
+        self._aliases: dict[str, str] = {}  # a name read from another tensor (a tied head: the input embedding)
 
     @classmethod
     def open(cls, name: str, path: str | Path, *, allow_pickle: bool = False) -> Source:
@@ -145,17 +146,22 @@ class Source:
         return cls(name, None, dict(config or {}), {k: v.detach() for k, v in state_dict.items()})
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return [*self._tensors, *self._aliases]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._tensors
+        return name in self._tensors or name in self._aliases
+
+    def alias(self, name: str, stored: str) -> None:
+        self._aliases[name] = stored
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self._aliases.get(name, name)
         t = self._tensors[name]
         return tuple(t.shape) if isinstance(t, torch.Tensor) else t.shape(name)
 
     def dtype_name(self, name: str) -> str:
         """The stored dtype as a short name ('float32', 'F8_E4M3', ...), without reading the tensor."""
+        name = self._aliases.get(name, name)
         t = self._tensors[name]
         if isinstance(t, _SafetensorsFile):
             return _dtype_name(t.dtype_name(name))
@@ -164,6 +170,7 @@ class Source:
         return str(t.dtype).removeprefix("torch.")
 
     def get(self, name: str) -> torch.Tensor:
+        name = self._aliases.get(name, name)
         t = self._tensors[name]
         return t if isinstance(t, torch.Tensor) else t.get(name)
 
@@ -293,4 +300,17 @@ def open_sources(
             raise UserError(f"base {ref!r} is not among the sources ({', '.join(sources)})")
         for name, path in adapters.items():
             out[name] = open_lora(name, path, out[ref])
+    _share_heads(out)
     return {name: out[name] for name in sources}
+
+
+def _share_heads(sources: Mapping[str, Source]) -> None:
+    """As mergekit does: when some sources store an output head and others tie it to their input embedding
+    (tie_word_embeddings), the latter read their head from their embedding, so all of them merge."""
+    from evomerge import arch
+
+    for src in sources.values():
+        f = arch.lookup(src.config, src.names())
+        embedding = f.pre[0] if f.pre else None
+        if f.head not in src and embedding in src and any(f.head in other for other in sources.values()):
+            src.alias(f.head, embedding)

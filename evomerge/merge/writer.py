@@ -7,6 +7,7 @@ config of the chosen sources, and a model card recording the recipe and the sour
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from evomerge import arch
 from evomerge.merge.materializer import Materializer, SourceLike, parse_dtype
 from evomerge.merge.mergekit_yaml import expressible, to_mergekit
 from evomerge.recipe import Recipe
@@ -56,7 +58,7 @@ def write_checkpoint(
     reference = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else names[0])
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
     mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order)
-    planned, layers = mat.plan(recipe)
+    planned, _ = mat.plan(recipe)
     ref = mat.sources[reference]
     out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
     tok_name = _tokenizer_source(recipe, reference, used)
@@ -68,7 +70,7 @@ def write_checkpoint(
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint should not be
         _write_shards(tmp, mat.tensors(recipe, dtype=out_dtype, progress=show), max_shard_bytes)
-        _write_config(tmp, ref.config, out_dtype, layers)
+        _write_config(tmp, ref.config, out_dtype, recipe, planned, mat.names)
         for f in TOKENIZER_FILES:
             src = _path_of(used[tok_name])
             if src is not None and (src / f).is_file():
@@ -130,12 +132,15 @@ def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_by
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_config(tmp: Path, config: dict[str, Any], dtype: torch.dtype, layers: int) -> None:
-    cfg = dict(config)
+def _write_config(tmp: Path, config: dict[str, Any], dtype: torch.dtype, recipe: Recipe, planned: list, names: list[str]) -> None:
+    cfg = copy.deepcopy(config)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
-    if layers and "num_hidden_layers" in cfg:
-        cfg["num_hidden_layers"] = layers  # passthrough slices can change the depth
+    if recipe.path is not None or recipe.slices:  # the depth and every depth-indexed field follow the new stack
+        layout = arch.layout_for(config, names)
+        if recipe.path is not None:
+            arch.check_reorderable(layout.family, cfg)
+        arch.apply_config(layout.family, cfg, arch.resize_config(layout.family, cfg, layout.source_layers(planned)))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
