@@ -45,8 +45,9 @@ class WeightPushExtension:
 
     def evomerge_push_recipe(self, recipe: dict[str, Any]) -> int:
         """Merge `recipe` (Recipe.to_dict()) tensor by tensor straight into the running model; return
-        the push count."""
-        weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe))
+        the push count. Tensors come out in the engine's dtype (half the transient bytes of float32 for a
+        bf16 engine; the loaders would round them to it anyway)."""
+        weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe), dtype=self.model_config.dtype)
         reload = getattr(self, "reload_weights", None)
         if reload is not None:
             reload(weights_iterator=weights, is_checkpoint_format=True)
