@@ -38,10 +38,12 @@ class WeightPushExtension:
     `LLM.collective_rpc`. Names carry an `evomerge_` prefix: vLLM refuses names the worker already has."""
 
     def evomerge_open_sources(self, sources: dict[str, str], base: str | None) -> None:
-        """This worker's own view of the sources, merging on the worker's device (cuda:N or cpu)."""
+        """This worker's own view of the sources, merging on the worker's device (cuda:N or cpu). On a GPU one
+        merge thread: each thread holds a merged tensor in flight, outside vLLM's memory budget."""
         from evomerge.merge import Materializer
 
-        self.evomerge_materializer = Materializer(sources, base=base, device=self.device)
+        cuda = str(self.device).startswith("cuda")
+        self.evomerge_materializer = Materializer(sources, base=base, device=self.device, threads=1 if cuda else None)
 
     def evomerge_push_recipe(self, recipe: dict[str, Any]) -> int:
         """Merge `recipe` (Recipe.to_dict()) tensor by tensor straight into the running model; return
