@@ -106,11 +106,13 @@ class Plan:
     workers_per_gpu: int = 1
     host_available: int | None = None
     device_free: int | None = None
-    gpu_here: bool = False
-    knobs: dict[str, Any] = field(default_factory=dict)  # what a refusal can suggest changing
+    gpu_here: bool = False  # a refusal may suggest scoring there
 
     def total(self, kind: str) -> int:
         return sum(getattr(p, kind) for p in self.parts)
+
+    def part(self, name: str) -> Part:
+        return next((p for p in self.parts if p.name == name), Part(name))
 
     @property
     def peak_rss(self) -> int:
@@ -175,32 +177,31 @@ class Plan:
         dev = self.workers_per_gpu * self.total("device")
         if self.device_free is not None and dev > self.device_free:
             share = (f"{self.workers_per_gpu} workers x " if self.workers_per_gpu > 1 else "")
-            fixes = ["executor.gpus_per_worker: 1 (one worker per GPU)"] if self.workers_per_gpu > 1 else []
+            fixes = ["set executor.gpus_per_worker: 1 (one worker per GPU)"] if self.workers_per_gpu > 1 else []
             if self.dtype == "float32":
-                fixes.append("fitness.handle.dtype: bfloat16")
-            fixes.append("fitness.handle.device: cpu")
+                fixes.append("set fitness.handle.dtype: bfloat16")
+            fixes.append("set fitness.handle.device: cpu")
             raise UserError(f"will not fit: {self.device} needs {share}{_gib(self.total('device'))} "
-                            f"({self._breakdown('device')}) but {_gib(self.device_free)} is free; set "
+                            f"({self._breakdown('device')}) but {_gib(self.device_free)} is free; "
                             + " or ".join(fixes))
 
     def _breakdown(self, kind: str) -> str:
         return ", ".join(f"{p.name} {_gib(getattr(p, kind))}" for p in self.parts if getattr(p, kind)) + " per worker"
 
     def _host_fix(self, avail: int) -> str:
+        """What would make the host part fit, as settings to change."""
         fixes = []
         per = self.total("private")
-        if self.workers > 1:
-            fit = (avail - self.host_need(0)) // per if per else 0
-            if fit >= 1:
-                fixes.append(f"executor.workers: {fit} (workers per node)")
-        model = self.knobs.get("host_model", 0)
+        if self.workers > 1 and (avail - self.host_need(0)) // per >= 1:
+            fixes.append(f"set executor.workers: {(avail - self.host_need(0)) // per} (workers per node)")
+        model = self.part("scoring model").private
         if self.dtype == "float32" and model and self.host_need(private=per - model // 2) <= avail:
-            fixes.append(f"fitness.handle.dtype: bfloat16 (scoring model {_gib(model)} -> {_gib(model // 2)})")
+            fixes.append(f"set fitness.handle.dtype: bfloat16 (scoring model {_gib(model)} -> {_gib(model // 2)})")
         if self.gpu_here and self.device == "cpu":
-            fixes.append("fitness.handle.device: cuda (the scoring model on the GPU)")
-        if self.knobs.get("activations", 0) > per // 4:
-            fixes.append("a smaller fitness.handle.batch_size")
-        return ("set " + " or ".join(fixes)) if fixes else "use a machine with more memory (or fewer workers per node)"
+            fixes.append("set fitness.handle.device: cuda (the scoring model on the GPU)")
+        if self.part("activations").private > per // 4:
+            fixes.append("lower fitness.handle.batch_size")
+        return " or ".join(fixes) or "use a machine with more memory (or fewer workers per node)"
 
 
 def _gib(n: int) -> str:
@@ -265,13 +266,11 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
         plan.dtype = _dtype(handle.get("dtype", "auto"), gpu)
         nbytes = _TORCH_BYTES[plan.dtype]
         plan.parts.append(held("scoring model", base.params * nbytes, f"{base.params:,} params x {nbytes} bytes"))
-        plan.knobs["host_model"] = plan.parts[-1].private
     plan.parts.append(_merge_buffers(space, len(cfg.sources) - 1, heads, gpu, threads=_threads(on_ray)))
     if backend == "hf":
         act, note = activations(cfg, fitness, conf, _TORCH_BYTES[plan.dtype])
         if act:
             plan.parts.append(held("activations", act, note))
-            plan.knobs["activations"] = act
     plan.parts.append(runtime)
     return plan
 
