@@ -31,11 +31,11 @@ RUNTIME_PRIVATE, RUNTIME_SHARED, RAY_NODE = 360 * MIB, 240 * MIB, 1 * GIB
 # Estimates (no GPU was measured): a CUDA process's host libraries and context, and its device context.
 CUDA_HOST, CUDA_CONTEXT = 1 * GIB, 512 * MIB
 VLLM_ENGINE = 3 * GIB // 2  # estimate: the engine's own process
-# The materializer's private memory (evomerge.merge): per thread (K+3) blocks of 16 KiB; for trims a
-# selection buffer of 8 bytes x 1% of the largest tensor and a summary of <= 0.3 MiB per tensor, per expert;
-# methods outside the task-arithmetic family hold float32 copies of the tensor being merged and its inputs.
+# The materializer's private memory (evomerge.merge), with K experts, one tensor in flight per thread (the
+# largest first): per thread (K+3) blocks of 16 KiB; for trims a selection buffer of 8 bytes x 1% of the
+# tensor and a summary of <= 0.3 MiB per (tensor, expert), kept; methods outside the task-arithmetic family
+# (those whose kernels do not form deltas block by block) hold float32 copies of the tensor and its inputs.
 BLOCK, SUMMARY = 16 << 10, int(0.3 * MIB)
-FULL_COPY_METHODS = frozenset({"linear", "slerp", "model_stock", "passthrough"})
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -47,10 +47,16 @@ class Checkpoint:
     """What a checkpoint's safetensors headers say."""
 
     bytes: int = 0
-    params: int = 0
-    largest: int = 0  # elements of the largest tensor
-    tensors: int = 0
+    sizes: list[int] = field(default_factory=list)  # elements per tensor
     dtypes: set[str] = field(default_factory=set)
+
+    @property
+    def params(self) -> int:
+        return sum(self.sizes)
+
+    def largest(self, n: int) -> int:
+        """Elements of the n largest tensors together."""
+        return sum(sorted(self.sizes, reverse=True)[:n])
 
 
 def read_headers(name: str, path: str | Path) -> Checkpoint:
@@ -73,11 +79,8 @@ def read_headers(name: str, path: str | Path) -> Checkpoint:
             for tensor, t in header.items():
                 if tensor == "__metadata__":
                     continue
-                elems = math.prod(t["shape"])
+                out.sizes.append(math.prod(t["shape"]))
                 out.bytes += t["data_offsets"][1] - t["data_offsets"][0]
-                out.params += elems
-                out.largest = max(out.largest, elems)
-                out.tensors += 1
                 out.dtypes.add(t["dtype"])
         except (OSError, ValueError, KeyError, TypeError) as e:  # a missing shard is an OSError
             raise UserError(f"model {name!r} (sources.{name}): {f} is not a readable safetensors file ({e})") from None
@@ -266,20 +269,14 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
         plan.dtype = _dtype(handle.get("dtype", "auto"), gpu)
         nbytes = _TORCH_BYTES[plan.dtype]
         plan.parts.append(held("scoring model", base.params * nbytes, f"{base.params:,} params x {nbytes} bytes"))
-    plan.parts.append(_merge_buffers(space, len(cfg.sources) - 1, heads, gpu, threads=_threads(on_ray)))
+    threads = max(1, int(ex.cpus_per_worker)) if on_ray else None  # Ray gives its actors OMP_NUM_THREADS
+    plan.parts.append(_merge_buffers(space, len(cfg.sources) - 1, base, heads, gpu, threads=threads))
     if backend == "hf":
         act, note = activations(cfg, fitness, conf, _TORCH_BYTES[plan.dtype])
         if act:
             plan.parts.append(held("activations", act, note))
     plan.parts.append(runtime)
     return plan
-
-
-def _threads(on_ray: bool) -> int:
-    """The materializer's threads: the CPUs this process may use (Ray does not pin its actors)."""
-    if on_ray or not hasattr(os, "sched_getaffinity"):
-        return os.cpu_count() or 1
-    return len(os.sched_getaffinity(0))
 
 
 def _dtype(spec: str, gpu: bool) -> str:
@@ -297,21 +294,25 @@ def _model_config(path: str | Path) -> dict[str, Any]:
     return conf.get("text_config", conf)  # multimodal checkpoints nest the language model's
 
 
-def _merge_buffers(space: Any, experts: int, heads: dict[str, Checkpoint], gpu: bool, *, threads: int) -> Part:
-    """The materializer's own memory for the space's merge method (from the recipe of its starting point)."""
-    method = _method(space)
-    largest = max(h.largest for h in heads.values())
-    tensors = max(h.tensors for h in heads.values())
-    k = max(experts, 1)
-    if method is None or method in FULL_COPY_METHODS:
-        size = (k + 2) * largest * 4
-        note = f"{method or 'method unknown, counted as linear'}: {k + 2} float32 copies of the largest tensor"
+def _merge_buffers(space: Any, experts: int, base: Checkpoint, heads: dict[str, Checkpoint], gpu: bool, *,
+                   threads: int | None) -> Part:
+    """The materializer's own memory for the space's merge method (the recipe of its starting point)."""
+    from evomerge.merge import methods
+    from evomerge.merge.materializer import default_threads
+
+    name = _method(space)
+    blockwise = name in methods.names() and methods.get(name).any_out_dtype
+    threads = threads or default_threads()
+    k, flight = max(experts, 1), base.largest(threads)  # the tensors merged at once, one per thread
+    if blockwise:
+        size = threads * (k + 3) * BLOCK + k * (8 * math.ceil(flight / 100) + len(base.sizes) * SUMMARY)
+        note = f"{name}: {k} expert(s), {threads} thread(s): blocks, selection buffers, trim summaries"
     else:
-        size = threads * (k + 3) * BLOCK + k * (8 * math.ceil(largest / 100) + tensors * SUMMARY)
-        note = f"{method}: {k} expert(s), {threads} thread(s), selection buffers and trim summaries"
-    if gpu:  # tensors cross to the device one at a time, double-buffered (estimate)
-        size += 2 * (k + 1) * largest * max(_DTYPE_BYTES.get(d, 4) for h in heads.values() for d in h.dtypes)
-        return Part("merge buffers", device=size, note=note + " + transfer buffers (estimate)")
+        size = (k + 2) * flight * 4
+        note = f"{name or 'method unknown, counted as linear'}: float32 copies of {k + 2} inputs, {threads} thread(s)"
+    if gpu:  # each input crosses to the device as its tensor is merged
+        stored = max(_DTYPE_BYTES.get(d, 4) for h in heads.values() for d in h.dtypes)
+        return Part("merge buffers", device=size + (k + 1) * flight * stored, note=note + " + inputs on the device")
     return Part("merge buffers", private=size, note=note)
 
 
