@@ -27,6 +27,7 @@ from evomerge.records import Candidate, Evaluation, UserError
 
 log = logging.getLogger("evomerge")
 
+
 class Evaluator(Protocol):
     def evaluate(self, candidate: Candidate) -> Evaluation: ...
 
@@ -146,8 +147,10 @@ class RayExecutor:
         self._remote = ray.remote(_Actor)
         self._loaded = [None] * self.workers
         self._actors = [self._spawn(i) for i in range(self.workers)]
-        for slot in range(self.workers):  # a worker that cannot load (bad sources, out of memory): once, clearly
-            why = self._load_failure(slot)
+        waiting = {ref: slot for slot, ref in enumerate(self._loaded)}
+        while waiting:  # the first worker that cannot load (bad sources, out of memory) ends the start, clearly
+            (ref,), _ = ray.wait(list(waiting), num_returns=1)
+            why = self._load_failure(waiting.pop(ref))
             if why is not None:
                 self.shutdown()
                 raise UserError(why)
