@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evomerge import placement
 from evomerge.records import UserError
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -230,9 +231,7 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
                         "would wait for them forever); lower executor.workers or executor.gpus_per_worker")
     spec = handle.get("device", "auto")
     if not on_ray and spec != "auto":
-        from evomerge.placement import resolve_device
-
-        resolve_device(spec)  # a GPU asked for where there is none: its one-line error now, not in the worker
+        placement.resolve_device(spec)  # a GPU asked for where there is none: its one-line error now, not in the worker
     # a Ray actor sees only the GPUs it reserves; the local worker sees this machine's
     has_gpu = ex.gpus_per_worker > 0 if on_ray else gpus_here > 0
     device = "cpu" if backend == "api" else ("cuda:0" if has_gpu else "cpu") if spec == "auto" else spec
@@ -244,9 +243,7 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
     if here:
         plan.host_available = host_available()
         if gpu and gpus_here:
-            from evomerge.placement import gpu_index
-
-            plan.device_free = torch.cuda.mem_get_info(min(gpu_index(device) or 0, gpus_here - 1))[0]
+            plan.device_free = torch.cuda.mem_get_info(min(placement.gpu_index(device) or 0, gpus_here - 1))[0]
 
     def held(name: str, size: int, note: str) -> Part:  # on the worker's GPU when it scores there
         return Part(name, device=size, note=note) if gpu else Part(name, private=size, note=note)
@@ -266,7 +263,7 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
     if backend == "vllm":
         plan.parts.append(_vllm_engine(plan, base, handle, gpu))
     else:
-        plan.dtype = _dtype(handle.get("dtype", "auto"), gpu)
+        plan.dtype = placement.dtype_name(handle.get("dtype"), gpu)
         nbytes = _TORCH_BYTES[plan.dtype]
         plan.parts.append(held("scoring model", base.params * nbytes, f"{base.params:,} params x {nbytes} bytes"))
     threads = max(1, int(ex.cpus_per_worker)) if on_ray else None  # Ray gives its actors OMP_NUM_THREADS
@@ -277,16 +274,6 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
             plan.parts.append(held("activations", act, note))
     plan.parts.append(runtime)
     return plan
-
-
-def _dtype(spec: str, gpu: bool) -> str:
-    if spec != "auto":
-        return spec
-    if not gpu:
-        return "float32"
-    import torch
-
-    return "bfloat16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "float16"
 
 
 def _model_config(path: str | Path) -> dict[str, Any]:

@@ -50,12 +50,19 @@ def resolve_device(spec: str | None = "auto"):
     return torch.device("cuda", index) if index is not None else torch.device(spec)
 
 
+def dtype_name(spec: str | None, on_gpu: bool) -> str:
+    """`auto|float32|bfloat16|float16` for a model on a GPU (or not) -> the dtype's name."""
+    if spec not in (None, "auto"):
+        return spec
+    if not on_gpu:
+        return "float32"
+    import torch
+
+    return "bfloat16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "float16"
+
+
 def resolve_dtype(spec: str | None, device) -> Any:
     """`auto|float32|bfloat16|float16` on `device` -> the scoring model's torch dtype."""
     import torch
 
-    if spec in (None, "auto"):
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, spec)
+    return getattr(torch, dtype_name(spec, device.type == "cuda"))
