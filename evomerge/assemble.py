@@ -157,10 +157,14 @@ def build_handle(cfg: RunConfig):
     if cfg.fitness.backend == "vllm":
         from fitness.vllm_handle import VLLMHandle
 
-        return VLLMHandle(sources[cfg.base], sources, base=cfg.base, **cfg.fitness.handle)  # each vLLM worker opens them
+        options = {k: v for k, v in cfg.fitness.handle.items() if k != "device"}  # vLLM picks its own platform
+        return VLLMHandle(sources[cfg.base], sources, base=cfg.base, **options)  # each vLLM worker opens them
+    from evomerge.placement import resolve_device
     from fitness.hf import HFHandle
 
-    return HFHandle(sources[cfg.base], Materializer(sources, base=cfg.base), **cfg.fitness.handle)
+    device = resolve_device(cfg.fitness.handle.get("device"))  # the materializer writes where the model lives
+    return HFHandle(sources[cfg.base], Materializer(sources, base=cfg.base, device=device),
+                    **{**cfg.fitness.handle, "device": str(device)})
 
 
 @dataclass(frozen=True)
@@ -189,11 +193,24 @@ def build_executor(cfg: RunConfig, *, address: str | None = None):
                        init_options={"runtime_env": ex.runtime_env} if ex.runtime_env else None)
 
 
+def prepare(cfg: RunConfig, *, address: str | None = None):
+    """What a run needs checked before anything loads: (space, objectives, memory plan); the optimizer's
+    options are tried too. The plan's own check (`plan.check()`) is left to the caller."""
+    from evomerge.footprint import plan_run
+
+    space = build_space(cfg)
+    fitness = build_fitness(cfg)
+    objectives = list(fitness.objectives)
+    build_optimizer(cfg, space, objectives)  # fail on bad options now, before a store exists
+    return space, objectives, plan_run(cfg, space, fitness, address=address)
+
+
 def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, address: str | None = None,
-                budget: dict[str, Any] | None = None, on_progress: Any = None):
+                budget: dict[str, Any] | None = None, on_progress: Any = None, on_plan: Any = None):
     """An Engine over `run_dir`: a new run from `cfg`, or (resume) the stored run, whose config must match
     `cfg` when one is given; `budget` entries (evaluations, wall_time, cost) raise a resumed run's limits.
-    Everything is validated and built before the store is created or written."""
+    Everything is validated and built before the store is created or written; a run whose memory plan does
+    not fit this machine is refused (`on_plan` sees the plan first)."""
     from evomerge.engine import Budget, Engine
     from evomerge.store import RunStore, is_run_dir
 
@@ -220,9 +237,15 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
     else:
         store = None
     assert cfg is not None
-    space = build_space(cfg)
-    objectives = list(build_fitness(cfg).objectives)
-    build_optimizer(cfg, space, objectives)  # fail on bad options now, before a store exists
+    try:
+        space, objectives, plan = prepare(cfg, address=address)
+        if on_plan is not None:
+            on_plan(plan)
+        plan.check()
+    except UserError:
+        if store is not None:
+            store.close()
+        raise
     executor = build_executor(cfg, address=address)
     if store is None:
         executor.start()  # workers that cannot start (bad sources, fitness) fail before the run is created

@@ -27,8 +27,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from evomerge import placement
 from evomerge.recipe import Recipe, read_yaml_mapping
 from evomerge.records import UserError
 
@@ -88,6 +89,16 @@ class FitnessConfig(_Strict):
     function: str | None = None
     objectives: list[ObjectiveConfig] | None = None
     remote_loss: RemoteLossConfig | None = None
+
+    @field_validator("handle")
+    @classmethod
+    def _placement(cls, handle: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if info.data.get("backend") in ("hf", "vllm"):  # an API handle has no device of its own
+            placement.check_options(handle)
+            tp = handle.get("tensor_parallel_size", 1)
+            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+                raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
+        return handle
 
     @model_validator(mode="after")
     def _one_kind(self) -> FitnessConfig:
@@ -186,6 +197,23 @@ class RunConfig(_Strict):
             raise ValueError(f"base {self.base!r} is not a source; sources: {', '.join(self.sources) or 'none'}")
         if self.sources and self.base is None:
             raise ValueError("base is missing: name the source that is the base model")
+        return self
+
+    @model_validator(mode="after")
+    def _gpus(self) -> RunConfig:
+        """A Ray worker sees only the GPUs it reserves: the handle's device and tensor parallelism must fit them."""
+        gpus, handle = self.executor.gpus_per_worker, self.fitness.handle
+        if self.executor.kind != "ray" or self.fitness.backend == "api":
+            return self
+        index = placement.gpu_index(handle.get("device", "auto"))
+        if index is not None and index >= max(gpus, 1 if gpus else 0):
+            raise ValueError(f"fitness.handle.device {handle['device']} needs executor.gpus_per_worker >= {index + 1} "
+                             f"(a Ray worker sees only the GPUs it reserves; it reserves {gpus:g})")
+        tp = handle.get("tensor_parallel_size", 1)
+        if self.fitness.backend == "vllm" and gpus > 0 and tp != max(1, gpus):
+            raise ValueError(f"fitness.handle.tensor_parallel_size {tp} does not match executor.gpus_per_worker "
+                             f"{gpus:g}: each worker's engine shards the model over the GPUs it reserves; set both "
+                             f"to the same number (a fractional share of one GPU runs tensor_parallel_size 1)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 - `RayExecutor`: one Ray actor per worker, each holding its own resources (a GPU where asked); the
   worker (sources, materializer, fitness) is built once per actor and stays resident. A free actor gets
   the next candidate at once (no generation barrier). An actor that dies mid-evaluation is replaced and
-  its candidate retried up to `max_retries` times, then recorded as failed.
+  its candidate retried up to `max_retries` times, then recorded as failed. An actor that dies while
+  loading (its factory raised, or it was killed, e.g. out of memory) is never respawned: at start the
+  run is refused; later its slot is retired with one warning, and the run ends when no worker is left.
 
 This is the only module that imports ray.
 
@@ -13,13 +15,17 @@ A worker factory (`make_worker`) is any picklable zero-argument callable returni
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
 from evomerge.records import Candidate, Evaluation, UserError
+
+log = logging.getLogger("evomerge")
 
 
 class Evaluator(Protocol):
@@ -84,7 +90,12 @@ class _Actor:
     def __init__(self, make_worker: WorkerFactory, name: str):
         import ray
 
-        self.node = ray.get_runtime_context().get_node_id()
+        ctx = ray.get_runtime_context()
+        if not ctx.get_accelerator_ids().get("GPU"):
+            # Ray no longer hides the GPUs from an actor that reserved none: `auto` placement would put every
+            # such actor on GPU 0, beside the ones that did reserve it
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        self.node = ctx.get_node_id()
         self.name = f"{name}@{socket.gethostname()}/{self.node[:8]}:{os.getpid()}"
         self.worker = make_worker()
 
@@ -114,7 +125,8 @@ class RayExecutor:
         self.max_retries = max_retries
         self._init_options = init_options or {}
         self._owns_ray = False
-        self._actors: list[Any] = []
+        self._actors: list[Any] = []  # None: a retired slot (its worker died while loading)
+        self._loaded: list[Any] = []  # per slot: a reference that resolves once its worker has loaded
         self._idle: deque[int] = deque()
         self._running: dict[Any, tuple[int, Candidate, int]] = {}  # ref -> (slot, candidate, attempt)
         self._retry: deque[tuple[Candidate, int]] = deque()
@@ -133,17 +145,40 @@ class RayExecutor:
                 raise UserError(f"cannot join the Ray cluster at {self._address!r}: {e}") from None
             self._owns_ray = True
         self._remote = ray.remote(_Actor)
+        self._loaded = [None] * self.workers
         self._actors = [self._spawn(i) for i in range(self.workers)]
-        try:  # surface a worker that cannot even start (bad sources, missing package) once, clearly
-            ray.get([a.info.remote() for a in self._actors])
-        except ray.exceptions.RayActorError as e:
-            self.shutdown()
-            raise UserError(f"a Ray worker failed to start: {_summary(e)}") from None
+        waiting = {ref: slot for slot, ref in enumerate(self._loaded)}
+        while waiting:  # the first worker that cannot load (bad sources, out of memory) ends the start, clearly
+            (ref,), _ = ray.wait(list(waiting), num_returns=1)
+            why = self._load_failure(waiting.pop(ref))
+            if why is not None:
+                self.shutdown()
+                raise UserError(why)
         self._idle = deque(range(self.workers))
 
     def _spawn(self, slot: int):
-        return self._remote.options(num_cpus=self._cpus, num_gpus=self._gpus, max_restarts=0).remote(
+        actor = self._remote.options(num_cpus=self._cpus, num_gpus=self._gpus, max_restarts=0).remote(
             self._make_worker, f"ray-{slot}")
+        self._loaded[slot] = actor.info.remote()  # an actor runs its calls in order: this one follows the load
+        return actor
+
+    def _load_failure(self, slot: int) -> str | None:
+        """Why the worker in `slot` died before it finished loading; None once it has loaded (waits for that)."""
+        import ray
+
+        try:
+            ray.get(self._loaded[slot])
+        except ray.exceptions.RayActorError as e:
+            return f"worker ray-{slot} died while loading: {_cause(e)}"
+        return None
+
+    def _retire(self, slot: int, why: str) -> None:
+        """A worker that cannot load would die again on every respawn: drop its slot and say so, once."""
+        self._actors[slot] = None
+        left = sum(a is not None for a in self._actors)
+        if not left:
+            raise UserError(f"{why}; no worker is left")
+        log.warning("evomerge: %s; going on with %d worker%s", why, left, "s" * (left > 1))
 
     def idle(self) -> int:
         return len(self._idle) - len(self._retry)
@@ -179,7 +214,12 @@ class RayExecutor:
                     out.append(Evaluation.from_dict(ray.get(ref)))
                     self._idle.append(slot)
                 except ray.exceptions.RayActorError as e:
-                    # the process died (OOM, kill, node lost): replace the actor, retry the candidate
+                    why = self._load_failure(slot)  # at once: the actor is dead
+                    if why is not None:  # a replacement that could not load: not the candidate's fault
+                        self._retry.appendleft((cand, attempt))
+                        self._retire(slot, why)
+                        continue
+                    # the process died (OOM, kill, node lost) mid-evaluation: replace the actor, retry the candidate
                     self._actors[slot] = self._spawn(slot)
                     self.replaced += 1
                     self._idle.append(slot)
@@ -187,7 +227,7 @@ class RayExecutor:
                         self._retry.append((cand, attempt + 1))
                     else:
                         out.append(Evaluation.failure(
-                            cand.id, f"worker died {attempt} times evaluating it: {_summary(e)}",
+                            cand.id, f"worker died {attempt} times evaluating it: {_cause(e)}",
                             worker=f"ray-{slot}"))
                 except ray.exceptions.RayError as e:  # the worker raised despite its contract: a failure
                     self._idle.append(slot)
@@ -202,7 +242,8 @@ class RayExecutor:
 
         for a in self._actors:
             try:
-                ray.kill(a)
+                if a is not None:
+                    ray.kill(a)
             except Exception:  # already dead: nothing to release
                 pass
         self._actors, self._running = [], {}
@@ -216,3 +257,12 @@ class RayExecutor:
 def _summary(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+def _cause(e: BaseException) -> str:
+    """Why an actor died, in one line: the exception its constructor raised, or its process's end."""
+    if getattr(e, "actor_init_failed", False):
+        return re.sub(r"^(\w+\.)+(?=\w+: )", "", _summary(e))  # 'evomerge.records.UserError: x' -> 'UserError: x'
+    pid = re.search(r"\bpid: (\d+)", str(e))
+    return (f"its process{f' (pid {pid.group(1)})' if pid else ''} was killed or exited; on a node short of memory "
+            "the kernel's OOM killer does this (`evomerge run --dry-run CONFIG` shows the memory plan)")

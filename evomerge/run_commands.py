@@ -91,6 +91,12 @@ def _default_run_dir(config: Path) -> Path:
     return target
 
 
+def _show_plan(plan) -> None:
+    """The first lines of a run that loads models: its memory plan, per worker and on this node."""
+    if plan.loads:
+        print(plan.summary())
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
@@ -101,9 +107,10 @@ def register(app: typer.Typer) -> None:
         evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Set the budget to this many evaluations (e.g. a quick try)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Search seed instead of the config's (repeat a search over seeds)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print the memory plan per worker and per node; load nothing, write nothing."),
     ) -> None:
         """Start a search (or continue one with --resume)."""
-        from evomerge.assemble import open_engine
+        from evomerge.assemble import open_engine, prepare
         from evomerge.config import load_config, parse_config
 
         cfg = load_config(config)
@@ -116,8 +123,14 @@ def register(app: typer.Typer) -> None:
             changes["seed"] = seed
         if changes:
             cfg = parse_config({**cfg.to_dict(), **changes})
+        if dry_run:
+            plan = prepare(cfg, address=address)[2]
+            print(plan.describe())
+            plan.check()
+            return
         target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
-        _finish(target, _drive(open_engine(cfg, target, resume=resume, address=address), quiet), quiet)
+        engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan)
+        _finish(target, _drive(engine, quiet), quiet)
 
     @app.command("resume")
     def resume_cmd(
@@ -132,7 +145,8 @@ def register(app: typer.Typer) -> None:
         from evomerge.assemble import open_engine
 
         budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
-        _finish(run_dir, _drive(open_engine(None, run_dir, resume=True, address=address, budget=budget), quiet), quiet)
+        engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan)
+        _finish(run_dir, _drive(engine, quiet), quiet)
 
     @app.command("holdout")
     def holdout(

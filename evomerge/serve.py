@@ -360,8 +360,11 @@ def build(config: ServeConfig) -> Any:
         if not (Path(path, "config.json").is_file() or Path(path, ADAPTER_CONFIG).is_file()):
             raise UserError(f"model {name!r}: no config.json (or LoRA adapter_config.json) in {path}")
     datasets = {d: load_task({"name": d, "path": p, "metrics": ["loss"]}) for d, p in config.datasets.items()}
-    handle = HFHandle(config.sources[config.base], Materializer(config.sources, base=config.base),
-                      batch_size=config.batch_size)
+    from evomerge.placement import resolve_device
+
+    device = resolve_device("auto")  # the materializer writes where the model lives
+    handle = HFHandle(config.sources[config.base], Materializer(config.sources, base=config.base, device=device),
+                      batch_size=config.batch_size, device=str(device))
     service = MergeService(handle, list(config.sources), datasets)
     return create_app(service, config, token)
 

@@ -35,10 +35,14 @@ class HFHandle:
         *,
         batch_size: int = 16,
         threads: int | None = None,
-        dtype: str | None = None,
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
     ) -> None:
+        """`device` (auto|cpu|cuda|cuda:N) and `dtype` (auto|float32|bfloat16|float16): see evomerge.placement;
+        the materializer must write on the same device."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.placement import resolve_device, resolve_dtype
 
         if not Path(model_dir, "config.json").is_file():
             raise UserError(f"HF model: no config.json in {model_dir}")
@@ -46,14 +50,16 @@ class HFHandle:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if threads is not None:
             torch.set_num_threads(threads)
-        kw: dict[str, Any] = {} if dtype is None else {"dtype": getattr(torch, dtype)}
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw).to(device).eval()
+        self.device = resolve_device(device)
+        on_gpu = {"device_map": str(self.device)} if self.device.type == "cuda" else {}  # straight to the GPU
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=resolve_dtype(dtype, self.device), **on_gpu).eval()
+        _own_memory(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.materializer = materializer
         self.batch_size = batch_size
-        self.device = device
         self.recipe: Recipe | None = None
         self.timings: dict[str, float] = {}
 
@@ -199,6 +205,39 @@ class _Stack:
     layout: arch.Layout
     base_config: dict[str, Any]
     current: list[int]
+
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """transformers 5 hands back CPU tensors that are views of the checkpoint's copy-on-write memory map
+    when their dtype needs no conversion. Every candidate is written into them in place: on mapped pages
+    each first write faults and copies a page, and the model counts as file-backed memory until then.
+    Such tensors get their own anonymous memory here, once (tied tensors stay one tensor)."""
+    mapped = _file_mappings()
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and (mapped is None or _inside(t.data_ptr(), mapped)):
+            t.data = t.data.clone()
+
+
+def _file_mappings() -> list[tuple[int, int]] | None:
+    """Sorted address ranges of this process that map a file (Linux); None where that cannot be read."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    out = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            lo, hi = fields[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return sorted(out)
+
+
+def _inside(ptr: int, ranges: list[tuple[int, int]]) -> bool:
+    import bisect
+
+    i = bisect.bisect_right(ranges, (ptr, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= ptr < ranges[i][1]
 
 
 def _tied(model: torch.nn.Module, name: str) -> bool:
