@@ -17,6 +17,7 @@ import math
 import mmap
 import re
 import struct
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,10 @@ class _SafetensorsFile:
                 header = json.loads(f.read(n))
             except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UserError(f"{path}: not a valid safetensors file ({e.__class__.__name__})") from e
-            # copy-on-write map: writable views for torch without touching the file
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size > 8 + n else None
+            # a read-only shared map: its pages are the page cache's, shared with every process of the node,
+            # and it commits no memory (a private writable map of a 140 GB checkpoint is refused where the
+            # machine has less). Tensors viewing it must never be written (the merge methods never do).
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size > 8 + n else None
         self._start = 8 + n
         header.pop("__metadata__", None)
         self.entries: dict[str, dict[str, Any]] = header
@@ -70,7 +73,9 @@ class _SafetensorsFile:
         shape = tuple(e["shape"])
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        t = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self._start + begin)
+        with warnings.catch_warnings():  # torch warns that the buffer is read-only: intended, see __init__
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self._start + begin)
         return t.view(shape)
 
 
