@@ -326,9 +326,13 @@ def activations(cfg: Any, fitness: Any, conf: dict[str, Any], nbytes: int) -> tu
 
     tok = AutoTokenizer.from_pretrained(str(cfg.sources[cfg.base]))
     batch = int(cfg.fitness.handle.get("batch_size", 16))
-    v, h, i = conf.get("vocab_size", 0), conf.get("hidden_size", 0), conf.get("intermediate_size", 0)
-    heads, layers = conf.get("num_attention_heads", 1), conf.get("num_hidden_layers", 0)
-    kv = conf.get("num_key_value_heads", heads) * conf.get("head_dim", h // max(heads, 1))
+    def first(*keys: str, default: int = 0) -> int:  # families name these differently (GPT-2: n_embd, n_head...)
+        return int(next((conf[k] for k in keys if conf.get(k)), default))
+
+    v, h = first("vocab_size"), first("hidden_size", "n_embd")
+    i = first("intermediate_size", "n_inner", default=4 * h)
+    heads, layers = first("num_attention_heads", "n_head", default=1), first("num_hidden_layers", "n_layer")
+    kv = first("num_key_value_heads", default=heads) * first("head_dim", default=h // max(heads, 1))
 
     def length(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
