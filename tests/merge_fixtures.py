@@ -55,3 +55,12 @@ def worst_relative_error(ours: dict[str, torch.Tensor], ref: dict[str, torch.Ten
         if err > worst:
             worst, where = err, k
     return worst, where
+
+
+def assert_matches_mergekit(cfg: dict[str, Any], paths: dict[str, Path], materializer: Any, tmp: Path, tol: float = 1e-6) -> None:
+    """evomerge's merge of `cfg` equals mergekit's within `tol` relative (per tensor)."""
+    from evomerge.recipe import Recipe
+
+    ref = mergekit_merge(cfg, paths, tmp / "mk")
+    err, where = worst_relative_error(materializer.materialize(Recipe.from_dict(cfg)), ref)
+    assert err <= tol, f"{cfg['merge_method']}: {err:.2e} at {where}"

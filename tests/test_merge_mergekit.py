@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 
 from evomerge.merge import Materializer
-from evomerge.recipe import Recipe
-from tests.merge_fixtures import mergekit_merge, worst_relative_error
+from tests.merge_fixtures import assert_matches_mergekit
 
 pytest.importorskip("mergekit")
 
@@ -56,11 +55,7 @@ def materializer(tiny_models):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_mergekit(case, tiny_models, materializer, tmp_path):
-    cfg = CASES[case]
-    ref = mergekit_merge(cfg, tiny_models, tmp_path / "mk")
-    ours = materializer.materialize(Recipe.from_dict(cfg))
-    err, where = worst_relative_error(ours, ref)
-    assert err <= 1e-6, f"{case}: {err:.2e} at {where}"
+    assert_matches_mergekit(CASES[case], tiny_models, materializer, tmp_path)
 
 
 def test_trim_reproduces_mergekit_ties_among_equal_magnitudes(tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from evomerge.merge import Materializer
 from evomerge.recipe import Recipe
-from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
+from tests.merge_fixtures import assert_matches_mergekit, load_checkpoint, mergekit_merge, worst_relative_error
 from tests.test_merge_cli import assert_failed_cleanly, run_cli, workdir, write_config  # noqa: F401
 
 pytest.importorskip("mergekit")
@@ -73,11 +73,7 @@ def materializer(tiny_models):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_mergekit(case, tiny_models, materializer, tmp_path):
-    cfg = CASES[case]
-    ref = mergekit_merge(cfg, tiny_models, tmp_path / "mk")
-    ours = materializer.materialize(Recipe.from_dict(cfg))
-    err, where = worst_relative_error(ours, ref)
-    assert err <= 1e-6, f"{case}: {err:.2e} at {where}"
+    assert_matches_mergekit(CASES[case], tiny_models, materializer, tmp_path)
 
 
 def test_cases_exercise_the_branches(tiny_models, materializer):

@@ -66,23 +66,24 @@ def _to_bf16(typingctx, x):
 
 
 @intrinsic
-def _bin(typingctx, x):
+def _bits(typingctx, x):
+    """A float32's bits as an int32 (for a non-negative float, ordered as the floats are)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(inline="always")
+def _bin(a):
     """The magnitude bin of a non-negative float32: its top 16 bits."""
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        return builder.lshr(builder.bitcast(args[0], i32), ir.Constant(i32, 16))
-
-    return types.int32(types.float32), codegen
+    return _bits(a) >> 16
 
 
-@intrinsic
-def _low(typingctx, x):
+@njit(inline="always")
+def _low(a):
     """The low 16 bits of a float32: its place within its magnitude bin."""
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0xFFFF))
-
-    return types.int32(types.float32), codegen
+    return _bits(a) & 0xFFFF
 
 
 def _ld(a, j):
