@@ -104,6 +104,15 @@ class LMEvalFitness:
         if self.weights is not None:
             self.objectives.insert(0, Objective(SCORE, "max"))
 
+    @classmethod
+    def from_config(cls, options: dict[str, Any], base_dir: str | Path | None = None) -> LMEvalFitness:
+        """From a run config's `lm_eval` mapping; a relative include_path is taken from `base_dir`."""
+        options = dict(options)
+        paths = options.get("include_path")
+        paths = [paths] if isinstance(paths, str) else list(paths or [])
+        options["include_path"] = [Path(base_dir or ".", p) for p in paths] or None
+        return cls(**options)
+
     def run(self, handle: ModelHandle) -> dict[str, Any]:
         """lm-eval's own results for `handle` (results, per-sample records), as `evaluate` returns them."""
         from lm_eval.evaluator import evaluate
