@@ -19,6 +19,7 @@ benchmark scored on its evaluation split is refused unless `allow_test_set: true
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import re
@@ -124,7 +125,10 @@ class LMEvalFitness:
                         fewshot_as_multiturn=self.fewshot_as_multiturn)
 
     def evaluate(self, handle: ModelHandle) -> FitnessResult:
-        out = self.run(handle)
+        return self.result_of(self.run(handle), handle)
+
+    def result_of(self, out: dict[str, Any], handle: Any = None) -> FitnessResult:
+        """Objectives and per-example scores from lm-eval's output for one candidate."""
         objectives: dict[str, float] = {}
         per_example: list[float] | None = []
         for c in self.chosen:
@@ -183,8 +187,6 @@ class _PerDocument:
 def load_tasks(specs: Sequence[str | dict[str, Any]], include: list[Path], *, allow_test_set: bool) -> dict[str, Any]:
     """lm-eval Task objects by name, built once. The full registry (~15k YAMLs, seconds to index) is read
     only when a name is not among the `include` YAMLs."""
-    from lm_eval.tasks import TaskManager
-
     names = [s if isinstance(s, str) else s.get("task") for s in specs]
     for s, n in zip(specs, names):
         if not isinstance(n, str) or not n:
@@ -192,9 +194,10 @@ def load_tasks(specs: Sequence[str | dict[str, Any]], include: list[Path], *, al
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"fitness.lm_eval.tasks: {dup[0]!r} is listed twice")
-    manager = TaskManager(include_path=[str(p) for p in include], include_defaults=False) if include else None
+    paths = tuple(str(p.resolve()) for p in include)
+    manager = _manager(paths, defaults=False) if paths else None
     if manager is None or any(isinstance(s, str) and s not in manager.task_index for s in specs):
-        manager = TaskManager(include_path=[str(p) for p in include] or None)
+        manager = _manager(paths, defaults=True)
     tasks: dict[str, Any] = {}
     for spec, name in zip(specs, names):
         config = _config(manager, spec)
@@ -203,6 +206,14 @@ def load_tasks(specs: Sequence[str | dict[str, Any]], include: list[Path], *, al
             spec = {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": _relative_data_files(config)}}
         tasks[name] = _build(manager, spec, name, config)
     return tasks
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(paths: tuple[str, ...], *, defaults: bool) -> Any:
+    """lm-eval's task index, once per process (a holdout and a local worker reuse the run's)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
 
 
 def _config(manager: Any, spec: str | dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +268,7 @@ def _build(manager: Any, spec: str | dict[str, Any], name: str, config: dict[str
     except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; each becomes one line
         dataset = "/".join(str(x) for x in (config.get("dataset_path"), config.get("dataset_name")) if x)
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if _offline(e):
+        if _offline(e) and not (config.get("dataset_kwargs") or {}).get("data_files"):
             raise UserError(f"fitness.lm_eval: task {name!r} needs dataset {dataset or '?'}, which is not available "
                             "offline; put it in the Hugging Face datasets cache, or point a task YAML under include_path "
                             "at local files (dataset_path: json, dataset_kwargs: {data_files: ...})") from None
