@@ -11,6 +11,8 @@ YAMLs are looked up beside the config (mergekit's --task-search-path). The equiv
 printed, so the run can be continued and edited in evomerge's own format.
 
 Model paths are local checkpoint folders, relative to the config's folder or the working directory.
+Known difference (tests/test_runs_mergekit_evolve.py): the tensors after the last layer (final norm,
+lm_head) take layer_weights' first layer group's values, mergekit's last group's.
 """
 from __future__ import annotations
 
