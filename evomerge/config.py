@@ -172,7 +172,8 @@ class HoldoutConfig(_Strict):
     @model_validator(mode="after")
     def _one_kind(self) -> HoldoutConfig:
         if sum(v is not None for v in (self.tasks, self.lm_eval, self.function)) != 1:
-            raise ValueError("give one of holdout.tasks, holdout.lm_eval (lm-eval tasks) or holdout.function (module:function)")
+            raise ValueError("give either holdout.tasks or holdout.function (module:function), or holdout.lm_eval "
+                             "(lm-eval tasks): exactly one")
         if self.baselines and self.tasks is None and self.lm_eval is None:
             raise ValueError("holdout.baselines are recipes scored on holdout.tasks; give tasks")
         for name, recipe in self.baselines.items():
