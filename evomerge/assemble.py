@@ -138,6 +138,10 @@ def build_fitness(cfg: RunConfig):
         from fitness.remote import RemoteLossFitness
 
         return RemoteLossFitness(**cfg.fitness.remote_loss.model_dump())
+    if cfg.fitness.lm_eval is not None:
+        from fitness.lmeval import LMEvalFitness
+
+        return LMEvalFitness.from_config(cfg.fitness.lm_eval.model_dump(), base_dir=cfg.workdir)
     from fitness.suite import TaskFitness
 
     return TaskFitness.from_config(cfg.fitness.tasks, base_dir=cfg.workdir)

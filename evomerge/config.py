@@ -6,6 +6,7 @@ base: base                       # which source is the base model
 space: {name: layer_weights, options: {method: dare_ties}}   # or {bounds: [[0, 1], ...]} for a plain box
 optimizer: {name: cmaes, options: {sigma0: 0.17}}
 fitness: {tasks: [{name: math, path: math.jsonl, metrics: [exact]}], backend: hf, handle: {batch_size: 16}}
+# or lm-eval tasks: {lm_eval: {tasks: [my_task], include_path: lm_tasks, num_fewshot: 0}}
 # or the user's own: {function: mypkg.score:fitness, objectives: [{name: acc, direction: max}]}
 budget: {evaluations: 200, wall_time: 6h, cost: 20.0}
 executor: {kind: ray, workers: 8, gpus_per_worker: 1, address: auto}
@@ -78,12 +79,29 @@ class RemoteLossConfig(_Strict):
     objective: str | None = None  # default loss/<dataset>
 
 
+class LMEvalConfig(_Strict):
+    """lm-evaluation-harness tasks (fitness.lmeval, the `evomerge[lm-eval]` extra), options named as lm-eval
+    names them: tasks by name (lm-eval's registry and the YAMLs under include_path, relative to the config's
+    folder) or inline lm-eval task configs; `metrics` and `weights` per task name."""
+
+    tasks: list[str | dict[str, Any]]
+    num_fewshot: int | None = Field(default=None, ge=0)
+    limit: int | float | None = Field(default=None, gt=0)  # < 1: a fraction of each task's documents
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    include_path: str | list[str] | None = None
+    weights: dict[str, float] | None = None  # adds objective lm_eval/score, the weighted sum (first objective)
+    metrics: dict[str, str] | None = None  # task -> "acc" or "exact_match,strict-match"; default its first
+    allow_test_set: bool = False
+
+
 class FitnessConfig(_Strict):
-    """Task suites scored through a model handle (`tasks`, `backend`, `handle` options), the user's own
-    function `module:function` of the handle (`function` + `objectives`), or a loss the service computes
-    (`remote_loss`, with the api backend)."""
+    """Task suites scored through a model handle (`tasks`, `backend`, `handle` options), lm-eval tasks
+    (`lm_eval`), the user's own function `module:function` of the handle (`function` + `objectives`), or a
+    loss the service computes (`remote_loss`, with the api backend)."""
 
     tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings
+    lm_eval: LMEvalConfig | None = None
     backend: Literal["hf", "vllm", "api"] = "hf"  # api: an OpenAI-compatible service (`evomerge serve` builds recipes)
     handle: dict[str, Any] = Field(default_factory=dict)  # options of the handle (batch_size, dtype, base_url, ...)
     function: str | None = None
@@ -102,9 +120,9 @@ class FitnessConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> FitnessConfig:
-        if sum(v is not None for v in (self.tasks, self.function, self.remote_loss)) != 1:
-            raise ValueError("give exactly one of fitness.tasks (task suites), fitness.function (module:function) "
-                             "or fitness.remote_loss (a loss evomerge serve computes)")
+        if sum(v is not None for v in (self.tasks, self.lm_eval, self.function, self.remote_loss)) != 1:
+            raise ValueError("give exactly one of fitness.tasks (task suites), fitness.lm_eval (lm-eval tasks), "
+                             "fitness.function (module:function) or fitness.remote_loss (a loss evomerge serve computes)")
         if self.remote_loss is not None and self.backend != "api":
             raise ValueError("fitness.remote_loss needs backend: api (a service that takes recipes: evomerge serve)")
         if self.function is not None and not self.objectives:
@@ -155,6 +173,7 @@ class HoldoutConfig(_Strict):
     model exported to `export` (a folder inside the run directory)."""
 
     tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings, e.g. a test split
+    lm_eval: LMEvalConfig | None = None  # or lm-eval tasks
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # row name -> recipe
     function: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of `function`
@@ -163,9 +182,10 @@ class HoldoutConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> HoldoutConfig:
-        if (self.tasks is None) == (self.function is None):
-            raise ValueError("give either holdout.tasks or holdout.function (module:function), not both")
-        if self.baselines and self.tasks is None:
+        if sum(v is not None for v in (self.tasks, self.lm_eval, self.function)) != 1:
+            raise ValueError("give either holdout.tasks or holdout.function (module:function), or holdout.lm_eval "
+                             "(lm-eval tasks): exactly one")
+        if self.baselines and self.tasks is None and self.lm_eval is None:
             raise ValueError("holdout.baselines are recipes scored on holdout.tasks; give tasks")
         for name, recipe in self.baselines.items():
             try:

@@ -50,7 +50,12 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
             raise UserError("holdout.tasks score recipes, but this run's candidates have none (a plain box space)")
         from fitness.suite import TaskFitness
 
-        fitness = TaskFitness.from_config(h.tasks or [], base_dir=cfg.workdir)
+        if h.lm_eval is not None:
+            from fitness.lmeval import LMEvalFitness
+
+            fitness = LMEvalFitness.from_config(h.lm_eval.model_dump(), base_dir=cfg.workdir)
+        else:
+            fitness = TaskFitness.from_config(h.tasks or [], base_dir=cfg.workdir)
         handle = build_handle(cfg)
         if handle is None:
             raise UserError("holdout.tasks need the run's models (sources or an API backend)")

@@ -100,7 +100,7 @@ def _show_plan(plan) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        config: Path = typer.Argument(..., help="Run config (YAML)."),
+        config: Path = typer.Argument(..., help="Run config (YAML): evomerge's, or a mergekit-evolve genome config."),
         run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: beside the config, named after it)."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run already in --run-dir."),
@@ -111,9 +111,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Start a search (or continue one with --resume)."""
         from evomerge.assemble import open_engine, prepare
-        from evomerge.config import load_config, parse_config
+        from evomerge.config import parse_config
+        from evomerge.mergekit_evolve import load_run_config
 
-        cfg = load_config(config)
+        cfg = load_run_config(config)  # an evomerge config, or a mergekit-evolve one (translated and printed)
         changes: dict = {}
         if evaluations is not None:
             changes["budget"] = {**cfg.budget.model_dump(exclude_none=True), "evaluations": evaluations}

@@ -276,3 +276,34 @@ def test_compare_summarises_held_out_tables_over_seeds(tmp_path):
     assert "over 2 runs (seeds 0, 1)" in text and "[min-max]" in text and "M2N2 (evolved)" in text
     out = evomerge("compare", str(dirs[0]), str(tmp_path))  # tmp_path holds no table
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "has no held-out table" in out.stderr
+
+
+@needs_zoo
+def test_demo_lmeval_table_is_the_native_table_up_to_the_trailing_space(tmp_path):
+    """runs/"demo_lmeval": the demo scored by lm-eval's core. Its held-out table against the native scorer on the
+    same rows and problems: never higher (lm-eval also scores the prompt's final space), equal for BASE on J-math."""
+    pytest.importorskip("lm_eval")
+    cfg = reduced("demo_lmeval", tmp_path, evaluations=2)
+    data = yaml.safe_load(cfg.read_text())
+    for section in ("fitness", "holdout"):
+        data[section]["lm_eval"]["limit"] = 24
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", env={"HF_DATASETS_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    finished(tmp_path / "run", 2)
+    rows = table(tmp_path / "run", ["BASE", "MATH", "LANG", "linear average", "task arithmetic", "TIES"])["rows"]
+    from evomerge.merge import Materializer
+    from evomerge.recipe import Recipe
+    from fitness.hf import HFHandle
+    from fitness.suite import TaskFitness
+
+    native = TaskFitness.from_config([{"name": t, "path": str(ROOT / "evomerge" / "zoo" / "data" / f"{t}_test.jsonl"),
+                                       "metrics": ["teacher_exact"], "limit": 24} for t in ("math_j", "lang_j", "math_e")])
+    sources = {k: str(ZOO / k) for k in ("base", "math", "lang")}
+    handle = HFHandle(sources["base"], Materializer(sources, base="base"), batch_size=64)
+    for name, recipe in data["holdout"]["baselines"].items():
+        handle.set_recipe(Recipe.from_dict(recipe))
+        want = native.evaluate(handle).objectives
+        for t in ("math_j", "lang_j", "math_e"):
+            got = rows[name][f"lm_eval/zoo_{t}_test/acc"]
+            assert got == want[f"acc_tf/{t}"] if (name, t) == ("BASE", "math_j") else got <= want[f"acc_tf/{t}"], (name, t)
