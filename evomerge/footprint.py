@@ -316,16 +316,20 @@ def _method(space: Any) -> str | None:
 def activations(cfg: Any, fitness: Any, conf: dict[str, Any], nbytes: int) -> tuple[int, str]:
     """Transient memory of the largest batch the HF handle scores: the tasks tokenized and batched as it
     batches them (batch_size sequences, the longest first). Logits dominate; hidden states, attention
-    scores and the KV cache of generation are counted too."""
-    tasks = getattr(fitness, "tasks", None)
-    if not tasks:
+    scores and the KV cache of generation are counted too. Only evomerge's own task suites are sized (an
+    lm-eval fitness batches as lm-eval builds its requests: not estimated)."""
+    from fitness.suite import TaskFitness
+
+    if not isinstance(fitness, TaskFitness) or not fitness.tasks:
         return 0, ""
+    tasks = fitness.tasks
     from transformers import AutoTokenizer
 
     from fitness.handle import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(str(cfg.sources[cfg.base]))
     batch = int(cfg.fitness.handle.get("batch_size", 16))
+
     def first(*keys: str, default: int = 0) -> int:  # families name these differently (GPT-2: n_embd, n_head...)
         return int(next((conf[k] for k in keys if conf.get(k)), default))
 
