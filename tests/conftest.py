@@ -12,6 +12,8 @@ import torch
 
 torch.set_num_threads(1)
 
+from runs_fixtures import ray_local  # noqa: E402,F401  the session's one Ray, defined once for every test file
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

@@ -211,7 +211,6 @@ def test_hf_parameters_are_private_memory_and_writes_never_reach_the_checkpoint(
 
 
 # -- Ray workers that die while loading ------------------------------------------------------------------
-from runs_fixtures import ray_local  # noqa: E402,F401  the session's one Ray
 
 
 def _ray_cfg(points: str, workers: int, evaluations: int = 4) -> dict:

@@ -13,7 +13,6 @@ from evomerge.config import parse_config
 from evomerge.store import RunStore
 
 pytest.importorskip("ray")
-from runs_fixtures import ray_local  # noqa: E402,F401  the session's one Ray
 
 
 def _cfg(function: str, evaluations: int, workers: int, **executor) -> dict:
