@@ -4,7 +4,9 @@ Sources stay as they are stored (float32, or bfloat16 passed as int16 bit patter
 for each block of BLOCK entries, small enough for L1, the kernel forms each model's delta from the base,
 trims and weights it into a block buffer, elects signs and writes base + result, rounded to bfloat16
 (nearest even) when the destination is bfloat16. Every input byte is read once from memory and every
-intermediate stays in cache, so no full-size float32 copy of any source or delta ever exists.
+intermediate stays in cache, so no full-size float32 copy of any source or delta ever exists. Two or
+three task vectors whose trims are random or none (DARE) skip the block buffers: drawn, trimmed and
+combined in one loop.
 
 Trim modes per task vector: 0 keep all, 1 magnitude band (entries strictly inside (lo, hi) kept; entries
 equal to lo or hi kept when their flat index lies in that bound's index range; minus the sorted flat
@@ -135,6 +137,19 @@ def _elect2(v0, v1, w0, w1, normalize):
 
 
 @njit(inline="always")
+def _elect3(v0, v1, v2, w0, w1, w2, normalize):
+    """_elect2 for three values, adding in the order the general loop adds."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    sign = one if v0 + v1 + v2 >= zero else -one
+    a0, a1, a2 = v0 * sign > zero, v1 * sign > zero, v2 * sign > zero
+    acc = (v0 if a0 else zero) + (v1 if a1 else zero) + (v2 if a2 else zero)
+    if normalize:
+        div = (w0 if a0 else zero) + (w1 if a1 else zero) + (w2 if a2 else zero)
+        acc = acc / (one if div == zero else div)
+    return acc
+
+
+@njit(inline="always")
 def _trim(bs, ms, m, g, out, c, mode, lo, hi, bounds, key, thr, plo, pspan, rank, drop, p):
     """out[:m] <- c * (ms - bs)[:m] where kept, else 0, for the entries at flat indices g .. g + m - 1 of
     the tensor; returns the advanced position in `drop`. `rank` holds these entries' DELLA ranks. Loads
@@ -184,15 +199,21 @@ def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspa
         while ptr[i] < drops[i].size and drops[i][ptr[i]] < offset:
             ptr[i] += 1
     zero, one = np.float32(0.0), np.float32(1.0)
-    fast = count == 2 and consensus and (modes[0] == 0 or modes[0] == 2) and (modes[1] == 0 or modes[1] == 2)
-    t0 = _cut(thr[0]) if modes[0] == 2 else np.int32(2147483647)
-    t1 = _cut(thr[1]) if count > 1 and modes[1] == 2 else np.int32(2147483647)
+    random = True  # every trim keeps all or draws: one fused loop below, no trim buffers
+    for i in range(count):
+        random &= modes[i] == 0 or modes[i] == 2
+    fast = random and (count == 2 or count == 3)
+    t = np.full(3, np.int32(2147483647))
+    for i in range(count):
+        if modes[i] == 2:
+            t[i] = _cut(thr[i])
+    t0, t1, t2 = t[0], t[1], t[2]
     for s in range(0, n, BLOCK):
         e = min(n, s + BLOCK)
         m = e - s
         bs, o = base[s:e], out[s:e]
-        if fast:  # DARE-TIES of two models: drawn, trimmed and elected in one loop, no trim buffers
-            m0, m1 = models[0][s:e], models[1][s:e]
+        if fast and count == 2:  # DARE of two models: drawn, trimmed and elected (or summed) in one loop
+            m0, m1 = models[0][s:e], models[1 % count][s:e]
             c0, c1, w0, w1 = coeff[0], coeff[1], weights[0], weights[1]
             z0, z1 = keys[0] + (offset + s) * GOLDEN, keys[1] + (offset + s) * GOLDEN
             for j in range(m):
@@ -200,18 +221,38 @@ def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspa
                 v0, v1 = (_ld(m0, j) - bj) * c0, (_ld(m1, j) - bj) * c1
                 v0 = v0 if _mix(z0) <= t0 else zero
                 v1 = v1 if _mix(z1) <= t1 else zero
-                _st(o, j, bj + _elect2(v0, v1, w0, w1, normalize) * scale)
+                _st(o, j, bj + (_elect2(v0, v1, w0, w1, normalize) if consensus else v0 + v1) * scale)
                 z0 += GOLDEN
                 z1 += GOLDEN
+            continue
+        if fast:  # the same for three
+            m0, m1, m2 = models[0][s:e], models[1 % count][s:e], models[2 % count][s:e]
+            c0, c1, c2, w0, w1, w2 = coeff[0], coeff[1], coeff[2 % count], weights[0], weights[1], weights[2 % count]
+            z0, z1, z2 = keys[0] + (offset + s) * GOLDEN, keys[1] + (offset + s) * GOLDEN, keys[2 % count] + (offset + s) * GOLDEN
+            for j in range(m):
+                bj = _ld(bs, j)
+                v0, v1, v2 = (_ld(m0, j) - bj) * c0, (_ld(m1, j) - bj) * c1, (_ld(m2, j) - bj) * c2
+                v0 = v0 if _mix(z0) <= t0 else zero
+                v1 = v1 if _mix(z1) <= t1 else zero
+                v2 = v2 if _mix(z2) <= t2 else zero
+                _st(o, j, bj + (_elect3(v0, v1, v2, w0, w1, w2, normalize) if consensus else v0 + v1 + v2) * scale)
+                z0 += GOLDEN
+                z1 += GOLDEN
+                z2 += GOLDEN
             continue
         for i in range(count):
             ptr[i] = _trim(bs, models[i][s:e], m, offset + s, buf[i], coeff[i], modes[i], lo[i], hi[i], bounds[i],
                            keys[i], thr[i], plo[i], pspan[i], ranks[i][s:e], drops[i], ptr[i])
-        if count == 2 and consensus:  # the common case, branch-free so that it vectorizes
+        if count == 2 and consensus:  # the common cases, branch-free so that they vectorize
             v0, v1 = buf[0], buf[1]
             w0, w1 = weights[0], weights[1]
             for j in range(m):
                 _st(o, j, _ld(bs, j) + _elect2(v0[j], v1[j], w0, w1, normalize) * scale)
+        elif count == 3 and consensus:
+            v0, v1, v2 = buf[0], buf[1], buf[2]
+            w0, w1, w2 = weights[0], weights[1], weights[2]
+            for j in range(m):
+                _st(o, j, _ld(bs, j) + _elect3(v0[j], v1[j], v2[j], w0, w1, w2, normalize) * scale)
         else:  # any number of models: passes over the block with the entry loop innermost, so each vectorizes
             total[:m] = zero
             for i in range(count):
