@@ -5,8 +5,8 @@ for each block of BLOCK entries, small enough for L1, the kernel forms each mode
 trims and weights it into a block buffer, elects signs and writes base + result, rounded to bfloat16
 (nearest even) when the destination is bfloat16. Every input byte is read once from memory and every
 intermediate stays in cache, so no full-size float32 copy of any source or delta ever exists. Two or
-three task vectors whose trims are random or none (DARE) skip the block buffers: drawn, trimmed and
-combined in one loop.
+three task vectors whose trims are random or none (DARE), or bands without dropped indices (TIES as a
+search runs it), skip the block buffers: trimmed and combined in one loop.
 
 Trim modes per task vector: 0 keep all, 1 magnitude band (entries strictly inside (lo, hi) kept; entries
 equal to lo or hi kept when their flat index lies in that bound's index range; minus the sorted flat
@@ -186,6 +186,52 @@ def _trim(bs, ms, m, g, out, c, mode, lo, hi, bounds, key, thr, plo, pspan, rank
     return p
 
 
+@njit(inline="always")
+def _band_block(count, g, m, modes, bounds, tie_lo, tie_hi):
+    """For bands: whether, in block [g, g + m), every trim keeps the entries equal to its lo (and to its hi)
+    all or none (then set in tie_lo / tie_hi); False where a tied run starts or ends inside the block."""
+    last = g + m - 1
+    for i in range(count):
+        tie_lo[i] = tie_hi[i] = False
+        if modes[i] != 1:
+            continue
+        for k in (0, 2):
+            first_kept, last_kept = bounds[i, k], bounds[i, k + 1]
+            inside = first_kept <= g and last <= last_kept
+            if not inside and not (last_kept < g or first_kept > last):
+                return False
+            if k == 0:
+                tie_lo[i] = inside
+            else:
+                tie_hi[i] = inside
+    return True
+
+
+@njit(inline="always")
+def _banded(bs, a0, a1, a2, o, m, three, lo, hi, tie_lo, tie_hi, coeff, weights, consensus, normalize, scale):
+    """One block of merge for two or three band trims, decided per entry by float compares only (the tied
+    entries' fate is the block's): delta, trim, weight and combine in one loop."""
+    zero = np.float32(0.0)
+    lo0, lo1, lo2, hi0, hi1, hi2 = lo[0], lo[1], lo[2], hi[0], hi[1], hi[2]
+    tl0, tl1, tl2, th0, th1, th2 = tie_lo[0], tie_lo[1], tie_lo[2], tie_hi[0], tie_hi[1], tie_hi[2]
+    c0, c1, w0, w1 = coeff[0], coeff[1], weights[0], weights[1]
+    c2, w2 = (coeff[2], weights[2]) if three else (zero, zero)
+    for j in range(m):
+        bj = _ld(bs, j)
+        x0, x1 = _ld(a0, j) - bj, _ld(a1, j) - bj
+        y0, y1 = abs(x0), abs(x1)
+        v0 = x0 * c0 if ((y0 > lo0) & (y0 < hi0)) | ((y0 == lo0) & tl0) | ((y0 == hi0) & th0) else zero
+        v1 = x1 * c1 if ((y1 > lo1) & (y1 < hi1)) | ((y1 == lo1) & tl1) | ((y1 == hi1) & th1) else zero
+        if three:
+            x2 = _ld(a2, j) - bj
+            y2 = abs(x2)
+            v2 = x2 * c2 if ((y2 > lo2) & (y2 < hi2)) | ((y2 == lo2) & tl2) | ((y2 == hi2) & th2) else zero
+            r = _elect3(v0, v1, v2, w0, w1, w2, normalize) if consensus else v0 + v1 + v2
+        else:
+            r = _elect2(v0, v1, w0, w1, normalize) if consensus else v0 + v1
+        _st(o, j, bj + r * scale)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspan, ranks, drops, coeff, weights,
           consensus, normalize, scale):
@@ -208,10 +254,22 @@ def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspa
         if modes[i] == 2:
             t[i] = _cut(thr[i])
     t0, t1, t2 = t[0], t[1], t[2]
+    banded = count == 2 or count == 3  # every trim keeps all or a band without drops (TIES in a search)
+    for i in range(count):
+        banded &= (modes[i] == 0 or modes[i] == 1) and drops[i].size == 0
+    blo, bhi = np.full(3, np.float32(-np.inf)), np.full(3, np.float32(np.inf))  # mode 0: every finite entry
+    for i in range(count):
+        if modes[i] == 1:
+            blo[i], bhi[i] = lo[i], hi[i]
+    tie_lo, tie_hi = np.zeros(3, np.bool_), np.zeros(3, np.bool_)
     for s in range(0, n, BLOCK):
         e = min(n, s + BLOCK)
         m = e - s
         bs, o = base[s:e], out[s:e]
+        if banded and _band_block(count, offset + s, m, modes, bounds, tie_lo, tie_hi):
+            _banded(bs, models[0][s:e], models[1 % count][s:e], models[2 % count][s:e], o, m, count == 3, blo, bhi,
+                    tie_lo, tie_hi, coeff, weights, consensus, normalize, scale)
+            continue
         if fast and count == 2:  # DARE of two models: drawn, trimmed and elected (or summed) in one loop
             m0, m1 = models[0][s:e], models[1 % count][s:e]
             c0, c1, w0, w1 = coeff[0], coeff[1], weights[0], weights[1]
