@@ -80,19 +80,22 @@ def kept_l1(base: torch.Tensor, model: torch.Tensor, keep: Keep, offset: int = 0
     return kept, whole
 
 
-def histogram(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
-    """Counts of |model - base| per magnitude bin (the top 16 bits of the float32)."""
+def histogram(base: torch.Tensor, model: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of |model - base| per magnitude bin (the top 16 bits of the float32), and per bin of those
+    whose low 16 bits are not all zero."""
     from evomerge.merge import kernels
 
     if _fused_ok(base, model):
-        counts = np.zeros(kernels.BINS, np.int64)
-        kernels.histogram(_np(base), _np(model), counts)
-        return counts
+        counts, mixed = np.zeros(kernels.BINS, np.int64), np.zeros(kernels.BINS, np.int64)
+        kernels.histogram(_np(base), _np(model), counts, mixed)
+        return counts, mixed
     counts_t = torch.zeros(kernels.BINS, dtype=torch.int64, device=base.device)
+    mixed_t = torch.zeros_like(counts_t)
     for s in range(0, base.numel(), CHUNK):
-        a = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs()
-        counts_t += torch.bincount((a.view(torch.int32) >> 16).reshape(-1), minlength=kernels.BINS)
-    return counts_t.cpu().numpy()
+        bits = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs().view(torch.int32).reshape(-1)
+        counts_t += torch.bincount(bits >> 16, minlength=kernels.BINS)
+        mixed_t += torch.bincount((bits >> 16)[(bits & 0xFFFF) != 0], minlength=kernels.BINS)
+    return counts_t.cpu().numpy(), mixed_t.cpu().numpy()
 
 
 def refine(base: torch.Tensor, model: torch.Tensor, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:

@@ -356,13 +356,17 @@ def kept_l1(base, model, offset, mode, lo, hi, bounds, key, thr, plo, pspan, ran
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def histogram(base, model, counts):
-    """counts[bin(|model - base|)] += 1 over the tensor (bin: the top 16 bits of the float32 magnitude)."""
+def histogram(base, model, counts, mixed):
+    """counts[bin(|model - base|)] += 1 over the tensor (bin: the top 16 bits of the float32 magnitude), and
+    mixed[bin] += 1 for the entries whose low 16 bits are not all zero (few in deltas of bf16 weights)."""
     for s in range(0, base.size, BLOCK):
         e = min(base.size, s + BLOCK)
         bs, ms = base[s:e], model[s:e]
         for j in range(e - s):
-            counts[_bin(abs(_ld(ms, j) - _ld(bs, j)))] += 1
+            a = abs(_ld(ms, j) - _ld(bs, j))
+            counts[_bin(a)] += 1
+            if _low(a) != 0:
+                mixed[_bin(a)] += 1
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -5,8 +5,10 @@ cache); kernels form `model - base` block by block in float32 registers. What a 
 the whole delta is kept in a compact `Summary`, computed once per (model, tensor, base) and reused by
 every candidate: a histogram of the magnitudes over 2**15 bins (the top 16 bits of the float32 magnitude,
 which order like the magnitudes themselves). A trim to any density reads the bin
-holding its threshold from the summary and finds the exact threshold from that bin's distinct magnitudes,
-counted by their low 16 bits in one streaming pass the first time a trim cuts inside the bin; where equal
+holding its threshold from the summary. Deltas of bf16 weights mostly have their low 16 bits zero: a bin's
+smallest magnitude then holds most of its entries, and the summary counts the others, so a threshold
+there needs no pass. Elsewhere the exact threshold comes from that bin's distinct magnitudes, counted by
+their low 16 bits in one streaming pass the first time a trim cuts inside the bin; where equal
 magnitudes straddle the threshold, a pass that stops early finds the flat index at which the tied entries
 stop being kept.
 """
@@ -32,11 +34,12 @@ class Summary:
     bins: np.ndarray  # int32
     counts: np.ndarray  # int64
     above: np.ndarray  # int64: entries in higher bins
+    mixed: np.ndarray  # int64: entries whose low 16 bits are not all zero (all above the bin's round value)
     refined: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.bins, self.counts, self.above, *(x for r in self.refined.values() for x in r)))
+        return sum(a.nbytes for a in (self.bins, self.counts, self.above, self.mixed, *(x for r in self.refined.values() for x in r)))
 
     def remember(self, b: int, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         present = np.flatnonzero(low)[::-1].astype(np.int32)  # largest first
@@ -96,6 +99,8 @@ class TaskVector:
 
         s = self.summary()
         slots = [int(np.searchsorted(s.above, r, side="right")) - 1 for r in ranks]
+        if all(r - s.above[i] >= s.mixed[i] for r, i in zip(ranks, slots)):  # each at its bin's round value
+            return [_round_cut(s, i) for i in slots]
         bins = [int(s.bins[i]) for i in slots]
         missing = [b for b in dict.fromkeys(bins) if b not in s.refined]
         if missing:
@@ -117,12 +122,18 @@ class TaskVector:
         return gta.nth_equal(*self.flat(), value, nth)
 
 
+def _round_cut(s: Summary, i: int) -> Cut:
+    """The cut at the smallest magnitude of bin slot i, its low 16 bits zero: below every mixed entry."""
+    value = float(np.array([int(s.bins[i]) << 16], np.uint32).view(np.float32)[0])
+    return Cut(value, int(s.above[i] + s.mixed[i]), int(s.counts[i] - s.mixed[i]))
+
+
 def summarize(vec: TaskVector) -> Summary:
     """One pass over the pair: the magnitude histogram."""
     from evomerge.merge import gta
 
-    counts = gta.histogram(*vec.flat())
+    counts, mixed = gta.histogram(*vec.flat())
     bins = np.flatnonzero(counts)[::-1].astype(np.int32)
     c = counts[bins].astype(np.int64)
     above = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
-    return Summary(bins, c, above)
+    return Summary(bins, c, above, mixed[bins].astype(np.int64))
