@@ -151,3 +151,18 @@ def test_fused_paths_agree_with_torch_on_quantized_deltas_across_blocks(tie_orde
                 assert torch.allclose(fused, plain, rtol=1e-6, atol=1e-7), (method, count)
     finally:
         gta.use_fused = True
+
+
+def test_traffic_counts_every_pass(tiny_models):
+    """The kernels' byte counter (benchmarks relate time to it): a DARE-TIES merge reads each tensor's base
+    and experts once to merge and once more per expert for the rescale, and writes the output once."""
+    from evomerge.merge import gta
+
+    mat = Materializer(tiny_models, base="base")
+    recipe = _ties(0.8, 0.7, method="dare_ties", seed=3)
+    expected_out = sum(t.numel() * 4 for t in mat.materialize(recipe).values())
+    base_bytes = sum(mat.sources["base"].get(n).numel() * 4 for n in mat.names)  # float32 checkpoints
+    read, written = gta.traffic.read, gta.traffic.written
+    mat.materialize(recipe)
+    assert gta.traffic.written - written == expected_out
+    assert gta.traffic.read - read == 3 * base_bytes + 2 * 2 * base_bytes

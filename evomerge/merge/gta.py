@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import threading
+
 import numpy as np
 import torch
 
@@ -23,6 +25,27 @@ CHUNK = 1 << 22  # torch path: elements per chunk, bounds its scratch memory
 _MODES = {"all": 0, "band": 1, "random": 2, "della": 3}
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 use_fused = True  # tests switch it off to check the torch path against the fused one
+
+
+class Traffic:
+    """Bytes the kernels streamed from and to memory in this process, pass by pass (read by benchmarks to
+    relate a merge's time to the bytes it really moved, extra trim passes included)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.read = self.written = 0
+
+    def add(self, read: int, written: int = 0) -> None:
+        with self._lock:
+            self.read += read
+            self.written += written
+
+
+traffic = Traffic()
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _fused_ok(*tensors: torch.Tensor) -> bool:
@@ -57,6 +80,7 @@ def merge_task_vectors(
     if not consensus and normalize:
         divisor = sum(weights)  # mergekit: entries trimmed to nothing still count in a plain sum's divisor
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    traffic.add(_bytes(base, *(m for m, _, _ in live)), _bytes(out))
     dtypes = {m.dtype for m, _, _ in live}
     if len(dtypes) == 1 and _fused_ok(base, out, *(m for m, _, _ in live)):
         _fused(base, out, live, consensus, normalize, scale, offset)
@@ -67,6 +91,7 @@ def merge_task_vectors(
 def kept_l1(base: torch.Tensor, model: torch.Tensor, keep: Keep, offset: int = 0) -> tuple[float, float]:
     """Sums of |model - base| over the entries `keep` keeps and over all entries, in one pass (flat views;
     `offset` as for merge_task_vectors)."""
+    traffic.add(_bytes(base, model))
     if _fused_ok(base, model):
         from evomerge.merge import kernels
 
@@ -85,6 +110,7 @@ def histogram(base: torch.Tensor, model: torch.Tensor) -> tuple[np.ndarray, np.n
     whose low 16 bits are not all zero."""
     from evomerge.merge import kernels
 
+    traffic.add(_bytes(base, model))
     if _fused_ok(base, model):
         counts, mixed = np.zeros(kernels.BINS, np.int64), np.zeros(kernels.BINS, np.int64)
         kernels.histogram(_np(base), _np(model), counts, mixed)
@@ -102,6 +128,7 @@ def refine(base: torch.Tensor, model: torch.Tensor, bin0: int, bin1: int) -> tup
     """Counts of |model - base| by their low 16 bits, within magnitude bins bin0 and bin1."""
     from evomerge.merge import kernels
 
+    traffic.add(_bytes(base, model))
     if _fused_ok(base, model):
         low0, low1 = np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)
         kernels.refine(_np(base), _np(model), bin0, bin1, low0, low1)
@@ -119,7 +146,9 @@ def nth_equal(base: torch.Tensor, model: torch.Tensor, value: float, nth: int) -
     from evomerge.merge import kernels
 
     if _fused_ok(base, model):
-        return int(kernels.nth_equal(_np(base), _np(model), np.float32(value), nth))
+        found = int(kernels.nth_equal(_np(base), _np(model), np.float32(value), nth))
+        traffic.add(_bytes(base, model) * (found + 1 if found >= 0 else base.numel()) // max(1, base.numel()))
+        return found
     seen = 0
     for s in range(0, base.numel(), CHUNK):
         hits = torch.nonzero((model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs() == value).reshape(-1)
