@@ -78,3 +78,71 @@ def versions(root: Path) -> dict:
     except (OSError, subprocess.SubprocessError):
         out["evomerge_commit"] = None
     return out
+
+
+def tree(root: int) -> list[int]:
+    """`root` and all its descendants alive now."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """Rss, Pss, Pss_Anon, Pss_File, Anonymous of one process, in bytes (empty when it is gone). Pss splits each
+    shared page among the processes mapping it, so Pss summed over processes counts every page once."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous"):
+                    out[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class TreePeak:
+    """Samples a process tree's summed rollup (see `rollup`) on a thread; `peak` holds each field's largest sum,
+    `processes` the most processes seen at once."""
+
+    FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous")
+
+    def __init__(self, root: int, interval_s: float = 0.25):
+        self.root, self.interval = root, interval_s
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self.processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = tree(self.root)
+            self.processes = max(self.processes, len(pids))
+            total = dict.fromkeys(self.FIELDS, 0)
+            for pid in pids:
+                for k, v in rollup(pid).items():
+                    total[k] += v
+            for k in self.FIELDS:
+                self.peak[k] = max(self.peak[k], total[k])
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
