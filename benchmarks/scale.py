@@ -276,8 +276,7 @@ def summarize(size: str, sources: dict[str, str], bandwidth: dict, rows: dict, a
     stored = sum(Path(f).stat().st_size for f in Path(sources["base"]).glob("*.safetensors"))
     out: dict = {"parameters": params, "shape": scale_models.SIZES[size], "stored_dtype": "bfloat16",
                  "experts": len(scale_models.EXPERTS), "source_bytes_each": stored, "copy_bandwidth": bandwidth}
-    for method in METHODS:
-        r = rows[method]
+    for method, r in rows.items():
         entry: dict = {}
         for name in ROWS:
             if name in r:
