@@ -14,8 +14,9 @@ fresh subprocess (clean RSS and peak), with the sources' files read once beforeh
 Targets (booleans, from ratios): private memory above the interpreter's own <= scoring model + 10%; first candidate
 <= 2x a warm one; load_into >= 40% of copy bandwidth; >= 5x faster per candidate than mergekit's in-memory path.
 
-Bytes load_into moves per candidate: read = base + 3 experts in their stored dtype (the minimum; plus any extra
-passes the materializer reports through `bytes_read`), written = the scoring model's parameters.
+Bytes load_into moves per candidate: read = base + 3 experts in their stored dtype (the minimum: the materializer
+reports no pass counts, and a trim's selection pass reads its expert again), written = the scoring model's
+parameters.
 
     python benchmarks/scale.py [--sizes 0.2b,1b] [--out benchmarks/results/scale.json] [--cache /tmp/evomerge-scale]
 """
@@ -103,7 +104,7 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     mem |= m
     mem["peak_rss"] = memstat.status()["VmHWM"]
     return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "materializer_threads": kw.get("threads"),
-            "bytes_read_reported": getattr(mat, "bytes_read", None), "load_s": load_s, **timing, "memory": mem}
+            "summary_bytes": mat.summary_bytes() if hasattr(mat, "summary_bytes") else None, "load_s": load_s, **timing, "memory": mem}
 
 
 def mergekit_config(recipe: dict, sources: dict[str, str], evolve: bool):
@@ -290,7 +291,7 @@ def summarize(size: str, sources: dict[str, str], bandwidth: dict, rows: dict, a
             ratios["private_after_warm_over_scoring_model"] = (mem["after_warm"]["RssAnon"] - mem["baseline"]["RssAnon"]) / ev["scoring_model_bytes"]
             ratios["materializer_private_peak_bytes_per_parameter"] = (peak_private - mem["after_model"]["RssAnon"]) / params
             ratios["first_over_warm"] = ev["first_candidate_s"] / ev["warm_candidate_s"]
-            read = (1 + len(scale_models.EXPERTS)) * stored + (ev.get("bytes_read_reported") or 0)
+            read = (1 + len(scale_models.EXPERTS)) * stored  # the minimum: the materializer counts no passes
             moved = read + ev["scoring_model_bytes"]
             bw = bandwidth.get(f"threads_{args.threads}_gb_s")
             ratios["load_into_bytes_moved"] = moved
