@@ -62,11 +62,14 @@ def merge(
     emit_mergekit: bool = typer.Option(False, "--emit-mergekit", help="Print the recipe as mergekit YAML and exit."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .bin/.pt checkpoints (loaded with weights_only=True)."),
     device: str = typer.Option("cpu", "--device", help="Where to merge: cpu, cuda, cuda:1, ..."),
+    tie_order: str = typer.Option("mergekit", "--tie-order", help="Equal magnitudes at a trim's threshold: 'mergekit' keeps "
+                                  "those mergekit keeps (bit-exact replay); 'index' the lowest indices, as a search scores."),
 ) -> None:
     """Merge models as CONFIG says and write a checkpoint (shards, config, tokenizer, model card) at OUT."""
     from evomerge.merge.command import run_merge
 
-    run_merge(config, out, force=force, emit_mergekit=emit_mergekit, allow_pickle=allow_pickle, device=device)
+    run_merge(config, out, force=force, emit_mergekit=emit_mergekit, allow_pickle=allow_pickle, device=device,
+              tie_order=tie_order)
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:

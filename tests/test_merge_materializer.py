@@ -1,6 +1,8 @@
-"""The resident materializer: load_into a live module, statistics computed once, in-memory sources."""
+"""The materializer: load_into a live module, trim summaries computed once, bf16 sources and destinations,
+in-memory sources."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -29,14 +31,43 @@ def test_load_into_writes_the_merged_weights_in_place(tiny_models):
     assert torch.isfinite(logits).all()
 
 
-def test_magnitudes_are_sorted_once_across_candidates(tiny_models):
+def test_trim_summaries_are_computed_once_and_compact(tiny_models):
+    """Trims keep one small summary per (model, tensor), reused by every candidate: no full-size statistics."""
     mat = Materializer(tiny_models, base="base")
-    vec = mat.vectors["a"]["model.layers.1.mlp.up_proj.weight"]
     first = mat.materialize(_ties(0.3, 0.4))
-    sorted_once = vec.sorted_magnitudes()
+    kept = dict(mat._summaries)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert ("a", name, "base", name) in kept
     second = mat.materialize(_ties(0.3, 0.9))
-    assert vec.sorted_magnitudes() is sorted_once
-    assert not torch.equal(first["model.layers.1.mlp.up_proj.weight"], second["model.layers.1.mlp.up_proj.weight"])
+    assert all(mat._summaries[k] is v for k, v in kept.items())  # the same objects: not recomputed
+    assert not torch.equal(first[name], second[name])
+    numel = {n: t.numel() for n, t in first.items()}
+    assert all(s.nbytes <= 20 * min(numel[k[1]], 1 << 15) for k, s in mat._summaries.items())  # 20 B a populated bin
+
+
+def test_bfloat16_sources_and_destinations(tmp_path, tiny_models):
+    """bf16 sources are merged as stored (no float32 copy is kept) and bf16 destinations are written by the
+    kernel itself, rounding once: the same bits as merging in float32 and rounding the result."""
+    from safetensors.torch import save_file
+
+    from tests.merge_fixtures import load_checkpoint
+
+    paths = {}
+    for k, v in tiny_models.items():
+        sd = {n: t.to(torch.bfloat16) for n, t in load_checkpoint(v).items()}
+        (tmp_path / k).mkdir()
+        save_file(sd, str(tmp_path / k / "model.safetensors"))
+        paths[k] = tmp_path / k
+    mat = Materializer(paths, base="base")
+    as_f32 = {k: {n: t.float() for n, t in load_checkpoint(v).items()} for k, v in paths.items()}
+    ref = Materializer(as_f32, base="base")
+    for recipe in (_ties(0.3, 0.4), _ties(0.8, 0.7, method="dare_ties", seed=3), _ties(0.5, 0.5, method="breadcrumbs_ties")):
+        got = mat.materialize(recipe, dtype=torch.bfloat16)
+        want = ref.materialize(recipe)
+        for n, t in got.items():
+            assert t.dtype == torch.bfloat16
+            assert torch.equal(t, want[n].to(torch.bfloat16)), (recipe.merge_method, n)
+    assert mat.sources["base"].get("model.norm.weight").dtype == torch.bfloat16  # still the mapped file
 
 
 def test_state_dict_sources_and_other_reference(tiny_models):
@@ -49,13 +80,13 @@ def test_state_dict_sources_and_other_reference(tiny_models):
     assert all(torch.allclose(by_path[n], from_a[n], rtol=0, atol=1e-6) for n in by_path)
 
 
-def test_fused_kernel_and_torch_path_agree(tiny_models):
-    """The numba kernel (CPU) and the torch path (GPU and other dtypes) apply the same trims and draws."""
-    import pytest
-
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_kernel_and_torch_path_agree(tiny_models, threads):
+    """The numba kernel (CPU) and the torch path (GPU and other dtypes) apply the same trims and draws,
+    whatever the number of merge threads."""
     from evomerge.merge import gta
 
-    mat = Materializer(tiny_models, base="base")
+    mat = Materializer(tiny_models, base="base", threads=threads)
     try:
         for method in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "della_linear"):
             r = _ties(0.4, 0.35, seed=9, method=method)
@@ -70,3 +101,22 @@ def test_fused_kernel_and_torch_path_agree(tiny_models):
                     pytest.fail(f"{method}: {n} differs by {(t - plain[n]).abs().max():.3g}")
     finally:
         gta.use_fused = True
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_by_pieces_of_rows_equals_della_whole(tiny_models, method):
+    """DELLA's row ranks are computed per piece of whole rows (no full-size rank array): any piece size
+    keeps the same entries, and the rescale's L1 sums differ only in float32 rounding."""
+    from evomerge.merge import methods
+
+    r = _ties(0.4, 0.35, seed=9, method=method)
+    r.parameters["epsilon"] = 0.05
+    mat = Materializer(tiny_models, base="base")
+    whole = mat.materialize(r)
+    try:
+        methods.DELLA_PIECE = 1  # one row a piece
+        pieces = mat.materialize(r)
+    finally:
+        methods.DELLA_PIECE = 1 << 22
+    assert all(torch.allclose(whole[n], pieces[n], rtol=1e-6, atol=1e-7) for n in whole)
+    assert all(torch.equal(whole[n] == mat.sources["base"].get(n), pieces[n] == mat.sources["base"].get(n)) for n in whole)

@@ -29,7 +29,7 @@ def merge(method: str, base: torch.Tensor, deltas: list[torch.Tensor], weights: 
         p = {"weight": w} | ({"density": density} if density is not None else {})
         models.append({"model": f"m{i}", "parameters": p})
     recipe = Recipe.from_dict({"merge_method": method, "base_model": "base", "models": models, "parameters": shared, "seed": seed})
-    return Materializer(sources, base="base").materialize(recipe)[NAME]
+    return Materializer(sources, base="base", tie_order="mergekit").materialize(recipe)[NAME]  # exact, as the oracle
 
 
 def mergekit_reference(method: str, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], **params) -> torch.Tensor:

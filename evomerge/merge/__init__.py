@@ -1,4 +1,5 @@
 """The merge engine: model sources, merge methods, the resident materializer, checkpoint writing."""
+from evomerge.merge import consensus, selective, spherical  # noqa: F401  (register their methods)
 from evomerge.merge.materializer import Materializer
 from evomerge.merge.mergekit_yaml import read_config, to_mergekit
 from evomerge.merge.methods import names as method_names

@@ -23,7 +23,7 @@ def resolve_models(names: list[str], config_dir: Path) -> dict[str, str]:
 
 
 def run_merge(config: str, out: str | None, *, force: bool = False, emit_mergekit: bool = False,
-              allow_pickle: bool = False, device: str = "cpu") -> None:
+              allow_pickle: bool = False, device: str = "cpu", tie_order: str = "mergekit") -> None:
     recipe = read_config(config)
     if emit_mergekit:
         print(to_mergekit(recipe), end="")
@@ -36,5 +36,5 @@ def run_merge(config: str, out: str | None, *, force: bool = False, emit_mergeki
 
     sources = resolve_models(recipe.source_names(), Path(config).resolve().parent)
     start = time.perf_counter()
-    write_checkpoint(recipe, sources, out, force=force, allow_pickle=allow_pickle, device=device)
+    write_checkpoint(recipe, sources, out, force=force, allow_pickle=allow_pickle, device=device, tie_order=tie_order)
     print(f"merged {recipe.merge_method} of {len(sources)} models into {out} in {time.perf_counter() - start:.1f} s")

@@ -1,13 +1,14 @@
 """The generalized task-arithmetic kernel behind task_arithmetic, TIES, DARE, breadcrumbs and DELLA.
 
-    theta = base + lambda * merge_i(w_i * trim_i(tau_i))
+    theta = base + lambda * merge_i(w_i * trim_i(tau_i)),   tau_i = model_i - base
 
 where merge is a sum (optionally divided by the sum of weights) or TIES' sign election: keep the
 entries whose sign agrees with the sign of the weighted sum (an exact 0 sum counts as +) and divide by
 the weights of the agreeing entries. This follows mergekit 0.1.5's `GeneralizedTaskArithmeticMerge`.
 
-On CPU float32 the fused numba kernel (kernels.py) does it in one pass. Elsewhere (GPU, other dtypes)
-the same rules run as torch ops over chunks, which on a GPU are bandwidth-bound anyway.
+Inputs are the sources' stored tensors; deltas are formed inside the kernel. On CPU (float32 or bfloat16
+sources and destinations) the fused numba kernel (kernels.py) does it in one pass. Elsewhere (GPU, other
+dtypes) the same rules run as torch ops over chunks, which on a GPU are bandwidth-bound anyway.
 """
 from __future__ import annotations
 
@@ -20,16 +21,22 @@ from evomerge.merge.sparsify import Keep
 
 CHUNK = 1 << 22  # torch path: elements per chunk, bounds its scratch memory
 _MODES = {"all": 0, "band": 1, "random": 2, "della": 3}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 use_fused = True  # tests switch it off to check the torch path against the fused one
 
 
 def _fused_ok(*tensors: torch.Tensor) -> bool:
-    return use_fused and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    return use_fused and all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in tensors)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """The kernel's view of a tensor: float32 as is, bfloat16 as its int16 bit patterns."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).reshape(-1).numpy()
 
 
 def merge_task_vectors(
     base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
+    models: Sequence[torch.Tensor],
     keeps: Sequence[Keep],
     weights: Sequence[float],
     *,
@@ -37,9 +44,11 @@ def merge_task_vectors(
     normalize: bool,
     lam: float,
     out: torch.Tensor,
+    offset: int = 0,
 ) -> None:
-    """out <- base + lam * merged task vectors (flat views of equal length; out preallocated)."""
-    live = [(d.reshape(-1), k, w) for d, k, w in zip(deltas, keeps, weights) if k.kind != "none"]
+    """out <- base + lam * merged task vectors (models - base); flat views of equal length, `offset` the
+    flat index of their first entry in the whole tensor (for a tensor merged in pieces)."""
+    live = [(m.reshape(-1), k, w) for m, k, w in zip(models, keeps, weights) if k.kind != "none"]
     base, out = base.reshape(-1), out.reshape(-1)
     if not live:  # nothing survives: a plain sum adds zero, an election finds no agreeing entry
         out.copy_(base)
@@ -48,65 +57,125 @@ def merge_task_vectors(
     if not consensus and normalize:
         divisor = sum(weights)  # mergekit: entries trimmed to nothing still count in a plain sum's divisor
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
-    if _fused_ok(base, out, *(d for d, _, _ in live)):
-        _fused(base, out, live, consensus, normalize, scale)
+    dtypes = {m.dtype for m, _, _ in live}
+    if len(dtypes) == 1 and _fused_ok(base, out, *(m for m, _, _ in live)):
+        _fused(base, out, live, consensus, normalize, scale, offset)
     else:
-        _chunked(base, out, live, consensus, normalize, scale)
+        _chunked(base, out, live, consensus, normalize, scale, offset)
 
 
-def kept_l1(delta: torch.Tensor, keep: Keep) -> float:
-    """Sum of |x| over the entries `keep` keeps."""
-    if _fused_ok(delta):
+def kept_l1(base: torch.Tensor, model: torch.Tensor, keep: Keep, offset: int = 0) -> tuple[float, float]:
+    """Sums of |model - base| over the entries `keep` keeps and over all entries, in one pass (flat views;
+    `offset` as for merge_task_vectors)."""
+    if _fused_ok(base, model):
         from evomerge.merge import kernels
 
-        return float(kernels.kept_l1(delta.numpy(), *_params(keep)))
-    total = 0.0
-    for s in range(0, delta.numel(), CHUNK):
-        x = delta[s : s + CHUNK]
-        total += float(torch.where(keep.mask(x, s), x.abs(), 0).sum(dtype=torch.float64))
-    return total
+        kept, whole = kernels.kept_l1(_np(base), _np(model), offset, *_params(keep))
+        return float(kept), float(whole)
+    kept = whole = 0.0
+    for s in range(0, base.numel(), CHUNK):
+        x = model[s : s + CHUNK].float() - base[s : s + CHUNK].float()
+        kept += float(torch.where(keep.mask(x, offset + s), x.abs(), 0).sum(dtype=torch.float64))
+        whole += float(x.abs().sum(dtype=torch.float64))
+    return kept, whole
+
+
+def histogram(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
+    """Counts of |model - base| per magnitude bin (the top 16 bits of the float32)."""
+    from evomerge.merge import kernels
+
+    if _fused_ok(base, model):
+        counts = np.zeros(kernels.BINS, np.int64)
+        kernels.histogram(_np(base), _np(model), counts)
+        return counts
+    counts_t = torch.zeros(kernels.BINS, dtype=torch.int64, device=base.device)
+    for s in range(0, base.numel(), CHUNK):
+        a = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs()
+        counts_t += torch.bincount((a.view(torch.int32) >> 16).reshape(-1), minlength=kernels.BINS)
+    return counts_t.cpu().numpy()
+
+
+def refine(base: torch.Tensor, model: torch.Tensor, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of |model - base| by their low 16 bits, within magnitude bins bin0 and bin1."""
+    from evomerge.merge import kernels
+
+    if _fused_ok(base, model):
+        low0, low1 = np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)
+        kernels.refine(_np(base), _np(model), bin0, bin1, low0, low1)
+        return low0, low1
+    lows = [torch.zeros(1 << 16, dtype=torch.int64, device=base.device) for _ in range(2)]
+    for s in range(0, base.numel(), CHUNK):
+        bits = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs().view(torch.int32)
+        for low, b in zip(lows, (bin0, bin1) if bin1 != bin0 else (bin0,)):
+            low += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    return lows[0].cpu().numpy(), lows[1].cpu().numpy()
+
+
+def nth_equal(base: torch.Tensor, model: torch.Tensor, value: float, nth: int) -> int:
+    """The flat index of the nth (from 1) entry with |model - base| == value, in index order."""
+    from evomerge.merge import kernels
+
+    if _fused_ok(base, model):
+        return int(kernels.nth_equal(_np(base), _np(model), np.float32(value), nth))
+    seen = 0
+    for s in range(0, base.numel(), CHUNK):
+        hits = torch.nonzero((model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs() == value).reshape(-1)
+        if seen + hits.numel() >= nth:
+            return s + int(hits[nth - seen - 1])
+        seen += hits.numel()
+    return -1
 
 
 _NO_RANK = np.zeros(0, np.float32)
-_DTYPES = (np.int64, np.float32, np.float32, np.int64, np.int64, np.float64, np.float64)
 
 
 def _params(k: Keep) -> tuple:
-    """One trim's kernel parameters: mode, lo, hi, key, thr, p_lo, p_span, rank, drop."""
+    """One trim's kernel parameters: mode, lo, hi, bounds, key, thr, p_lo, p_span, rank, drop."""
     from evomerge.merge.rng import threshold
 
     rank = _NO_RANK if k.rank is None else k.rank.numpy()
-    return _MODES[k.kind], k.lo, k.hi, k.key, threshold(k.p), k.p_lo, k.p_span, rank, k.drop.numpy()
+    bounds = np.array([*k.lo_range, *k.hi_range], np.int64)
+    return _MODES[k.kind], k.lo, k.hi, bounds, k.key, threshold(k.p), k.p_lo, k.p_span, rank, k.drop
 
 
 def _arrays(keeps: Sequence[Keep]) -> tuple:
-    """The kernel's per-vector trim parameters as numpy arrays (scalars) and tuples (rank, drop)."""
-    cols = list(zip(*map(_params, keeps)))
-    return (*(np.array(c, t) for c, t in zip(cols, _DTYPES)), cols[7], cols[8])
+    """The kernel's per-vector trim parameters: numpy arrays of scalars and bounds, tuples of rank and drop."""
+    params = [_params(k) for k in keeps]
+
+    def col(i: int, dtype) -> np.ndarray:
+        return np.array([p[i] for p in params], dtype)
+
+    return (col(0, np.int64), col(1, np.float32), col(2, np.float32), col(3, np.int64), col(4, np.int64),
+            col(5, np.int64), col(6, np.float64), col(7, np.float64), tuple(p[8] for p in params),
+            tuple(p[9] for p in params))
 
 
-def _fused(base, out, live, consensus, normalize, scale) -> None:
+def _fused(base, out, live, consensus, normalize, scale, offset) -> None:
     from evomerge.merge import kernels
 
     keeps = [k for _, k, _ in live]
     coeff = np.array([w * k.factor for _, k, w in live], np.float32)
     weights = np.array([w for _, _, w in live], np.float32)
-    kernels.merge(base.numpy(), out.numpy(), tuple(d.numpy() for d, _, _ in live), *_arrays(keeps), coeff, weights,
+    kernels.merge(_np(base), tuple(_np(m) for m, _, _ in live), _np(out), offset, *_arrays(keeps), coeff, weights,
                   consensus, normalize, np.float32(scale))
 
 
-def _chunked(base, out, live, consensus, normalize, scale) -> None:
+def _chunked(base, out, live, consensus, normalize, scale, offset) -> None:
     for s in range(0, out.numel(), CHUNK):
         e = min(out.numel(), s + CHUNK)
-        vals = [torch.where(k.mask(d[s:e], s), d[s:e] * torch.tensor(w * k.factor, dtype=d.dtype), 0) for d, k, w in live]
+        b = base[s:e].float()
+        vals = []
+        for m, k, w in live:
+            d = m[s:e].float() - b
+            vals.append(torch.where(k.mask(d, offset + s), d * torch.tensor(w * k.factor, dtype=d.dtype), 0))
         total = torch.stack(vals).sum(0)
         if consensus:
             positive = total >= 0
             agree = [torch.where(positive, v > 0, v < 0) for v in vals]
             acc = torch.stack([torch.where(a, v, 0) for v, a in zip(vals, agree)]).sum(0)
             if normalize:
-                div = torch.stack([a * torch.tensor(w, dtype=out.dtype) for a, (_, _, w) in zip(agree, live)]).sum(0)
+                div = torch.stack([a * torch.tensor(w, dtype=torch.float32) for a, (_, _, w) in zip(agree, live)]).sum(0)
                 acc = acc / torch.where(div == 0, torch.ones_like(div), div)
         else:
             acc = total
-        torch.add(base[s:e], acc * scale, out=out[s:e])
+        out[s:e].copy_(b + acc * scale)

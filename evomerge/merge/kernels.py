@@ -1,27 +1,29 @@
-"""Fused CPU kernels (numba) for the task-arithmetic family.
+"""Fused CPU kernels (numba) for the task-arithmetic family, reading sources in their stored dtype.
 
-The output is produced in blocks that fit in L1/L2: for each task vector a tight loop writes its trimmed,
-weighted block into a small buffer, then one loop elects signs and writes base + result. Every input is
-read once from memory and every intermediate stays in cache, so the merge runs near memory bandwidth,
-where a chain of torch elementwise ops would make ~25 passes. Two task vectors whose trims are random or
-none (DARE-TIES) skip the buffers: they are trimmed and elected in one loop.
+Sources stay as they are stored (float32, or bfloat16 passed as int16 bit patterns, widened in registers):
+for each block of BLOCK entries, small enough for L1, the kernel forms each model's delta from the base,
+trims and weights it into a block buffer, elects signs and writes base + result, rounded to bfloat16
+(nearest even) when the destination is bfloat16. Every input byte is read once from memory and every
+intermediate stays in cache, so no full-size float32 copy of any source or delta ever exists.
 
-Trim modes per task vector: 0 keep all, 1 magnitude band lo <= |x| <= hi minus the sorted indices in
-`drop` (ties at the threshold that the reference sort ordered out), 2 random (keep when the entry's draw
-u < thr, thr >= 1), 3 DELLA (keep when u / 2**32 < plo + pspan * rank[j]). Random trims draw twice, once
-for the rescale's kept L1 and once in the merge: a draw costs a few vector instructions per 8 entries,
-less than storing and reloading a mask.
+Trim modes per task vector: 0 keep all, 1 magnitude band (entries strictly inside (lo, hi) kept; entries
+equal to lo or hi kept when their flat index lies in that bound's index range; minus the sorted flat
+indices in `drop`), 2 random (keep when the entry's draw u < thr), 3 DELLA (keep when u / 2**32 <
+plo + pspan * rank[j], `rank` given for the entries of the arrays). `offset` is the flat index of the
+arrays' first entry in the whole tensor, so a tensor merged in pieces draws and cuts exactly as when
+merged whole.
 """
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from evomerge.merge.rng import GOLDEN, MIX1, MIX2, TOP
 
-BLOCK = 4096
+BLOCK = 2048
+BINS = 1 << 15  # magnitude histogram: the top 16 bits of a non-negative float32 (sign bit clear)
 _INV32 = 2.3283064365386963e-10  # 2**-32
 
 
@@ -40,10 +42,79 @@ def _mix(typingctx, z):
     return types.int32(types.int64), codegen
 
 
+@intrinsic
+def _from_bf16(typingctx, x):
+    """A bfloat16 bit pattern (int16) as the float32 it is: its bits shifted into the top half."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _to_bf16(typingctx, x):
+    """A float32 rounded to the nearest bfloat16 (ties to even), as its int16 bit pattern."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        b = builder.bitcast(args[0], i32)
+        odd = builder.and_(builder.lshr(b, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        r = builder.add(builder.add(b, ir.Constant(i32, 0x7FFF)), odd)
+        return builder.trunc(builder.lshr(r, ir.Constant(i32, 16)), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+@intrinsic
+def _bin(typingctx, x):
+    """The magnitude bin of a non-negative float32: its top 16 bits."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.lshr(builder.bitcast(args[0], i32), ir.Constant(i32, 16))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _low(typingctx, x):
+    """The low 16 bits of a float32: its place within its magnitude bin."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0xFFFF))
+
+    return types.int32(types.float32), codegen
+
+
+def _ld(a, j):
+    """a[j] as float32 (a: float32, or bfloat16 bit patterns as int16)."""
+
+
+@overload(_ld, inline="always")
+def _ld_impl(a, j):
+    if a.dtype == types.int16:
+        return lambda a, j: _from_bf16(a[j])
+    return lambda a, j: a[j]
+
+
+def _st(a, j, v):
+    """a[j] <- v, rounded to bfloat16 when a holds bfloat16 bit patterns."""
+
+
+@overload(_st, inline="always")
+def _st_impl(a, j, v):
+    if a.dtype == types.int16:
+        def impl(a, j, v):
+            a[j] = _to_bf16(v)
+        return impl
+
+    def impl(a, j, v):
+        a[j] = v
+    return impl
+
+
 @njit(inline="always")
 def _cut(thr):
-    """Keep an entry when its _mix <= this: u < thr, for 1 <= thr <= 2**32 (2**32: every entry, as for
-    trims other than random, whose `thr` is that of p = 1)."""
+    """Keep an entry when its _mix <= this: u < thr, for 1 <= thr <= 2**32."""
     return np.int32(thr - TOP - 1)
 
 
@@ -63,125 +134,169 @@ def _elect2(v0, v1, w0, w1, normalize):
 
 
 @njit(inline="always")
-def _trim_block(d, s, e, out, c, mode, lo, hi, key, thr, plo, pspan, rank, drop, p):
-    """out[: e - s] <- c * d[s:e] where kept, else 0; returns the advanced position in `drop`."""
-    x = d[s:e]
-    m = e - s
+def _trim(bs, ms, m, g, out, c, mode, lo, hi, bounds, key, thr, plo, pspan, rank, drop, p):
+    """out[:m] <- c * (ms - bs)[:m] where kept, else 0, for the entries at flat indices g .. g + m - 1 of
+    the tensor; returns the advanced position in `drop`. `rank` holds these entries' DELLA ranks. Loads
+    index slices by the loop counter, which numba knows is non-negative: that lets LLVM vectorise."""
     zero = np.float32(0.0)
     if mode == 0:
         for j in range(m):
-            out[j] = x[j] * c
+            out[j] = (_ld(ms, j) - _ld(bs, j)) * c
     elif mode == 1:
+        lo_a, lo_b, hi_a, hi_b = bounds[0], bounds[1], bounds[2], bounds[3]
         for j in range(m):
-            a = abs(x[j])
-            out[j] = x[j] * c if (a >= lo) & (a <= hi) else zero
-        while p < drop.size and drop[p] < e:
-            out[drop[p] - s] = zero
+            x = _ld(ms, j) - _ld(bs, j)
+            a = abs(x)
+            i = g + j
+            keep = ((a > lo) & (a < hi)) | ((a == lo) & (i >= lo_a) & (i <= lo_b)) | ((a == hi) & (i >= hi_a) & (i <= hi_b))
+            out[j] = x * c if keep else zero
+        while p < drop.size and drop[p] < g + m:
+            if drop[p] >= g:
+                out[drop[p] - g] = zero
             p += 1
     elif mode == 2:
         t = _cut(thr)
-        z = key + s * GOLDEN
+        z = key + g * GOLDEN
         for j in range(m):
-            v = x[j] * c  # loaded whatever the draw: a select, not a masked load
+            v = (_ld(ms, j) - _ld(bs, j)) * c  # loaded whatever the draw: a select, not a masked load
             out[j] = v if _mix(z) <= t else zero
             z += GOLDEN
     else:
-        r = rank[s:e]
-        z = key + s * GOLDEN
+        z = key + g * GOLDEN
         for j in range(m):
-            v = x[j] * c
-            out[j] = v if np.float64(_mix(z)) * _INV32 + 0.5 < plo + pspan * np.float64(r[j]) else zero
+            v = (_ld(ms, j) - _ld(bs, j)) * c
+            out[j] = v if np.float64(_mix(z)) * _INV32 + 0.5 < plo + pspan * np.float64(rank[j]) else zero
             z += GOLDEN
     return p
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def merge(base, out, deltas, modes, lo, hi, keys, thr, plo, pspan, ranks, drops, coeff, weights, consensus, normalize, scale):
-    """out <- base + scale * merge_i(coeff_i * trim_i(delta_i)); see gta.merge_task_vectors."""
+def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspan, ranks, drops, coeff, weights,
+          consensus, normalize, scale):
+    """out <- base + scale * merge_i(coeff_i * trim_i(models_i - base)); see gta.merge_task_vectors."""
     n = base.size
-    count = len(deltas)
-    if count == 2 and consensus and (modes[0] == 0 or modes[0] == 2) and (modes[1] == 0 or modes[1] == 2):
-        _random_pair(base, out, deltas[0], deltas[1], keys, thr, coeff, weights, normalize, scale)
-        return
+    count = len(models)
     buf = np.empty((count, BLOCK), np.float32)
+    total, acc, div = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     ptr = np.zeros(count, np.int64)
+    for i in range(count):  # skip the drops before this piece
+        while ptr[i] < drops[i].size and drops[i][ptr[i]] < offset:
+            ptr[i] += 1
     zero, one = np.float32(0.0), np.float32(1.0)
+    fast = count == 2 and consensus and (modes[0] == 0 or modes[0] == 2) and (modes[1] == 0 or modes[1] == 2)
+    t0 = _cut(thr[0]) if modes[0] == 2 else np.int32(2147483647)
+    t1 = _cut(thr[1]) if count > 1 and modes[1] == 2 else np.int32(2147483647)
     for s in range(0, n, BLOCK):
         e = min(n, s + BLOCK)
         m = e - s
+        bs, o = base[s:e], out[s:e]
+        if fast:  # DARE-TIES of two models: drawn, trimmed and elected in one loop, no trim buffers
+            m0, m1 = models[0][s:e], models[1][s:e]
+            c0, c1, w0, w1 = coeff[0], coeff[1], weights[0], weights[1]
+            z0, z1 = keys[0] + (offset + s) * GOLDEN, keys[1] + (offset + s) * GOLDEN
+            for j in range(m):
+                bj = _ld(bs, j)
+                v0, v1 = (_ld(m0, j) - bj) * c0, (_ld(m1, j) - bj) * c1
+                v0 = v0 if _mix(z0) <= t0 else zero
+                v1 = v1 if _mix(z1) <= t1 else zero
+                _st(o, j, bj + _elect2(v0, v1, w0, w1, normalize) * scale)
+                z0 += GOLDEN
+                z1 += GOLDEN
+            continue
         for i in range(count):
-            ptr[i] = _trim_block(deltas[i], s, e, buf[i], coeff[i], modes[i], lo[i], hi[i], keys[i], thr[i], plo[i],
-                                 pspan[i], ranks[i], drops[i], ptr[i])
-        b = base[s:e]
-        o = out[s:e]
+            ptr[i] = _trim(bs, models[i][s:e], m, offset + s, buf[i], coeff[i], modes[i], lo[i], hi[i], bounds[i],
+                           keys[i], thr[i], plo[i], pspan[i], ranks[i][s:e], drops[i], ptr[i])
         if count == 2 and consensus:  # the common case, branch-free so that it vectorizes
             v0, v1 = buf[0], buf[1]
-            w0, w1 = weights[0], weights[1]  # hoisted: the stores to o might alias `weights`
+            w0, w1 = weights[0], weights[1]
             for j in range(m):
-                o[j] = b[j] + _elect2(v0[j], v1[j], w0, w1, normalize) * scale
-        elif consensus:
+                _st(o, j, _ld(bs, j) + _elect2(v0[j], v1[j], w0, w1, normalize) * scale)
+        else:  # any number of models: passes over the block with the entry loop innermost, so each vectorizes
+            total[:m] = zero
+            for i in range(count):
+                v = buf[i]
+                for j in range(m):
+                    total[j] += v[j]
+            if consensus:
+                acc[:m] = zero
+                div[:m] = zero
+                for i in range(count):
+                    v, w = buf[i], weights[i]
+                    for j in range(m):
+                        agree = v[j] * (one if total[j] >= zero else -one) > zero
+                        acc[j] += v[j] if agree else zero
+                        div[j] += w if agree else zero
+                for j in range(m):
+                    d = div[j] if normalize else one
+                    total[j] = acc[j] / (one if d == zero else d)
             for j in range(m):
-                total = zero
-                for i in range(count):
-                    total += buf[i, j]
-                sign = one if total >= zero else -one
-                acc = zero
-                div = zero
-                for i in range(count):
-                    v = buf[i, j]
-                    if v * sign > zero:
-                        acc += v
-                        div += weights[i]
-                if normalize:
-                    acc = acc / (one if div == zero else div)
-                o[j] = b[j] + acc * scale
-        else:
-            for j in range(m):
-                total = zero
-                for i in range(count):
-                    total += buf[i, j]
-                o[j] = b[j] + total * scale
-
-
-@njit(inline="always")
-def _random_pair(base, out, d0, d1, keys, thr, coeff, weights, normalize, scale):
-    """merge's two-vector election when both trims are random or none: drawn, trimmed and elected in one loop."""
-    zero = np.float32(0.0)
-    t0, t1 = _cut(thr[0]), _cut(thr[1])
-    c0, c1, w0, w1 = coeff[0], coeff[1], weights[0], weights[1]
-    for s in range(0, base.size, BLOCK):  # blocks keep z small
-        e = min(base.size, s + BLOCK)
-        x0, x1, b, o = d0[s:e], d1[s:e], base[s:e], out[s:e]
-        z0, z1 = keys[0] + s * GOLDEN, keys[1] + s * GOLDEN
-        for j in range(e - s):
-            v0, v1 = x0[j] * c0, x1[j] * c1
-            v0 = v0 if _mix(z0) <= t0 else zero
-            v1 = v1 if _mix(z1) <= t1 else zero
-            o[j] = b[j] + _elect2(v0, v1, w0, w1, normalize) * scale
-            z0 += GOLDEN
-            z1 += GOLDEN
+                _st(o, j, _ld(bs, j) + total[j] * scale)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})  # reassoc: a vectorised sum
-def kept_l1(delta, mode, lo, hi, key, thr, plo, pspan, rank, drop):
-    """Sum of |x| over the entries one trim keeps (for rescaling)."""
-    buf = np.empty(BLOCK, np.float32)
-    t = _cut(thr)
+def kept_l1(base, model, offset, mode, lo, hi, bounds, key, thr, plo, pspan, rank, drop):
+    """Sums of |model - base| over the entries one trim keeps and over all of them (for rescaling)."""
+    kept = np.empty(BLOCK, np.float32)
     p = 0
-    total = 0.0
-    for s in range(0, delta.size, BLOCK):
-        e = min(delta.size, s + BLOCK)
-        block = np.float32(0.0)  # float32 within a block (lanes of 128 entries), float64 across blocks
-        if mode == 2:  # drawn inline, without the buffer
-            x = delta[s:e]
-            z = key + s * GOLDEN
-            for j in range(e - s):
-                a = abs(x[j])
-                block += a if _mix(z) <= t else np.float32(0.0)
-                z += GOLDEN
-        else:
-            p = _trim_block(delta, s, e, buf, np.float32(1.0), mode, lo, hi, key, thr, plo, pspan, rank, drop, p)
-            for j in range(e - s):
-                block += abs(buf[j])
+    while p < drop.size and drop[p] < offset:
+        p += 1
+    total, whole = 0.0, 0.0
+    for s in range(0, base.size, BLOCK):
+        e = min(base.size, s + BLOCK)
+        bs, ms = base[s:e], model[s:e]
+        p = _trim(bs, ms, e - s, offset + s, kept, np.float32(1.0), mode, lo, hi, bounds, key, thr,
+                  plo, pspan, rank[s:e], drop, p)
+        block, all_ = np.float32(0.0), np.float32(0.0)  # float32 within a block, float64 across blocks
+        for j in range(e - s):
+            block += abs(kept[j])
+            all_ += abs(_ld(ms, j) - _ld(bs, j))
         total += block
-    return total
+        whole += all_
+    return total, whole
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def histogram(base, model, counts):
+    """counts[bin(|model - base|)] += 1 over the tensor (bin: the top 16 bits of the float32 magnitude)."""
+    for s in range(0, base.size, BLOCK):
+        e = min(base.size, s + BLOCK)
+        bs, ms = base[s:e], model[s:e]
+        for j in range(e - s):
+            counts[_bin(abs(_ld(ms, j) - _ld(bs, j)))] += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def refine(base, model, bin0, bin1, low0, low1):
+    """Within bins bin0 and bin1 (possibly equal): counts of |model - base| by its low 16 bits, so that
+    with the histogram every magnitude in those bins is known with its count."""
+    for s in range(0, base.size, BLOCK):
+        e = min(base.size, s + BLOCK)
+        bs, ms = base[s:e], model[s:e]
+        for j in range(e - s):
+            a = abs(_ld(ms, j) - _ld(bs, j))
+            h = _bin(a)
+            if h == bin0:
+                low0[_low(a)] += 1
+            elif h == bin1:
+                low1[_low(a)] += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def nth_equal(base, model, value, nth):
+    """The flat index of the nth (from 1) entry whose |model - base| equals `value`, in index order; -1 if
+    there are fewer. Stops as soon as it is found."""
+    seen = 0
+    for s in range(0, base.size, BLOCK):
+        e = min(base.size, s + BLOCK)
+        bs, ms = base[s:e], model[s:e]
+        hits = 0
+        for j in range(e - s):
+            hits += abs(_ld(ms, j) - _ld(bs, j)) == value
+        if seen + hits >= nth:
+            for j in range(e - s):
+                if abs(_ld(ms, j) - _ld(bs, j)) == value:
+                    seen += 1
+                    if seen == nth:
+                        return s + j
+        seen += hits
+    return -1

@@ -1,17 +1,21 @@
-"""The materializer: sources held resident, recipes turned into weights without touching a file.
+"""The materializer: recipes turned into weights straight from the sources, without touching a file.
 
-It keeps one reference model's tensors (the base, by default the first source) and every other
-source's task vector (its difference from the reference) in memory, in the compute dtype, on the
-chosen device. Statistics that do not change between candidates, such as each task vector's sorted
-magnitudes for TIES-style trims, are computed on first use and kept. Each output tensor is merged into
-its own freshly allocated buffer (or straight into a module's parameter) by the method's fused kernel,
-so beyond the resident sources a merge holds at most one output model plus one tensor's intermediate
-buffers (none for DARE's fused two-model loop). Nested recipes are merged first into transient sources.
+Sources stay as they are stored: safetensors files memory-mapped in their own dtype (bfloat16 stays two
+bytes a parameter), so their pages live in the page cache, shared by every process of the node that maps
+them, and cost no private memory. Each output tensor is merged into its own freshly allocated buffer (or
+straight into a module's parameter) by the method's kernel, which forms the deltas block by block; trims
+keep a compact summary per (model, tensor), computed on first use (vectors.py). Beyond the output a merge
+holds only per-thread blocks and one tensor's selection buffer; methods outside the task-arithmetic family
+(linear, slerp, model_stock, passthrough) hold float32 copies of one tensor's inputs while merging it.
+Tensors are merged in parallel over `threads` (the kernels release the GIL). Nested recipes are merged
+first into transient sources.
 """
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,8 @@ from evomerge.merge.methods import Entry, Group, Method
 from evomerge.merge.params import resolve, unknown_parameters
 from evomerge.merge.plan import Planned, entry_name, plan
 from evomerge.merge.sources import Source, open_sources
-from evomerge.merge.vectors import TaskVector
+from evomerge.merge.sparsify import TIE_ORDERS
+from evomerge.merge.vectors import Summary, TaskVector, summarize
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
@@ -41,8 +46,16 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def default_threads() -> int:
+    """The CPUs this process may use (Ray and other launchers say so through OMP_NUM_THREADS)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Materializer:
-    """Resident base + task vectors; `materialize(recipe)` and `load_into(recipe, module)`."""
+    """Memory-mapped sources; `materialize(recipe)`, `tensors(recipe)` and `load_into(recipe, module)`."""
 
     def __init__(
         self,
@@ -52,11 +65,15 @@ class Materializer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         allow_pickle: bool = False,
-        progress: bool = False,
-        resident: bool = True,
+        threads: int | None = None,
+        tie_order: str = "index",
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
+        if tie_order not in TIE_ORDERS:
+            raise UserError(f"tie_order {tie_order!r} is not one of {', '.join(TIE_ORDERS)}")
+        if threads is not None and threads < 1:
+            raise UserError(f"threads must be >= 1, got {threads}")
         self.sources = open_sources(sources, allow_pickle=allow_pickle, base=base)
         self.reference = base if base is not None else next(iter(self.sources))
         if self.reference not in self.sources:
@@ -64,30 +81,12 @@ class Materializer:
         check_compatible(self.sources, self.reference)
         self.device = torch.device(device)
         self.dtype = dtype
-        ref = self.sources[self.reference]
-        self.names = ref.names()
+        self.threads = threads or default_threads()
+        self.tie_order = tie_order
+        self.names = self.sources[self.reference].names()
         self._transient: dict[str, dict[str, torch.Tensor]] = {}  # nested recipes' results during a merge
-        others = [m for m in self.sources if m != self.reference]
-        if not resident:  # one-shot merges (the CLI): read each tensor from the memory map when it is merged
-            self.base: Mapping[str, torch.Tensor] = _OnDemand(self.names, self._load_base)
-            self.vectors: Mapping[str, Mapping[str, TaskVector]] = {
-                m: _OnDemand(self.names, lambda n, m=m: self._load_vector(m, n)) for m in others
-            }
-            return
-        self.base, self.vectors = {}, {m: {} for m in others}
-        from tqdm.auto import tqdm
-
-        for n in tqdm(self.names, desc="loading sources", disable=not progress, unit="tensor"):
-            self.base[n] = self._load_base(n)
-            for m in others:
-                self.vectors[m][n] = self._load_vector(m, n, self.base[n])
-
-    def _load_base(self, name: str) -> torch.Tensor:
-        return self.sources[self.reference].get(name).to(self.device, self.dtype, copy=True)
-
-    def _load_vector(self, model: str, name: str, base: torch.Tensor | None = None) -> TaskVector:
-        b = self.base[name] if base is None else base
-        return TaskVector(self.sources[model].get(name).to(self.device, self.dtype).sub(b))
+        self._summaries: dict[tuple[str, str, str, str], Summary] = {}  # kept across candidates
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -102,37 +101,58 @@ class Materializer:
 
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
-            for p in tqdm(planned, desc="merging", disable=not progress, unit="tensor"):
-                out = torch.empty(self._shape(p), device=self.device, dtype=self.dtype)
+            direct = method.any_out_dtype and out_dtype in (torch.float32, torch.bfloat16)
+
+            def one(p: Planned) -> torch.Tensor:
+                out = torch.empty(self._shape(p), device=self.device, dtype=out_dtype if direct else self.dtype)
                 self._merge(method, p, seed, out)
-                yield p.name, out if out.dtype == out_dtype else out.to(out_dtype)
+                return out if out.dtype == out_dtype else out.to(out_dtype)
 
-    def load_into(self, recipe: Recipe, module: torch.nn.Module) -> None:
-        """Write the merged weights into `module`'s parameters and buffers in place, by name."""
+            done = self._map(one, planned)
+            for p in tqdm(planned, desc="merging", disable=not progress, unit="tensor"):
+                yield p.name, next(done)
+
+    def load_into(self, recipe: Recipe, module: torch.nn.Module, *, targets: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write the merged weights into `module` in place: into its parameters and buffers by name, or into
+        `targets` (checkpoint tensor name -> destination tensor, which may be a view into a parameter, for
+        models whose loader renames or fuses checkpoint tensors)."""
         with self._nested(recipe) as flat:
-            self._load_into(flat, module)
-
-    def _load_into(self, recipe: Recipe, module: torch.nn.Module) -> None:
-        method, planned, _, seed = self._prepare(recipe)
-        targets = dict(module.named_parameters())
-        targets.update(dict(module.named_buffers()))
-        missing = [p.name for p in planned if p.name not in targets]
-        if missing:
-            raise UserError(f"the module has no parameter {missing[0]!r} that the recipe produces")
-        produced = {p.name for p in planned}
-        stale = [n for n, _ in module.named_parameters() if n not in produced]
-        if stale:  # e.g. a module deeper than a data-flow path: its extra layers would keep old weights
-            raise UserError(f"the recipe does not produce the module's parameter {stale[0]!r} (check the model's depth)")
-        with torch.no_grad():
+            method, planned, _, seed = self._prepare(flat)
+            if targets is None:
+                targets = dict(module.named_parameters())
+                targets.update(dict(module.named_buffers()))
+                required = [n for n, _ in module.named_parameters()]
+            else:
+                required = list(targets)
+            missing = [p.name for p in planned if p.name not in targets]
+            if missing:
+                raise UserError(f"the module has no parameter {missing[0]!r} that the recipe produces")
+            produced = {p.name for p in planned}
+            stale = [n for n in required if n not in produced]
+            if stale:  # e.g. a module deeper than a data-flow path: its extra layers would keep old weights
+                raise UserError(f"the recipe does not produce the module's parameter {stale[0]!r} (check the model's depth)")
             for p in planned:
+                if tuple(targets[p.name].shape) != self._shape(p):
+                    raise UserError(f"parameter {p.name}: the module's shape {list(targets[p.name].shape)} differs from the merged {list(self._shape(p))}")
+
+            def one(p: Planned) -> None:
                 dest = targets[p.name]
-                if tuple(dest.shape) != self._shape(p):
-                    raise UserError(f"parameter {p.name}: the module's shape {list(dest.shape)} differs from the merged {list(self._shape(p))}")
-                direct = dest.dtype == self.dtype and dest.device == self.device and dest.is_contiguous()
+                kernel_dtype = dest.dtype == self.dtype or (method.any_out_dtype and dest.dtype in (torch.float32, torch.bfloat16))
+                direct = kernel_dtype and dest.device == self.device and dest.is_contiguous()
                 out = dest.data if direct else torch.empty(self._shape(p), device=self.device, dtype=self.dtype)
                 self._merge(method, p, seed, out)
                 if not direct:
                     dest.data.copy_(out)
+
+            with torch.no_grad():
+                for _ in self._map(one, sorted(planned, key=lambda p: -_numel(self._shape(p)))):
+                    pass
+
+    def close(self) -> None:
+        """Stop the merge threads (they also stop with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def plan(self, recipe: Recipe) -> tuple[list[Planned], int]:
         """The recipe's plan (output tensors and their inputs) and its number of output layers."""
@@ -197,7 +217,7 @@ class Materializer:
             raise UserError(f"{method.name} takes {bound} input models (base included), got {n}")
         for p in planned:
             for inp in p.inputs:
-                if inp.tensor not in self.base:
+                if not self._has(inp.model, inp.tensor):
                     raise UserError(f"model {inp.model!r} has no tensor {inp.tensor} (check the slices' layer_range)")
 
     def _shape(self, p: Planned) -> tuple[int, ...]:
@@ -212,45 +232,58 @@ class Materializer:
             entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor), self._vector_fn(inp.model, inp.tensor, base_inp)))
         shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, p.name) for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
-        method.fn(Group(p.name, entries, base, shared, seed, out))
+        method.fn(Group(p.name, entries, base, shared, seed, out, self.tie_order))
+
+    def _has(self, model: str, tensor: str) -> bool:
+        return tensor in (self._transient[model] if model in self._transient else self.sources[model])
+
+    def _stored(self, model: str, tensor: str) -> torch.Tensor:
+        """An input as stored (a view of the memory map: never modify it), on the merge device."""
+        t = self._transient[model][tensor] if model in self._transient else self.sources[model].get(tensor)
+        return t.to(self.device)
 
     def _full_fn(self, model: str, tensor: str):
-        def full() -> torch.Tensor:
-            if model in self._transient:
-                return self._transient[model][tensor]
-            if model == self.reference:
-                return self.base[tensor]
-            return self.base[tensor] + self.vectors[model][tensor].delta
-
-        return full
+        return lambda: self._stored(model, tensor).to(self.dtype)
 
     def _vector_fn(self, model: str, tensor: str, base: Any):
         def vector() -> TaskVector:
             if base is None:
                 raise UserError("this merge method needs a base_model")
-            if base.model == self.reference and base.tensor == tensor and model != self.reference:
-                return self.vectors[model][tensor]  # resident: its statistics persist across candidates
-            return TaskVector(self._full_fn(model, tensor)() - self._full_fn(base.model, base.tensor)())
+            key = (model, tensor, base.model, base.tensor)
+            if model in self._transient or base.model in self._transient:  # changes with every candidate
+                return TaskVector(self._stored(base.model, base.tensor), self._stored(model, tensor))
+            return TaskVector(self._stored(base.model, base.tensor), self._stored(model, tensor), lambda v: self._summary(key, v))
 
         return vector
 
+    def _summary(self, key: tuple[str, str, str, str], vec: TaskVector) -> Summary:
+        s = self._summaries.get(key)
+        if s is None:
+            s = self._summaries[key] = summarize(vec)
+        return s
 
-class _OnDemand(Mapping):
-    """A read-only mapping that computes each value when asked and keeps none."""
+    def summary_bytes(self) -> int:
+        """Memory held by the trims' summaries (for accounting)."""
+        return sum(s.nbytes for s in self._summaries.values())
 
-    def __init__(self, keys: list[str], load):
-        self._keys, self._set, self._load = keys, set(keys), load
+    def _map(self, fn, items: list) -> Iterator:
+        """fn over items in order, on the merge threads, with at most `threads` results ahead of the caller."""
+        if self.threads == 1 or len(items) < 2:
+            yield from map(fn, items)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="evomerge-merge")
+        pending = [self._pool.submit(fn, x) for x in items[: self.threads]]
+        for i in range(len(items)):
+            result = pending[i].result()
+            if i + self.threads < len(items):
+                pending.append(self._pool.submit(fn, items[i + self.threads]))
+            pending[i] = None
+            yield result
 
-    def __getitem__(self, key: str):
-        if key not in self._set:
-            raise KeyError(key)
-        return self._load(key)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

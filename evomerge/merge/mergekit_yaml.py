@@ -21,7 +21,8 @@ _UNSUPPORTED = {
 # methods mergekit 0.1.5 knows, of those evomerge implements
 MERGEKIT_METHODS = {
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "model_stock", "slerp", "passthrough",
+    "della", "della_linear", "model_stock", "slerp", "passthrough", "nuslerp", "multislerp", "karcher", "sce",
+    "ram", "ramplus_tl", "nearswap", "arcee_fusion",
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge import rng, sparsify
+from evomerge.merge import gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
 from evomerge.merge.params import ParamSpec
 from evomerge.merge.vectors import TaskVector
@@ -26,8 +26,8 @@ class Entry:
 
     model: str
     params: dict[str, Any]
-    full: Callable[[], torch.Tensor]  # this input's tensor (may be resident storage: never modify it)
-    vector: Callable[[], TaskVector]  # its delta from the group's base, with cached statistics when resident
+    full: Callable[[], torch.Tensor]  # this input's tensor in the compute dtype (may be shared: never modify it)
+    vector: Callable[[], TaskVector]  # its delta from the group's base, with statistics kept across candidates
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Group:
     shared: dict[str, Any]
     seed: int
     out: torch.Tensor
+    tie_order: str = "index"  # which of the equal magnitudes at a trim's threshold survive (sparsify)
 
     @property
     def non_base(self) -> list[Entry]:
@@ -53,6 +54,7 @@ class Method:
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
+    any_out_dtype: bool = False  # computes in float32 and writes a bfloat16 or float32 destination itself
 
     def shared_params(self) -> list[ParamSpec]:
         return [p for p in self.params if not p.per_model]
@@ -101,16 +103,47 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
     def merge(g: Group) -> None:
         entries = g.non_base
         assert g.base is not None
+        if not entries:
+            g.out.copy_(g.base.full())
+            return
         vectors = [e.vector() for e in entries]
         keeps = [_trim(trim, v, e, g) for v, e in zip(vectors, entries)]
+        weights = [e.params["weight"] for e in entries]
+        opts = {"consensus": consensus, "normalize": g.shared["normalize"], "lam": g.shared["lambda"]}
+        if trim == "della":
+            _della_by_rows(g, vectors, keeps, weights, opts)
+            return
         if g.shared["rescale"]:
             keeps = [sparsify.rescale(k, v) for k, v in zip(keeps, vectors)]
-        merge_task_vectors(
-            g.base.full(), [v.delta for v in vectors], keeps, [e.params["weight"] for e in entries],
-            consensus=consensus, normalize=g.shared["normalize"], lam=g.shared["lambda"], out=g.out,
-        )
+        merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out, **opts)
 
-    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"))
+    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True)
+
+
+DELLA_PIECE = 1 << 22  # entries per piece of whole rows (tests make it small)
+
+
+def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Keep], weights: list[float],
+                   opts: dict[str, Any]) -> None:
+    """DELLA in pieces of whole rows, each piece's row ranks computed when it is merged (twice when
+    rescaling: once for the kept L1 norms, once for the merge), so no rank array of a whole tensor exists."""
+    shape = vectors[0].shape
+    cols = math.prod(shape[1:]) if len(shape) >= 2 else max(1, math.prod(shape))
+    rows = math.prod(shape) // cols if cols else 0
+    step = max(1, DELLA_PIECE // cols) * cols
+    flats = [v.flat() for v in vectors]
+    spans = [(s, min(s + step, rows * cols)) for s in range(0, rows * cols, step)]
+    if g.shared["rescale"]:
+        for i, (k, (b, m)) in enumerate(zip(keeps, flats)):
+            if k.kind in ("all", "none"):
+                continue
+            sums = [gta.kept_l1(b[s:e], m[s:e], sparsify.ranked(k, b[s:e], m[s:e], s, cols), s) for s, e in spans]
+            keeps[i] = sparsify.rescaled(k, sum(x for x, _ in sums), sum(y for _, y in sums))
+    out = g.out.reshape(-1)
+    for s, e in spans:
+        merge_task_vectors(flats[0][0][s:e], [m[s:e] for _, m in flats],
+                           [sparsify.ranked(k, b[s:e], m[s:e], s, cols) for k, (b, m) in zip(keeps, flats)], weights,
+                           out=out[s:e], offset=s, **opts)
 
 
 def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
@@ -118,13 +151,13 @@ def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
     if trim is None:
         return sparsify.Keep("all")
     if trim == "magnitude":
-        return sparsify.magnitude(v, d)
+        return sparsify.magnitude(v, d, g.tie_order)
     if trim == "magnitude_outliers":
-        return sparsify.magnitude_outliers(v, d, e.params["gamma"])
+        return sparsify.magnitude_outliers(v, d, e.params["gamma"], g.tie_order)
     key = rng.key_for(g.seed, g.name, e.model)
     if trim == "random":
         return sparsify.bernoulli(d, key)
-    return sparsify.della(v, d, e.params["epsilon"], key)
+    return sparsify.della(d, e.params["epsilon"], key)
 
 
 for _m in (

@@ -40,10 +40,12 @@ def write_checkpoint(
     force: bool = False,
     allow_pickle: bool = False,
     device: str = "cpu",
+    tie_order: str = "index",
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool | None = None,
 ) -> Path:
-    """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`."""
+    """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`. `tie_order`: which
+    equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index"."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -53,7 +55,7 @@ def write_checkpoint(
         raise UserError(f"model {missing[0]!r} of the recipe is not among the sources ({', '.join(sources)})")
     reference = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else names[0])
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
-    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, resident=False)
+    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order)
     planned, layers = mat.plan(recipe)
     ref = mat.sources[reference]
     out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
@@ -75,7 +77,7 @@ def write_checkpoint(
         if ref_path is not None and (ref_path / "generation_config.json").is_file():
             shutil.copy2(ref_path / "generation_config.json", tmp / "generation_config.json")
         paths = {n: str(p.resolve()) if (p := _path_of(s)) is not None else n for n, s in used.items()}
-        (tmp / "README.md").write_text(model_card(recipe, paths, out.name))
+        (tmp / "README.md").write_text(model_card(recipe, paths, out.name, tie_order))
         if expressible(recipe) is None:
             (tmp / "mergekit_config.yml").write_text(to_mergekit(recipe, paths))
         _replace(tmp, out)
@@ -85,13 +87,13 @@ def write_checkpoint(
     return out
 
 
-def model_card(recipe: Recipe, paths: Mapping[str, str], title: str) -> str:
+def model_card(recipe: Recipe, paths: Mapping[str, str], title: str, tie_order: str = "index") -> str:
     lines = [
         "---", "library_name: transformers", "tags:", "- merge", "- evomerge", "---", f"# {title}", "",
         f"Merged with evomerge using **{recipe.merge_method}**.", "", "## Source models", "",
     ]
     lines += [f"- `{name}`: `{path}`" for name, path in paths.items()]
-    lines += ["", "## Recipe", "", "Replay it with `evomerge merge recipe.yaml -o OUT`:", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    lines += ["", "## Recipe", "", f"Replay it with `evomerge merge recipe.yaml -o OUT --tie-order {tie_order}`:", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
 
 
