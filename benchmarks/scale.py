@@ -24,7 +24,6 @@ parameters.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
@@ -99,19 +98,17 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     mem = {"baseline": memstat.status()}
     model, model_bytes = scoring_model(sources["base"], torch.float32)
     mem["after_model"] = memstat.status()
-    # `threads` is the rewritten materializer's; the one before it merges on torch's threads (set to --threads)
-    kw = {"threads": args.threads} if "threads" in inspect.signature(Materializer).parameters else {}
     with memstat.PeakSampler() as load:
         t = time.perf_counter()
-        mat = Materializer(sources, base="base", **kw)
+        mat = Materializer(sources, base="base", threads=args.threads)
         load_s = time.perf_counter() - t
     mem["after_load"], mem["peak_load"] = memstat.status(), load.peak
     recipes = [Recipe.from_dict(scale_models.candidate(method, i)) for i in range(1 + args.warm)]
     timing, m = run_candidates(lambda r, i: mat.load_into(r, model), recipes)
     mem |= m
     mem["peak_rss"] = memstat.status()["VmHWM"]
-    return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "materializer_threads": kw.get("threads"),
-            "summary_bytes": mat.summary_bytes() if hasattr(mat, "summary_bytes") else None, "kernel_load_s": kernel_load_s, "load_s": load_s, **timing, "memory": mem}
+    return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "summary_bytes": mat.summary_bytes(),
+            "kernel_load_s": kernel_load_s, "load_s": load_s, **timing, "memory": mem}
 
 
 def mergekit_config(recipe: dict, sources: dict[str, str], evolve: bool):
@@ -279,43 +276,52 @@ def per_param(row: dict, params: int) -> dict:
     return out
 
 
-def summarize(size: str, sources: dict[str, str], bandwidth: dict, rows: dict, args) -> dict:
+def ratios_of(rows: dict, params: int, stored: int, copy_gb_s: float | None) -> dict:
+    """One method's ratios from its rows (evomerge's against its own scoring model, the copy bandwidth and
+    mergekit's rows)."""
+    ev = rows["evomerge"]
+    mem, model = ev["memory"], ev["scoring_model_bytes"]
+    peak_private = max(mem[p]["RssAnon"] for p in ("after_model", "peak_load", "peak_first", "peak_warm"))
+    moved = (1 + len(scale_models.EXPERTS)) * stored + model  # read: the minimum (no pass counts are reported)
+    out = {
+        "private_peak_over_scoring_model": (peak_private - mem["baseline"]["RssAnon"]) / model,
+        "private_after_warm_over_scoring_model": (mem["after_warm"]["RssAnon"] - mem["baseline"]["RssAnon"]) / model,
+        "materializer_private_peak_bytes_per_parameter": (peak_private - mem["after_model"]["RssAnon"]) / params,
+        "first_over_warm": ev["first_candidate_s"] / ev["warm_candidate_s"],
+        "first_with_kernel_load_over_warm": (ev["first_candidate_s"] + ev["kernel_load_s"]) / ev["warm_candidate_s"],
+        "load_into_bytes_moved": moved,
+        "load_into_gb_s": moved / ev["warm_candidate_s"] / 1e9,
+    }
+    if copy_gb_s:
+        out["load_into_fraction_of_copy_bandwidth"] = out["load_into_gb_s"] / copy_gb_s
+    for mk in ("mergekit_in_memory", "mergekit_run_merge"):
+        if mk in rows and "error" not in rows[mk]:
+            out[f"speedup_vs_{mk}"] = rows[mk]["warm_candidate_s"] / ev["warm_candidate_s"]
+    return out
+
+
+def targets_of(ratios: dict) -> dict:
+    checks = {
+        "private_memory_within_scoring_model_plus_10pct": ("private_peak_over_scoring_model", "private_over_scoring_model_max"),
+        "first_within_2x_warm": ("first_over_warm", "first_over_warm_max"),
+        "load_into_at_least_40pct_of_copy_bandwidth": ("load_into_fraction_of_copy_bandwidth", "fraction_of_copy_bandwidth_min"),
+        "at_least_5x_mergekit_in_memory": ("speedup_vs_mergekit_in_memory", "speedup_vs_mergekit_in_memory_min"),
+    }
+    return {name: ratios[r] <= TARGETS[t] if t.endswith("_max") else ratios[r] >= TARGETS[t]
+            for name, (r, t) in checks.items() if r in ratios}
+
+
+def summarize(size: str, sources: dict[str, str], bandwidth: dict, results: dict, args) -> dict:
     params = scale_models.parameters(size)
     stored = sum(Path(f).stat().st_size for f in Path(sources["base"]).glob("*.safetensors"))
     out: dict = {"parameters": params, "shape": scale_models.SIZES[size], "stored_dtype": "bfloat16",
-                 "experts": len(scale_models.EXPERTS), "source_bytes_each": stored, "copy_bandwidth": bandwidth}
-    for method, r in rows.items():
-        entry: dict = {}
-        for name in ROWS:
-            if name in r:
-                entry[name] = r[name] if "error" in r[name] else {**r[name], "bytes_per_parameter": per_param(r[name], params)}
-        ev = r.get("evomerge", {})
-        ratios, targets = {}, {}
-        if "error" not in ev:
-            mem = ev["memory"]
-            peak_private = max(mem[p]["RssAnon"] for p in ("after_model", "peak_load", "peak_first", "peak_warm"))
-            ratios["private_peak_over_scoring_model"] = (peak_private - mem["baseline"]["RssAnon"]) / ev["scoring_model_bytes"]
-            ratios["private_after_warm_over_scoring_model"] = (mem["after_warm"]["RssAnon"] - mem["baseline"]["RssAnon"]) / ev["scoring_model_bytes"]
-            ratios["materializer_private_peak_bytes_per_parameter"] = (peak_private - mem["after_model"]["RssAnon"]) / params
-            ratios["first_over_warm"] = ev["first_candidate_s"] / ev["warm_candidate_s"]
-            ratios["first_with_kernel_load_over_warm"] = (ev["first_candidate_s"] + ev["kernel_load_s"]) / ev["warm_candidate_s"]
-            read = (1 + len(scale_models.EXPERTS)) * stored  # the minimum: the materializer counts no passes
-            moved = read + ev["scoring_model_bytes"]
-            bw = bandwidth.get(f"threads_{args.threads}_gb_s")
-            ratios["load_into_bytes_moved"] = moved
-            if bw:
-                ratios["load_into_gb_s"] = moved / ev["warm_candidate_s"] / 1e9
-                ratios["load_into_fraction_of_copy_bandwidth"] = ratios["load_into_gb_s"] / bw
-            targets["private_memory_within_scoring_model_plus_10pct"] = ratios["private_peak_over_scoring_model"] <= TARGETS["private_over_scoring_model_max"]
-            targets["first_within_2x_warm"] = ratios["first_over_warm"] <= TARGETS["first_over_warm_max"]
-            if bw:
-                targets["load_into_at_least_40pct_of_copy_bandwidth"] = ratios["load_into_fraction_of_copy_bandwidth"] >= TARGETS["fraction_of_copy_bandwidth_min"]
-            for mk in ("mergekit_in_memory", "mergekit_run_merge"):
-                if mk in r and "error" not in r[mk]:
-                    ratios[f"speedup_vs_{mk}"] = r[mk]["warm_candidate_s"] / ev["warm_candidate_s"]
-            if "speedup_vs_mergekit_in_memory" in ratios:
-                targets["at_least_5x_mergekit_in_memory"] = ratios["speedup_vs_mergekit_in_memory"] >= TARGETS["speedup_vs_mergekit_in_memory_min"]
-        entry["ratios"], entry["targets"] = ratios, targets
+                 "experts": len(scale_models.EXPERTS), "source_bytes_each": stored}
+    for method, rows in results.items():
+        entry = {name: row if "error" in row else {**row, "bytes_per_parameter": per_param(row, params)}
+                 for name, row in rows.items()}
+        if "error" not in rows.get("evomerge", {"error": "not run"}):
+            entry["ratios"] = ratios_of(rows, params, stored, bandwidth.get(f"threads_{args.threads}_gb_s"))
+            entry["targets"] = targets_of(entry["ratios"])
         out[method] = entry
     return out
 
