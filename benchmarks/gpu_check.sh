@@ -23,6 +23,8 @@ export VENVS="${GPU_CHECK_VENVS:-/tmp/evomerge-gpu-check}"
 mkdir -p "$VENVS"
 : >"$SUMMARY"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# this checkout on every Python's path (and its subprocesses': vLLM's workers import fitness), installed or not
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -66,7 +68,7 @@ setup_main() {
 }
 
 setup_vllm() {  # its own environment (vllm pins its torch); the project comes from PYTHONPATH, not pip, so the
-  python3 -m venv "$VENVS/vllm"  # two setups never build it at once; numba: the merge kernels, not a vllm need
+  python3 -m venv "$VENVS/vllm"  # two setups never build it at once; numba: the merge kernels
   "$VENVS/vllm/bin/pip" install -q vllm numba
   "$VENVS/vllm/bin/python" -c 'import vllm; print("vllm", vllm.__version__)'
 }
@@ -91,7 +93,7 @@ fi
 
 wait "$VLLM_SETUP" || true
 if [[ "$(cat "$OUT/setup_vllm.rc" 2>/dev/null)" == 0 ]]; then
-  step vllm 150 env PYTHONPATH="$PWD" "$VENVS/vllm/bin/python" "${CHECK[@]}" vllm  # vLLM's workers import fitness
+  step vllm 150 "$VENVS/vllm/bin/python" "${CHECK[@]}" vllm
 else
   say "vllm: SKIPPED (vllm could not be installed: $(tail -n 1 "$OUT/setup_vllm.log" 2>/dev/null | cut -c1-200))"
 fi

@@ -5,9 +5,11 @@ HF scorer on CPU, a few evaluations of a tiny task file (zoo math prompts; the r
 is the cost). Measures the peak memory of the run's whole process tree, sampled from /proc/PID/smaps_rollup:
 Pss (each shared page split among the processes mapping it: the tree's real footprint), its private (anonymous)
 and file-backed parts, and Rss summed (what `ps` adds up); and each evaluation's timings from the run's journal.
-When `evomerge run` has `--dry-run`, its output (the predicted plan) is recorded beside the measurement.
+When `evomerge run` has `--dry-run`, its output (the predicted plan) is recorded beside the measurement, with the
+ratio of its "predicted peak RSS" to the measured peak (the tree's summed Rss). `--checkout DIR` measures the
+`evomerge run` of another checkout of the project (e.g. a branch's worktree) on the same models.
 
-    python benchmarks/scale_run.py [--size 1b] [--evaluations 4] [--out benchmarks/results/scale_run.json]
+    python benchmarks/scale_run.py [--size 1b] [--evaluations 4] [--checkout DIR] [--out benchmarks/results/scale_run.json]
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import resource
 import shutil
 import sqlite3
@@ -47,17 +50,21 @@ def run_config(sources: dict[str, str], tasks: Path, args) -> dict:
 
 
 def evomerge(*argv: str) -> list[str]:
-    """`evomerge` of this checkout (`-m` from the repository root: the cwd comes first on sys.path)."""
+    """`evomerge` of the checkout it runs in (`-m` from its root: the cwd comes first on sys.path)."""
     return [sys.executable, "-m", "evomerge.cli", *argv]
 
 
-def dry_run(config: Path, env: dict) -> dict:
-    helped = subprocess.run(evomerge("run", "--help"), capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+def dry_run(config: Path, checkout: Path, env: dict) -> dict:
+    helped = subprocess.run(evomerge("run", "--help"), capture_output=True, text=True, cwd=checkout, env=env, timeout=120)
     if "--dry-run" not in helped.stdout:
         return {"available": False}
-    done = subprocess.run(evomerge("run", "--dry-run", str(config)), capture_output=True, text=True, cwd=ROOT,
+    done = subprocess.run(evomerge("run", "--dry-run", str(config)), capture_output=True, text=True, cwd=checkout,
                           env=env, timeout=600)
-    return {"available": True, "exit": done.returncode, "stdout": done.stdout, "stderr_tail": done.stderr[-2000:]}
+    out = {"available": True, "exit": done.returncode, "stdout": done.stdout, "stderr_tail": done.stderr[-2000:]}
+    peak = re.search(r"predicted peak RSS ([\d.]+) ([KMG])iB", done.stdout)
+    if peak:
+        out["predicted_peak_rss_bytes"] = int(float(peak[1]) * 1024 ** " KMG".index(peak[2]))
+    return out
 
 
 def journal_timings(run_dir: Path) -> list[dict]:
@@ -77,6 +84,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=8, help="task examples per evaluation")
     ap.add_argument("--threads", type=int, default=1, help="OMP threads of the run")
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--checkout", type=Path, default=ROOT, help="the project checkout whose `evomerge run` is measured")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
 
@@ -89,14 +97,14 @@ def main() -> None:
         config = scratch / "run.yaml"
         config.write_text(yaml.safe_dump(run_config(sources, tasks, args), sort_keys=False))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        report: dict = {"benchmark": "scale_run", "machine": memstat.machine(), "versions": memstat.versions(ROOT),
+        report: dict = {"benchmark": "scale_run", "machine": memstat.machine(), "versions": memstat.versions(args.checkout),
                         "size": args.size, "parameters": scale_models.parameters(args.size),
                         "experts": len(scale_models.EXPERTS), "stored_dtype": "bfloat16",
                         "config": run_config(sources, Path("tasks.jsonl"), args),
-                        "dry_run": dry_run(config, env)}
+                        "dry_run": dry_run(config, args.checkout, env)}
         warm_page_cache(sources)
         start = time.perf_counter()
-        proc = subprocess.Popen(evomerge("run", str(config), "--run-dir", str(scratch / "run"), "--quiet"), cwd=ROOT,
+        proc = subprocess.Popen(evomerge("run", str(config), "--run-dir", str(scratch / "run"), "--quiet"), cwd=args.checkout,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with memstat.TreePeak(proc.pid) as peak:
             try:
@@ -112,6 +120,8 @@ def main() -> None:
             "max_rss_of_one_process_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
             "evaluations": journal_timings(scratch / "run"),
         }
+        if "predicted_peak_rss_bytes" in report["dry_run"]:
+            report["predicted_over_measured_peak_rss"] = report["dry_run"]["predicted_peak_rss_bytes"] / peak.peak["Rss"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     text = json.dumps(report, indent=2)
