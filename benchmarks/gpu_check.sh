@@ -2,8 +2,8 @@
 # One prepared command for a machine with one NVIDIA GPU (about 8 minutes at most), run from the repository root:
 #   bash benchmarks/gpu_check.sh
 # It sets up its own environments under $GPU_CHECK_VENVS (default /tmp/evomerge-gpu-check): main (the python3 there
-# when it already has a CUDA torch, else the CUDA torch from PyPI; the project) and vllm (installed in the
-# background, when it can be), then checks
+# when it already has a CUDA torch, else the CUDA torch from PyPI; the project's dependencies when PyPI is reachable)
+# and vllm (python3's own when it has one, else installed from PyPI in the background), then checks
 #   parity   the CUDA materializer's TIES and DARE-TIES output equals the CPU's (0.2B bf16 Llama, base + 3 experts)
 #   hf_swap  HF in-place swap vs reload per candidate on the GPU (benchmarks/scoring_speed.py --device cuda)
 #   memory   device bytes per parameter: bf16 scoring model, materializer after load and at its peak; swap times
@@ -52,13 +52,19 @@ step() {
   nproc; free -g | sed -n 2p; python3 --version; } >"$OUT/machine.txt" 2>&1 || true
 say "machine: $(head -n 1 "$OUT/machine.txt")"
 
+online() { timeout 8 python3 -c 'import urllib.request as u; u.urlopen("https://pypi.org/simple/pip/", timeout=6)' 2>/dev/null; }
+if online; then ONLINE=1; else ONLINE=0; fi
+export ONLINE
+say "PyPI reachable: $([[ $ONLINE == 1 ]] && echo yes || echo no)"
+
 setup_main() {
   if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "python3 has a CUDA torch: the main environment reuses it (system site packages)"
     python3 -m venv --system-site-packages "$VENVS/main"
     # the project with its dependencies; where nothing can be fetched, the project alone (the checks need only
     # torch, transformers, safetensors, numba, pyyaml, pydantic, tqdm, which such an image has)
-    timeout 150 "$VENVS/main/bin/pip" install -q -e . || "$VENVS/main/bin/pip" install -q --no-deps --no-build-isolation -e .
+    if [[ $ONLINE == 1 ]]; then "$VENVS/main/bin/pip" install -q -e .; else
+      "$VENVS/main/bin/pip" install -q --no-deps --no-build-isolation -e . || echo "(project not installed: PYTHONPATH has it)"; fi
   else
     python3 -m venv "$VENVS/main"
     "$VENVS/main/bin/pip" install -q torch  # PyPI's Linux torch is the CUDA build
@@ -68,8 +74,13 @@ setup_main() {
 }
 
 setup_vllm() {  # its own environment (vllm pins its torch); the project comes from PYTHONPATH, not pip, so the
-  python3 -m venv "$VENVS/vllm"  # two setups never build it at once; numba: the merge kernels
-  "$VENVS/vllm/bin/pip" install -q vllm numba
+  if python3 -c 'import vllm, numba' 2>/dev/null; then  # two setups never build it at once
+    python3 -m venv --system-site-packages "$VENVS/vllm"
+  else
+    [[ $ONLINE == 1 ]] || { echo "PyPI is not reachable and vllm is not installed here"; exit 1; }
+    python3 -m venv "$VENVS/vllm"
+    "$VENVS/vllm/bin/pip" install -q vllm numba  # numba: the merge kernels
+  fi
   "$VENVS/vllm/bin/python" -c 'import vllm; print("vllm", vllm.__version__)'
 }
 
