@@ -15,9 +15,9 @@ fresh subprocess (clean RSS and peak), with the sources' files read once beforeh
 Targets (booleans, from ratios): private memory above the interpreter's own <= scoring model + 10%; first candidate
 <= 2x a warm one; load_into >= 40% of copy bandwidth; >= 5x faster per candidate than mergekit's in-memory path.
 
-Bytes load_into moves per candidate: read = base + 3 experts in their stored dtype (the minimum: the materializer
-reports no pass counts, and a trim's selection pass reads its expert again), written = the scoring model's
-parameters.
+Bytes load_into moves per candidate: what the kernels streamed, every pass counted (evomerge.merge.gta.traffic): the
+merge reads base + 3 experts in their stored dtype and writes the scoring model's parameters; a rescale (DARE) reads
+each expert and the base once more, a trim's threshold search part of them.
 
     python benchmarks/scale.py [--sizes 0.2b,1b] [--out benchmarks/results/scale.json] [--cache /tmp/evomerge-scale]
 """
@@ -86,7 +86,7 @@ def run_candidates(swap, recipes: list) -> tuple[dict, dict]:
 def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     import torch
 
-    from evomerge.merge import Materializer
+    from evomerge.merge import Materializer, gta
     from evomerge.recipe import Recipe
 
     # the kernels load (compiled, or from numba's cache) on first use, once per process whatever the model's size:
@@ -104,7 +104,15 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
         load_s = time.perf_counter() - t
     mem["after_load"], mem["peak_load"] = memstat.status(), load.peak
     recipes = [Recipe.from_dict(scale_models.candidate(method, i)) for i in range(1 + args.warm)]
-    timing, m = run_candidates(lambda r, i: mat.load_into(r, model), recipes)
+    moved: list[int] = []  # bytes the kernels streamed per candidate (every pass: trims' included)
+
+    def swap(r, i):
+        before = gta.traffic.read + gta.traffic.written
+        mat.load_into(r, model)
+        moved.append(gta.traffic.read + gta.traffic.written - before)
+
+    timing, m = run_candidates(swap, recipes)
+    timing["bytes_moved"] = moved
     mem |= m
     mem["peak_rss"] = memstat.status()["VmHWM"]
     return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "summary_bytes": mat.summary_bytes(),
@@ -282,7 +290,9 @@ def ratios_of(rows: dict, params: int, stored: int, copy_gb_s: float | None) -> 
     ev = rows["evomerge"]
     mem, model = ev["memory"], ev["scoring_model_bytes"]
     peak_private = max(mem[p]["RssAnon"] for p in ("after_model", "peak_load", "peak_first", "peak_warm"))
-    moved = (1 + len(scale_models.EXPERTS)) * stored + model  # read: the minimum (no pass counts are reported)
+    times = ev["warm_candidates_s"]
+    warm = 1 + min(range(len(times)), key=lambda k: abs(times[k] - ev["warm_candidate_s"])) if times else 0
+    moved = ev["bytes_moved"][warm]  # the median warm candidate's bytes, as the kernels counted them
     out = {
         "private_peak_over_scoring_model": (peak_private - mem["baseline"]["RssAnon"]) / model,
         "private_after_warm_over_scoring_model": (mem["after_warm"]["RssAnon"] - mem["baseline"]["RssAnon"]) / model,
