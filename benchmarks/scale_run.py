@@ -9,7 +9,7 @@ When `evomerge run` has `--dry-run`, its output (the predicted plan) is recorded
 ratio of its "predicted peak RSS" to the measured peak (the tree's summed Rss). `--checkout DIR` measures the
 `evomerge run` of another checkout of the project (e.g. a branch's worktree) on the same models.
 
-    python benchmarks/scale_run.py [--size 1b] [--evaluations 4] [--checkout DIR] [--out benchmarks/results/scale_run.json]
+    python benchmarks/scale_run.py [--size 1b] [--evaluations 4] [--checkout DIR] [--out benchmarks/results/scale_run_1b.json]
 """
 from __future__ import annotations
 
