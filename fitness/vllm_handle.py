@@ -89,11 +89,11 @@ def _reprocess_tied(model: torch.nn.Module) -> None:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(module)
-    for group in owners.values():
-        for module in group if len(group) > 1 else ():
-            method = getattr(module, "quant_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
+    tied = {id(m): m for group in owners.values() if len(group) > 1 for m in group}
+    for module in tied.values():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
