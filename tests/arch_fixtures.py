@@ -41,9 +41,11 @@ def config(family: str) -> T.PretrainedConfig:
     }[family]()
 
 
-def build_family(family: str, root: Path, *, tie: bool | None = None) -> dict[str, Path]:
-    """base, a, b checkpoints of `family` under root (optionally forcing tie_word_embeddings)."""
-    cfg = config(family)
+def build_family(family: str, root: Path, *, tie: bool | None = None,
+                 cfg: T.PretrainedConfig | None = None) -> dict[str, Path]:
+    """base, a, b checkpoints of `family` under root (optionally forcing tie_word_embeddings), from `cfg`
+    if given (e.g. `config(family)` resized for another back end)."""
+    cfg = cfg or config(family)
     if tie is not None:
         cfg.tie_word_embeddings = tie
     torch.manual_seed(0)
