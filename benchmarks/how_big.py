@@ -19,7 +19,6 @@ def markdown(results: Path = RESULTS) -> str:
     scale, run = (json.loads((results / f).read_text()) for f in (SCALE, RUN))
     size = max(scale["sizes"].values(), key=lambda s: s["parameters"])
     ties = size["ties"]
-    mem = ties["evomerge"]["bytes_per_parameter"]
     model = ties["evomerge"]["scoring_model_bytes"] / size["parameters"]
     stored = size["source_bytes_each"] / size["parameters"]
     own = max(size[m]["ratios"]["materializer_private_peak_bytes_per_parameter"] for m in ("ties", "dare_ties"))

@@ -146,3 +146,14 @@ class TreePeak:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def emit(report: dict, out: str | None) -> None:
+    """Print a benchmark's JSON report, and write it to `out` (the committed artifact) when given."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text)

@@ -376,11 +376,7 @@ def main() -> None:
                 warm_page_cache(sources)
                 results[method][row] = spawn(row, args, size, method)
         report["sizes"][size] = summarize(size, sources, bandwidth, results, args)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    memstat.emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -124,11 +124,7 @@ def main() -> None:
             report["predicted_over_measured_peak_rss"] = report["dry_run"]["predicted_peak_rss_bytes"] / peak.peak["Rss"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    memstat.emit(report, args.out)
 
 
 if __name__ == "__main__":
