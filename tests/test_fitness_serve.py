@@ -318,3 +318,29 @@ def test_remote_loss_config_mistakes_are_one_line(fitness, needle):
 
     with pytest.raises(UserError, match=needle):
         parse_config({"space": {"bounds": [[0, 1]]}, "fitness": fitness})
+
+
+def test_lm_eval_loglikelihood_task_through_the_api_equals_the_local_handle(remote, local, dataset, tmp_path):
+    """An lm-eval loglikelihood task scored through an OpenAI-compatible API (`evomerge serve`'s echoed
+    log-probs, the recipe sent with each request) gives what the same merge scores in process."""
+    pytest.importorskip("lm_eval")
+    from fitness.lmeval import LMEvalFitness
+
+    (tmp_path / "sums.yaml").write_text(
+        "task: serve_sums\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{validation: {dataset}}}}}\nvalidation_split: validation\n"
+        "output_type: loglikelihood\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{reference}}\"\ntarget_delimiter: \"\"\n"
+        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n")
+    fitness = LMEvalFitness(["serve_sums"], include_path=tmp_path)
+    api = remote()
+    seen = []
+    for r in (recipe(0.4, 0.6), recipe(1.2, -0.3)):
+        api.set_recipe(r)
+        local.set_recipe(r)
+        out_api, out_local = fitness.run(api), fitness.run(local)
+        assert fitness.result_of(out_api).objectives == fitness.result_of(out_local).objectives
+        ll = [[s["resps"][0][0][0] for s in out["samples"]["serve_sums"]] for out in (out_api, out_local)]
+        assert ll[0] == pytest.approx(ll[1], rel=1e-4)
+        assert all(isinstance(x, float) and x < 0 for x in ll[1])
+        seen.append(ll[1])
+    assert seen[0] != pytest.approx(seen[1], rel=1e-3)  # the two recipes really are two models
