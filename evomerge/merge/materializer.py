@@ -148,12 +148,6 @@ class Materializer:
                 for _ in self._map(one, sorted(planned, key=lambda p: -_numel(self._shape(p)))):
                     pass
 
-    def close(self) -> None:
-        """Stop the merge threads (they also stop with the process)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
     def plan(self, recipe: Recipe) -> tuple[list[Planned], int]:
         """The recipe's plan (output tensors and their inputs) and its number of output layers."""
         with self._nested(recipe, shallow=True) as flat:
