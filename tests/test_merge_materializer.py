@@ -166,3 +166,58 @@ def test_traffic_counts_every_pass(tiny_models):
     mat.materialize(recipe)
     assert gta.traffic.written - written == expected_out
     assert gta.traffic.read - read == 3 * base_bytes + 2 * 2 * base_bytes
+
+
+def _bf16_expert(base: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (base.float() + noise * torch.randn(base.shape, generator=g)).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_thresholds_learned_by_sample_and_count_are_exact(monkeypatch, fused):
+    """A large tensor's trims bracket the threshold with a sample and count the bracket exactly: every cut
+    (value, entries larger, entries equal) equals a full sort's, whether the sample brackets it (fine bf16
+    deltas: a few bins hold most entries), brackets too many bins (coarse deltas: the full histogram), or
+    misleads (the sampled entries unlike the rest: the count shows it, then the full histogram)."""
+    from evomerge.merge import gta, vectors
+
+    monkeypatch.setattr(gta, "use_fused", fused)
+    g = torch.Generator().manual_seed(0)
+    base = (0.02 * torch.randn(1024, 512, generator=g)).to(torch.bfloat16)
+    misleading = base.clone().reshape(-1)
+    sampled = torch.zeros(base.numel(), dtype=torch.bool)
+    for w in range(base.numel() // vectors.SAMPLE_WINDOW):
+        s = w * vectors.SAMPLE_WINDOW + (w * 40503) % (vectors.SAMPLE_WINDOW - vectors.SAMPLE_WIDTH + 1)
+        sampled[s : s + vectors.SAMPLE_WIDTH] = True
+    misleading[~sampled] += 0.01  # only unsampled entries move
+    cases = {"fine": (_bf16_expert(base, 1e-4, 1), False), "coarse": (_bf16_expert(base, 3e-3, 2), True),
+             "misleading": (misleading.reshape(base.shape), True)}
+    for name, (model, complete) in cases.items():
+        vec = vectors.TaskVector(base, model)
+        order = (model.float() - base.float()).abs().reshape(-1).sort(descending=True).values
+        for rank in (int(d * base.numel()) for d in (0.2, 0.3, 0.55, 0.9)):
+            value = order[rank].item()
+            cut = vec.cut(rank)
+            assert (cut.value, cut.larger, cut.equal) == (value, int((order > value).sum()), int((order == value).sum())), (name, rank)
+        s = vec.summary()
+        assert s.complete == complete and (complete or s.passes >= 1), (name, s.complete, s.passes)
+
+
+def test_ties_through_counted_thresholds_equals_full_histograms(monkeypatch):
+    """A TIES merge of large bf16 tensors whose thresholds come from counting passes writes what it writes
+    when every summary is a full histogram."""
+    from evomerge.merge import vectors
+
+    g = torch.Generator().manual_seed(1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = (0.02 * torch.randn(1024, 512, generator=g)).to(torch.bfloat16)
+    sources = {"base": {name: base}, "a": {name: _bf16_expert(base, 1e-4, 3)}, "b": {name: _bf16_expert(base, 2e-4, 4)}}
+    recipe = Recipe.from_dict({"merge_method": "ties", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 0.7, "density": 0.3}}, {"model": "b", "parameters": {"weight": 0.5, "density": 0.55}}]})
+    mat = Materializer(sources, base="base")
+    counted = mat.materialize(recipe)[name]
+    assert not any(s.complete for s in mat._summaries.values())
+    monkeypatch.setattr(vectors, "SAMPLE_WINDOW", base.numel())  # every tensor "small": full histograms
+    full = Materializer(sources, base="base")
+    assert torch.equal(full.materialize(recipe)[name], counted)
+    assert all(s.complete for s in full._summaries.values())

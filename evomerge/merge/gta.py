@@ -108,20 +108,57 @@ def kept_l1(base: torch.Tensor, model: torch.Tensor, keep: Keep, offset: int = 0
 def histogram(base: torch.Tensor, model: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Counts of |model - base| per magnitude bin (the top 16 bits of the float32), and per bin of those
     whose low 16 bits are not all zero."""
+    traffic.add(_bytes(base, model))
+    return _split(_histogram(base, model))
+
+
+def sample_histogram(base: torch.Tensor, model: torch.Tensor, window: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """As histogram, over `width` entries of every `window` (kernels.sample_histogram's offsets)."""
+    from evomerge.merge import kernels
+
+    traffic.add(_bytes(base, model) * width // window)
+    if _fused_ok(base, model):
+        hist = np.zeros(2 * kernels.BINS, np.int64)
+        kernels.sample_histogram(_np(base), _np(model), window, width, hist)
+        return _split(hist)
+    starts = [w * window + (w * 40503) % (window - width + 1) for w in range(base.numel() // window)]
+    index = (torch.tensor(starts, device=base.device)[:, None] + torch.arange(width, device=base.device)).reshape(-1)
+    return _split(_histogram(base[index], model[index]))
+
+
+def count_at_least(base: torch.Tensor, model: torch.Tensor, bits: np.ndarray) -> np.ndarray:
+    """Exact counts of the entries whose |model - base|, as float32 bits, is >= each of `bits` (int32)."""
     from evomerge.merge import kernels
 
     traffic.add(_bytes(base, model))
+    out = np.zeros(len(bits), np.int64)
     if _fused_ok(base, model):
-        counts, mixed = np.zeros(kernels.BINS, np.int64), np.zeros(kernels.BINS, np.int64)
-        kernels.histogram(_np(base), _np(model), counts, mixed)
-        return counts, mixed
-    counts_t = torch.zeros(kernels.BINS, dtype=torch.int64, device=base.device)
-    mixed_t = torch.zeros_like(counts_t)
+        kernels.count_at_least(_np(base), _np(model), bits.astype(np.int32), out)
+        return out
     for s in range(0, base.numel(), CHUNK):
-        bits = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs().view(torch.int32).reshape(-1)
-        counts_t += torch.bincount(bits >> 16, minlength=kernels.BINS)
-        mixed_t += torch.bincount((bits >> 16)[(bits & 0xFFFF) != 0], minlength=kernels.BINS)
-    return counts_t.cpu().numpy(), mixed_t.cpu().numpy()
+        w = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs().view(torch.int32)
+        out += np.array([int((w >= int(b)).sum()) for b in bits], np.int64)
+    return out
+
+
+def _histogram(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
+    """kernels.histogram's 2 * BINS slots, on the fused kernel or torch ops."""
+    from evomerge.merge import kernels
+
+    if _fused_ok(base, model):
+        hist = np.zeros(2 * kernels.BINS, np.int64)
+        kernels.histogram(_np(base), _np(model), hist)
+        return hist
+    hist_t = torch.zeros(2 * kernels.BINS, dtype=torch.int64, device=base.device)
+    for s in range(0, base.numel(), CHUNK):
+        w = (model[s : s + CHUNK].float() - base[s : s + CHUNK].float()).abs().view(torch.int32).reshape(-1)
+        hist_t += torch.bincount(((w >> 15) & ~1) | ((w & 0xFFFF) != 0).int(), minlength=2 * kernels.BINS)
+    return hist_t.cpu().numpy()
+
+
+def _split(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slots to (counts per bin, mixed per bin)."""
+    return hist[0::2] + hist[1::2], hist[1::2].copy()
 
 
 def refine(base: torch.Tensor, model: torch.Tensor, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:

@@ -355,18 +355,53 @@ def kept_l1(base, model, offset, mode, lo, hi, bounds, key, thr, plo, pspan, ran
     return total, whole
 
 
+@njit(inline="always")
+def _slot(a):
+    """An entry's slot in a magnitude histogram: its bin times 2, plus 1 when its low 16 bits are not all zero."""
+    w = _bits(a)
+    return ((w >> 15) & ~1) | ((w & 0xFFFF) != 0)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
-def histogram(base, model, counts, mixed):
-    """counts[bin(|model - base|)] += 1 over the tensor (bin: the top 16 bits of the float32 magnitude), and
-    mixed[bin] += 1 for the entries whose low 16 bits are not all zero (few in deltas of bf16 weights)."""
+def histogram(base, model, hist):
+    """hist[_slot(|model - base|)] += 1 over the tensor (2 * BINS slots). The slots of a block are computed
+    first (vectorised), then counted: one scatter per entry, the histogram's whole cost."""
+    slots = np.empty(BLOCK, np.uint16)
     for s in range(0, base.size, BLOCK):
         e = min(base.size, s + BLOCK)
         bs, ms = base[s:e], model[s:e]
         for j in range(e - s):
-            a = abs(_ld(ms, j) - _ld(bs, j))
-            counts[_bin(a)] += 1
-            if _low(a) != 0:
-                mixed[_bin(a)] += 1
+            slots[j] = _slot(abs(_ld(ms, j) - _ld(bs, j)))
+        for j in range(e - s):
+            hist[slots[j]] += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def sample_histogram(base, model, window, width, hist):
+    """As histogram, over `width` consecutive entries at a scattered offset in each window of `window` entries
+    (offsets vary from window to window, so a matrix's rows or columns do not line up with the sample)."""
+    for w in range(base.size // window):
+        s = w * window + (w * 40503) % (window - width + 1)
+        for j in range(s, s + width):
+            hist[_slot(abs(_ld(model, j) - _ld(base, j)))] += 1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def count_at_least(base, model, bits, out):
+    """out[t] += the number of entries whose |model - base|, as float32 bits, is >= bits[t]: exact counts at a
+    few magnitudes, vectorised (compares, no scatter)."""
+    w = np.empty(BLOCK, np.int32)
+    for s in range(0, base.size, BLOCK):
+        e = min(base.size, s + BLOCK)
+        bs, ms = base[s:e], model[s:e]
+        for j in range(e - s):
+            w[j] = _bits(abs(_ld(ms, j) - _ld(bs, j)))
+        for t in range(bits.size):
+            b = bits[t]
+            c = np.int32(0)  # 32-bit lanes vectorise twice as wide as 64-bit ones
+            for j in range(e - s):
+                c += np.int32(w[j] >= b)
+            out[t] += c
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

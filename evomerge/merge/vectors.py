@@ -2,18 +2,25 @@
 
 A task vector is a pair of source tensors in their stored dtype (memory-mapped, shared through the page
 cache); kernels form `model - base` block by block in float32 registers. What a trim needs to know about
-the whole delta is kept in a compact `Summary`, computed once per (model, tensor, base) and reused by
-every candidate: a histogram of the magnitudes over 2**15 bins (the top 16 bits of the float32 magnitude,
-which order like the magnitudes themselves). A trim to any density reads the bin
-holding its threshold from the summary. Deltas of bf16 weights mostly have their low 16 bits zero: a bin's
-smallest magnitude then holds most of its entries, and the summary counts the others, so a threshold
-there needs no pass. Elsewhere the exact threshold comes from that bin's distinct magnitudes, counted by
-their low 16 bits in one streaming pass the first time a trim cuts inside the bin; where equal
+the whole delta is kept in a compact `Summary`, kept per (model, tensor, base) and reused by every
+candidate. Magnitudes are binned by the top 16 bits of their float32 (bins order like the magnitudes).
+Deltas of bf16 weights mostly have their low 16 bits zero: a bin's smallest magnitude ("round value")
+then holds most of its entries, and the summary counts the others ("mixed"), so a threshold at a round
+value needs nothing more; elsewhere the exact threshold comes from that bin's distinct magnitudes, counted
+by their low 16 bits in one streaming pass the first time a trim cuts inside the bin; where equal
 magnitudes straddle the threshold, a pass that stops early finds the flat index at which the tied entries
 stop being kept.
+
+A summary learns bins as trims need them. A full histogram costs a scatter per entry, several times a
+warm merge's pass, so a large tensor's first trim instead brackets its threshold with a histogram of a
+1/64 sample, then counts exactly, in one vectorised pass, the entries at or above the round value, one
+past it and the next bin's round value for the one or few bins the sample admits. Later trims that fall in
+a known bin need no pass; after MAX_COUNTS such passes on one tensor the full histogram is built.
 """
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,24 +29,50 @@ import torch
 
 
 REFINED_ENTRIES = 1 << 14  # per summary: distinct magnitudes kept from refined bins (12 bytes each)
+SAMPLE_WINDOW, SAMPLE_WIDTH = 4096, 64  # the bracketing sample: 64 consecutive entries of every 4096
+MAX_BRACKET = 3  # bins one counting pass may resolve (2-3 compares per entry each); more cost a full histogram
+MAX_COUNTS = 4  # counting passes on one tensor before its full histogram (4 cost about one histogram)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Summary:
-    """The populated magnitude bins in descending order, how many entries each holds and how many lie in
-    higher bins; and, for bins that trims have cut inside, their distinct magnitudes (low 16 bits,
-    descending) with cumulative counts, so a later trim in the same bin needs no pass. Search densities
-    settle in a few bins; the oldest refined bins are dropped beyond REFINED_ENTRIES."""
+    """Magnitude bins known exactly, in descending order: how many entries each holds, how many lie in
+    higher bins and how many are mixed (low 16 bits not all zero: all above the bin's round value). All
+    populated bins once `complete`; until then the bins counting passes have resolved, and `sample`, a
+    histogram of a sample that brackets the rest. For bins that trims have cut inside, their distinct
+    magnitudes (low 16 bits, descending) with cumulative counts, so a later trim in the same bin needs no
+    pass; search densities settle in a few bins, and the oldest refined bins are dropped beyond
+    REFINED_ENTRIES."""
 
+    numel: int
     bins: np.ndarray  # int32
     counts: np.ndarray  # int64
     above: np.ndarray  # int64: entries in higher bins
-    mixed: np.ndarray  # int64: entries whose low 16 bits are not all zero (all above the bin's round value)
+    mixed: np.ndarray  # int64
+    complete: bool
+    sample: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # bins, counts, above of the sample
+    passes: int = 0  # counting passes so far
     refined: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.bins, self.counts, self.above, self.mixed, *(x for r in self.refined.values() for x in r)))
+        arrays = (self.bins, self.counts, self.above, self.mixed, *(self.sample or ()), *(x for r in self.refined.values() for x in r))
+        return sum(a.nbytes for a in arrays)
+
+    def slot(self, rank: int) -> int | None:
+        """The index of the known bin holding descending position `rank`, or None."""
+        i = int(np.searchsorted(self.above, rank, side="right")) - 1
+        return i if i >= 0 and rank < self.above[i] + self.counts[i] else None
+
+    def learn(self, bins: np.ndarray, counts: np.ndarray, above: np.ndarray, mixed: np.ndarray) -> None:
+        """Add exactly counted bins (empty ones are dropped)."""
+        keep = counts > 0
+        merged = {int(b): (c, a, m) for b, c, a, m in zip(self.bins, self.counts, self.above, self.mixed)}
+        merged |= {int(b): (c, a, m) for b, c, a, m in zip(bins[keep], counts[keep], above[keep], mixed[keep])}
+        order = sorted(merged, reverse=True)
+        self.bins = np.array(order, np.int32)
+        self.counts, self.above, self.mixed = (np.array([merged[b][k] for b in order], np.int64) for k in range(3))
 
     def remember(self, b: int, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         present = np.flatnonzero(low)[::-1].astype(np.int32)  # largest first
@@ -94,26 +127,28 @@ class TaskVector:
         return self.cuts([rank])[0]
 
     def cuts(self, ranks: list[int]) -> list[Cut]:
-        """Cuts at up to two descending ranks, from one pass over the tensor."""
+        """Cuts at up to two descending ranks, from at most one pass over the tensor beyond what the summary
+        already knows."""
         from evomerge.merge import gta
 
         s = self.summary()
-        slots = [int(np.searchsorted(s.above, r, side="right")) - 1 for r in ranks]
-        if all(r - s.above[i] >= s.mixed[i] for r, i in zip(ranks, slots)):  # each at its bin's round value
-            return [_round_cut(s, i) for i in slots]
-        bins = [int(s.bins[i]) for i in slots]
-        missing = [b for b in dict.fromkeys(bins) if b not in s.refined]
-        if missing:
-            lows = gta.refine(*self.flat(), missing[0], missing[-1])
-            found = {b: s.remember(b, low) for b, low in zip(missing, lows)}
-        out = []
-        for r, i, b in zip(ranks, slots, bins):
-            present, within = s.refined[b] if b in s.refined else found[b]
-            j = int(np.searchsorted(within, r - int(s.above[i]), side="right"))
-            bits = np.array([(b << 16) | int(present[j])], np.uint32)
-            larger = int(s.above[i]) + (int(within[j - 1]) if j else 0)
-            out.append(Cut(float(bits.view(np.float32)[0]), larger, int(within[j] - (within[j - 1] if j else 0))))
-        return out
+        with s.lock:  # a source tensor may be trimmed by two merge threads at once (a repeated layer)
+            slots = _slots(s, ranks, self)
+            if all(r - s.above[i] >= s.mixed[i] for r, i in zip(ranks, slots)):  # each at its bin's round value
+                return [_round_cut(s, i) for i in slots]
+            bins = [int(s.bins[i]) for i in slots]
+            missing = [b for b in dict.fromkeys(bins) if b not in s.refined]
+            if missing:
+                lows = gta.refine(*self.flat(), missing[0], missing[-1])
+                found = {b: s.remember(b, low) for b, low in zip(missing, lows)}
+            out = []
+            for r, i, b in zip(ranks, slots, bins):
+                present, within = s.refined[b] if b in s.refined else found[b]
+                j = int(np.searchsorted(within, r - int(s.above[i]), side="right"))
+                bits = np.array([(b << 16) | int(present[j])], np.uint32)
+                larger = int(s.above[i]) + (int(within[j - 1]) if j else 0)
+                out.append(Cut(float(bits.view(np.float32)[0]), larger, int(within[j] - (within[j - 1] if j else 0))))
+            return out
 
     def nth_equal(self, value: float, nth: int) -> int:
         """The flat index of the nth (from 1) entry whose magnitude is `value`, in index order."""
@@ -128,12 +163,67 @@ def _round_cut(s: Summary, i: int) -> Cut:
     return Cut(value, int(s.above[i] + s.mixed[i]), int(s.counts[i] - s.mixed[i]))
 
 
-def summarize(vec: TaskVector) -> Summary:
-    """One pass over the pair: the magnitude histogram."""
+def _slots(s: Summary, ranks: list[int], vec: TaskVector) -> list[int]:
+    """The known bins holding `ranks`, learning them first where needed: a counting pass over the bins the
+    sample brackets, else (sample unlucky, too many bins, or MAX_COUNTS passes spent) the full histogram."""
+    if any(s.slot(r) is None for r in ranks) and s.passes < MAX_COUNTS:
+        bins = _bracket(s, ranks)
+        if bins is not None:
+            _count(s, vec, bins)
+    if any(s.slot(r) is None for r in ranks):
+        s.bins, s.counts, s.above, s.mixed = _full(vec)  # every bin: what was learned is among them
+        s.complete, s.sample = True, None
+    return [s.slot(r) for r in ranks]
+
+
+def _bracket(s: Summary, ranks: list[int]) -> np.ndarray | None:
+    """The bins the sample cannot rule out for `ranks` (four standard deviations of a sampled rank, and a
+    few entries more); None when more than MAX_BRACKET, which a full histogram resolves as cheaply."""
+    bins, counts, above = s.sample
+    size = int(counts.sum())
+    found = []
+    for r in ranks:
+        p = min(max(r / s.numel, 0.0), 1.0)
+        q, margin = p * size, 4 * math.sqrt(size * p * (1 - p)) + 8
+        hit = (above + counts > q - margin) & (above <= q + margin)
+        found.extend(int(b) for b in bins[hit])
+    found = sorted(set(found))
+    return np.array(found, np.int64) if 0 < len(found) <= MAX_BRACKET else None
+
+
+def _count(s: Summary, vec: TaskVector, bins: np.ndarray) -> None:
+    """One vectorised pass: entries at or above each bin's round value, one past it, and the next bin's."""
     from evomerge.merge import gta
 
-    counts, mixed = gta.histogram(*vec.flat())
+    marks = np.unique(np.concatenate([bins << 16, (bins << 16) | 1, (bins + 1) << 16]))
+    at_least = dict(zip(marks.tolist(), gta.count_at_least(*vec.flat(), marks).tolist()))
+    above = np.array([at_least[(b + 1) << 16] for b in bins], np.int64)
+    s.learn(bins.astype(np.int32), np.array([at_least[b << 16] for b in bins], np.int64) - above, above,
+            np.array([at_least[(b << 16) | 1] for b in bins], np.int64) - above)
+    s.passes += 1
+
+
+def _full(vec: TaskVector) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every populated bin, from one histogram pass."""
+    from evomerge.merge import gta
+
+    return _compact(*gta.histogram(*vec.flat()))
+
+
+def _compact(counts: np.ndarray, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     bins = np.flatnonzero(counts)[::-1].astype(np.int32)
     c = counts[bins].astype(np.int64)
-    above = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
-    return Summary(bins, c, above, mixed[bins].astype(np.int64))
+    return bins, c, np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64), mixed[bins].astype(np.int64)
+
+
+def summarize(vec: TaskVector) -> Summary:
+    """A tensor's summary before any trim: a small tensor's full histogram (one cheap pass), a large one's
+    bracketing sample."""
+    from evomerge.merge import gta
+
+    n = vec.numel
+    if n < SAMPLE_WINDOW * 64:
+        return Summary(n, *_full(vec), complete=True)
+    none = np.zeros(0, np.int64)
+    bins, counts, above, _ = _compact(*gta.sample_histogram(*vec.flat(), SAMPLE_WINDOW, SAMPLE_WIDTH))
+    return Summary(n, none.astype(np.int32), none, none, none, complete=False, sample=(bins, counts, above))
