@@ -28,7 +28,8 @@ LOG = logging.getLogger(__name__)
 class Fused:
     """Experts stored one tensor each in the checkpoint but stacked in memory: a (renamed) checkpoint name
     matching `pattern` (groups `pre` and `e`) is part `part` of `parts` (along dim 0 of one expert's
-    slice, as transformers' Concatenate(dim=1) builds it) of `<pre>.<target>[e]`."""
+    slice, as transformers' Concatenate(dim=1) builds it) of `<pre>.<target>[e]`. The stacked tensor is
+    also what mergekit 0.1.5 merges (its definitions name the in-memory tensors): see `stacks`."""
 
     pattern: str
     target: str
@@ -359,6 +360,36 @@ def memory_name(f: Family, name: str) -> tuple[str, int | None, Fused | None]:
         if m:
             return f"{m['pre']}.{rule.target}", int(m["e"]), rule
     return name, None, None
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Checkpoint tensors that are one tensor in memory, `name`, and to mergekit: `members` in its flat
+    order (expert by expert; an expert's `parts` consecutive members are its slice, stacked along rows)."""
+
+    name: str
+    members: tuple[str, ...]
+    parts: int
+
+
+def stacks(f: Family, names: Iterable[str]) -> dict[str, Stack]:
+    """Checkpoint name -> its stack, for every name `f.fused` stacks. A method reading a whole tensor (a
+    trim's ranking, a rescale's norm) reads a stack whole, as mergekit does."""
+    found: dict[str, dict[tuple[int, int], str]] = {}
+    parts: dict[str, int] = {}
+    for n in names:
+        target, e, rule = memory_name(f, n)
+        if rule is not None:
+            found.setdefault(target, {})[(e, rule.part)] = n
+            parts[target] = rule.parts
+    out: dict[str, Stack] = {}
+    for target, members in found.items():
+        experts = {e for e, _ in members}
+        if len(members) != len(experts) * parts[target]:
+            raise UserError(f"{target}: the checkpoint stores {len(members)} parts for {len(experts)} experts of {parts[target]} parts")
+        stack = Stack(target, tuple(members[k] for k in sorted(members)), parts[target])
+        out.update(dict.fromkeys(stack.members, stack))
+    return out
 
 
 def module_targets(model: Any, names: Iterable[str], f: Family | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from evomerge.merge import gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
 from evomerge.merge.params import ParamSpec
-from evomerge.merge.vectors import TaskVector
+from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
 
 
@@ -107,15 +107,17 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
             g.out.copy_(g.base.full())
             return
         vectors = [e.vector() for e in entries]
-        keeps = [_trim(trim, v, e, g) for v, e in zip(vectors, entries)]
         weights = [e.params["weight"] for e in entries]
         opts = {"consensus": consensus, "normalize": g.shared["normalize"], "lam": g.shared["lambda"]}
-        if trim == "della":
-            _della_by_rows(g, vectors, keeps, weights, opts)
+        stacked = isinstance(vectors[0], StackVector)
+        if trim == "della" and not stacked:
+            _della_by_rows(g, vectors, [_trim(trim, v, e, g) for v, e in zip(vectors, entries)], weights, opts)
             return
-        if g.shared["rescale"]:
-            keeps = [sparsify.rescale(k, v) for k, v in zip(keeps, vectors)]
-        merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out, **opts)
+        keeps = [_keep(trim, v, e, g) for v, e in zip(vectors, entries)]
+        if trim == "della":  # a stack member's ranks run along its expert's stacked rows
+            keeps = [replace(k, rank=v.rank(v.index), rank_start=v.offset) if k.kind == "della" else k for k, v in zip(keeps, vectors)]
+        merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out,
+                           offset=vectors[0].offset, **opts)
 
     return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True)
 
@@ -146,6 +148,19 @@ def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Kee
                            out=out[s:e], offset=s, **opts)
 
 
+def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
+    """One model's trim, rescaled if asked; a stack's is computed once per merge (by the first of its
+    members' merges to need it) and applied to each member at its position in the stack."""
+    settings = (e.model, trim, g.tie_order, g.seed, g.shared["rescale"],
+                *(e.params.get(k) for k in ("density", "gamma", "epsilon")))
+
+    def keep() -> sparsify.Keep:
+        k = _trim(trim, v, e, g)
+        return sparsify.rescale(k, v) if g.shared["rescale"] else k
+
+    return v.once(("keep", settings), keep)
+
+
 def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
     d = e.params["density"]
     if trim is None:
@@ -154,7 +169,7 @@ def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
         return sparsify.magnitude(v, d, g.tie_order)
     if trim == "magnitude_outliers":
         return sparsify.magnitude_outliers(v, d, e.params["gamma"], g.tie_order)
-    key = rng.key_for(g.seed, g.name, e.model)
+    key = rng.key_for(g.seed, v.name if isinstance(v, StackVector) else g.name, e.model)  # the draws of the tensor mergekit sees
     if trim == "random":
         return sparsify.bernoulli(d, key)
     return sparsify.della(d, e.params["epsilon"], key)

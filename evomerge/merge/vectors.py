@@ -14,11 +14,16 @@ stop being kept.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from evomerge.merge.sparsify import Keep
 
 
 REFINED_ENTRIES = 1 << 14  # per summary: distinct magnitudes kept from refined bins (12 bytes each)
@@ -86,7 +91,7 @@ class TaskVector:
 
     def summary(self) -> Summary:
         if self._summary is None:
-            self._summary = self._summary_of(self) if self._summary_of is not None else summarize(self)
+            self._summary = self._summary_of(self) if self._summary_of is not None else self.summarize()
         return self._summary
 
     def cut(self, rank: int) -> Cut:
@@ -95,8 +100,6 @@ class TaskVector:
 
     def cuts(self, ranks: list[int]) -> list[Cut]:
         """Cuts at up to two descending ranks, from one pass over the tensor."""
-        from evomerge.merge import gta
-
         s = self.summary()
         slots = [int(np.searchsorted(s.above, r, side="right")) - 1 for r in ranks]
         if all(r - s.above[i] >= s.mixed[i] for r, i in zip(ranks, slots)):  # each at its bin's round value
@@ -104,7 +107,7 @@ class TaskVector:
         bins = [int(s.bins[i]) for i in slots]
         missing = [b for b in dict.fromkeys(bins) if b not in s.refined]
         if missing:
-            lows = gta.refine(*self.flat(), missing[0], missing[-1])
+            lows = self.refine(missing[0], missing[-1])
             found = {b: s.remember(b, low) for b, low in zip(missing, lows)}
         out = []
         for r, i, b in zip(ranks, slots, bins):
@@ -115,11 +118,158 @@ class TaskVector:
             out.append(Cut(float(bits.view(np.float32)[0]), larger, int(within[j] - (within[j - 1] if j else 0))))
         return out
 
+    offset = 0  # the flat position of this tensor in what its trim reads (see StackVector)
+
+    def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
+        """A value its trim reads: computed here (a stack shares it among its members' merges)."""
+        return fn()
+
+    def summarize(self) -> Summary:
+        """One pass over the pair: the magnitude histogram."""
+        from evomerge.merge import gta
+
+        return _summary(*gta.histogram(*self.flat()))
+
+    def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
+        """The magnitudes' counts by low 16 bits within two bins (gta.refine)."""
+        from evomerge.merge import gta
+
+        return gta.refine(*self.flat(), bin0, bin1)
+
     def nth_equal(self, value: float, nth: int) -> int:
-        """The flat index of the nth (from 1) entry whose magnitude is `value`, in index order."""
+        """The flat index of the nth (from 1) entry whose magnitude is `value`, in index order (if there
+        are fewer: -1 - their count)."""
         from evomerge.merge import gta
 
         return gta.nth_equal(*self.flat(), value, nth)
+
+    def kept_l1(self, keep: Keep) -> tuple[float, float]:
+        """Sums of the magnitudes `keep` keeps, and of all (for rescaling)."""
+        from evomerge.merge import gta
+
+        return gta.kept_l1(*self.flat(), keep)
+
+
+class Shared:
+    """Values computed once per key during one merge, by the first thread that asks; a thread asking
+    meanwhile waits for that one (which computes a member's statistic: it never waits itself)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[Hashable, Any] = {}
+        self._busy: dict[Hashable, threading.Event] = {}
+
+    def get(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._done:
+                return _value(self._done[key])
+            busy = self._busy.get(key)
+            if busy is None:
+                self._busy[key] = threading.Event()
+        if busy is not None:
+            busy.wait()
+            return _value(self._done[key])
+        try:
+            value: Any = fn()
+        except BaseException as e:  # noqa: BLE001  handed to every waiter, then raised here too
+            value = _Failed(e)
+        with self._lock:
+            self._done[key] = value
+            self._busy.pop(key).set()
+        return _value(value)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, _Failed):
+        raise v.error
+    return v
+
+
+class StackVector(TaskVector):
+    """The task vectors of tensors a trim reads as one (experts that transformers stacks into one tensor in
+    memory, which mergekit 0.1.5 trims whole; evomerge.arch.stacks): their concatenation, in the stacked
+    tensor's flat order. Its statistics are sums of its members' (histograms, refinements and L1 norms add),
+    each member's computed once per merge (`shared`) by whichever thread asks first, each thread starting
+    with its own member (`index`), so the threads merging a stack's members share the passes over it."""
+
+    def __init__(self, name: str, members: list[TaskVector], parts: int, index: int, shared: Shared, key: Hashable,
+                 summary_of: Callable[[TaskVector], Summary] | None = None):
+        super().__init__(members[index].base, members[index].model, summary_of)
+        self.name, self.members, self.parts, self.index = name, members, parts, index
+        self.shared, self.key = shared, key
+        self.starts = np.concatenate([[0], np.cumsum([m.numel for m in members])]).astype(np.int64)
+
+    @property
+    def numel(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def offset(self) -> int:
+        return int(self.starts[self.index])
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return torch.cat([m.delta.reshape(-1) for m in self.members])
+
+    def each(self, what: Hashable, fn: Callable[[int, TaskVector], Any]) -> list[Any]:
+        """fn(i, member) for every member, each computed once per merge, this thread's own member first."""
+        n = len(self.members)
+        order = [(self.index + k) % n for k in range(n)]
+        got = {i: self.shared.get((self.key, what, i), lambda i=i: fn(i, self.members[i])) for i in order}
+        return [got[i] for i in range(n)]
+
+    def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
+        return self.shared.get((self.key, what), fn)
+
+    def summarize(self) -> Summary:
+        return combine(self.each("summary", lambda _, m: m.summary()))
+
+    def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
+        lows = self.each(("refine", bin0, bin1), lambda _, m: m.refine(bin0, bin1))
+        return sum(l[0] for l in lows), sum(l[1] for l in lows)
+
+    def nth_equal(self, value: float, nth: int) -> int:
+        seen = 0
+        for start, m in zip(self.starts, self.members):
+            found = m.nth_equal(value, nth - seen)
+            if found >= 0:
+                return int(start) + found
+            seen += -1 - found
+        return -1 - seen
+
+    def kept_l1(self, keep: Keep) -> tuple[float, float]:
+        from evomerge.merge import gta
+
+        def member(i: int, m: TaskVector) -> tuple[float, float]:
+            k = replace(keep, rank=self.rank(i), rank_start=int(self.starts[i])) if keep.kind == "della" else keep
+            return gta.kept_l1(*m.flat(), k, int(self.starts[i]))
+
+        sums = self.each(("kept_l1", keep), member)  # a Keep hashes by identity
+        return sum(k for k, _ in sums), sum(w for _, w in sums)
+
+    def rank(self, i: int) -> torch.Tensor:
+        """DELLA's ranks of member i (see sparsify.stacked_rank)."""
+        from evomerge.merge import sparsify
+
+        e = i // self.parts
+        siblings = self.members[e * self.parts : (e + 1) * self.parts]
+        return sparsify.stacked_rank([m.flat() for m in siblings], self.members[i].shape, i % self.parts)
+
+
+def combine(summaries: list[Summary]) -> Summary:
+    """The summary of a concatenation: bin counts add."""
+    from evomerge.merge import kernels
+
+    counts, mixed = np.zeros(kernels.BINS, np.int64), np.zeros(kernels.BINS, np.int64)
+    for s in summaries:
+        counts[s.bins] += s.counts
+        mixed[s.bins] += s.mixed
+    return _summary(counts, mixed)
 
 
 def _round_cut(s: Summary, i: int) -> Cut:
@@ -128,11 +278,7 @@ def _round_cut(s: Summary, i: int) -> Cut:
     return Cut(value, int(s.above[i] + s.mixed[i]), int(s.counts[i] - s.mixed[i]))
 
 
-def summarize(vec: TaskVector) -> Summary:
-    """One pass over the pair: the magnitude histogram."""
-    from evomerge.merge import gta
-
-    counts, mixed = gta.histogram(*vec.flat())
+def _summary(counts: np.ndarray, mixed: np.ndarray) -> Summary:
     bins = np.flatnonzero(counts)[::-1].astype(np.int32)
     c = counts[bins].astype(np.int64)
     above = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64)
