@@ -101,14 +101,10 @@ def test_module_targets_name_what_does_not_fit(family_models):
 
 
 def _merges(family: str) -> dict[str, dict]:
-    moe = arch.family(family).moe
     flt = arch.family(family).groups["attention"][0]  # (mergekit matches filters against in-memory names)
     weight = [{"filter": flt, "value": [0.2, 0.9]}, {"value": 0.6}]
-    # mergekit 0.1.5 merges transformers' in-memory layout, where all experts of a layer are one tensor: a
-    # trim (TIES) then ranks all experts together, evomerge each expert's matrix alone (as they are stored)
-    method = {"merge_method": "task_arithmetic"} if moe else {"merge_method": "ties", "parameters": {"density": 0.6}}
-    return {
-        "merge": {**method, "base_model": "base",
+    return {  # (a trim of MoE experts ranks all of a layer's experts together, as mergekit: test_arch_moe_trims.py)
+        "merge": {"merge_method": "ties", "parameters": {"density": 0.6}, "base_model": "base",
                   "models": [{"model": "a", "parameters": {"weight": weight}}, {"model": "b", "parameters": {"weight": 0.4}}]},
         "passthrough": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": "a", "layer_range": [0, 2]}]}, {"sources": [{"model": "b", "layer_range": [1, 4]}]}]},

@@ -236,3 +236,16 @@ def test_della_keeps_by_rank_along_each_experts_stacked_rows(moe, tmp_path):
         rank = delta.argsort(dim=1).argsort(dim=1).float() / (delta.shape[1] - 1)
         top, bottom = kept[k][rank > 0.75].mean(), kept[k][rank < 0.25].mean()
         assert abs(top - 0.6) < 0.03 and abs(bottom - 0.3) < 0.03, (k, top, bottom)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs"])
+def test_merges_of_a_stacks_members_on_threads_equal_one_thread(method, moe, tmp_path):
+    """The members of a stack merged in parallel share its trim and rescale passes: the same result as
+    one thread (and summaries kept across candidates give the same again)."""
+    paths = {k: str(v) for k, v in _quantized(moe("mixtral"), tmp_path).items()}  # straddling ties: more shared passes
+    recipe = Recipe.from_dict(_recipe(method, seed=7, rescale=True))
+    one = Materializer(paths, base="base", threads=1).materialize(recipe)
+    threaded = Materializer(paths, base="base", threads=4)
+    for _ in range(2):
+        many = threaded.materialize(recipe)
+        assert all(torch.equal(one[n], many[n]) for n in one)

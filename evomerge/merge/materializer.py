@@ -244,20 +244,22 @@ class Materializer:
     def _vector_fn(self, merge: _Merge, p: Planned, i: int):
         """Input i's task vector; for a member of a stack, the whole stack's, as mergekit trims it."""
 
-        def one(q: Planned) -> TaskVector:
+        def one(q: Planned, cached: bool = True) -> TaskVector:
             inp, base = q.inputs[i], q.inputs[q.base]
             key = (inp.model, inp.tensor, base.model, base.tensor)
-            return TaskVector(self._stored(base.model, base.tensor), self._stored(inp.model, inp.tensor), self._cache(key, inp.model, base.model))
+            return TaskVector(self._stored(base.model, base.tensor), self._stored(inp.model, inp.tensor),
+                              self._cache(key, inp.model, base.model) if cached else None)
 
         def vector() -> TaskVector:
             if p.base is None:
                 raise UserError("this merge method needs a base_model")
             if p.stack is None:
                 return one(p)
-            members = [merge.by_name[n] for n in p.stack.members]
+            planned = [merge.by_name[n] for n in p.stack.members]
             inp, base = p.inputs[i], p.inputs[p.base]
-            key = ("stack", inp.model, base.model, *(q.inputs[i].tensor for q in members))
-            return StackVector(p.stack.name, [one(q) for q in members], p.stack.parts, p.stack.members.index(p.name),
+            key = ("stack", inp.model, base.model, *(q.inputs[i].tensor for q in planned))
+            members = [one(q, cached=False) for q in planned]  # the stack's summary is kept, not theirs
+            return StackVector(p.stack.name, members, p.stack.parts, p.stack.members.index(p.name),
                                merge.shared, key, self._cache(key, inp.model, base.model))
 
         return vector

@@ -149,16 +149,12 @@ def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Kee
 
 
 def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
-    """One model's trim, rescaled if asked; a stack's is computed once per merge (by the first of its
-    members' merges to need it) and applied to each member at its position in the stack."""
-    settings = (e.model, trim, g.tie_order, g.seed, g.shared["rescale"],
-                *(e.params.get(k) for k in ("density", "gamma", "epsilon")))
-
-    def keep() -> sparsify.Keep:
-        k = _trim(trim, v, e, g)
-        return sparsify.rescale(k, v) if g.shared["rescale"] else k
-
-    return v.once(("keep", settings), keep)
+    """One model's trim, rescaled if asked. A stack's trim is found once per merge (by the first of its
+    members' merges to need it) and applied to each member at its position; the merges of its members
+    share the passes of its rescale."""
+    settings = (e.model, trim, g.tie_order, g.seed, *(e.params.get(k) for k in ("density", "gamma", "epsilon")))
+    k = v.once(("trim", settings), lambda: _trim(trim, v, e, g))
+    return sparsify.rescale(k, v) if g.shared["rescale"] else k
 
 
 def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:

@@ -157,9 +157,7 @@ def rescale(keep: Keep, vec: TaskVector) -> Keep:
 
 def rescaled(keep: Keep, kept: float, whole: float) -> Keep:
     """`keep` with the rescale factor whole / kept (L1 norms), unless either is negligible."""
-    if whole >= _EPS and kept >= _EPS:
-        keep.factor = whole / kept
-    return keep
+    return replace(keep, factor=whole / kept) if whole >= _EPS and kept >= _EPS else keep
 
 
 def row_rank(delta: torch.Tensor) -> torch.Tensor:

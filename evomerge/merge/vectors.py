@@ -229,18 +229,24 @@ class StackVector(TaskVector):
     def summarize(self) -> Summary:
         return combine(self.each("summary", lambda _, m: m.summary()))
 
+    def cuts(self, ranks: list[int]) -> list[Cut]:
+        return self.once(("cuts", *ranks), lambda: super(StackVector, self).cuts(ranks))  # one thread updates the summary
+
     def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
         lows = self.each(("refine", bin0, bin1), lambda _, m: m.refine(bin0, bin1))
         return sum(l[0] for l in lows), sum(l[1] for l in lows)
 
     def nth_equal(self, value: float, nth: int) -> int:
-        seen = 0
-        for start, m in zip(self.starts, self.members):
-            found = m.nth_equal(value, nth - seen)
-            if found >= 0:
-                return int(start) + found
-            seen += -1 - found
-        return -1 - seen
+        def find() -> int:
+            seen = 0
+            for start, m in zip(self.starts, self.members):
+                found = m.nth_equal(value, nth - seen)
+                if found >= 0:
+                    return int(start) + found
+                seen += -1 - found
+            return -1 - seen
+
+        return self.once(("nth_equal", value, nth), find)
 
     def kept_l1(self, keep: Keep) -> tuple[float, float]:
         from evomerge.merge import gta
