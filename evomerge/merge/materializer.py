@@ -242,7 +242,7 @@ class Materializer:
         return lambda: self._stored(model, tensor).to(self.dtype)
 
     def _vector_fn(self, merge: _Merge, p: Planned, i: int):
-        """Input i's task vector; for a member of a stack, the whole stack's, as mergekit trims it."""
+        """Input i's task vector; a stack member's trims read the whole stack (its `unit`), as mergekit's."""
 
         def one(q: Planned, cached: bool = True) -> TaskVector:
             inp, base = q.inputs[i], q.inputs[q.base]
@@ -259,8 +259,10 @@ class Materializer:
             inp, base = p.inputs[i], p.inputs[p.base]
             key = ("stack", inp.model, base.model, *(q.inputs[i].tensor for q in planned))
             members = [one(q, cached=False) for q in planned]  # the stack's summary is kept, not theirs
-            return StackVector(p.stack.name, members, p.stack.parts, p.stack.members.index(p.name),
-                               merge.shared, key, self._cache(key, inp.model, base.model))
+            index = p.stack.members.index(p.name)
+            members[index].unit = StackVector(p.stack.name, members, p.stack.parts, index, merge.shared, key,
+                                              self._cache(key, inp.model, base.model))
+            return members[index]
 
         return vector
 

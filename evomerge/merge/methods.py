@@ -109,15 +109,15 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
         vectors = [e.vector() for e in entries]
         weights = [e.params["weight"] for e in entries]
         opts = {"consensus": consensus, "normalize": g.shared["normalize"], "lam": g.shared["lambda"]}
-        stacked = isinstance(vectors[0], StackVector)
-        if trim == "della" and not stacked:
+        units = [v.unit for v in vectors]  # what each trim reads: the tensor, or its stack
+        if trim == "della" and units[0] is vectors[0]:
             _della_by_rows(g, vectors, [_trim(trim, v, e, g) for v, e in zip(vectors, entries)], weights, opts)
             return
-        keeps = [_keep(trim, v, e, g) for v, e in zip(vectors, entries)]
+        keeps = [_keep(trim, u, e, g) for u, e in zip(units, entries)]
         if trim == "della":  # a stack member's ranks run along its expert's stacked rows
-            keeps = [replace(k, rank=v.rank(v.index), rank_start=v.offset) if k.kind == "della" else k for k, v in zip(keeps, vectors)]
+            keeps = [replace(k, rank=u.rank(u.index), rank_start=u.offset) if k.kind == "della" else k for k, u in zip(keeps, units)]
         merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out,
-                           offset=vectors[0].offset, **opts)
+                           offset=units[0].offset, **opts)
 
     return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True)
 

@@ -72,6 +72,7 @@ class TaskVector:
         self.base, self.model = base, model
         self._summary_of = summary_of
         self._summary: Summary | None = None
+        self.unit: TaskVector = self  # what a trim of this tensor reads: itself, or its stack (StackVector)
 
     @property
     def numel(self) -> int:
@@ -118,7 +119,7 @@ class TaskVector:
             out.append(Cut(float(bits.view(np.float32)[0]), larger, int(within[j] - (within[j - 1] if j else 0))))
         return out
 
-    offset = 0  # the flat position of this tensor in what its trim reads (see StackVector)
+    offset = 0  # the flat position of the tensor being merged in this unit (see StackVector)
 
     def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
         """A value its trim reads: computed here (a stack shares it among its members' merges)."""
@@ -193,9 +194,10 @@ def _value(v: Any) -> Any:
 class StackVector(TaskVector):
     """The task vectors of tensors a trim reads as one (experts that transformers stacks into one tensor in
     memory, which mergekit 0.1.5 trims whole; evomerge.arch.stacks): their concatenation, in the stacked
-    tensor's flat order. Its statistics are sums of its members' (histograms, refinements and L1 norms add),
-    each member's computed once per merge (`shared`) by whichever thread asks first, each thread starting
-    with its own member (`index`), so the threads merging a stack's members share the passes over it."""
+    tensor's flat order, as the `unit` of member `index` (whose merge it serves). Its statistics are sums
+    of its members' (histograms, refinements and L1 norms add), each member's computed once per merge
+    (`shared`) by whichever thread asks first, each thread starting with its own member, so the threads
+    merging a stack's members share the passes over it."""
 
     def __init__(self, name: str, members: list[TaskVector], parts: int, index: int, shared: Shared, key: Hashable,
                  summary_of: Callable[[TaskVector], Summary] | None = None):
