@@ -34,13 +34,15 @@ class Summary:
     """The populated magnitude bins in descending order, how many entries each holds and how many lie in
     higher bins; and, for bins that trims have cut inside, their distinct magnitudes (low 16 bits,
     descending) with cumulative counts, so a later trim in the same bin needs no pass. Search densities
-    settle in a few bins; the oldest refined bins are dropped beyond REFINED_ENTRIES."""
+    settle in a few bins; the oldest refined bins are dropped beyond `limit` entries (REFINED_ENTRIES per
+    tensor summarized)."""
 
     bins: np.ndarray  # int32
     counts: np.ndarray  # int64
     above: np.ndarray  # int64: entries in higher bins
     mixed: np.ndarray  # int64: entries whose low 16 bits are not all zero (all above the bin's round value)
     refined: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    limit: int = REFINED_ENTRIES
 
     @property
     def nbytes(self) -> int:
@@ -50,7 +52,7 @@ class Summary:
         present = np.flatnonzero(low)[::-1].astype(np.int32)  # largest first
         entry = (present, np.cumsum(low[present]))
         self.refined[b] = entry
-        while sum(r[0].size for r in self.refined.values()) > REFINED_ENTRIES and len(self.refined) > 1:
+        while sum(r[0].size for r in self.refined.values()) > self.limit and len(self.refined) > 1:
             del self.refined[next(iter(self.refined))]
         return entry
 
@@ -277,7 +279,7 @@ def combine(summaries: list[Summary]) -> Summary:
     for s in summaries:
         counts[s.bins] += s.counts
         mixed[s.bins] += s.mixed
-    return _summary(counts, mixed)
+    return replace(_summary(counts, mixed), limit=REFINED_ENTRIES * len(summaries))
 
 
 def _round_cut(s: Summary, i: int) -> Cut:
