@@ -260,11 +260,15 @@ register(Method("model_stock", _model_stock, (ParamSpec("filter_wise", bool, Fal
 
 def _passthrough(g: Group) -> None:
     e = g.entries[0]
-    scale = e.params.get("scale")
+    scale, offset = e.params.get("scale"), e.params.get("offset")
     if scale is None:
         g.out.copy_(e.full())
     else:
         torch.mul(e.full(), scale, out=g.out)
+    if offset is not None:
+        g.out.add_(offset)
 
 
-register(Method("passthrough", _passthrough, (ParamSpec("scale", float, None, per_model=True, base_too=True),), max_inputs=1))
+# offset (evomerge's, added after scale): how a data-flow path scales a norm that multiplies by 1 + w (arch.fold_scope)
+register(Method("passthrough", _passthrough, (ParamSpec("scale", float, None, per_model=True, base_too=True),
+                                              ParamSpec("offset", float, None, per_model=True, base_too=True)), max_inputs=1))
