@@ -28,7 +28,8 @@ LOG = logging.getLogger(__name__)
 class Fused:
     """Experts stored one tensor each in the checkpoint but stacked in memory: a (renamed) checkpoint name
     matching `pattern` (groups `pre` and `e`) is part `part` of `parts` (along dim 0 of one expert's
-    slice, as transformers' Concatenate(dim=1) builds it) of `<pre>.<target>[e]`."""
+    slice, as transformers' Concatenate(dim=1) builds it) of `<pre>.<target>[e]`. The stacked tensor is
+    also what mergekit 0.1.5 merges (its definitions name the in-memory tensors): see `stacks`."""
 
     pattern: str
     target: str
@@ -205,6 +206,7 @@ class Layout:
         self._layer = (re.compile(rf"^(?P<prefix>{re.escape(family.layers)})\.(?P<index>\d+)\.(?P<rest>.+)$")
                        if family.layers else _GENERIC_LAYER)
         self._residual = [re.compile(p) for p in family.residual]
+        self._post_norms = [re.compile(p) for p in family.post_norms]
 
     def layer_of(self, name: str) -> LayerName | None:
         m = self._layer.match(name)
@@ -229,14 +231,15 @@ class Layout:
 
     def fold_scope(self, rest: str, scale: float) -> dict[str, float] | None:
         """The passthrough parameters that make layer tensor `rest` write `1/scale` times as much into the
-        residual stream (None: the tensor is unchanged). A post-norm family renormalizes every write, so
-        no weight of its attention or MLP output scales it: refused rather than scored as a different model."""
+        residual stream (None: the tensor is unchanged). Where post-norms renormalize each write (Gemma:
+        normalize(y) * (1 + w)), no projection's weight scales it, but the norm's factor does: 1 + w
+        becomes (1 + w) / scale, i.e. w * (1/scale) + (1/scale - 1)."""
         if scale == 1.0:
             return None
-        if self.family.post_norms:
-            raise UserError(f"{self.family.name} renormalizes every residual write (post-norms): a data-flow scale "
-                            f"cannot be folded into its weights exactly; use scales of 1 (got {scale:g})")
-        return {"scale": 1.0 / scale} if any(p.match(rest) for p in self._residual) else None
+        c = 1.0 / scale
+        if self._post_norms:
+            return {"scale": c, "offset": c - 1.0} if any(p.match(rest) for p in self._post_norms) else None
+        return {"scale": c} if any(p.match(rest) for p in self._residual) else None
 
     def source_layers(self, planned: Iterable[Any]) -> list[int]:
         """For a plan (evomerge.merge.plan.Planned items), the source layer index of each output layer."""
@@ -361,6 +364,36 @@ def memory_name(f: Family, name: str) -> tuple[str, int | None, Fused | None]:
     return name, None, None
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Checkpoint tensors that are one tensor in memory, `name`, and to mergekit: `members` in its flat
+    order (expert by expert; an expert's `parts` consecutive members are its slice, stacked along rows)."""
+
+    name: str
+    members: tuple[str, ...]
+    parts: int
+
+
+def stacks(f: Family, names: Iterable[str]) -> dict[str, Stack]:
+    """Checkpoint name -> its stack, for every name `f.fused` stacks. A method reading a whole tensor (a
+    trim's ranking, a rescale's norm) reads a stack whole, as mergekit does."""
+    found: dict[str, dict[tuple[int, int], str]] = {}
+    parts: dict[str, int] = {}
+    for n in names:
+        target, e, rule = memory_name(f, n)
+        if rule is not None:
+            found.setdefault(target, {})[(e, rule.part)] = n
+            parts[target] = rule.parts
+    out: dict[str, Stack] = {}
+    for target, members in found.items():
+        experts = {e for e, _ in members}
+        if len(members) != len(experts) * parts[target]:
+            raise UserError(f"{target}: the checkpoint stores {len(members)} parts for {len(experts)} experts of {parts[target]} parts")
+        stack = Stack(target, tuple(members[k] for k in sorted(members)), parts[target])
+        out.update(dict.fromkeys(stack.members, stack))
+    return out
+
+
 def module_targets(model: Any, names: Iterable[str], f: Family | None = None) -> dict[str, Any]:
     """Checkpoint tensor name -> the tensor of `model` (a view for a fused expert) that from_pretrained
     fills from it, for every name in `names`, which must cover every parameter of the model. The model's
@@ -426,7 +459,7 @@ def markdown_table() -> str:
             "|---|---|---|---|---|---|---|"]
     for f in FAMILIES.values():
         fields = ", ".join(f"`{f.text_config + '.' if f.text_config else ''}{k}`" for k in (f.depth_key, *f.depth_fields))
-        fold = "none: post-norms renormalize the writes (scales must be 1)" if f.post_norms else "residual writers"
+        fold = "post-norms (their 1 + w)" if f.post_norms else "residual writers"
         layout = "; ".join(filter(None, [
             ", ".join(f"`{p.strip('^').replace(chr(92), '')}`→`{r}`" for p, r in f.renames),
             "experts stacked" if f.fused else ""])) or "as stored"

@@ -204,6 +204,10 @@ def prepare(cfg: RunConfig, *, address: str | None = None):
 
     space = build_space(cfg)
     fitness = build_fitness(cfg)
+    if cfg.fitness.backend == "vllm" and cfg.sources:
+        from fitness.vllm_handle import check_supported
+
+        check_supported(str(cfg.sources[cfg.base]))  # the engine starts from the base, in each worker
     objectives = list(fitness.objectives)
     build_optimizer(cfg, space, objectives)  # fail on bad options now, before a store exists
     return space, objectives, plan_run(cfg, space, fitness, address=address)

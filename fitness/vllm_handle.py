@@ -110,6 +110,27 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_supported(model_dir: str | Path) -> None:
+    """Refuse, in one line, a model whose config vLLM refuses at engine start with a long message of its
+    own: vLLM's Qwen2 model (Qwen3's too) runs every layer with the same attention, so a config whose
+    `layer_types` mix sliding-window and full attention (`use_sliding_window` with `max_window_layers`
+    below the depth) is not served. (A directory without a config is the handle's to refuse.)"""
+    from transformers import AutoConfig
+
+    from evomerge import arch
+
+    if not Path(model_dir, "config.json").is_file():
+        return
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    types = list(getattr(text, "layer_types", None) or ())
+    if arch.lookup(config).name in ("qwen2", "qwen3") and len(set(types)) > 1 and text.max_window_layers != text.num_hidden_layers:
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        raise UserError(f"vLLM cannot serve {model_dir}: its layers {sliding} of {len(types)} use a sliding window and "
+                        f"the others full attention (max_window_layers {text.max_window_layers}), which vLLM's "
+                        f"{arch.lookup(config).name} model refuses; score it with fitness.backend: hf")
+
+
 class VLLMHandle:
     """One vLLM engine per worker process for a whole search; `set_recipe` swaps the weights in place.
 
@@ -134,6 +155,7 @@ class VLLMHandle:
     ) -> None:
         if not Path(model, "config.json").is_file():
             raise UserError(f"vLLM base model: no config.json in {model}")
+        check_supported(model)
         self.model_dir = Path(model)
         self.shapes = _checkpoint_shapes(self.model_dir)
         self.sources = None if sources is None else {k: str(v) for k, v in sources.items()}

@@ -10,10 +10,8 @@ first layer and ends at A's last one, as in the paper.
 Decodes to a `passthrough` recipe whose `path` lists (model, layer, scale) steps and whose `models` list
 the sources (a source may be a nested recipe with a `name`: see the hybrid space). Options: `sources`,
 `num_layers` (one int for all sources or one per source), `repeats` (r, default 3), `scale_range`
-((0.0, 2.0)), `architecture` (filled in from the base checkpoint by `evomerge run`). A family whose
-post-norms renormalize what each layer adds (Gemma2/3) cannot carry a scale in its weights: there the
-space searches the path only (W = 1, no scale dimensions) and refuses a `scale_range`. Initial point: A's
-first repetition on, everything else off, W = 1 (the paper's start).
+((0.0, 2.0)). The scales fold into the weights of every family of the architecture table (evomerge.arch:
+`Layout.fold_scope`). Initial point: A's first repetition on, everything else off, W = 1 (the paper's start).
 Dimensions: T indicators in slot order, then W row by row. Encoding a path places each step at the first
 free slot of its layer after the previous step; a path that does not fit, or uses two different scales
 for the same (i, j) move, is a UserError.
@@ -24,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge import arch
 from evomerge.recipe import ModelRef, PathStep, Recipe
 from evomerge.records import UserError
 from search_spaces.base import SearchSpace, check_layers, check_sources
@@ -40,7 +37,6 @@ class DataFlow(SearchSpace):
         repeats: int = 3,
         scale_range: tuple[float, float] | None = None,
         pin_ends: bool = True,
-        architecture: str = "llama",
     ) -> None:
         self.sources = check_sources(sources)
         counts = [num_layers] * len(self.sources) if isinstance(num_layers, (int, np.integer)) else list(num_layers)
@@ -49,10 +45,6 @@ class DataFlow(SearchSpace):
         self.counts = [check_layers(c) for c in counts]
         if not isinstance(repeats, int) or repeats < 1:
             raise UserError(f"repeats must be an integer >= 1, got {repeats!r}")
-        family = arch.family(architecture)
-        self.scaled = not family.post_norms
-        if not self.scaled and scale_range is not None:
-            raise UserError(f"{family.name}: data-flow scales cannot be folded into its weights (post-norms); drop scale_range")
         scale_range = scale_range or (0.0, 2.0)
         if not (scale_range[0] < scale_range[1] and scale_range[0] <= 1.0 <= scale_range[1]):
             raise UserError(f"scale_range must be (low, high) with low < high around 1 (no scaling), got {scale_range}")
@@ -62,9 +54,8 @@ class DataFlow(SearchSpace):
         m = len(self.layers)
         self.num_slots = m * repeats
         self._names = [f"slot_{t}.{self.layers[t % m][0]}.layer_{self.layers[t % m][1]}.on" for t in range(self.num_slots)]
-        scales = m * m if self.scaled else 0
-        if scales:
-            self._names += [f"scale.{a}_{i}->{b}_{j}" for a, i in self.layers for b, j in self.layers]
+        scales = m * m
+        self._names += [f"scale.{a}_{i}->{b}_{j}" for a, i in self.layers for b, j in self.layers]
         self.bounds = np.array([[-1.0, 1.0]] * self.num_slots + [list(map(float, scale_range))] * scales)
         ind = np.full(self.num_slots, OFF)
         ind[: self.counts[0]] = ON
@@ -80,7 +71,7 @@ class DataFlow(SearchSpace):
                 order.insert(0, first)
             if order[-1] != last:
                 order.append(last)
-        W = x[self.num_slots :].reshape(m, m) if self.scaled else np.ones((m, m))
+        W = x[self.num_slots :].reshape(m, m)
         steps = []
         for k, li in enumerate(order):
             scale = 1.0 if k == 0 else float(W[order[k - 1], li])
@@ -113,8 +104,4 @@ class DataFlow(SearchSpace):
                     raise UserError(f"path uses two scales for the move {self.layers[prev]} -> {self.layers[li]}")
                 W[prev, li] = step.scale
             prev = li
-        if not self.scaled:
-            if np.any(W != 1.0):
-                raise UserError("this space searches no scales (post-norm architecture): every path step's scale must be 1")
-            return x[: self.num_slots]
         return x

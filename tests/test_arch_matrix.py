@@ -101,14 +101,10 @@ def test_module_targets_name_what_does_not_fit(family_models):
 
 
 def _merges(family: str) -> dict[str, dict]:
-    moe = arch.family(family).moe
     flt = arch.family(family).groups["attention"][0]  # (mergekit matches filters against in-memory names)
     weight = [{"filter": flt, "value": [0.2, 0.9]}, {"value": 0.6}]
-    # mergekit 0.1.5 merges transformers' in-memory layout, where all experts of a layer are one tensor: a
-    # trim (TIES) then ranks all experts together, evomerge each expert's matrix alone (as they are stored)
-    method = {"merge_method": "task_arithmetic"} if moe else {"merge_method": "ties", "parameters": {"density": 0.6}}
-    return {
-        "merge": {**method, "base_model": "base",
+    return {  # (a trim of MoE experts ranks all of a layer's experts together, as mergekit: test_arch_moe_trims.py)
+        "merge": {"merge_method": "ties", "parameters": {"density": 0.6}, "base_model": "base",
                   "models": [{"model": "a", "parameters": {"weight": weight}}, {"model": "b", "parameters": {"weight": 0.4}}]},
         "passthrough": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": "a", "layer_range": [0, 2]}]}, {"sources": [{"model": "b", "layer_range": [1, 4]}]}]},
@@ -179,17 +175,13 @@ def hooked(model: torch.nn.Module, scales) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_data_flow_folding_equals_explicit_scaling(family, family_models, tmp_path):
-    """A data-flow path written as a checkpoint (scales folded into the residual writers) computes what the
-    unscaled stacked layers compute with the hidden state scaled before each step (forward hooks). Where
-    post-norms make folding inexact (Gemma2/3) a scaled path is refused and an unscaled one still works."""
+    """A data-flow path written as a checkpoint (scales folded into the residual writers; for Gemma2/3,
+    whose post-norms renormalize each write, into those norms' 1 + w) computes what the unscaled stacked
+    layers compute with the hidden state scaled before each step (forward hooks)."""
     paths = family_models(family)
     sources = {k: str(v) for k, v in paths.items() if k != "base"}
     plain = write_checkpoint(path_recipe([(m, l, 1.0) for m, l, _ in STEPS]), sources, tmp_path / "plain")
     assert AutoConfig.from_pretrained(plain).get_text_config().num_hidden_layers == len(STEPS)
-    if arch.family(family).post_norms:
-        with pytest.raises(UserError, match="post-norms"):
-            write_checkpoint(path_recipe(STEPS), sources, tmp_path / "folded")
-        return
     folded = logits(write_checkpoint(path_recipe(STEPS), sources, tmp_path / "folded"))
     reference = logits(hooked(AutoModelForCausalLM.from_pretrained(plain).eval(), [s for *_, s in STEPS]))
     err = rel(folded, reference)
@@ -247,9 +239,8 @@ def test_resident_model_follows_each_recipe_in_place(family, family_models, tmp_
     paths = family_models(family)
     sources = {k: str(v) for k, v in paths.items()}
     handle = HFHandle(paths["base"], Materializer(sources, base="base"))
-    scaled = not arch.family(family).post_norms
     recipes = [
-        path_recipe([(m, l, s if scaled else 1.0) for m, l, s in STEPS]),  # deeper, reordered layer types
+        path_recipe(STEPS),  # deeper, reordered layer types
         path_recipe([("b", 3, 1.0), ("a", 2, 1.0), ("a", 0, 1.0)]),  # shallower
         Recipe.from_dict(_merges(family)["passthrough"]),
         Recipe.from_dict(_merges(family)["merge"]),  # back to the base's stack
@@ -346,14 +337,10 @@ def test_spaces_read_the_family():
     assert [e.get("filter") for e in entries] == ["block_sparse_moe.experts.", "block_sparse_moe.", None]  # specific first
     with pytest.raises(UserError, match="valid: attention, mlp, norms, embeddings"):
         search_spaces.make("layer_weights", sources=["a"], base="base", num_layers=2, modules=["experts"], architecture="qwen2")
-    gemma = search_spaces.make("data_flow", sources=["a", "b"], num_layers=2, architecture="gemma2")
-    assert gemma.dim == 2 * 2 * 3 and all(s.scale == 1.0 for s in gemma.decode(gemma.bounds[:, 1]).path)
-    with pytest.raises(UserError, match="post-norms"):
-        search_spaces.make("data_flow", sources=["a"], num_layers=2, architecture="gemma2", scale_range=(0.5, 2.0))
     hybrid = search_spaces.make("hybrid", architecture="gemma2", tied_embeddings=True, parts=[
         {"name": "ps", "space": "layer_weights", "options": {"sources": ["a", "b"], "base": "base", "num_layers": 2, "modules": ["embeddings"]}},
         {"name": "dfs", "space": "data_flow", "options": {"sources": ["ps", "b"], "num_layers": 2}}])
-    assert not hybrid.parts[1][1].scaled and hybrid.parts[0][1].filters["embeddings"] == ("model.embed_tokens.weight",)
+    assert hybrid.parts[0][1].filters["embeddings"] == ("model.embed_tokens.weight",)
 
 
 def test_index_dependent_layers_refuse_data_flow(family_models, tmp_path):

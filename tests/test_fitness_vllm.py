@@ -309,3 +309,27 @@ def test_vllm_handle_imports_without_vllm_and_refuses_a_non_model(tmp_path):
     assert WORKER_EXTENSION == f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}"
     with pytest.raises(UserError, match="no config.json"):
         VLLMHandle(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_sliding_window_on_some_layers_is_refused_up_front(family, tmp_path):
+    """vLLM refuses Qwen2/Qwen3 configs mixing sliding-window and full-attention layers at engine start, in
+    a long message of its own: the handle and `evomerge run` refuse them first, in one line, from the
+    config alone (no vLLM needed); the same family attending fully on every layer passes the check."""
+    from evomerge.assemble import open_engine
+    from evomerge.config import parse_config
+    from fitness.vllm_handle import VLLMHandle, check_supported
+
+    mixed = build_family(family, tmp_path / "mixed")
+    with pytest.raises(UserError, match=r"layers \[.*\] of 4 use a sliding window .* fitness.backend: hf") as e:
+        VLLMHandle(mixed["base"], mixed, base="base")
+    assert "\n" not in str(e.value)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "1+1=", "reference": "2"}) + "\n")
+    cfg = parse_config({"sources": {k: str(v) for k, v in mixed.items()}, "base": "base", "workdir": str(tmp_path),
+                        "space": {"name": "layer_weights", "options": {}}, "optimizer": {"name": "random"},
+                        "fitness": {"backend": "vllm", "tasks": [{"name": "t", "path": "t.jsonl", "metrics": ["loss"]}]},
+                        "budget": {"evaluations": 1}})
+    with pytest.raises(UserError, match="sliding window"):
+        open_engine(cfg, tmp_path / "run", resume=False)
+    assert not (tmp_path / "run").exists()
+    check_supported(build_family(family, tmp_path / "full", cfg=vllm_config(family))["base"])

@@ -179,7 +179,8 @@ def refine(base: torch.Tensor, model: torch.Tensor, bin0: int, bin1: int) -> tup
 
 
 def nth_equal(base: torch.Tensor, model: torch.Tensor, value: float, nth: int) -> int:
-    """The flat index of the nth (from 1) entry with |model - base| == value, in index order."""
+    """The flat index of the nth (from 1) entry with |model - base| == value, in index order; if there are
+    fewer, -1 - their count."""
     from evomerge.merge import kernels
 
     if _fused_ok(base, model):
@@ -192,7 +193,7 @@ def nth_equal(base: torch.Tensor, model: torch.Tensor, value: float, nth: int) -
         if seen + hits.numel() >= nth:
             return s + int(hits[nth - seen - 1])
         seen += hits.numel()
-    return -1
+    return -1 - seen
 
 
 _NO_RANK = np.zeros(0, np.float32)

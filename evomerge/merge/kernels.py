@@ -422,8 +422,8 @@ def refine(base, model, bin0, bin1, low0, low1):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def nth_equal(base, model, value, nth):
-    """The flat index of the nth (from 1) entry whose |model - base| equals `value`, in index order; -1 if
-    there are fewer. Stops as soon as it is found."""
+    """The flat index of the nth (from 1) entry whose |model - base| equals `value`, in index order; if
+    there are fewer, -1 - their count. Stops as soon as it is found."""
     seen = 0
     for s in range(0, base.size, BLOCK):
         e = min(base.size, s + BLOCK)
@@ -438,4 +438,4 @@ def nth_equal(base, model, value, nth):
                     if seen == nth:
                         return s + j
         seen += hits
-    return -1
+    return -1 - seen

@@ -29,7 +29,7 @@ from evomerge.merge.params import resolve, unknown_parameters
 from evomerge.merge.plan import Planned, entry_name, plan
 from evomerge.merge.sources import Source, open_sources
 from evomerge.merge.sparsify import TIE_ORDERS
-from evomerge.merge.vectors import Summary, TaskVector, summarize
+from evomerge.merge.vectors import Shared, StackVector, Summary, TaskVector
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
@@ -85,7 +85,7 @@ class Materializer:
         self.tie_order = tie_order
         self.names = self.sources[self.reference].names()
         self._transient: dict[str, dict[str, torch.Tensor]] = {}  # nested recipes' results during a merge
-        self._summaries: dict[tuple[str, str, str, str], Summary] = {}  # kept across candidates
+        self._summaries: dict[tuple, Summary] = {}  # per task vector (or stack), kept across candidates
         self._pool: ThreadPoolExecutor | None = None
 
     # --- public -----------------------------------------------------------------------------------
@@ -102,10 +102,11 @@ class Materializer:
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
             direct = method.any_out_dtype and out_dtype in (torch.float32, torch.bfloat16)
+            merge = _Merge(method, planned, seed)
 
             def one(p: Planned) -> torch.Tensor:
                 out = torch.empty(self._shape(p), device=self.device, dtype=out_dtype if direct else self.dtype)
-                self._merge(method, p, seed, out)
+                self._merge(merge, p, out)
                 return out if out.dtype == out_dtype else out.to(out_dtype)
 
             done = self._map(one, planned)
@@ -118,6 +119,7 @@ class Materializer:
         models whose loader renames or fuses checkpoint tensors)."""
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
+            merge = _Merge(method, planned, seed)
             if targets is None:
                 targets = dict(module.named_parameters())
                 targets.update(dict(module.named_buffers()))
@@ -140,7 +142,7 @@ class Materializer:
                 kernel_dtype = dest.dtype == self.dtype or (method.any_out_dtype and dest.dtype in (torch.float32, torch.bfloat16))
                 direct = kernel_dtype and dest.device == self.device and dest.is_contiguous()
                 out = dest.data if direct else torch.empty(self._shape(p), device=self.device, dtype=self.dtype)
-                self._merge(method, p, seed, out)
+                self._merge(merge, p, out)
                 if not direct:
                     dest.data.copy_(out)
 
@@ -217,16 +219,16 @@ class Materializer:
     def _shape(self, p: Planned) -> tuple[int, ...]:
         return self.sources[self.reference].shape(p.inputs[0].tensor)
 
-    def _merge(self, method: Method, p: Planned, seed: int, out: torch.Tensor) -> None:
-        base_inp = p.inputs[p.base] if p.base is not None else None
+    def _merge(self, merge: _Merge, p: Planned, out: torch.Tensor) -> None:
+        method = merge.method
         entries = []
         for i, inp in enumerate(p.inputs):
             where = f"{inp.model}.{inp.tensor}"
             params = {s.name: resolve(s, inp.scopes, inp.tensor, p.t, where) for s in method.model_params(i == p.base)}
-            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor), self._vector_fn(inp.model, inp.tensor, base_inp)))
+            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor), self._vector_fn(merge, p, i)))
         shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, p.name) for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
-        method.fn(Group(p.name, entries, base, shared, seed, out, self.tie_order))
+        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order))
 
     def _has(self, model: str, tensor: str) -> bool:
         return tensor in (self._transient[model] if model in self._transient else self.sources[model])
@@ -239,22 +241,44 @@ class Materializer:
     def _full_fn(self, model: str, tensor: str):
         return lambda: self._stored(model, tensor).to(self.dtype)
 
-    def _vector_fn(self, model: str, tensor: str, base: Any):
+    def _vector_fn(self, merge: _Merge, p: Planned, i: int):
+        """Input i's task vector; a stack member's trims read the whole stack (its `unit`), as mergekit's."""
+
+        def one(q: Planned, cached: bool = True) -> TaskVector:
+            inp, base = q.inputs[i], q.inputs[q.base]
+            key = (inp.model, inp.tensor, base.model, base.tensor)
+            return TaskVector(self._stored(base.model, base.tensor), self._stored(inp.model, inp.tensor),
+                              self._cache(key, inp.model, base.model) if cached else None)
+
         def vector() -> TaskVector:
-            if base is None:
+            if p.base is None:
                 raise UserError("this merge method needs a base_model")
-            key = (model, tensor, base.model, base.tensor)
-            if model in self._transient or base.model in self._transient:  # changes with every candidate
-                return TaskVector(self._stored(base.model, base.tensor), self._stored(model, tensor))
-            return TaskVector(self._stored(base.model, base.tensor), self._stored(model, tensor), lambda v: self._summary(key, v))
+            if p.stack is None:
+                return one(p)
+            planned = [merge.by_name[n] for n in p.stack.members]
+            inp, base = p.inputs[i], p.inputs[p.base]
+            key = ("stack", inp.model, base.model, *(q.inputs[i].tensor for q in planned))
+            members = [one(q, cached=False) for q in planned]  # the stack's summary is kept, not theirs
+            index = p.stack.members.index(p.name)
+            members[index].unit = StackVector(p.stack.name, members, p.stack.parts, index, merge.shared, key,
+                                              self._cache(key, inp.model, base.model))
+            return members[index]
 
         return vector
 
-    def _summary(self, key: tuple[str, str, str, str], vec: TaskVector) -> Summary:
-        s = self._summaries.get(key)
-        if s is None:
-            s = self._summaries[key] = summarize(vec)
-        return s
+    def _cache(self, key: tuple, model: str, base: str):
+        """The summary lookup of a task vector (or stack) kept across candidates; None for a nested
+        recipe's result, which changes with every candidate."""
+        if model in self._transient or base in self._transient:
+            return None
+
+        def summary(vec: TaskVector) -> Summary:
+            s = self._summaries.get(key)
+            if s is None:
+                s = self._summaries[key] = vec.summarize()
+            return s
+
+        return summary
 
     def summary_bytes(self) -> int:
         """Memory held by the trims' summaries (for accounting)."""
@@ -274,6 +298,16 @@ class Materializer:
                 pending.append(self._pool.submit(fn, items[i + self.threads]))
             pending[i] = None
             yield result
+
+
+class _Merge:
+    """One merge: its method, seed, plan by output name (a stack's members) and the statistics its tensors'
+    merges share."""
+
+    def __init__(self, method: Method, planned: list[Planned], seed: int):
+        self.method, self.seed = method, seed
+        self.by_name = {p.name: p for p in planned}
+        self.shared = Shared()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ import torch
 from evomerge.merge import gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
 from evomerge.merge.params import ParamSpec
-from evomerge.merge.vectors import TaskVector
+from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
 
 
@@ -107,15 +107,17 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
             g.out.copy_(g.base.full())
             return
         vectors = [e.vector() for e in entries]
-        keeps = [_trim(trim, v, e, g) for v, e in zip(vectors, entries)]
         weights = [e.params["weight"] for e in entries]
         opts = {"consensus": consensus, "normalize": g.shared["normalize"], "lam": g.shared["lambda"]}
-        if trim == "della":
-            _della_by_rows(g, vectors, keeps, weights, opts)
+        units = [v.unit for v in vectors]  # what each trim reads: the tensor, or its stack
+        if trim == "della" and units[0] is vectors[0]:
+            _della_by_rows(g, vectors, [_trim(trim, v, e, g) for v, e in zip(vectors, entries)], weights, opts)
             return
-        if g.shared["rescale"]:
-            keeps = [sparsify.rescale(k, v) for k, v in zip(keeps, vectors)]
-        merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out, **opts)
+        keeps = [_keep(trim, u, e, g) for u, e in zip(units, entries)]
+        if trim == "della":  # a stack member's ranks run along its expert's stacked rows
+            keeps = [replace(k, rank=u.rank(u.index), rank_start=u.offset) if k.kind == "della" else k for k, u in zip(keeps, units)]
+        merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out,
+                           offset=units[0].offset, **opts)
 
     return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True)
 
@@ -146,6 +148,15 @@ def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Kee
                            out=out[s:e], offset=s, **opts)
 
 
+def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
+    """One model's trim, rescaled if asked. A stack's trim is found once per merge (by the first of its
+    members' merges to need it) and applied to each member at its position; the merges of its members
+    share the passes of its rescale."""
+    settings = (e.model, trim, g.tie_order, g.seed, *(e.params.get(k) for k in ("density", "gamma", "epsilon")))
+    k = v.once(("trim", settings), lambda: _trim(trim, v, e, g))
+    return sparsify.rescale(k, v) if g.shared["rescale"] else k
+
+
 def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
     d = e.params["density"]
     if trim is None:
@@ -154,7 +165,7 @@ def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
         return sparsify.magnitude(v, d, g.tie_order)
     if trim == "magnitude_outliers":
         return sparsify.magnitude_outliers(v, d, e.params["gamma"], g.tie_order)
-    key = rng.key_for(g.seed, g.name, e.model)
+    key = rng.key_for(g.seed, v.name if isinstance(v, StackVector) else g.name, e.model)  # the draws of the tensor mergekit sees
     if trim == "random":
         return sparsify.bernoulli(d, key)
     return sparsify.della(d, e.params["epsilon"], key)
@@ -249,11 +260,15 @@ register(Method("model_stock", _model_stock, (ParamSpec("filter_wise", bool, Fal
 
 def _passthrough(g: Group) -> None:
     e = g.entries[0]
-    scale = e.params.get("scale")
+    scale, offset = e.params.get("scale"), e.params.get("offset")
     if scale is None:
         g.out.copy_(e.full())
     else:
         torch.mul(e.full(), scale, out=g.out)
+    if offset is not None:
+        g.out.add_(offset)
 
 
-register(Method("passthrough", _passthrough, (ParamSpec("scale", float, None, per_model=True, base_too=True),), max_inputs=1))
+# offset (evomerge's, added after scale): how a data-flow path scales a norm that multiplies by 1 + w (arch.fold_scope)
+register(Method("passthrough", _passthrough, (ParamSpec("scale", float, None, per_model=True, base_too=True),
+                                              ParamSpec("offset", float, None, per_model=True, base_too=True)), max_inputs=1))

@@ -5,16 +5,17 @@ it is not listed, as mergekit does). `slices` recipes stack output layers from l
 sources; tensors outside the layers come from the first slice (embeddings) or the last (norm, head).
 Parameter scopes follow mergekit: a source's own parameters, then its slice's, then the recipe's.
 `path` recipes (data-flow) stack the listed layers with their scales folded into the weights.
-Which tensors are layers, embeddings or head, and where a scale folds, comes from the architecture table
+Which tensors are layers, embeddings or head, where a scale folds, and which tensors are one stacked tensor
+in memory (merged as one where a method reads a whole tensor), comes from the architecture table
 (evomerge/arch.py) through `Layout`. A parameter `filter` that matches no tensor is an error, not a no-op.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from evomerge.arch import LayerName, Layout, layout_for
+from evomerge.arch import LayerName, Layout, Stack, layout_for, stacks
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
@@ -35,6 +36,7 @@ class Planned:
     base: int | None  # index of the base in inputs
     t: float  # layer position for gradients
     shared_scopes: tuple[Scope, ...]
+    stack: Stack | None = None  # the in-memory tensor this one is part of (MoE experts), as mergekit merges it
 
 
 def entry_name(ref: Any) -> str:
@@ -71,7 +73,8 @@ def plan(recipe: Recipe, names: list[str], config: Mapping[str, Any] | None = No
     else:
         out, layers = _plan_slices(recipe, names, layout)
     _check_filters(recipe, out, layout)
-    return out, layers
+    stacked = stacks(layout.family, [p.name for p in out])
+    return [replace(p, stack=stacked[p.name]) if p.name in stacked else p for p in out], layers
 
 
 def _check_filters(recipe: Recipe, planned: list[Planned], layout: Layout) -> None:

@@ -31,7 +31,7 @@ _NONE = (1, 0)
 TIE_ORDERS = ("index", "mergekit")
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a merge's shared statistics are keyed by the Keep they are for
 class Keep:
     kind: str  # "all" | "none" | "band" | "random" | "della"
     lo: float = 0.0  # band: lo < |x| < hi, plus the tied entries at lo / hi whose index is in its range,
@@ -152,16 +152,12 @@ def rescale(keep: Keep, vec: TaskVector) -> Keep:
     """Scale the kept entries so their L1 norm equals the whole vector's (mergekit's `rescale`)."""
     if keep.kind in ("all", "none"):
         return keep
-    from evomerge.merge import gta
-
-    return rescaled(keep, *gta.kept_l1(*vec.flat(), keep))  # the whole L1 too: a random trim needs no summary
+    return rescaled(keep, *vec.kept_l1(keep))  # the whole L1 too: a random trim needs no summary
 
 
 def rescaled(keep: Keep, kept: float, whole: float) -> Keep:
     """`keep` with the rescale factor whole / kept (L1 norms), unless either is negligible."""
-    if whole >= _EPS and kept >= _EPS:
-        keep.factor = whole / kept
-    return keep
+    return replace(keep, factor=whole / kept) if whole >= _EPS and kept >= _EPS else keep
 
 
 def row_rank(delta: torch.Tensor) -> torch.Tensor:
@@ -171,3 +167,22 @@ def row_rank(delta: torch.Tensor) -> torch.Tensor:
     ranks = d.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
     cols = d.shape[1]
     return ranks / (cols - 1) if cols > 1 else ranks
+
+
+def stacked_rank(siblings: list[tuple[torch.Tensor, torch.Tensor]], shape: torch.Size, part: int,
+                 piece: int = 1 << 22) -> torch.Tensor:
+    """DELLA's ranks of part `part` (flat, in [0, 1]) of one expert's slice of a stacked tensor, whose
+    `siblings` (flat base, model pairs of `shape`) are stacked along rows: mergekit ranks a stacked
+    [experts, rows, cols] tensor along dim 1, so each column of the slice is ranked over all its parts'
+    rows. Computed in pieces of about `piece` entries of whole columns."""
+    rows = shape[0] if len(shape) else 1
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    span = rows * len(siblings)
+    out = torch.empty(rows, cols)
+    step = max(1, piece // span)
+    for c in range(0, cols, step):
+        d = torch.cat([(m.reshape(rows, cols)[:, c : c + step].float() - b.reshape(rows, cols)[:, c : c + step].float())
+                       for b, m in siblings])
+        r = d.abs().argsort(dim=0).argsort(dim=0).to(torch.float32)
+        out[:, c : c + step] = (r / (span - 1) if span > 1 else r)[part * rows : (part + 1) * rows]
+    return out.reshape(-1)

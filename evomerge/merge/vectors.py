@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from evomerge.merge.sparsify import Keep
 
 
 REFINED_ENTRIES = 1 << 14  # per summary: distinct magnitudes kept from refined bins (12 bytes each)
@@ -41,8 +45,8 @@ class Summary:
     populated bins once `complete`; until then the bins counting passes have resolved, and `sample`, a
     histogram of a sample that brackets the rest. For bins that trims have cut inside, their distinct
     magnitudes (low 16 bits, descending) with cumulative counts, so a later trim in the same bin needs no
-    pass; search densities settle in a few bins, and the oldest refined bins are dropped beyond
-    REFINED_ENTRIES."""
+    pass; search densities settle in a few bins, and the oldest refined bins are dropped beyond `limit`
+    entries (REFINED_ENTRIES per tensor summarized)."""
 
     numel: int
     bins: np.ndarray  # int32
@@ -53,6 +57,7 @@ class Summary:
     sample: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # bins, counts, above of the sample
     passes: int = 0  # counting passes so far
     refined: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    limit: int = REFINED_ENTRIES
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -78,7 +83,7 @@ class Summary:
         present = np.flatnonzero(low)[::-1].astype(np.int32)  # largest first
         entry = (present, np.cumsum(low[present]))
         self.refined[b] = entry
-        while sum(r[0].size for r in self.refined.values()) > REFINED_ENTRIES and len(self.refined) > 1:
+        while sum(r[0].size for r in self.refined.values()) > self.limit and len(self.refined) > 1:
             del self.refined[next(iter(self.refined))]
         return entry
 
@@ -100,6 +105,7 @@ class TaskVector:
         self.base, self.model = base, model
         self._summary_of = summary_of
         self._summary: Summary | None = None
+        self.unit: TaskVector = self  # what a trim of this tensor reads: itself, or its stack (StackVector)
 
     @property
     def numel(self) -> int:
@@ -119,7 +125,7 @@ class TaskVector:
 
     def summary(self) -> Summary:
         if self._summary is None:
-            self._summary = self._summary_of(self) if self._summary_of is not None else summarize(self)
+            self._summary = self._summary_of(self) if self._summary_of is not None else self.summarize()
         return self._summary
 
     def cut(self, rank: int) -> Cut:
@@ -129,8 +135,6 @@ class TaskVector:
     def cuts(self, ranks: list[int]) -> list[Cut]:
         """Cuts at up to two descending ranks, from at most one pass over the tensor beyond what the summary
         already knows."""
-        from evomerge.merge import gta
-
         s = self.summary()
         with s.lock:  # a source tensor may be trimmed by two merge threads at once (a repeated layer)
             slots = _slots(s, ranks, self)
@@ -139,7 +143,7 @@ class TaskVector:
             bins = [int(s.bins[i]) for i in slots]
             missing = [b for b in dict.fromkeys(bins) if b not in s.refined]
             if missing:
-                lows = gta.refine(*self.flat(), missing[0], missing[-1])
+                lows = self.refine(missing[0], missing[-1])
                 found = {b: s.remember(b, low) for b, low in zip(missing, lows)}
             out = []
             for r, i, b in zip(ranks, slots, bins):
@@ -150,11 +154,200 @@ class TaskVector:
                 out.append(Cut(float(bits.view(np.float32)[0]), larger, int(within[j] - (within[j - 1] if j else 0))))
             return out
 
+    offset = 0  # the flat position of the tensor being merged in this unit (see StackVector)
+
+    def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
+        """A value its trim reads: computed here (a stack shares it among its members' merges)."""
+        return fn()
+
+    limit = REFINED_ENTRIES  # refined magnitudes its summary keeps
+
+    def summarize(self) -> Summary:
+        """The summary before any trim: a small tensor's full histogram (one cheap pass), a large one's
+        bracketing sample."""
+        if self.numel < SAMPLE_WINDOW * 64:
+            return Summary(self.numel, *_compact(*self.histogram()), complete=True, limit=self.limit)
+        none = np.zeros(0, np.int64)
+        bins, counts, above, _ = _compact(*self.sample_histogram())
+        return Summary(self.numel, none.astype(np.int32), none, none, none, complete=False, sample=(bins, counts, above),
+                       limit=self.limit)
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """Counts and mixed counts per magnitude bin (gta.histogram)."""
+        from evomerge.merge import gta
+
+        return gta.histogram(*self.flat())
+
+    def sample_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """As histogram, of the bracketing sample."""
+        from evomerge.merge import gta
+
+        return gta.sample_histogram(*self.flat(), SAMPLE_WINDOW, SAMPLE_WIDTH)
+
+    def count_at_least(self, marks: np.ndarray) -> np.ndarray:
+        """Exact counts of the magnitudes at or above each float32 bit pattern (gta.count_at_least)."""
+        from evomerge.merge import gta
+
+        return gta.count_at_least(*self.flat(), marks)
+
+    def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
+        """The magnitudes' counts by low 16 bits within two bins (gta.refine)."""
+        from evomerge.merge import gta
+
+        return gta.refine(*self.flat(), bin0, bin1)
+
     def nth_equal(self, value: float, nth: int) -> int:
-        """The flat index of the nth (from 1) entry whose magnitude is `value`, in index order."""
+        """The flat index of the nth (from 1) entry whose magnitude is `value`, in index order (if there
+        are fewer: -1 - their count)."""
         from evomerge.merge import gta
 
         return gta.nth_equal(*self.flat(), value, nth)
+
+    def kept_l1(self, keep: Keep) -> tuple[float, float]:
+        """Sums of the magnitudes `keep` keeps, and of all (for rescaling)."""
+        from evomerge.merge import gta
+
+        return gta.kept_l1(*self.flat(), keep)
+
+
+class Shared:
+    """Values computed once per key during one merge, by the first thread that asks; a thread asking
+    meanwhile waits for that one (which computes a member's statistic: it never waits itself)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[Hashable, Any] = {}
+        self._busy: dict[Hashable, threading.Event] = {}
+
+    def get(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._done:
+                return _value(self._done[key])
+            busy = self._busy.get(key)
+            if busy is None:
+                self._busy[key] = threading.Event()
+        if busy is not None:
+            busy.wait()
+            return _value(self._done[key])
+        try:
+            value: Any = fn()
+        except BaseException as e:  # noqa: BLE001  handed to every waiter, then raised here too
+            value = _Failed(e)
+        with self._lock:
+            self._done[key] = value
+            self._busy.pop(key).set()
+        return _value(value)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, _Failed):
+        raise v.error
+    return v
+
+
+class StackVector(TaskVector):
+    """The task vectors of tensors a trim reads as one (experts that transformers stacks into one tensor in
+    memory, which mergekit 0.1.5 trims whole; evomerge.arch.stacks): their concatenation, in the stacked
+    tensor's flat order, as the `unit` of member `index` (whose merge it serves). Its statistics are sums
+    of its members' (histograms, refinements and L1 norms add). A stack's trim is found once per merge
+    (`shared`; cuts and tied positions by one thread); the histograms and a rescale's L1 norms, one pass
+    per member, by whichever thread asks first, each starting with its own member, so the threads merging
+    a stack's members share those passes."""
+
+    def __init__(self, name: str, members: list[TaskVector], parts: int, index: int, shared: Shared, key: Hashable,
+                 summary_of: Callable[[TaskVector], Summary] | None = None):
+        super().__init__(members[index].base, members[index].model, summary_of)
+        self.name, self.members, self.parts, self.index = name, members, parts, index
+        self.shared, self.key = shared, key
+        self.starts = np.concatenate([[0], np.cumsum([m.numel for m in members])]).astype(np.int64)
+
+    @property
+    def numel(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def offset(self) -> int:
+        return int(self.starts[self.index])
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return torch.cat([m.delta.reshape(-1) for m in self.members])
+
+    def each(self, what: Hashable, fn: Callable[[int, TaskVector], Any]) -> list[Any]:
+        """fn(i, member) for every member, each computed once per merge, this thread's own member first."""
+        n = len(self.members)
+        order = [(self.index + k) % n for k in range(n)]
+        got = {i: self.shared.get((self.key, what, i), lambda i=i: fn(i, self.members[i])) for i in order}
+        return [got[i] for i in range(n)]
+
+    def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
+        return self.shared.get((self.key, what), fn)
+
+    @property
+    def limit(self) -> int:
+        return REFINED_ENTRIES * len(self.members)
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        return _add(self.each("histogram", lambda _, m: m.histogram()))
+
+    def sample_histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        return _add(self.each("sample", lambda _, m: m.sample_histogram()))
+
+    def count_at_least(self, marks: np.ndarray) -> np.ndarray:
+        return sum(self.each(("count", tuple(marks.tolist())), lambda _, m: m.count_at_least(marks)))
+
+    def cuts(self, ranks: list[int]) -> list[Cut]:
+        return self.once(("cuts", *ranks), lambda: super(StackVector, self).cuts(ranks))  # one thread updates the summary
+
+    def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Summed member by member (by the one thread finding the cuts: see `cuts`), holding two count
+        arrays, not two per member."""
+        low0, low1 = self.members[0].refine(bin0, bin1)
+        for m in self.members[1:]:
+            a, b = m.refine(bin0, bin1)
+            low0 += a
+            low1 += b
+        return low0, low1
+
+    def nth_equal(self, value: float, nth: int) -> int:
+        def find() -> int:
+            seen = 0
+            for start, m in zip(self.starts, self.members):
+                found = m.nth_equal(value, nth - seen)
+                if found >= 0:
+                    return int(start) + found
+                seen += -1 - found
+            return -1 - seen
+
+        return self.once(("nth_equal", value, nth), find)
+
+    def kept_l1(self, keep: Keep) -> tuple[float, float]:
+        from evomerge.merge import gta
+
+        def member(i: int, m: TaskVector) -> tuple[float, float]:
+            k = replace(keep, rank=self.rank(i), rank_start=int(self.starts[i])) if keep.kind == "della" else keep
+            return gta.kept_l1(*m.flat(), k, int(self.starts[i]))
+
+        sums = self.each(("kept_l1", keep), member)  # a Keep hashes by identity
+        return sum(k for k, _ in sums), sum(w for _, w in sums)
+
+    def rank(self, i: int) -> torch.Tensor:
+        """DELLA's ranks of member i (see sparsify.stacked_rank)."""
+        from evomerge.merge import sparsify
+
+        e = i // self.parts
+        siblings = self.members[e * self.parts : (e + 1) * self.parts]
+        return sparsify.stacked_rank([m.flat() for m in siblings], self.members[i].shape, i % self.parts)
+
+
+def _add(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The histogram of a concatenation: counts add."""
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 def _round_cut(s: Summary, i: int) -> Cut:
@@ -193,10 +386,8 @@ def _bracket(s: Summary, ranks: list[int]) -> np.ndarray | None:
 
 def _count(s: Summary, vec: TaskVector, bins: np.ndarray) -> None:
     """One vectorised pass: entries at or above each bin's round value, one past it, and the next bin's."""
-    from evomerge.merge import gta
-
     marks = np.unique(np.concatenate([bins << 16, (bins << 16) | 1, (bins + 1) << 16]))
-    at_least = dict(zip(marks.tolist(), gta.count_at_least(*vec.flat(), marks).tolist()))
+    at_least = dict(zip(marks.tolist(), vec.count_at_least(marks).tolist()))
     above = np.array([at_least[(b + 1) << 16] for b in bins], np.int64)
     s.learn(bins.astype(np.int32), np.array([at_least[b << 16] for b in bins], np.int64) - above, above,
             np.array([at_least[(b << 16) | 1] for b in bins], np.int64) - above)
@@ -205,25 +396,10 @@ def _count(s: Summary, vec: TaskVector, bins: np.ndarray) -> None:
 
 def _full(vec: TaskVector) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every populated bin, from one histogram pass."""
-    from evomerge.merge import gta
-
-    return _compact(*gta.histogram(*vec.flat()))
+    return _compact(*vec.histogram())
 
 
 def _compact(counts: np.ndarray, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     bins = np.flatnonzero(counts)[::-1].astype(np.int32)
     c = counts[bins].astype(np.int64)
     return bins, c, np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64), mixed[bins].astype(np.int64)
-
-
-def summarize(vec: TaskVector) -> Summary:
-    """A tensor's summary before any trim: a small tensor's full histogram (one cheap pass), a large one's
-    bracketing sample."""
-    from evomerge.merge import gta
-
-    n = vec.numel
-    if n < SAMPLE_WINDOW * 64:
-        return Summary(n, *_full(vec), complete=True)
-    none = np.zeros(0, np.int64)
-    bins, counts, above, _ = _compact(*gta.sample_histogram(*vec.flat(), SAMPLE_WINDOW, SAMPLE_WIDTH))
-    return Summary(n, none.astype(np.int32), none, none, none, complete=False, sample=(bins, counts, above))
