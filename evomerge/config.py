@@ -187,9 +187,11 @@ class HoldoutConfig(_Strict):
                              "(lm-eval tasks): exactly one")
         if self.baselines and self.tasks is None and self.lm_eval is None:
             raise ValueError("holdout.baselines are recipes scored on holdout.tasks; give tasks")
+        from evomerge.merge.checks import check_parameters
+
         for name, recipe in self.baselines.items():
             try:
-                Recipe.from_dict(recipe)
+                check_parameters(Recipe.from_dict(recipe))
             except UserError as e:
                 raise ValueError(f"holdout.baselines.{name}: {e}") from None
         return self
@@ -213,6 +215,8 @@ class RunConfig(_Strict):
         for name, path in self.sources.items():
             if not path.is_dir():
                 raise ValueError(f"sources.{name}: model path {str(path)!r} is not a directory")
+            if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+                raise ValueError(f"sources.{name}: no config.json (or LoRA adapter_config.json) in {str(path)!r}")
         if self.base is not None and self.base not in self.sources:
             raise ValueError(f"base {self.base!r} is not a source; sources: {', '.join(self.sources) or 'none'}")
         if self.sources and self.base is None:

@@ -140,10 +140,13 @@ class RayExecutor:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             try:
-                ray.init(address=self._address, log_to_driver=False, **self._init_options)
+                # quiet: Ray's own start-up lines are not the run's output
+                ray.init(address=self._address, log_to_driver=False, **{"logging_level": logging.WARNING, **self._init_options})
             except ConnectionError as e:
                 raise UserError(f"cannot join the Ray cluster at {self._address!r}: {e}") from None
             self._owns_ray = True
+        if self._address is None:  # a Ray of this machine alone: no node will join, so what it lacks never comes
+            self._check_fits(ray.cluster_resources())
         self._remote = ray.remote(_Actor)
         self._loaded = [None] * self.workers
         self._actors = [self._spawn(i) for i in range(self.workers)]
@@ -155,6 +158,16 @@ class RayExecutor:
                 self.shutdown()
                 raise UserError(why)
         self._idle = deque(range(self.workers))
+
+    def _check_fits(self, have: dict[str, float]) -> None:
+        """All workers' reservations within this Ray's CPUs and GPUs: an actor that cannot be placed waits for
+        ever, and the start waits for every actor."""
+        for key, per, option in (("CPU", self._cpus, "cpus_per_worker"), ("GPU", self._gpus, "gpus_per_worker")):
+            need, total = self.workers * per, have.get(key, 0.0)
+            if need > total + 1e-9:
+                self.shutdown()
+                raise UserError(f"executor: workers {self.workers} x {option} {per:g} need {need:g} {key}s, but the local Ray "
+                                f"has {total:g}: lower executor.workers or executor.{option}, or join a cluster (--address)")
 
     def _spawn(self, slot: int):
         actor = self._remote.options(num_cpus=self._cpus, num_gpus=self._gpus, max_restarts=0).remote(

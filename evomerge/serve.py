@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.handle import Sampling
+from fitness.handle import Completion, Prompt, Sampling, encode_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -150,23 +150,26 @@ class MergeService:
         self._check(len(prompts), body.max_tokens, limits)
         with self.lock:
             self.use(body.recipe)
-            texts = self._generate(prompts, body) if body.max_tokens else [""] * len(prompts)
+            answers = self._generate(prompts, body)
             echo = [echo_logprobs(self.handle, p, body.logprobs or 0) for p in prompts] if body.echo and body.logprobs is not None else None
+            usage = self._usage(prompts, answers)
         choices = []
-        for i, (p, t) in enumerate(zip(prompts, texts)):
-            c: dict[str, Any] = {"index": i, "text": p + t if body.echo else t, "finish_reason": "length", "logprobs": None}
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            c: dict[str, Any] = {"index": i, "text": p + a.text if body.echo else a.text, "finish_reason": a.finish_reason,
+                                 "logprobs": None}
             if echo is not None:
                 c["logprobs"] = echo[i]
             choices.append(c)
-        return self._wrap("text_completion", choices, prompts, texts)
+        return self._wrap("text_completion", choices, usage)
 
     def chat(self, body: ChatBody, limits: ServeConfig) -> dict[str, Any]:
         self._check(1, body.max_tokens, limits)
         with self.lock:
             self.use(body.recipe)
-            texts = self._generate([body.messages], body)
-        choice = {"index": 0, "message": {"role": "assistant", "content": texts[0]}, "finish_reason": "length"}
-        return self._wrap("chat.completion", [choice], [json.dumps(body.messages)], texts)
+            answers = self._generate([body.messages], body)
+            usage = self._usage([body.messages], answers)
+        choice = {"index": 0, "message": {"role": "assistant", "content": answers[0].text}, "finish_reason": answers[0].finish_reason}
+        return self._wrap("chat.completion", [choice], usage)
 
     def loss(self, body: LossBody) -> dict[str, Any]:
         task = self.datasets.get(body.dataset)
@@ -180,11 +183,13 @@ class MergeService:
         return {"object": "loss", "dataset": body.dataset, "loss": sum(per) / len(per), "per_example": per,
                 "examples": len(per)}
 
-    def _generate(self, prompts: list[Any], body: _Body) -> list[str]:
+    def _generate(self, prompts: list[Prompt], body: _Body) -> list[Completion]:
+        if not body.max_tokens:
+            return [Completion("", "length", 0)] * len(prompts)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         sampling = Sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed)
         try:
-            return self.handle.generate(prompts, sampling)
+            return self.handle.complete(prompts, sampling)
         except UserError as e:  # e.g. a chat request to a model without a chat template
             raise HTTPError(400, str(e)) from None
 
@@ -195,12 +200,19 @@ class MergeService:
         if max_tokens > limits.max_tokens:
             raise HTTPError(400, f"max_tokens is at most {limits.max_tokens} here, got {max_tokens}")
 
-    def _wrap(self, kind: str, choices: list[dict[str, Any]], prompts: list[str], texts: list[str]) -> dict[str, Any]:
-        tok = self.handle.tokenizer
-        p = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in prompts)
-        c = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in texts)
+    def _usage(self, prompts: list[Prompt], answers: list[Completion]) -> dict[str, int]:
+        """Tokens as the model saw them: each prompt as encoded for generation (special tokens, a chat
+        through its template), each answer's generated tokens. Under the lock: the tokenizer is shared."""
+        try:
+            p = sum(len(encode_prompt(self.handle.tokenizer, x)) for x in prompts)
+        except UserError as e:  # a chat to a model without a chat template (max_tokens 0 generated nothing)
+            raise HTTPError(400, str(e)) from None
+        c = sum(a.tokens for a in answers)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _wrap(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
         return {"id": f"evm-{time.time_ns()}", "object": kind, "created": int(time.time()), "model": self.name,
-                "choices": choices, "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}
+                "choices": choices, "usage": usage}
 
 
 def echo_logprobs(handle: Any, text: str, top: int) -> dict[str, Any]:

@@ -104,6 +104,17 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer as a server reports it: the text (cut at a stop string), why generation ended
+    ("stop": the end-of-sequence token or a stop string; "length": max_new_tokens) and how many tokens
+    were generated up to there (the end-of-sequence token included)."""
+
+    text: str
+    finish_reason: str
+    tokens: int
+
+
 def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:
     """Cut a completion at the earliest stop string, as OpenAI-compatible servers do."""
     cut = len(text)

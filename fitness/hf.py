@@ -15,7 +15,7 @@ import torch
 from evomerge import arch
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.handle import Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
+from fitness.handle import Completion, Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
 
 
 class LoadsInto(Protocol):
@@ -134,8 +134,12 @@ class HFHandle:
         return self.model.state_dict()
 
     # -- scoring ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[str]:
+        return [c.text for c in self.complete(prompts, sampling)]
+
+    @torch.no_grad()
+    def complete(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[Completion]:
+        """`generate`, with each answer's finish reason and token count (what `evomerge serve` reports)."""
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         if not all(ids):
             raise UserError("generation needs a non-empty prompt (this tokenizer adds no BOS)")
@@ -143,7 +147,7 @@ class HFHandle:
         if sampling.temperature > 0:
             torch.manual_seed(0 if sampling.seed is None else sampling.seed)
             sample = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-        out: list[str] = [""] * len(ids)
+        out: list[Completion] = [Completion("", "length", 0)] * len(ids)
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         for batch in self._batches(ids):
             width = max(len(ids[i]) for i in batch)
@@ -157,9 +161,28 @@ class HFHandle:
                 pad_token_id=pad, eos_token_id=eos, **sample,
             )
             for row, i in enumerate(batch):
-                text = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True)
-                out[i] = truncate_at_stop(text, sampling.stop)
+                out[i] = self._completion(gen[row, width:].tolist(), sampling.stop)
         return out
+
+    def _completion(self, tokens: list[int], stop: Sequence[str]) -> Completion:
+        """A row of generated ids (padded after an early end) as text, finish reason and token count."""
+        eos = self.tokenizer.eos_token_id
+        ended = eos is not None and eos in tokens
+        if ended:
+            tokens = tokens[: tokens.index(eos) + 1]
+
+        def stopped(n: int) -> bool:  # do the first n tokens hold a stop string?
+            text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            return len(truncate_at_stop(text, stop)) < len(text)
+
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if stop and stopped(len(tokens)):  # count the tokens up to the one that completed the stop string
+            lo, hi = 1, len(tokens)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if stopped(mid) else (mid + 1, hi)
+            return Completion(truncate_at_stop(text, stop), "stop", lo)
+        return Completion(text, "stop" if ended else "length", len(tokens))
 
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[Prompt, str]], *, eos: bool = False) -> list[TokenScores]:

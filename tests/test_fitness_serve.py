@@ -159,6 +159,9 @@ def post(server, path, body, token=TOKEN, headers=None, **kw):
     ("/v1/completions", {"prompt": "x", "recipe": {"merge_methd": "linear"}}, 400, "recipe: unknown recipe key 'merge_methd'"),
     ("/v1/completions", {"prompt": "x", "recipe": {"merge_method": "linear", "models": [
         {"model": "a", "parameters": {"weight": "heavy"}}, "b"]}}, 400, "recipe"),
+    ("/v1/completions", {"prompt": "x", "recipe": {"merge_method": "ties", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 1.0, "density": 1.7}}]}}, 400,
+     "recipe: parameter 'density' for model 'a' must be in [0, 1], got 1.7"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "many", "recipe": {}}, 400, "max_tokens: "),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100000, "recipe": recipe(1, 1).to_dict()}, 400, "max_tokens is at most 512"),
     ("/v1/completions", {"prompt": [], "recipe": recipe(1, 1).to_dict()}, 400, "1 to 64 prompts"),
@@ -344,3 +347,70 @@ def test_lm_eval_loglikelihood_task_through_the_api_equals_the_local_handle(remo
         assert all(isinstance(x, float) and x < 0 for x in ll[1])
         seen.append(ll[1])
     assert seen[0] != pytest.approx(seen[1], rel=1e-3)  # the two recipes really are two models
+
+
+@pytest.fixture(scope="module")
+def chatty(tiny_models, tmp_path_factory):
+    """The tiny base with a chat template and, as its end-of-sequence token, a character it generates
+    greedily after PROMPT (first at position `at`); with the greedy continuation `chars` (before that end)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("chatty") / "base"
+    shutil.copytree(tiny_models["base"], d)
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    gen = model.generate(tok(PROMPT, return_tensors="pt").input_ids, max_new_tokens=16, do_sample=False,
+                         eos_token_id=None, pad_token_id=tok.pad_token_id)[0, len(tok(PROMPT).input_ids):].tolist()
+    at = next(i for i in range(3, len(gen)) if gen[i] not in gen[:i] and tok.convert_ids_to_tokens(gen[i]) is not None)
+    tok.eos_token = tok.convert_ids_to_tokens(gen[at])
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+    tok.save_pretrained(d)
+    return d, at, gen[:at]
+
+
+PROMPT = "what is 12 plus 30? answer "
+BASE_ONLY = {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 1.0}}]}
+
+
+def test_finish_reason_and_usage_are_what_the_model_did(chatty):
+    """"stop" when the end-of-sequence token or a stop string ended the answer, "length" when max_tokens did;
+    usage counts the prompt as the model saw it (a chat through its template) and the tokens generated."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, at, gen = chatty
+    tok = AutoTokenizer.from_pretrained(d)
+    chars = tok.decode(gen, skip_special_tokens=True)
+    s = Running(build(ServeConfig(sources={"base": str(d)}, base="base")))
+    try:
+        def complete(**body):
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": PROMPT, "recipe": BASE_ONLY, **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0], r.json()["usage"]
+
+        prompt_tokens = len(PROMPT)  # one token per character, no BOS
+        choice, usage = complete(max_tokens=at + 4)  # the end-of-sequence token comes at position `at`
+        assert (choice["text"], choice["finish_reason"]) == (chars, "stop")
+        assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": at + 1, "total_tokens": prompt_tokens + at + 1}
+        choice, usage = complete(max_tokens=at)  # cut just before it
+        assert (choice["text"], choice["finish_reason"], usage["completion_tokens"]) == (chars, "length", at)
+        stop = chars[-2:]
+        choice, usage = complete(max_tokens=at + 4, stop=[stop])
+        upto = next(k for k in range(1, at + 1) if stop in tok.decode(gen[:k], skip_special_tokens=True))
+        assert (choice["text"], choice["finish_reason"], usage["completion_tokens"]) == (chars[:chars.find(stop)], "stop", upto)
+
+        messages = [{"role": "user", "content": "hi"}]
+        templated = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+        model = AutoModelForCausalLM.from_pretrained(d)
+        gen = model.generate(torch.tensor([templated]), max_new_tokens=5, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, len(templated):].tolist()
+        ended = tok.eos_token_id in gen
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "recipe": BASE_ONLY}, timeout=60)
+        body = r.json()
+        assert r.status_code == 200 and body["usage"]["prompt_tokens"] == len(templated) != len(json.dumps(messages))
+        assert body["usage"]["completion_tokens"] == (gen.index(tok.eos_token_id) + 1 if ended else 5)
+        assert body["choices"][0]["finish_reason"] == ("stop" if ended else "length")
+        assert body["choices"][0]["message"]["content"] == tok.decode(gen, skip_special_tokens=True)
+    finally:
+        s.stop()

@@ -196,6 +196,71 @@ def test_failure_during_the_merge_leaves_nothing(workdir, monkeypatch, capsys):
     assert_failed_cleanly(code, err, workdir / "o", "della", "epsilon")
 
 
+def _with(cfg: dict, *, b: str | None = None, method: str | None = None) -> dict:
+    c = json.loads(json.dumps(cfg))
+    if b:
+        c["models"][1]["model"] = b
+    if method:
+        c["merge_method"] = method
+    return c
+
+
+def _model_params(cfg: dict, i: int, **params) -> dict:
+    c = json.loads(json.dumps(cfg))
+    c["models"][i]["parameters"].update(params)
+    return c
+
+
+PAIR = {"base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    (_model_params(TIES, 0, density=1.7), "parameter 'density' for model 'a' must be in [0, 1], got 1.7"),
+    (_model_params(_with(TIES, method="dare_ties"), 1, density=-0.2), "parameter 'density' for model 'b' must be in [0, 1], got -0.2"),
+    (_model_params(TIES, 0, density=[0.2, 1.3]), "parameter 'density' for model 'a' must be in [0, 1], got 1.3"),  # a gradient's point
+    (_model_params(TIES, 1, density=[{"filter": "mlp", "value": 1.2}, {"value": 0.5}]), "'density' for model 'b' must be in [0, 1], got 1.2"),
+    (_model_params(TIES, 0, weight=float("nan")), "parameter 'weight' for model 'a' must be a finite number, got nan"),
+    ({**TIES, "parameters": {"lambda": float("inf")}}, "parameter 'lambda' for the recipe must be a finite number, got inf"),
+    (_model_params(_with(TIES, method="breadcrumbs"), 0, gamma=1.5), "parameter 'gamma' for model 'a' must be in [0, 1], got 1.5"),
+    (_model_params(_with(TIES, method="della"), 1, epsilon=-0.1), "parameter 'epsilon' for model 'b' must be >= 0, got -0.1"),
+    ({**PAIR, "merge_method": "slerp", "parameters": {"t": 1.5}}, "parameter 't' for the recipe must be in [0, 1], got 1.5"),
+    ({"merge_method": "passthrough", "models": [{"model": "a", "parameters": {"scale": "-inf"}}]},
+     "parameter 'scale' for model 'a' must be a finite number, got '-inf'"),
+    ({"merge_method": "ties", "base_model": "base", "slices": [{"sources": [
+        {"model": "base", "layer_range": [0, 2]},
+        {"model": "a", "layer_range": [0, 2], "parameters": {"weight": 1.0, "density": 3}}]}]},
+     "parameter 'density' for model 'a' in slices[0] must be in [0, 1], got 3"),
+    ({"merge_method": "linear", "models": [{"model": {**TIES, "parameters": {"lambda": "big"}}, "name": "inner",
+                                            "parameters": {"weight": 1.0}}]}, "parameter 'lambda' for the recipe must be float, got 'big'"),
+])
+def test_out_of_range_parameters_are_one_line_naming_model_and_parameter(workdir, monkeypatch, capsys, cfg, needle):
+    """Checked before anything is read or written (mergekit would merge most of these silently)."""
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, cfg)), "-o", str(workdir / "o"))
+    assert_failed_cleanly(code, err, workdir / "o", needle)
+
+
+def test_a_nested_recipe_merges_as_the_materializer_merges_it(workdir, tiny_models, monkeypatch, capsys):
+    cfg = {"merge_method": "linear", "models": [{"model": TIES, "name": "inner", "parameters": {"weight": 0.5}},
+                                                {"model": "a", "parameters": {"weight": 0.5}}]}
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, cfg)), "-o", str(workdir / "o"))
+    assert code == 0, err
+    from evomerge.merge import Materializer
+
+    want = Materializer(dict(tiny_models), base="base", tie_order="mergekit").materialize(Recipe.from_dict(cfg))
+    got = load_checkpoint(workdir / "o")
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_source_without_config_json_is_refused(workdir, monkeypatch, capsys):
+    other = variant(workdir, "b", "other")
+    (other / "config.json").unlink()
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, _with(TIES, b="other"))), "-o", str(workdir / "o"))
+    assert_failed_cleanly(code, err, workdir / "o", "model 'other': no config.json in", str(other))
+    (other / "config.json").write_text("{not json")
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, _with(TIES, b="other"))), "-o", str(workdir / "o"))
+    assert_failed_cleanly(code, err, workdir / "o", "model 'other':", "config.json is not valid JSON")
+
+
 @pytest.mark.parametrize("cfg,needle", [
     ({**TIES, "merge_method": "tiess"}, "unknown merge method 'tiess'"),
     ({**TIES, "models": [{"model": "nowhere", "parameters": {"weight": 1.0}}]}, "model 'nowhere'"),
@@ -256,12 +321,3 @@ def test_emit_mergekit_refuses_what_mergekit_cannot_express(workdir, monkeypatch
     path_recipe = write_config(workdir, {"merge_method": "linear", "path": [{"model": "a", "layer": 0}]}, "path.yaml")
     code, out, err = run_cli(monkeypatch, capsys, "merge", str(path_recipe), "--emit-mergekit")
     assert code == 2 and err.count("\n") == 1 and "path" in err and out == ""
-
-
-def _with(cfg: dict, *, b: str | None = None, method: str | None = None) -> dict:
-    c = json.loads(json.dumps(cfg))
-    if b:
-        c["models"][1]["model"] = b
-    if method:
-        c["merge_method"] = method
-    return c

@@ -60,6 +60,7 @@ def test_bfloat16_sources_and_destinations(tmp_path, tiny_models):
         sd = {n: t.to(torch.bfloat16) for n, t in load_checkpoint(v).items()}
         (tmp_path / k).mkdir()
         save_file(sd, str(tmp_path / k / "model.safetensors"))
+        (tmp_path / k / "config.json").write_bytes((v / "config.json").read_bytes())
         paths[k] = tmp_path / k
     mat = Materializer(paths, base="base")
     as_f32 = {k: {n: t.float() for n, t in load_checkpoint(v).items()} for k, v in paths.items()}

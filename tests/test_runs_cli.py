@@ -63,7 +63,10 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
     (lambda c: c["budget"].update(wall_time="soon"), ["wall_time", "90s, 30m"]),
     (lambda c: c["fitness"].update(function="no_such_module:score"), ["no_such_module:score", "cannot import"]),
     (lambda c: c["fitness"].update(function="runs_fixtures:nothing"), ["runs_fixtures:nothing", "no function"]),
-    (lambda c: c.update(sources={"base": "."}, base="base"), ["'base'", "no .safetensors"]),  # a folder, no model
+    (lambda c: c.update(sources={"base": "."}, base="base"), ["sources.base", "no config.json"]),  # a folder, no model
+    (lambda c: c.update(holdout={"tasks": [{"name": "t", "path": "t.jsonl"}], "baselines": {"TIES": {
+        "merge_method": "ties", "base_model": "base", "models": [{"model": "math", "parameters": {"weight": 1, "density": 1.7}}]}}}),
+     ["holdout.baselines.TIES", "parameter 'density' for model 'math' must be in [0, 1], got 1.7"]),
     (lambda c: c["optimizer"].update(name="hillclimb"), ["hillclimb", "cmaes"]),
     (lambda c: c.update(space={"name": "layer_weighs"}), ["layer_weighs", "layer_weights"]),
     (lambda c: c["optimizer"]["options"].update(sigma=2), ["'sigma'", "popsize"]),

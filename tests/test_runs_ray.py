@@ -130,3 +130,39 @@ def test_ctrl_c_lets_ray_workers_finish_their_candidates(ray_local, tmp_path):
     assert reason == "interrupted" and 3 <= counts["evaluations"] < 10
     assert counts["in_flight"] == 0  # what was running when Ctrl-C came was finished and recorded
     assert store.sessions()[-1]["reason"] == "interrupted"
+
+
+def test_more_cpus_than_the_local_ray_has_is_refused_in_one_line(tmp_path):
+    """`evomerge run` as a user types it, starting its own local Ray (a fresh process): three workers of all
+    the machine's CPUs each can never all be placed, so the start would wait for ever; it is refused instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    here = Path(__file__).resolve().parent
+    cfg = tmp_path / "run.yaml"
+    cpus = os.cpu_count()
+    cfg.write_text(yaml.safe_dump(_cfg("sphere", 4, 3, cpus_per_worker=cpus)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(cfg), "--run-dir", str(tmp_path / "r"), "-q"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"workers 3 x cpus_per_worker {cpus} need {3 * cpus} CPUs, but the local Ray has" in lines[0]
+    assert "lower executor.workers or executor.cpus_per_worker" in lines[0] and time.monotonic() - start < 240
+
+
+def test_gpus_the_local_ray_lacks_are_refused(ray_local):
+    from evomerge.executors import RayExecutor
+    from evomerge.records import UserError
+
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    ex = RayExecutor(lambda: None, workers=2, gpus_per_worker=gpus / 2 + 1)
+    with pytest.raises(UserError, match=r"gpus_per_worker .* need .* GPUs, but the local Ray has"):
+        ex.start()
+    assert ray.is_initialized()  # the session's Ray is not ours to stop

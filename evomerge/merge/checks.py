@@ -1,15 +1,48 @@
 """Checks run before any merge, each failing with one line that names the culprit.
 
-Cheap by design: they read configs, safetensors headers and tokenizer files, never tensor data.
+Cheap by design: they read recipes, configs, safetensors headers and tokenizer files, never tensor data.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+from evomerge.merge import methods
+from evomerge.merge.params import values
 from evomerge.merge.sources import Source
+from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_parameters(recipe: Recipe) -> None:
+    """Every parameter the recipe sets, wherever it sets it (the recipe, a model, a slice, a slice's
+    source; nested recipes with their own method), is one its method takes, and each value it holds is
+    of the right type and range. Needs no sources, so a config's recipes are checked when it is read."""
+    method = methods.get(recipe.merge_method)
+    specs = {p.name: p for p in method.params}
+    scopes: list[tuple[str, Any]] = [("the recipe", recipe.parameters)]
+    for r in recipe.models:
+        if isinstance(r.model, Recipe):
+            check_parameters(r.model)
+        scopes.append((f"model {r.label or r.model.merge_method!r}", r.parameters))
+    if isinstance(recipe.base_model, Recipe):
+        check_parameters(recipe.base_model)
+    for i, s in enumerate(recipe.slices or []):
+        if isinstance(s, Mapping):  # malformed slices are named by the planner
+            scopes.append((f"slices[{i}]", s.get("parameters")))
+            scopes += [(f"model {src.get('model')!r} in slices[{i}]", src.get("parameters"))
+                       for src in s.get("sources") or [] if isinstance(src, Mapping)]
+    for where, scope in scopes:
+        if not isinstance(scope, Mapping):
+            continue
+        for key, setting in scope.items():
+            if key not in specs:
+                raise UserError(f"unknown parameter {key!r} for {method.name} ({where}); it takes "
+                                f"{', '.join(specs) or 'none'}")
+            for v in values(setting):
+                specs[key].validate(v, where)
 
 
 def check_compatible(sources: Mapping[str, Source], reference: str) -> None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from evomerge.merge.methods import Group, Method, register
-from evomerge.merge.params import ParamSpec
-from evomerge.records import UserError
+from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, ParamSpec
 
 
 # --- sce ------------------------------------------------------------------------------------------
@@ -40,8 +39,6 @@ def _most_varied(tv: torch.Tensor, fraction: float) -> torch.Tensor:
 def _sce(g: Group) -> None:
     assert g.base is not None
     fraction = g.shared["select_topk"]
-    if not 0 <= fraction <= 1:
-        raise UserError(f"sce's select_topk must be in [0, 1], got {fraction:g}")
     base, entries = g.base.full(), g.non_base
     if not entries:
         g.out.copy_(base)
@@ -63,7 +60,7 @@ def _sce(g: Group) -> None:
 
 
 register(Method("sce", _sce, (
-    ParamSpec("select_topk", float, 1.0),
+    ParamSpec("select_topk", float, 1.0, bounds=UNIT),
     ParamSpec("int8_mask", bool, False),  # mergekit's memory option; results are the same without it
 ), needs_base=True))
 
@@ -73,8 +70,6 @@ register(Method("sce", _sce, (
 def _ram_family(g: Group, boost: bool) -> None:
     assert g.base is not None
     eps = g.shared["epsilon"]
-    if not (eps > 0 if boost else eps >= 0):
-        raise UserError(f"{'ramplus_tl' if boost else 'ram'}'s epsilon must be {'> 0' if boost else '>= 0'}, got {eps:g}")
     base = g.base.full()
     deltas = [e.vector().delta for e in g.non_base]
     if not deltas:
@@ -88,8 +83,6 @@ def _ram_family(g: Group, boost: bool) -> None:
     boosts = [1.0] * len(deltas)
     if boost:
         r, alpha = g.shared["r"], g.shared["alpha"]
-        if not alpha >= 0:
-            raise UserError(f"ramplus_tl's alpha must be >= 0, got {alpha:g}")
         shared = torch.stack([(c & ~alone).sum() for c in changed])
         own = torch.stack([(c & alone).sum() for c in changed])
         boosts = 1 + r * (shared / own.clamp(min=eps)).clamp(min=0, max=alpha)
@@ -101,9 +94,9 @@ def _ram_family(g: Group, boost: bool) -> None:
     g.out.add_(base)
 
 
-register(Method("ram", lambda g: _ram_family(g, boost=False), (ParamSpec("epsilon", float, 1e-5),), needs_base=True))
+register(Method("ram", lambda g: _ram_family(g, boost=False), (ParamSpec("epsilon", float, 1e-5, bounds=NON_NEGATIVE),), needs_base=True))
 register(Method("ramplus_tl", lambda g: _ram_family(g, boost=True), (
     ParamSpec("r", float, 0.1),
-    ParamSpec("alpha", float, 0.2),
-    ParamSpec("epsilon", float, 1e-5),
+    ParamSpec("alpha", float, 0.2, bounds=NON_NEGATIVE),
+    ParamSpec("epsilon", float, 1e-5, bounds=POSITIVE),  # it also divides: the overlap ratio's floor
 ), needs_base=True))

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from evomerge.merge import methods as registry
-from evomerge.merge.checks import check_compatible
+from evomerge.merge.checks import check_compatible, check_parameters
 from evomerge.merge.methods import Entry, Group, Method
-from evomerge.merge.params import resolve, unknown_parameters
+from evomerge.merge.params import resolve
 from evomerge.merge.plan import Planned, entry_name, plan
 from evomerge.merge.sources import Source, open_sources
 from evomerge.merge.sparsify import TIE_ORDERS
@@ -84,7 +84,7 @@ class Materializer:
         self.threads = threads or default_threads()
         self.tie_order = tie_order
         self.names = self.sources[self.reference].names()
-        self._transient: dict[str, dict[str, torch.Tensor]] = {}  # nested recipes' results during a merge
+        self._transient: dict[str, dict[str, torch.Tensor] | None] = {}  # nested recipes' results during a merge (None: planning)
         self._summaries: dict[tuple, Summary] = {}  # per task vector (or stack), kept across candidates
         self._pool: ThreadPoolExecutor | None = None
 
@@ -159,7 +159,9 @@ class Materializer:
     @contextmanager
     def _nested(self, recipe: Recipe, shallow: bool = False) -> Iterator[Recipe]:
         """The recipe with each nested recipe merged into a transient source named as its entry
-        (`shallow`: named only, for planning). The transient sources live for the enclosed merge."""
+        (`shallow`: named only, for planning). The transient sources live for the enclosed merge.
+        Every merge and plan starts here, so the recipe's parameters (nested ones too) are checked here."""
+        check_parameters(recipe)
         nested = [r for r in recipe.models if isinstance(r.model, Recipe)]
         if not nested and not isinstance(recipe.base_model, Recipe):
             yield recipe
@@ -171,11 +173,11 @@ class Materializer:
             for ref in flat.models:
                 if isinstance(ref.model, Recipe):
                     name = entry_name(ref)
-                    self._transient[name] = {} if shallow else self.materialize(ref.model)
+                    self._transient[name] = None if shallow else self.materialize(ref.model)
                     ref.model, ref.name = name, None
                     added.append(name)
             if isinstance(flat.base_model, Recipe):
-                self._transient["<nested base>"] = {} if shallow else self.materialize(flat.base_model)
+                self._transient["<nested base>"] = None if shallow else self.materialize(flat.base_model)
                 flat.base_model = "<nested base>"
                 added.append("<nested base>")
             yield flat
@@ -199,10 +201,6 @@ class Materializer:
         for inp in first.inputs:
             if inp.model not in self.sources and inp.model not in self._transient:
                 raise UserError(f"model {inp.model!r} is not a source (sources: {', '.join(self.sources)})")
-        for scope in (recipe.parameters, *(r.parameters for r in recipe.models)):
-            bad = unknown_parameters(scope or {}, method.params)
-            if bad:
-                raise UserError(f"unknown parameter {bad[0]!r} for {method.name}; it takes {', '.join(p.name for p in method.params) or 'none'}")
         n = len(first.inputs)
         if method.needs_base and first.base is None:
             raise UserError(f"{method.name} needs a base_model among its inputs")
@@ -223,15 +221,17 @@ class Materializer:
         method = merge.method
         entries = []
         for i, inp in enumerate(p.inputs):
-            where = f"{inp.model}.{inp.tensor}"
+            where = f"model {inp.model!r} at {inp.tensor}"
             params = {s.name: resolve(s, inp.scopes, inp.tensor, p.t, where) for s in method.model_params(i == p.base)}
             entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor), self._vector_fn(merge, p, i)))
-        shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, p.name) for s in method.shared_params()}
+        shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
         method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order))
 
     def _has(self, model: str, tensor: str) -> bool:
-        return tensor in (self._transient[model] if model in self._transient else self.sources[model])
+        if model in self._transient:  # a nested recipe: only planned, it produces the reference's tensors
+            return self._transient[model] is None or tensor in self._transient[model]
+        return tensor in self.sources[model]
 
     def _stored(self, model: str, tensor: str) -> torch.Tensor:
         """An input as stored (a view of the memory map: never modify it), on the merge device."""

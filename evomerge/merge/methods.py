@@ -15,7 +15,7 @@ import torch
 
 from evomerge.merge import gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
-from evomerge.merge.params import ParamSpec
+from evomerge.merge.params import NON_NEGATIVE, UNIT, ParamSpec
 from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
 
@@ -89,16 +89,16 @@ def names() -> list[str]:
 def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, rescale: bool) -> Method:
     params = [
         ParamSpec("weight", float, per_model=True),
-        ParamSpec("density", float, 1.0, per_model=True),
+        ParamSpec("density", float, 1.0, per_model=True, bounds=UNIT),
         ParamSpec("normalize", bool, normalize),
         ParamSpec("rescale", bool, rescale),
         ParamSpec("lambda", float, 1.0),
         ParamSpec("int8_mask", bool, False),  # mergekit's memory option; results are the same without it
     ]
     if trim == "magnitude_outliers":
-        params.append(ParamSpec("gamma", float, 0.01, per_model=True))
+        params.append(ParamSpec("gamma", float, 0.01, per_model=True, bounds=UNIT))
     if trim == "della":
-        params.append(ParamSpec("epsilon", float, 0.15, per_model=True))
+        params.append(ParamSpec("epsilon", float, 0.15, per_model=True, bounds=NON_NEGATIVE))  # and d ± ε in (0, 1): sparsify.della
 
     def merge(g: Group) -> None:
         entries = g.non_base
@@ -168,7 +168,11 @@ def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
     key = rng.key_for(g.seed, v.name if isinstance(v, StackVector) else g.name, e.model)  # the draws of the tensor mergekit sees
     if trim == "random":
         return sparsify.bernoulli(d, key)
-    return sparsify.della(d, e.params["epsilon"], key)
+    eps = e.params["epsilon"]
+    if 0 < d < 1 and (d + eps >= 1 or d - eps <= 0):  # a per-tensor pair: filters and gradients may vary both
+        raise UserError(f"della needs 0 < density ± epsilon < 1: model {e.model!r} at {g.name} has density {d:g} "
+                        f"and epsilon {eps:g}")
+    return sparsify.della(d, eps, key)
 
 
 for _m in (
@@ -222,7 +226,7 @@ def _slerp(g: Group) -> None:
     slerp(g.shared["t"], g.base.full(), other.full(), g.out)
 
 
-register(Method("slerp", _slerp, (ParamSpec("t", float),), needs_base=True, min_inputs=2, max_inputs=2))
+register(Method("slerp", _slerp, (ParamSpec("t", float, bounds=UNIT),), needs_base=True, min_inputs=2, max_inputs=2))
 
 
 # --- model stock ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ density interpolated here truncates to the same element count there.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,14 +20,39 @@ _MISSING = object()
 
 
 @dataclass(frozen=True)
+class Interval:
+    """The values a numeric parameter may take (always finite: NaN and infinities are refused)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False  # low itself excluded
+
+    def __contains__(self, x: float) -> bool:
+        return math.isfinite(x) and (x > self.low if self.open_low else x >= self.low) and x <= self.high
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "a finite number" if self.low == -math.inf else f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+
+
+FINITE = Interval()
+UNIT = Interval(0.0, 1.0)  # densities, fractions, interpolation factors
+NON_NEGATIVE = Interval(0.0)
+POSITIVE = Interval(0.0, open_low=True)
+
+
+@dataclass(frozen=True)
 class ParamSpec:
-    """A merge method's parameter: its type, default, and whether each input model has its own value."""
+    """A merge method's parameter: its type, default, whether each input model has its own value, and
+    for numbers the values it may take."""
 
     name: str
     type: type
     default: Any = _MISSING
     per_model: bool = False  # one value per input model (else one value shared by the tensor)
     base_too: bool = False  # per-model parameters the base model also takes (linear's weight)
+    bounds: Interval = FINITE  # for float and int parameters
 
     @property
     def required(self) -> bool:
@@ -42,13 +68,14 @@ class ParamSpec:
                         raise ValueError(value)
                     return value.lower() == "true"
                 return bool(value)
-            if self.type is float:
-                if isinstance(value, bool):
-                    raise ValueError(value)
-                return float(value)
-            return self.type(value)
-        except (TypeError, ValueError):
+            if self.type is float and isinstance(value, bool):
+                raise ValueError(value)
+            typed = self.type(value)
+        except (TypeError, ValueError, OverflowError):
             raise UserError(f"parameter {self.name!r} for {where} must be {self.type.__name__}, got {value!r}") from None
+        if self.type in (float, int) and typed not in self.bounds:
+            raise UserError(f"parameter {self.name!r} for {where} must be {self.bounds}, got {value!r}")
+        return typed
 
 
 def evaluate(setting: Any, tensor_name: str, t: float, spec: ParamSpec, where: str) -> Any:
@@ -91,6 +118,16 @@ def resolve(spec: ParamSpec, scopes: Iterable[Mapping[str, Any] | None], tensor_
     return spec.default
 
 
-def unknown_parameters(given: Iterable[str], specs: Iterable[ParamSpec]) -> list[str]:
-    known = {s.name for s in specs}
-    return sorted(set(given) - known)
+def values(setting: Any) -> Iterable[Any]:
+    """Every value a setting holds: its scalars, gradient points and filtered entries' values (malformed
+    entries are left to `evaluate`, which names what is wrong with them)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        yield setting
+        return
+    for e in setting:
+        if not isinstance(e, dict):
+            yield e
+        elif "value" in e:
+            yield from values(e["value"])

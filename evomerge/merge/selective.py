@@ -12,21 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.merge.methods import Group, Method, register
-from evomerge.merge.params import ParamSpec
-from evomerge.records import UserError
+from evomerge.merge.params import NON_NEGATIVE, ParamSpec
 
 
 def _nearswap(g: Group) -> None:
     assert g.base is not None
     t = g.shared["t"]
-    if not t >= 0:
-        raise UserError(f"nearswap's t (a distance) must be >= 0, got {t:g}")
     delta = g.non_base[0].vector().delta
     share = (t / delta.abs().clamp(min=1e-6)).clamp_(0, 1)
     torch.add(g.base.full(), share.mul_(delta), out=g.out)
 
 
-register(Method("nearswap", _nearswap, (ParamSpec("t", float),), needs_base=True, min_inputs=2, max_inputs=2))
+register(Method("nearswap", _nearswap, (ParamSpec("t", float, bounds=NON_NEGATIVE),), needs_base=True, min_inputs=2, max_inputs=2))
 
 
 def _row_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, eps: float = 1e-8, block: int = 1 << 22) -> torch.Tensor:

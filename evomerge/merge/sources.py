@@ -122,8 +122,7 @@ class Source:
         p = Path(path)
         if not p.is_dir():
             raise UserError(f"model {name!r}: {p} is not a checkpoint directory")
-        cfg_path = p / "config.json"
-        config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        config = read_model_config(name, p)
         tensors: dict[str, Any] = {}
         files = _weight_files(name, p)
         if files and files[0].suffix == ".safetensors":
@@ -194,6 +193,20 @@ class Source:
         for added in data.get("added_tokens") or []:
             vocab[added["content"]] = added["id"]
         return vocab
+
+
+def read_model_config(name: str, p: Path) -> dict[str, Any]:
+    """A checkpoint's config.json: it names the architecture, which every check and the writer need."""
+    f = p / "config.json"
+    if not f.is_file():
+        raise UserError(f"model {name!r}: no config.json in {p} (a checkpoint directory holds its config beside the weights)")
+    try:
+        config = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"model {name!r}: {f} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"model {name!r}: {f} holds a {type(config).__name__}, not a config mapping")
+    return config
 
 
 def open_lora(name: str, path: str | Path, base: Source) -> Source:

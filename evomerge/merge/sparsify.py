@@ -22,7 +22,6 @@ import torch
 
 from evomerge.merge import rng
 from evomerge.merge.vectors import TaskVector
-from evomerge.records import UserError
 
 _EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
 _NO_DROP = np.zeros(0, np.int64)
@@ -131,13 +130,12 @@ def bernoulli(density: float, key: int) -> Keep:
 def della(density: float, epsilon: float, key: int) -> Keep:
     """DELLA's MagPrune: keep probability (density - eps) + 2 eps * (rank of |x| in its row, in [0, 1]).
     The ranks are not stored: `ranked` gives them for the rows being merged (methods.py merges DELLA by
-    pieces of whole rows, so no full-size rank array exists)."""
+    pieces of whole rows, so no full-size rank array exists). Between 0 and 1, density ± epsilon must stay
+    inside (0, 1) (methods.py checks it, naming the model)."""
     if density >= 1:
         return Keep("all")
     if density <= 0:
         return Keep("none")
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise UserError(f"della needs 0 < density ± epsilon < 1, got density {density:g} and epsilon {epsilon:g}")
     return Keep("della", key=key, p_lo=density - epsilon, p_span=2 * epsilon)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from evomerge.merge.methods import Entry, Group, Method, register
-from evomerge.merge.params import ParamSpec
+from evomerge.merge.params import NON_NEGATIVE, POSITIVE, ParamSpec
 from evomerge.records import UserError
 
 
@@ -76,8 +76,6 @@ def _multislerp(g: Group) -> None:
     if not entries:
         raise UserError("multislerp needs at least one model besides the base")
     eps = g.shared["eps"]
-    if not eps > 0:
-        raise UserError(f"multislerp's eps must be > 0, got {eps:g}")
     if len(entries) == 1:  # nothing to interpolate: the model itself, whatever the base
         g.out.copy_(entries[0].full())
         return
@@ -111,7 +109,7 @@ def _multislerp(g: Group) -> None:
 register(Method("multislerp", _multislerp, (
     ParamSpec("weight", float, per_model=True),
     ParamSpec("normalize_weights", bool, True),
-    ParamSpec("eps", float, 1e-8),
+    ParamSpec("eps", float, 1e-8, bounds=POSITIVE),
 )))
 
 
@@ -155,8 +153,6 @@ def karcher_mean(points: Iterable[torch.Tensor], max_iter: int, tol: float) -> t
 
 def _karcher(g: Group) -> None:
     max_iter, tol = g.shared["max_iter"], g.shared["tol"]
-    if max_iter < 0 or not tol >= 0:
-        raise UserError(f"karcher needs max_iter >= 0 and tol >= 0, got max_iter {max_iter} and tol {tol:g}")
     if len(g.entries) == 1:
         g.out.copy_(g.entries[0].full())
         return
@@ -165,4 +161,5 @@ def _karcher(g: Group) -> None:
     g.out.copy_(result.reshape(g.out.shape))
 
 
-register(Method("karcher", _karcher, (ParamSpec("max_iter", int, 10), ParamSpec("tol", float, 1e-5))))
+register(Method("karcher", _karcher, (ParamSpec("max_iter", int, 10, bounds=NON_NEGATIVE),
+                                             ParamSpec("tol", float, 1e-5, bounds=NON_NEGATIVE))))
