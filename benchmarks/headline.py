@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -26,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's evomerge, as the runs' subprocesses use
 import memstat  # noqa: E402  (machine facts and versions, shared with the other benchmarks)
 
 # per claim: the ready run, and the held-out columns its table shows (name as the table labels it)
@@ -63,24 +64,26 @@ def seed_config(claim: str, work: Path, *, zoo: Path | None, evaluations: int | 
 
 
 def run_seed(config: Path, run_dir: Path, seed: int) -> dict:
-    """The held-out table of one search seed: read back when that run finished before, else run (or resumed)."""
-    table = run_dir / "holdout.json"
-    if table.is_file():
-        from evomerge.config import load_config, parse_config
-        from evomerge.store import RunStore
+    """One search seed's held-out table, and how its search ended (`search`: evaluations done, cut or not);
+    read back when that run finished before, else run (or resumed)."""
+    from evomerge.comparisons import searched
+    from evomerge.config import load_config, parse_config
+    from evomerge.store import RunStore
 
-        want = parse_config({**load_config(config).to_dict(), "seed": seed}).to_dict()
-        with RunStore.open(run_dir, readonly=True) as store:
-            if parse_config(store.config).to_dict() != want:
-                sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
-    else:
+    table = run_dir / "holdout.json"
+    if not table.is_file():
         resume = ["--resume"] if (run_dir / "run.sqlite").is_file() else []
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(config), "--run-dir", str(run_dir),
                                "--seed", str(seed), "-q", *resume], cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"seed {seed} failed:\n{done.stderr[-3000:]}")
-    return json.loads(table.read_text())
+    want = parse_config({**load_config(config).to_dict(), "seed": seed})
+    with RunStore.open(run_dir, readonly=True) as store:
+        if parse_config(store.config).to_dict() != want.to_dict():
+            sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
+        search = {**searched(store, want.budget.model_dump(exclude_none=True)), "seconds": round(store.elapsed(), 1)}
+    return {**json.loads(table.read_text()), "search": search}
 
 
 def summarise(tables: list[dict]) -> dict:
@@ -99,13 +102,23 @@ def markdown(result: dict) -> str:
             f"(`benchmarks/headline.py` → `benchmarks/results/{result['artifact']}.json`):")
     lines = [head, "", "| model | " + " | ".join(columns.values()) + " | evaluations |",
              "|---" * (len(columns) + 2) + "|"]
+    last = list(result["summary"])[-1]
     for row, cols in result["summary"].items():
         cells = [fmt(cols[c]["mean"]) + ("" if cols[c]["min"] == cols[c]["max"] else
                                          f" [{fmt(cols[c]['min'])}-{fmt(cols[c]['max'])}]") for c in columns]
-        evals = {s["searches"].get(row, {}).get("evaluations") for s in result["runs"]} - {None}
-        cut = any(s["searches"].get(row, {}).get("cut") for s in result["runs"])
+        # the last row is the run's own search (whatever a holdout function names it)
+        found = [s["search"] if row == last else s["searches"].get(row) for s in result["runs"]]
+        evals = {f["evaluations"] for f in found if f}
+        cut = any(f and f["cut"] for f in found)
         n = "" if not evals else "-".join(map(str, sorted(evals))) + (" (cut by wall time)" if cut else "")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {n} |")
+    target = next(iter(columns))
+    *others, evolved = result["summary"]  # the evolved best is the table's last row
+    rival = max(others, key=lambda r: result["summary"][r][target]["mean"])
+    margins = [t["rows"][evolved][target] - max(t["rows"][r][target] for r in others) for t in result["runs"]]
+    lines += ["", f"{evolved} minus the best other row of the same seed on {columns[target]}: "
+              f"{100 * sum(margins) / len(margins):+.1f} points on average ({100 * min(margins):+.1f} to "
+              f"{100 * max(margins):+.1f}); the best other row on average is {rival}."]
     return "\n".join(lines)
 
 
@@ -116,6 +129,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--evaluations", type=int, help="a smaller evaluation budget (a quick check)")
     p.add_argument("--limit", type=int, help="problems per task (a quick check)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once")
     p.add_argument("--work", type=Path, help="where the runs go (default runs/headline/<artifact name>)")
     p.add_argument("--out", help="artifact path (default benchmarks/results/<artifact name>.json)")
     args = p.parse_args()
@@ -124,7 +138,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     config = seed_config(args.claim, work, zoo=args.zoo, evaluations=args.evaluations, limit=args.limit)
     t0 = time.perf_counter()
-    tables = [run_seed(config, work / f"seed{s}", s) for s in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:  # seeds side by side: each run is one process of one thread
+        tables = list(pool.map(lambda s: run_seed(config, work / f"seed{s}", s), args.seeds))
     cfg = yaml.safe_load(config.read_text())
     zoo = args.zoo or ROOT / "evomerge" / "zoo"
     build = zoo / "build.json"
@@ -133,10 +148,10 @@ def main() -> None:
         "zoo": str(zoo.resolve().relative_to(ROOT)) if zoo.resolve().is_relative_to(ROOT) else str(zoo),
         "zoo_seed": json.loads(build.read_text()).get("zoo_seed", 0) if args.claim == "demo" and build.is_file() else None,
         "budget": cfg["budget"], "limit": args.limit, "seeds": args.seeds,
-        "runs": [{"seed": s, "best": t["best"], "rows": t["rows"], "searches": t.get("searches", {})}
-                 for s, t in zip(args.seeds, tables)],
+        "runs": [{"seed": s, "best": t["best"], "rows": t["rows"], "search": t["search"],
+                  "searches": t.get("searches", {})} for s, t in zip(args.seeds, tables)],
         "summary": summarise(tables),
-        "seconds": round(time.perf_counter() - t0, 1),  # 0 when every seed was read back
+        "seconds": round(time.perf_counter() - t0, 1),  # of this call: ~0 when every seed was read back
         "machine": memstat.machine(), "versions": memstat.versions(ROOT),
     }
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
