@@ -1,11 +1,12 @@
 """The end-of-run comparison: the evolved best against the sources and untuned merges, on held-out data.
 
-Configured by the run config's `holdout:` section. With `tasks`, each baseline recipe and the best
-candidate's recipe (best on the run's first objective) are scored on those tasks through the run's own
-model handle (HF, vLLM or an API), so every row is measured the same way; with `function`, the user's
-`module:function` gets the best candidate's genome and returns its own rows. The numbers are printed as a
-table, written to `holdout.json` in the run directory, and the best model is exported to `export`.
-Read-only on the store: the comparison never modifies a run.
+Configured by the run config's `holdout:` section. With `tasks`, each baseline recipe, the best recipe of
+each `compare` search (evomerge/comparisons.py: the same budget spent another way) and the best candidate's
+recipe (best on the run's first objective) are scored on those tasks through the run's own model handle (HF,
+vLLM or an API), so every row is measured the same way; with `function`, the user's `module:function` gets
+the best candidate's genome and returns its own rows. The numbers and each tuned row's evaluations are
+printed as a table, written to `holdout.json` in the run directory, and the best model is exported to
+`export`. Read-only on the run's store: the comparison never modifies a run.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ RESULT_FILE = "holdout.json"
 
 
 def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Score the baselines and the best candidate; returns {"rows": {row: {objective: value}}, "best": id,
-    "seed": run seed} and writes it to RUN_DIR/holdout.json."""
+    """Score the baselines, the best of each `compare` search (run first, or finished) and the best candidate;
+    returns {"rows": {row: {objective: value}}, "best": id, "seed": run seed, "searches": {tuned row: how its
+    search ended (comparisons.searched)}, ...} and writes it to RUN_DIR/holdout.json."""
     from evomerge.assemble import build_handle, build_space, importable
     from evomerge.comparisons import run_comparison, searched
     from evomerge.config import parse_config
@@ -120,7 +122,8 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
     table.add_column("model")
     for c in columns:
         table.add_column(c + (" %" if percent else ""), justify="right")
-    table.add_column("evaluations", justify="right")  # the budget each tuned row had; untuned rows: none
+    if searches:
+        table.add_column("evaluations", justify="right")  # what each tuned row's search did; untuned rows: none
     tops = {c: max((r[c] for r in rows.values() if c in r), default=None) for c in columns}
     for name, r in rows.items():
         cells = []
@@ -129,7 +132,8 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
             text = "" if v is None else _number(v, percent)
             cells.append(f"[bold]{text}[/bold]" if v is not None and v == tops[c] else text)
         s = searches.get(name)
-        cells.append("" if s is None else f"{s['evaluations']}" + (f" of {s['budget']}, CUT" if s["cut"] else ""))
+        if searches:
+            cells.append("" if s is None else f"{s['evaluations']}" + (f" of {s['budget']}, CUT" if s["cut"] else ""))
         table.add_row(name, *cells)
     _console().print(table)
     for row in cuts:

@@ -348,3 +348,24 @@ def test_a_search_the_wall_time_cap_cut_is_flagged_in_the_table_and_in_one_line(
                      "evaluations: its result depends on this machine's speed; `evomerge resume` with a larger "
                      "--wall-time finishes it"]
     assert re.search(r"random search │\s+30\.0 │\s+300 │", out)
+
+
+@needs_zoo
+def test_resuming_with_a_larger_budget_continues_the_comparison_searches_to_it(tmp_path):
+    cfg = reduced("demo", tmp_path, evaluations=2, limit=2)
+    run_dir = tmp_path / "run"
+    out = evomerge("run", str(cfg), "--run-dir", str(run_dir), "-q", timeout=600)  # three searches and a table
+    assert out.returncode == 0, out.stderr[-2000:]
+    from evomerge.store import RunStore
+
+    def history(row: str) -> list:
+        with RunStore.open(run_dir / "compare" / row, readonly=True) as s:
+            return [(c.id, c.x) for c in s.candidates().values()]
+
+    first = {row: history(row) for row in ("random_search", "global_TIES")}
+    out = evomerge("resume", str(run_dir), "--evaluations", "3", "-q", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    searches = json.loads((run_dir / "holdout.json").read_text())["searches"]
+    assert {r: s["evaluations"] for r, s in searches.items()} == {"random search": 3, "global TIES": 3, "evolved best": 3}
+    for row, before in first.items():  # continued, not searched again from the start
+        assert history(row)[:2] == before and len(history(row)) == 3
