@@ -25,6 +25,7 @@ def zoo_build(
     scale: float = typer.Option(1.0, help="Multiply every training stage's steps (e.g. 0.01 for a smoke test)."),
     base: str = typer.Option(None, help="Reuse this BASE checkpoint dir; train only the experts."),
     math_tries: int = typer.Option(4, help="MATH seeds to draw until one passes the reads-J gate."),
+    seed: int = typer.Option(0, help="Training seed of the whole zoo (0 = the shipped zoo; the held-out splits stay)."),
 ) -> None:
     """Train the zoo deterministically: BASE on languages E and J, then the MATH and LANG experts."""
     from pathlib import Path
@@ -33,6 +34,8 @@ def zoo_build(
         raise UserError(f"--scale must be > 0, got {scale}")
     if Path(directory).exists() and not Path(directory).is_dir():
         raise UserError(f"{directory} exists and is not a directory")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
     if math_tries < 1:
         raise UserError(f"--math-tries must be >= 1, got {math_tries}")
     if base is not None and not (Path(base) / "config.json").is_file():
@@ -48,7 +51,7 @@ def zoo_build(
         def advance(stage: str, steps: int, planned: int) -> None:
             bar.update(task, advance=steps, total=planned, description=f"training {stage}")
 
-        report = build(directory, scale=scale, base_from=base, math_tries=math_tries, progress=advance)
+        report = build(directory, scale=scale, base_from=base, math_tries=math_tries, seed=seed, progress=advance)
     gate = "passed" if report["math_gate"]["passed"] else "NOT passed"
     print(f"zoo built in {report['build_seconds']:.0f} s at {directory} (MATH reads-J gate {gate}); "
           f"J math test: " + ", ".join(f"{m} {s['math_j_test']:.1f}%" for m, s in report["scores"].items()))

@@ -167,14 +167,29 @@ class ExecutorConfig(_Strict):
     runtime_env: dict[str, Any] | None = None  # Ray runtime_env when evomerge starts or joins Ray (env_vars, working_dir, pip)
 
 
+class CompareConfig(_Strict):
+    """A comparison row found by its own search: the run's fitness, budget and seed with another `space`
+    and/or `optimizer` (each replaces the run's whole section), e.g. random search in the same space."""
+
+    space: SpaceConfig | None = None
+    optimizer: OptimizerConfig | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> CompareConfig:
+        if self.space is None and self.optimizer is None:
+            raise ValueError("a holdout.compare entry needs space and/or optimizer (what its search does differently)")
+        return self
+
+
 class HoldoutConfig(_Strict):
-    """The end-of-run comparison on held-out data: the baseline recipes and the evolved best scored on
-    `tasks` through the run's model handle (or the user's `function` of the best genome), and the best
-    model exported to `export` (a folder inside the run directory)."""
+    """The end-of-run comparison on held-out data: the baseline recipes, the best of each `compare` search and
+    the evolved best scored on `tasks` through the run's model handle (or the user's `function` of the best
+    genome), and the best model exported to `export` (a folder inside the run directory)."""
 
     tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings, e.g. a test split
     lm_eval: LMEvalConfig | None = None  # or lm-eval tasks
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # row name -> recipe
+    compare: dict[str, CompareConfig] = Field(default_factory=dict)  # row name -> its own search, same budget
     function: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of `function`
     export: Path | None = None
@@ -185,8 +200,8 @@ class HoldoutConfig(_Strict):
         if sum(v is not None for v in (self.tasks, self.lm_eval, self.function)) != 1:
             raise ValueError("give either holdout.tasks or holdout.function (module:function), or holdout.lm_eval "
                              "(lm-eval tasks): exactly one")
-        if self.baselines and self.tasks is None and self.lm_eval is None:
-            raise ValueError("holdout.baselines are recipes scored on holdout.tasks; give tasks")
+        if (self.baselines or self.compare) and self.tasks is None and self.lm_eval is None:
+            raise ValueError("holdout.baselines and holdout.compare are recipes scored on holdout.tasks; give tasks")
         from evomerge.merge.checks import check_parameters
 
         for name, recipe in self.baselines.items():

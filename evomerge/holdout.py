@@ -1,11 +1,12 @@
 """The end-of-run comparison: the evolved best against the sources and untuned merges, on held-out data.
 
-Configured by the run config's `holdout:` section. With `tasks`, each baseline recipe and the best
-candidate's recipe (best on the run's first objective) are scored on those tasks through the run's own
-model handle (HF, vLLM or an API), so every row is measured the same way; with `function`, the user's
-`module:function` gets the best candidate's genome and returns its own rows. The numbers are printed as a
-table, written to `holdout.json` in the run directory, and the best model is exported to `export`.
-Read-only on the store: the comparison never modifies a run.
+Configured by the run config's `holdout:` section. With `tasks`, each baseline recipe, the best recipe of
+each `compare` search (evomerge/comparisons.py: the same budget spent another way) and the best candidate's
+recipe (best on the run's first objective) are scored on those tasks through the run's own model handle (HF,
+vLLM or an API), so every row is measured the same way; with `function`, the user's `module:function` gets
+the best candidate's genome and returns its own rows. The numbers and each tuned row's evaluations are
+printed as a table, written to `holdout.json` in the run directory, and the best model is exported to
+`export`. Read-only on the run's store: the comparison never modifies a run.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ RESULT_FILE = "holdout.json"
 
 
 def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Score the baselines and the best candidate; returns {"rows": {row: {objective: value}}, "best": id,
-    "seed": run seed} and writes it to RUN_DIR/holdout.json."""
+    """Score the baselines, the best of each `compare` search (run first, or finished) and the best candidate;
+    returns {"rows": {row: {objective: value}}, "best": id, "seed": run seed, "searches": {tuned row: how its
+    search ended (comparisons.searched)}, ...} and writes it to RUN_DIR/holdout.json."""
     from evomerge.assemble import build_handle, build_space, importable
+    from evomerge.comparisons import run_comparison, searched
     from evomerge.config import parse_config
     from evomerge.recipe import Recipe
     from evomerge.results import open_run
@@ -36,11 +39,20 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
         best_id = int(best["id"])
         best_recipe = run.recipe(best_id) if cfg.space.name is not None else None  # plain boxes have no recipe
         best_x = list(run.store.candidates({best_id})[best_id].x)
+        searches = {BEST: searched(run.store, cfg.budget.model_dump(exclude_none=True))}
     finally:
         run.close()
     h = cfg.holdout
     if h is None:
         raise UserError(f"the run in {run_dir} has no holdout section in its config")
+    found = {}  # compare rows: the best recipe of each one's own search
+    for row in h.compare:
+        sub = open_run(run_comparison(cfg, run_dir, row, progress=progress))
+        try:
+            found[row] = sub.recipe(int(sub.best(None)["id"]))
+            searches[row] = searched(sub.store, cfg.budget.model_dump(exclude_none=True))
+        finally:
+            sub.close()
     if h.function is not None:
         importable(cfg)
         genome = Genome(best_id, best_x, build_space(cfg).names(), best_recipe)
@@ -60,12 +72,14 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
         if handle is None:
             raise UserError("holdout.tasks need the run's models (sources or an API backend)")
         recipes = {name: Recipe.from_dict(r) for name, r in h.baselines.items()}
+        recipes.update(found)
         recipes[BEST] = best_recipe
         rows = {}
         for name, recipe in _progress(recipes.items(), progress):
             handle.set_recipe(recipe)
             rows[name] = dict(fitness.evaluate(handle).objectives)
-    result = {"rows": rows, "best": best_id, "seed": cfg.seed, "percent": h.percent}
+    result = {"rows": rows, "best": best_id, "seed": cfg.seed, "percent": h.percent,
+              "searches": {row: searches[row] for row in rows if row in searches}, "wall_time": cfg.budget.wall_time}
     tmp = run_dir / (RESULT_FILE + ".partial")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(run_dir / RESULT_FILE)
@@ -96,13 +110,20 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
     """The rows as a rich table; values × 100 when the config says percent. The best value per column is bold."""
     from rich.table import Table
 
+    from evomerge.comparisons import cut_message
+
     rows: dict[str, dict[str, float]] = result["rows"]
+    searches: dict[str, dict[str, Any]] = result.get("searches", {})
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
     percent = bool(result.get("percent", True))
-    table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']})")
+    cuts = [row for row, s in searches.items() if s["cut"]]
+    table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']})",
+                  caption="CUT BY THE WALL-TIME CAP: " + ", ".join(cuts) if cuts else None)
     table.add_column("model")
     for c in columns:
         table.add_column(c + (" %" if percent else ""), justify="right")
+    if searches:
+        table.add_column("evaluations", justify="right")  # what each tuned row's search did; untuned rows: none
     tops = {c: max((r[c] for r in rows.values() if c in r), default=None) for c in columns}
     for name, r in rows.items():
         cells = []
@@ -110,8 +131,13 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
             v = r.get(c)
             text = "" if v is None else _number(v, percent)
             cells.append(f"[bold]{text}[/bold]" if v is not None and v == tops[c] else text)
+        s = searches.get(name)
+        if searches:
+            cells.append("" if s is None else f"{s['evaluations']}" + (f" of {s['budget']}, CUT" if s["cut"] else ""))
         table.add_row(name, *cells)
     _console().print(table)
+    for row in cuts:
+        print(cut_message(row, searches[row], result.get("wall_time")))
 
 
 def compare(run_dirs: list[Path]) -> dict[str, Any]:

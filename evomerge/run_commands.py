@@ -63,6 +63,11 @@ def _drive(engine, quiet: bool) -> str:
         engine.store.close()  # the last connection closing folds the WAL into the store file
     print(f"evomerge: stopped ({reason}): {counts['evaluations']} evaluations, {counts['failed']} failed, "
           f"{counts['in_flight']} in flight; run directory {engine.store.path.parent}")
+    total = engine.budget.evaluations
+    if reason == "budget: wall time" and total is not None and counts["evaluations"] < total:
+        from evomerge.comparisons import cut_message
+
+        print(cut_message("this run", {"evaluations": counts["evaluations"], "budget": total}, engine.budget.wall_time))
     if reason == "interrupted":
         raise SystemExit(130)  # click (non-standalone) would swallow typer.Exit's code
     return reason

@@ -50,6 +50,11 @@ CREATE TABLE sessions(id INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at
 # the newest snapshot taken before the last logged ask
 _RESUMABLE = ("SELECT MAX(event_seq) FROM snapshots WHERE event_seq < "
               "(SELECT COALESCE(MAX(seq), 0) FROM events WHERE kind = 'ask')")
+# a killed session ends at its last evaluation: one finished after it started and before the next session began
+_ELAPSED = """SELECT COALESCE(SUM(COALESCE(s.ended_at, (
+    SELECT MAX(e.finished_at) FROM evaluations e WHERE e.finished_at >= s.started_at AND e.finished_at <
+        COALESCE((SELECT MIN(n.started_at) FROM sessions n WHERE n.id > s.id), 1e300)), s.started_at) - s.started_at), 0)
+FROM sessions s"""
 _TABLES = ("meta", "candidates", "evaluations", "events", "snapshots", "sessions")
 
 
@@ -307,9 +312,10 @@ class RunStore:
         return total
 
     def elapsed(self) -> float:
-        """Seconds spent running over all finished sessions (wall-time budgets span resumes)."""
-        row = self._con.execute(
-            "SELECT COALESCE(SUM(ended_at - started_at), 0) FROM sessions WHERE ended_at IS NOT NULL").fetchone()
+        """Seconds spent running over all sessions (wall-time budgets span resumes). A session that never ended
+        (its driver was killed) counts up to its last recorded evaluation: a run that keeps crashing still
+        reaches its wall-time budget."""
+        row = self._con.execute(_ELAPSED).fetchone()
         return float(row[0])
 
     def sessions(self) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,9 +80,32 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
     out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
     assert out.returncode == 0, out.stderr[-2000:]
     finished(tmp_path / "run", 3)
-    result = table(tmp_path / "run", ["BASE", "MATH", "LANG", "linear average", "task arithmetic", "TIES"])
+    result = table(tmp_path / "run", ["BASE", "MATH", "LANG", "linear average", "task arithmetic", "TIES",
+                                      "random search", "global TIES"])
     assert "held-out comparison" in out.stdout and "evolved best" in out.stdout
     assert set(result["rows"]["evolved best"]) == {"acc_tf/math_j", "tok_acc/math_j", "acc_tf/lang_j", "acc_tf/math_e"}
+    # every tuned row had the same evaluation budget, which decided it (the wall-time cap did not cut it)
+    assert {r: (s["evaluations"], s["cut"]) for r, s in result["searches"].items()} == {
+        r: (3, False) for r in ("random search", "global TIES", "evolved best")}
+    assert "evaluations" in out.stdout and "CUT" not in out.stdout
+    # the comparison rows are searches of their own: same fitness, budget and seed; another optimizer or space
+    from evomerge.results import open_run
+
+    main = open_run(tmp_path / "run")
+    try:
+        main_cfg = main.config
+    finally:
+        main.close()
+    for row, dims in (("random search", 24), ("global TIES", 4)):
+        sub = open_run(tmp_path / "run" / "compare" / row.replace(" ", "_"))
+        try:
+            sub_cfg, xs = sub.config, sub.store.candidates()
+        finally:
+            sub.close()
+        assert {k: sub_cfg[k] for k in ("fitness", "budget", "seed", "sources")} == {
+            k: main_cfg[k] for k in ("fitness", "budget", "seed", "sources")}
+        assert "holdout" not in sub_cfg and len(xs) == 3 and all(len(c.x) == dims for c in xs.values())
+    assert sub_cfg["optimizer"] == main_cfg["optimizer"] and sub_cfg["space"]["options"]["granularity"] == 0
     best = tmp_path / "run" / "best_model"
     assert (best / "config.json").is_file() and list(best.glob("*.safetensors"))
     # the exported model is the evolved best: scored on its own, it gives the table's numbers
@@ -307,3 +331,41 @@ def test_demo_lmeval_table_is_the_native_table_up_to_the_trailing_space(tmp_path
         for t in ("math_j", "lang_j", "math_e"):
             got = rows[name][f"lm_eval/zoo_{t}_test/acc"]
             assert got == want[f"acc_tf/{t}"] if (name, t) == ("BASE", "math_j") else got <= want[f"acc_tf/{t}"], (name, t)
+
+
+def test_a_search_the_wall_time_cap_cut_is_flagged_in_the_table_and_in_one_line(capsys):
+    from evomerge.holdout import print_table
+
+    searched = {"evaluations": 300, "budget": 300, "stopped": "budget: evaluations", "cut": False}
+    cut = {"evaluations": 82, "budget": 300, "stopped": "budget: wall time", "cut": True}
+    print_table({"rows": {"TIES": {"acc": 0.25}, "random search": {"acc": 0.3}, "evolved best": {"acc": 0.4}},
+                 "best": 7, "seed": 0, "percent": True, "wall_time": 285.0,
+                 "searches": {"random search": searched, "evolved best": cut}})
+    out = capsys.readouterr().out
+    assert "82 of 300, CUT" in out and "CUT BY THE WALL-TIME CAP: evolved best" in out
+    lines = [line for line in out.splitlines() if "warning" in line]
+    assert lines == ["evomerge: warning: the wall-time cap (285 s) cut the search of 'evolved best' at 82 of 300 "
+                     "evaluations: its result depends on this machine's speed; `evomerge resume` with a larger "
+                     "--wall-time finishes it"]
+    assert re.search(r"random search │\s+30\.0 │\s+300 │", out)
+
+
+@needs_zoo
+def test_resuming_with_a_larger_budget_continues_the_comparison_searches_to_it(tmp_path):
+    cfg = reduced("demo", tmp_path, evaluations=2, limit=2)
+    run_dir = tmp_path / "run"
+    out = evomerge("run", str(cfg), "--run-dir", str(run_dir), "-q", timeout=600)  # three searches and a table
+    assert out.returncode == 0, out.stderr[-2000:]
+    from evomerge.store import RunStore
+
+    def history(row: str) -> list:
+        with RunStore.open(run_dir / "compare" / row, readonly=True) as s:
+            return [(c.id, c.x) for c in s.candidates().values()]
+
+    first = {row: history(row) for row in ("random_search", "global_TIES")}
+    out = evomerge("resume", str(run_dir), "--evaluations", "3", "-q", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    searches = json.loads((run_dir / "holdout.json").read_text())["searches"]
+    assert {r: s["evaluations"] for r, s in searches.items()} == {"random search": 3, "global TIES": 3, "evolved best": 3}
+    for row, before in first.items():  # continued, not searched again from the start
+        assert history(row)[:2] == before and len(history(row)) == 3

@@ -155,3 +155,41 @@ def test_ctrl_c_stops_cleanly_and_resume_completes_the_same_run(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert _history(run_dir) == _history(tmp_path / "ref")
+
+
+def test_killed_sessions_count_against_wall_time_up_to_their_last_evaluation(tmp_path):
+    """Three killed sessions and a resume: the killed ones count (from their start to their last recorded
+    evaluation), so a run that keeps crashing still reaches its wall-time budget."""
+    cfg = _config(tmp_path, {"name": "random"})
+    data = yaml.safe_load(cfg.read_text())
+    data["budget"] = {"evaluations": 10_000, "wall_time": "1h"}
+    cfg.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "r"
+    cmd = _cli("run", str(cfg), "--run-dir", str(run_dir), "-q")
+    for target in (8, 16, 24):
+        proc = subprocess.Popen(cmd, env=_env(tmp_path / "c"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(_committed(run_dir)) < target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        cmd = _cli("resume", str(run_dir), "-q")
+    con = sqlite3.connect(f"file:{run_dir / STORE_FILE}?mode=ro", uri=True)
+    starts = [r[0] for r in con.execute("SELECT started_at FROM sessions WHERE ended_at IS NULL ORDER BY id")]
+    done = [r[0] for r in con.execute("SELECT finished_at FROM evaluations ORDER BY seq")]
+    con.close()
+    assert len(starts) == 3
+    # each killed session: from its start to the last evaluation before the next session began
+    bounds = [*starts[1:], float("inf")]
+    spans = [max(t for t in done if s <= t < e) - s for s, e in zip(starts, bounds)]
+    assert all(s > 0.03 * 7 for s in spans)  # each recorded 8+ evaluations of 0.03 s
+    with RunStore.open(run_dir, readonly=True) as s:
+        assert s.elapsed() == pytest.approx(sum(spans), abs=1e-6)
+    with RunStore.open(run_dir, readonly=True) as s:
+        n = s.counts()["evaluations"] + s.counts()["in_flight"]  # what was in flight at the kill is finished
+    # a wall-time budget those sessions already spent: the resumed run asks for nothing new, and says it was cut
+    out = subprocess.run(_cli("resume", str(run_dir), "--wall-time", f"{sum(spans) * 0.9:.3f}s", "-q"),
+                         env=_env(tmp_path / "c"), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "stopped (budget: wall time)" in out.stdout and len(_committed(run_dir)) == n
+    assert f"cut the search of 'this run' at {n} of 10000 evaluations" in out.stdout

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,12 +86,24 @@ def test_tiny_build_writes_loadable_zoo(tmp_path):
         assert len(rows) == (200 if task.endswith("dev") else 400)
         assert set(rows[0]) == {"prompt", "reference"}
     assert not list(out.glob(".zoo-build-*"))  # the scratch dir was moved in and removed
+    assert report["zoo_seed"] == 0 and report["stages"]["base"]["seed"] == 1
 
 
-def test_bad_scale_is_a_one_line_error(tmp_path):
-    done = _cli(str(tmp_path / "zoo"), "--scale", "0")
+def test_another_zoo_seed_trains_other_models_on_the_same_held_out_splits(tmp_path):
+    done = _cli(str(tmp_path / "zoo1"), "--scale", "0.004", "--math-tries", "1", "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "zoo1" / "build.json").read_text())
+    assert report["zoo_seed"] == 1
+    assert [report["stages"][s]["seed"] for s in ("base", "math", "lang")] == [1001, 1002, 1003]
+    for task in TASKS:  # the held-out problems do not move with the training seed
+        assert load_task(task, tmp_path / "zoo1") == load_task(task)
+
+
+@pytest.mark.parametrize("option, value", [("--scale", "0"), ("--seed", "-1")])
+def test_bad_scale_or_seed_is_a_one_line_error(tmp_path, option, value):
+    done = _cli(str(tmp_path / "zoo"), option, value)
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "--scale" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and option in done.stderr
     assert not (tmp_path / "zoo").exists()
 
 

@@ -43,6 +43,9 @@ STAGES = (
 MATH_GATE = 55.0
 MATH_TRIES = 4
 SEED_STRIDE = 100
+# `--seed N` shifts every stage's seed (its init and its data draws) by N * ZOO_SEED_STRIDE: another zoo from
+# the same recipe, to see whether a result holds beyond one training draw. The held-out splits do not move.
+ZOO_SEED_STRIDE = 1000
 
 SCORED = ("math_j_test", "math_j_dev", "math_e_dev", "lang_j_dev")  # in build.json; the other test splits stay unseen
 Progress = Callable[[str, int, int], None]  # (stage, steps done in this call, total steps planned)
@@ -58,9 +61,10 @@ def math_reads_j(model, enc: Encoder, examples: list[tasks.Example]) -> float:
 
 
 def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, base_from: str | Path | None = None,
-          progress: Progress | None = None) -> dict:
+          seed: int = 0, progress: Progress | None = None) -> dict:
     """Train the zoo into `out`; `scale` multiplies every stage's steps (tests use a tiny one).
-    `base_from`: a BASE checkpoint dir to start the experts from instead of pretraining one (the slow stage)."""
+    `base_from`: a BASE checkpoint dir to start the experts from instead of pretraining one (the slow stage).
+    `seed`: the zoo's training seed (0 = the shipped zoo)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -68,12 +72,12 @@ def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, 
     tok = tokenizer()
     enc = Encoder(tok)
     splits = tasks.eval_splits()
-    stages = {s.name: replace(s, steps=max(1, round(s.steps * scale)), warmup=max(1, round(s.warmup * scale)))
-              for s in STAGES}
+    stages = {s.name: replace(s, steps=max(1, round(s.steps * scale)), warmup=max(1, round(s.warmup * scale)),
+                              seed=s.seed + ZOO_SEED_STRIDE * seed) for s in STAGES}
     if base_from is not None:
         stages.pop("base")
     planned = sum(s.steps for s in stages.values())
-    report: dict = {"arch": "", "stages": {}, "scores": {}, "math_gate": {"threshold": MATH_GATE, "draws": []}}
+    report: dict = {"arch": "", "zoo_seed": seed, "stages": {}, "scores": {}, "math_gate": {"threshold": MATH_GATE, "draws": []}}
     t_all = time.perf_counter()
 
     def run(stage: Stage, init_from=None):

@@ -1,0 +1,87 @@
+"""Comparison searches: the rows of `holdout.compare`, each found by a search of its own.
+
+A fair table gives every tuned row the same budget. Each entry replaces the run's `space` and/or `optimizer`
+and keeps its fitness, budget and seed; it searches in RUN_DIR/compare/<row>, a run directory like any other,
+so a killed comparison resumes where it stopped and a finished one is not searched again. `searched` says
+how many evaluations a search did and whether its wall-time cap, rather than its evaluation budget, ended it.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from evomerge.config import RunConfig, parse_config
+from evomerge.records import UserError
+
+COMPARE_DIR = "compare"
+_ENDED = ("budget", "optimizer done")  # stop reasons of a search that is over (not killed, not interrupted)
+
+
+def compare_dir(run_dir: Path, row: str) -> Path:
+    return Path(run_dir) / COMPARE_DIR / (re.sub(r"[^A-Za-z0-9_.-]+", "_", row).strip("_") or "row")
+
+
+def compare_config(cfg: RunConfig, row: str) -> RunConfig:
+    """The run's config with the entry's space/optimizer, no holdout of its own."""
+    entry = cfg.holdout.compare[row]
+    data = {**cfg.to_dict(), "holdout": None}
+    for key in ("space", "optimizer"):
+        part = getattr(entry, key)
+        if part is not None:
+            data[key] = part.model_dump(mode="json", exclude_none=True)
+    return parse_config({k: v for k, v in data.items() if v is not None})
+
+
+def searched(store: Any, budget: dict[str, Any]) -> dict[str, Any]:
+    """How a search ended: evaluations done, the evaluation budget, the last stop reason, and `cut` when the
+    wall-time cap stopped it before its evaluation budget (the result then depends on the machine's speed)."""
+    done = store.counts()["evaluations"]
+    sessions = store.sessions()
+    stopped = sessions[-1]["reason"] if sessions else None
+    total = budget.get("evaluations")
+    cut = stopped == "budget: wall time" and total is not None and done < total
+    return {"evaluations": done, "budget": total, "stopped": stopped, "cut": cut}
+
+
+def cut_message(row: str, info: dict[str, Any], wall_time: float | None) -> str:
+    return (f"evomerge: warning: the wall-time cap ({wall_time:g} s) cut the search of {row!r} at "
+            f"{info['evaluations']} of {info['budget']} evaluations: its result depends on this machine's speed; "
+            f"`evomerge resume` with a larger --wall-time finishes it")
+
+
+def run_comparison(cfg: RunConfig, run_dir: Path, row: str, *, progress: bool = True) -> Path:
+    """Search for row `row` (or finish its search) and return its run directory."""
+    from evomerge.assemble import open_engine
+    from evomerge.store import RunStore, is_run_dir
+
+    target = compare_dir(run_dir, row)
+    sub = compare_config(cfg, row)
+    budget = sub.budget.model_dump(exclude_none=True)
+    if is_run_dir(target):
+        with RunStore.open(target, readonly=True) as store:
+            same = parse_config(store.config).budget == sub.budget
+            info = searched(store, budget)
+        if same and info["stopped"] is not None and info["stopped"].startswith(_ENDED):
+            return target
+        engine = open_engine(None, target, resume=True, budget=budget)
+    else:
+        engine = open_engine(sub, target, resume=False)
+    try:
+        if progress:
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task(f"search for {row}", total=sub.budget.evaluations,
+                                    completed=engine.store.counts()["evaluations"])
+                engine.on_progress = lambda p: bar.update(task, completed=p.done)
+                reason = engine.run()
+        else:
+            reason = engine.run()
+    finally:
+        engine.store.close()
+    if reason == "interrupted":
+        raise KeyboardInterrupt
+    if not reason.startswith(_ENDED):
+        raise UserError(f"the comparison search {row!r} in {target} stopped ({reason})")
+    return target
