@@ -178,19 +178,17 @@ def register(app: typer.Typer) -> None:
     def status(
         run_dir: Path = typer.Argument(..., help="A run directory."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the run stops (Ctrl-C to leave)."),
+        every: float = typer.Option(2.0, "--every", help="Seconds between refreshes with --watch."),
     ) -> None:
         """Evaluations done / failed / in flight, best per objective, Pareto size, hypervolume, cost."""
-        info = run_status(run_dir)
-        if as_json:
-            print(json.dumps(info, indent=2))
+        if not watch:
+            info = run_status(run_dir)
+            print(json.dumps(info, indent=2) if as_json else status_text(run_dir, info))
             return
-        print(f"{run_dir}: {info['evaluations']} evaluations ({info['failed']} failed), {info['in_flight']} in flight, "
-              f"last stop: {info['last_stop'] or 'running or killed'}")
-        for name, b in info["best"].items():
-            print(f"  best {name} ({b['direction']}): {b['value']:.6g}  (candidate {b['candidate']})")
-        print(f"  pareto front: {info['pareto_size']} candidates; hypervolume {info['hypervolume']}")
-        if info["cost"]:
-            print("  cost: " + ", ".join(f"{k} {v:.4g}" for k, v in info["cost"].items()))
+        if every <= 0:
+            raise UserError(f"--every must be > 0 seconds, got {every}")
+        _watch(run_dir, as_json, every)
 
     @app.command("export")
     def export(
@@ -222,6 +220,43 @@ def register(app: typer.Typer) -> None:
 
         write_report(run_dir, out)
         print(f"wrote {out}")
+
+
+def status_text(run_dir: Path, info: dict[str, Any]) -> str:
+    from evomerge.figures import fmt
+
+    lines = [f"{run_dir}: {info['evaluations']} evaluations ({info['failed']} failed), {info['in_flight']} in flight, "
+             f"last stop: {info['last_stop'] or 'running or killed'}"]
+    lines += [f"  best {name} ({b['direction']}): {fmt(b['value'])}  (candidate {b['candidate']})"
+              for name, b in info["best"].items()]
+    hv = "" if info["hypervolume"] is None else f"; hypervolume {fmt(info['hypervolume'])}"
+    lines.append(f"  pareto front: {info['pareto_size']} candidates{hv}")
+    if info["cost"]:
+        lines.append("  cost: " + ", ".join(f"{k} {fmt(v)}" for k, v in info["cost"].items()))
+    return "\n".join(lines)
+
+
+def _watch(run_dir: Path, as_json: bool, every: float) -> None:
+    """Print the status every `every` seconds until the run's last session has ended: a terminal redraws it in
+    place, a log (a cluster job's output) gets one timestamped block per refresh, written only when it changed."""
+    import sys
+    import time
+
+    tty = sys.stdout.isatty()
+    last = None
+    try:
+        while True:
+            info = run_status(run_dir)
+            text = json.dumps(info) if as_json else status_text(run_dir, info)
+            if text != last:
+                stamp = time.strftime("%H:%M:%S")
+                print(("\x1b[2J\x1b[H" if tty else "") + (text if as_json else f"[{stamp}] {text}"), flush=True)
+                last = text
+            if info["last_stop"] is not None:
+                return
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

@@ -277,6 +277,24 @@ class RunStore:
             raise UserError(f"candidate {candidate_id} has no recorded recipe")
         return Recipe.from_dict(json.loads(row[0]))
 
+    def recipes(self, ids: Iterable[int]) -> dict[int, Recipe]:
+        """The recorded recipes of `ids` (candidates without one are left out), read in one query."""
+        rows = self._con.execute("SELECT id, recipe FROM candidates WHERE recipe IS NOT NULL AND id IN "
+                                 "(SELECT value FROM json_each(?))", (_dumps(sorted(set(ids))),))
+        return {i: Recipe.from_dict(json.loads(r)) for i, r in rows}
+
+    def genomes(self, ids: Sequence[int], columns: Sequence[int] | None = None):
+        """The genomes of `ids`, in that order, as rows of a float64 numpy matrix keeping only `columns`:
+        no Python float per coordinate, so 1,000 genomes of 19,210 dimensions cost 150 MB, not 1.2 GB."""
+        import numpy as np
+
+        blobs = dict(self._con.execute("SELECT id, x FROM candidates WHERE id IN (SELECT value FROM json_each(?))",
+                                       (_dumps(sorted(set(ids))),)))
+        cols = slice(None) if columns is None else list(columns)
+        rows = [np.frombuffer(b, dtype="<f8")[cols] if isinstance(b, bytes) else np.asarray(json.loads(b))[cols]
+                for b in (blobs[i] for i in ids)]
+        return np.stack(rows) if rows else np.zeros((0, 0 if columns is None else len(cols)))
+
     def evaluations(self) -> list[Evaluation]:
         """Every evaluation, in commit order."""
         out = []
