@@ -137,8 +137,8 @@ def parallel_figure(ok, genomes: np.ndarray, names: list[str], objectives) -> "A
     import plotly.graph_objects as go
 
     first = objectives[0]
-    dims = [dict(label=_short(n), values=genomes[:, k]) for k, n in enumerate(names)]
-    dims += [dict(label=o.name, values=ok[o.name].to_numpy(dtype=float)) for o in objectives]
+    dims = [dict(label=_short(n), values=genomes[:, k], tickformat=".3g") for k, n in enumerate(names)]
+    dims += [dict(label=o.name, values=ok[o.name].to_numpy(dtype=float), tickformat=".4g") for o in objectives]
     color = ok[first.name].to_numpy(dtype=float)
     fig = go.Figure(go.Parcoords(dimensions=dims, line=dict(color=color, colorscale="Viridis",
                                                               reversescale=first.direction == "min",
