@@ -130,3 +130,27 @@ def test_status_watch_follows_a_running_run(tmp_path):
     # several refreshes while it ran, each with more evaluations, the last one when it stopped
     assert len(counts) >= 3 and counts == sorted(counts) and len(set(counts)) == len(counts)
     assert counts[-1] == 30 and "last stop: budget: evaluations" in watch.stdout.splitlines()[-3]
+
+
+def test_explorer_follows_a_run_still_going(tmp_path):
+    """The explorer holds no connection: refresh() sees what a writer committed since, the pick is kept."""
+    pytest.importorskip("ipywidgets")
+    from evomerge.explorer import Explorer
+
+    run_dir = _box_run(tmp_path, evaluations=8)
+    explorer = Explorer(run_dir, export_to=tmp_path / "out")
+    assert explorer.summary.value.startswith("8 evaluations") and len(explorer.picker.options) == 8
+    picked = explorer.picker.options[-1][1]
+    explorer.picker.value = picked
+    engine = open_engine(None, run_dir, resume=True, budget={"evaluations": 16})
+    assert engine.run() == "budget: evaluations"
+    engine.store.close()
+    explorer.refresh()
+    assert explorer.summary.value.startswith("16 evaluations") and len(explorer.picker.options) == 16
+    assert explorer.selected == picked and sum(len(t.x) for t in explorer.front.data) == 16
+    assert "No held-out table yet" in explorer.scores.value
+    _holdout(run_dir)
+    explorer.refresh()
+    assert '<table id="holdout"' in explorer.scores.value
+    explorer.export_button.click()  # a plain-box run has genomes, not recipes: said in the widget, not raised
+    assert "has no recorded recipe" in explorer.export_status.value
