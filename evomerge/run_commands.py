@@ -68,12 +68,17 @@ def _drive(engine, quiet: bool) -> str:
     return reason
 
 
-def _finish(run_dir: Path, reason: str, quiet: bool) -> None:
-    """Once the budget is reached (or the optimizer is done): the held-out table and the export the config asks for."""
-    if reason.startswith("budget") or reason == "optimizer done":
-        from evomerge.holdout import finish_run
+def _tracked(run_dir: Path, engine, quiet: bool) -> None:
+    """Drive the search, then (once the budget is reached or the optimizer is done) the held-out table and the
+    export the config asks for, while the config's trackers are fed in the background."""
+    from evomerge.trackers import tracking
 
-        finish_run(run_dir, progress=not quiet)
+    with tracking(run_dir) as feed:
+        reason = _drive(engine, quiet)
+        if reason.startswith("budget") or reason == "optimizer done":
+            from evomerge.holdout import finish_run
+
+            feed.log_table(finish_run(run_dir, progress=not quiet))
 
 
 def _default_run_dir(config: Path) -> Path:
@@ -131,7 +136,7 @@ def register(app: typer.Typer) -> None:
             return
         target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
         engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan)
-        _finish(target, _drive(engine, quiet), quiet)
+        _tracked(target, engine, quiet)
 
     @app.command("resume")
     def resume_cmd(
@@ -147,7 +152,7 @@ def register(app: typer.Typer) -> None:
 
         budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
         engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan)
-        _finish(run_dir, _drive(engine, quiet), quiet)
+        _tracked(run_dir, engine, quiet)
 
     @app.command("holdout")
     def holdout(
@@ -156,9 +161,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
         from evomerge.holdout import finish_run
+        from evomerge.trackers import tracking
 
-        if finish_run(run_dir, progress=not quiet) is None:
-            raise UserError(f"the run in {run_dir} has no holdout section in its config")
+        with tracking(run_dir) as feed:
+            result = finish_run(run_dir, progress=not quiet)
+            if result is None:
+                raise UserError(f"the run in {run_dir} has no holdout section in its config")
+            feed.log_table(result)
 
     @app.command("compare")
     def compare_cmd(

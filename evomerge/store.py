@@ -288,18 +288,20 @@ class RunStore:
         no Python float per coordinate, so 1,000 genomes of 19,210 dimensions cost 150 MB, not 1.2 GB."""
         import numpy as np
 
-        blobs = dict(self._con.execute("SELECT id, x FROM candidates WHERE id IN (SELECT value FROM json_each(?))",
-                                       (_dumps(sorted(set(ids))),)))
         cols = slice(None) if columns is None else list(columns)
-        rows = [np.frombuffer(b, dtype="<f8")[cols] if isinstance(b, bytes) else np.asarray(json.loads(b))[cols]
-                for b in (blobs[i] for i in ids)]
+        kept = {}  # one blob at a time: only the kept columns of each stay in memory
+        for i, b in self._con.execute("SELECT id, x FROM candidates WHERE id IN (SELECT value FROM json_each(?))",
+                                      (_dumps(sorted(set(ids))),)):
+            kept[i] = (np.frombuffer(b, dtype="<f8") if isinstance(b, bytes) else np.asarray(json.loads(b)))[cols].copy()
+        rows = [kept[i] for i in ids]
         return np.stack(rows) if rows else np.zeros((0, 0 if columns is None else len(cols)))
 
-    def evaluations(self) -> list[Evaluation]:
-        """Every evaluation, in commit order."""
+    def evaluations(self, after: int = 0) -> list[Evaluation]:
+        """Every evaluation, in commit order; with `after=n`, those numbered n+1, n+2, ... (numbers run 1, 2, ...
+        without gaps, so the k-th one returned is evaluation n+k)."""
         out = []
         for cid, _seq, status, obj, pe, err, tim, worker, cost, _t in self._con.execute(
-                "SELECT * FROM evaluations ORDER BY seq"):
+                "SELECT * FROM evaluations WHERE seq > ? ORDER BY seq", (after,)):
             out.append(Evaluation(candidate_id=cid, status=status, objectives=json.loads(obj),
                                   per_example=None if pe is None else json.loads(pe), error=err,
                                   timings=json.loads(tim), worker=worker, cost=json.loads(cost)))
