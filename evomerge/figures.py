@@ -17,6 +17,7 @@ from evomerge.recipe import Recipe
 _LAYER = re.compile(r"(?:^|[._/])layers?[._]?(\d+(?:-\d+)?)(?=[._/]|$)")
 PARALLEL_DIMS = 24  # more axes than this are unreadable: an evenly spaced choice of the genome's dimensions
 SUMMARY_DIMS = 6  # coordinates a plain-box genome shows in a hover label
+HEATMAP_ROWS = 64  # parameters a heatmap shows
 PARALLEL_ROWS = 1000  # lines drawn: the front plus an even sample of the rest (each line costs every axis)
 
 
@@ -216,6 +217,9 @@ def heatmap_figure(rows: list[str], cols: list[str], cells: dict[tuple[str, str]
     """Parameters (rows) by layer (columns), the value written in each cell; an empty cell has no value."""
     import plotly.graph_objects as go
 
+    if len(rows) > HEATMAP_ROWS:  # e.g. a genome of flat parameters: 19,210 rows would be 650,000 pixels high
+        title = f"{title + ': ' if title else ''}the first {HEATMAP_ROWS} of {len(rows)} rows"
+        rows = rows[:HEATMAP_ROWS]
     z = [[cells.get((r, c)) for c in cols] for r in rows]
     text = [[fmt(v) if v is not None else "" for v in line] for line in z]
     fig = go.Figure(go.Heatmap(z=z, x=[f"layer {c}" if c != "all" else "all" for c in cols], y=rows, text=text,
