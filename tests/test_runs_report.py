@@ -113,9 +113,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_status_watch_follows_a_running_run(tmp_path):
     cfg = {"space": {"bounds": [[0, 1]] * 3}, "optimizer": {"name": "random"},
            "fitness": {"function": "runs_fixtures:slow_sphere", "objectives": [{"name": "score", "direction": "max"}]},
-           "budget": {"evaluations": 30}, "seed": 1}
+           "budget": {"evaluations": 40}, "seed": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "EVOMERGE_TEST_SLEEP": "0.1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "EVOMERGE_TEST_SLEEP": "0.25"}
     cli = [sys.executable, "-c", "from evomerge.cli import main; main()"]
     run = subprocess.Popen([*cli, "run", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "r"), "-q"], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -129,7 +129,7 @@ def test_status_watch_follows_a_running_run(tmp_path):
     counts = [int(n) for n in re.findall(r"\] \S+: (\d+) evaluations", watch.stdout)]
     # several refreshes while it ran, each with more evaluations, the last one when it stopped
     assert len(counts) >= 3 and counts == sorted(counts) and len(set(counts)) == len(counts)
-    assert counts[-1] == 30 and "last stop: budget: evaluations" in watch.stdout.splitlines()[-3]
+    assert counts[-1] == 40 and "last stop: budget: evaluations" in watch.stdout.splitlines()[-3]
 
 
 def test_explorer_follows_a_run_still_going(tmp_path):
