@@ -62,7 +62,7 @@ def render(run_dir: str | Path) -> str:
             parts.append(("Optimization history", "<p>No successful evaluation yet.</p>"))
         else:
             parts.append(("Optimization history: every evaluation and the best so far", figures.history_figure(df, objs)))
-            front_ids = {int(i) for i in run.pareto().id} if len(objs) >= 2 else {int(run.best()["id"])}
+            front_ids = {int(i) for i in run.pareto().id} if len(objs) >= 2 else {int(run.best(genomes=False)["id"])}
             if len(objs) >= 2:
                 labels = hover_labels(run, [int(i) for i in ok.id])
                 parts.append((f"Pareto front ({len(front_ids)} of {len(ok)} candidates)",
@@ -76,7 +76,7 @@ def render(run_dir: str | Path) -> str:
                 [f"{len(rows)} of {len(ok)} candidates"] if len(rows) < len(ok) else [])
             title = "Parallel coordinates over the genome" + (f" ({', '.join(notes)})" if notes else "")
             parts.append((title, figures.parallel_figure(drawn, run.store.genomes(rows, dims), [names[k] for k in dims], objs)))
-            cid = int(run.best()["id"])
+            cid = int(run.best(genomes=False)["id"])
             recipe = run.store.recipes([cid]).get(cid)
             x = list(run.store.genomes([cid])[0])
             parts.append((f"Best candidate {cid} on {objs[0].name}: its recipe per layer",

@@ -83,7 +83,7 @@ class Run:
         if self._frame is None or self._frame[0] != n:  # re-read only when the run has new evaluations
             objs = self.objectives
             rows = []
-            for e in self.store.evaluations():
+            for e in self.store.evaluations(per_example=False):
                 row: dict[str, Any] = {"id": e.candidate_id, "status": e.status}
                 for o in objs:
                     row[o.name] = e.objectives.get(o.name, float("nan"))
@@ -120,13 +120,15 @@ class Run:
         ok = self._ok()
         return self._with_genomes(ok[nondominated(self.signed(ok))] if len(ok) else ok)
 
-    def best(self, objective: str | None = None):
-        """The row of the best successful evaluation on `objective` (default: the first objective)."""
+    def best(self, objective: str | None = None, genomes: bool = True):
+        """The row of the best successful evaluation on `objective` (default: the first objective); without its
+        `x.<name>` columns with `genomes=False` (a frame of 19,210 columns costs seconds to build)."""
         obj = self._objective(objective)
         ok = self._ok()
         if not len(ok):
             raise UserError(f"{self.run_dir} has no successful evaluation yet")
-        return self._with_genomes(ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]).iloc[0]
+        row = ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]
+        return (self._with_genomes(row) if genomes else row).iloc[0]
 
     def _objective(self, name: str | None) -> Objective:
         objs = self.objectives

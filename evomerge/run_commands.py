@@ -278,7 +278,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         best: dict[str, Any] = {}
         for o in run.objectives:
             try:
-                row = run.best(o.name)
+                row = run.best(o.name, genomes=False)
             except UserError:
                 continue
             best[o.name] = {"value": float(row[o.name]), "candidate": int(row["id"]), "direction": o.direction}

@@ -296,12 +296,15 @@ class RunStore:
         rows = [kept[i] for i in ids]
         return np.stack(rows) if rows else np.zeros((0, 0 if columns is None else len(cols)))
 
-    def evaluations(self, after: int = 0) -> list[Evaluation]:
+    def evaluations(self, after: int = 0, per_example: bool = True) -> list[Evaluation]:
         """Every evaluation, in commit order; with `after=n`, those numbered n+1, n+2, ... (numbers run 1, 2, ...
-        without gaps, so the k-th one returned is evaluation n+k)."""
+        without gaps, so the k-th one returned is evaluation n+k). `per_example=False` leaves the per-example
+        scores unread (None): tables and trackers do not need them, and they are most of a large run's reading."""
         out = []
+        pe_col = "per_example" if per_example else "NULL"
         for cid, _seq, status, obj, pe, err, tim, worker, cost, _t in self._con.execute(
-                "SELECT * FROM evaluations WHERE seq > ? ORDER BY seq", (after,)):
+                "SELECT candidate_id, seq, status, objectives, " + pe_col + ", error, timings, worker, cost, finished_at "
+                "FROM evaluations WHERE seq > ? ORDER BY seq", (after,)):
             out.append(Evaluation(candidate_id=cid, status=status, objectives=json.loads(obj),
                                   per_example=None if pe is None else json.loads(pe), error=err,
                                   timings=json.loads(tim), worker=worker, cost=json.loads(cost)))

@@ -227,7 +227,7 @@ class TrackerFeed:
         """Log the evaluations after number `done`; returns the last one logged, None once the tracker failed."""
         from evomerge.figures import parallel_dims
 
-        evals = store.evaluations(after=done)
+        evals = store.evaluations(after=done, per_example=False)
         names = store.space_names
         dims = parallel_dims(names)  # the same evenly spaced dimensions the parallel-coordinates plot shows
         for b in range(0, len(evals), tracker.batch):
