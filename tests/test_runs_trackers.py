@@ -86,7 +86,8 @@ def test_mlflow_and_wandb_get_every_evaluation_once_across_a_kill_and_resume(tmp
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(tracking_uri=uri).search_experiments()  # the tracking database exists (its creation takes 10 s)
+    # the tracking database and experiment exist (creating the database takes 10 s), its artifacts under tmp_path
+    MlflowClient(tracking_uri=uri).create_experiment("merges", artifact_location=(tmp_path / "artifacts").as_uri())
     cfg = _config(tmp_path, [{"kind": "mlflow", "uri": uri, "experiment": "merges"},
                              {"kind": "wandb", "mode": "offline", "project": "merges", "dir": str(tmp_path / "wb")}])
     run_dir = tmp_path / "run"
