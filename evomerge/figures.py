@@ -18,6 +18,7 @@ _LAYER = re.compile(r"(?:^|[._/])layers?[._]?(\d+(?:-\d+)?)(?=[._/]|$)")
 PARALLEL_DIMS = 24  # more axes than this are unreadable: an evenly spaced choice of the genome's dimensions
 SUMMARY_DIMS = 6  # coordinates a plain-box genome shows in a hover label
 HEATMAP_ROWS = 64  # parameters a heatmap shows
+WEBGL_POINTS = 5000  # more markers than this draw with WebGL: as SVG nodes they take a browser many seconds
 PARALLEL_ROWS = 1000  # lines drawn: the front plus an even sample of the rest (each line costs every axis)
 
 
@@ -70,7 +71,7 @@ def history_figure(df, objectives) -> "Any":
         signed = np.where(good, v * o.sign(), -np.inf)
         best = np.maximum.accumulate(signed) * o.sign() if len(v) else v
         best = np.where(np.isfinite(best), best, np.nan)
-        fig.add_trace(go.Scatter(x=number[good], y=v[good], mode="markers", name=f"{o.name}: evaluation",
+        fig.add_trace(_scatter(int(good.sum()))(x=number[good], y=v[good], mode="markers", name=f"{o.name}: evaluation",
                                  marker=dict(size=4, color="#8fa9bf"), customdata=df.id.to_numpy()[good],
                                  hovertemplate="evaluation %{x}<br>candidate %{customdata}<br>"
                                                f"{o.name} %{{y:.4g}}<extra></extra>"), row=row, col=1)
@@ -98,11 +99,17 @@ def pareto_figure(ok, front_ids: set[int], objectives, labels: dict[int, str], x
         text = ["<br>".join([f"candidate {cid}", *(f"{o.name} = {fmt(v[k])}" for o, v in zip(objectives, values)),
                              labels.get(cid, "")])
                 for k, cid in enumerate(int(i) for i in part.id)]
-        fig.add_trace(go.Scatter(x=part[xo], y=part[yo], mode="markers", name=name, text=text,
+        fig.add_trace(_scatter(len(ok))(x=part[xo], y=part[yo], mode="markers", name=name, text=text,
                                  customdata=part.id.to_numpy(), hovertemplate="%{text}<extra></extra>",
                                  marker=dict(color=color, size=size, line=dict(width=0.5, color="#333"))))
     fig.update_layout(xaxis_title=xo, yaxis_title=yo, height=480, margin=dict(t=30), hoverlabel=dict(align="left"))
     return fig
+
+
+def _scatter(points: int):
+    import plotly.graph_objects as go
+
+    return go.Scattergl if points > WEBGL_POINTS else go.Scatter
 
 
 def hypervolume_figure(history: list[float]) -> "Any":
