@@ -252,7 +252,7 @@ def holdout_html(result: dict[str, Any]) -> str:
     import html
 
     df = holdout_frame(result)
-    percent = bool(result.get("percent", False))
+    percent = bool(result.get("percent", True))  # as `evomerge holdout` prints it
     tops = {}
     for c in df.columns:
         nums = [v for v in df[c] if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]

@@ -42,6 +42,41 @@ def hover_labels(run, ids: list[int]) -> dict[int, str]:
             **{i: figures.genome_summary(list(x), width) for i, x in zip(missing, heads)}}
 
 
+def sections(run) -> list[tuple[str, Any]]:
+    """The report's sections of an open run, in order: (title, HTML text or a plotly figure)."""
+    objs = run.objectives
+    df = run.frame(genomes=False)
+    ok = run._ok()
+    holdout = read_holdout(run.run_dir)
+    parts: list[tuple[str, Any]] = [("Held-out comparison", figures.holdout_html(holdout) if holdout else
+                                     f"<p>No held-out table yet: <code>evomerge holdout "
+                                     f"{html.escape(str(run.run_dir))}</code> writes it.</p>")]
+    if not len(ok):
+        return parts + [("Optimization history", "<p>No successful evaluation yet.</p>")]
+    parts.append(("Optimization history: every evaluation and the best so far", figures.history_figure(df, objs)))
+    best = int(run.best(genomes=False)["id"])
+    front_ids = {int(i) for i in run.pareto().id} if len(objs) >= 2 else {best}
+    if len(objs) >= 2:
+        labels = hover_labels(run, [int(i) for i in ok.id])
+        parts.append((f"Pareto front ({len(front_ids)} of {len(ok)} candidates)",
+                      figures.pareto_figure(ok, front_ids, objs, labels)))
+        parts.append(("Hypervolume over evaluations", figures.hypervolume_figure(run.hypervolume_history())))
+    names = run.store.space_names
+    dims = figures.parallel_dims(names)
+    rows = figures.parallel_rows(ok, front_ids)
+    notes = ([f"{len(dims)} of its {len(names)} dimensions"] if len(dims) < len(names) else []) + (
+        [f"{len(rows)} of {len(ok)} candidates"] if len(rows) < len(ok) else [])
+    parts.append(("Parallel coordinates over the genome" + (f" ({', '.join(notes)})" if notes else ""),
+                  figures.parallel_figure(ok.set_index("id").loc[rows].reset_index(), run.store.genomes(rows, dims),
+                                          [names[k] for k in dims], objs)))
+    recipe = run.store.recipes([best]).get(best)
+    parts.append((f"Best candidate {best} on {objs[0].name}: its recipe per layer",
+                  figures.heatmap_figure(*figures.candidate_grid(recipe, names, list(run.store.genomes([best])[0])))))
+    if recipe is not None:
+        parts.append(("Its recipe", f"<pre>{html.escape(recipe.to_yaml())}</pre>"))
+    return parts
+
+
 def render(run_dir: str | Path) -> str:
     from plotly.offline import get_plotlyjs
 
@@ -50,39 +85,8 @@ def render(run_dir: str | Path) -> str:
 
     info = run_status(Path(run_dir))
     run = open_run(run_dir)
-    parts: list[tuple[str, Any]] = []
     try:
-        objs = run.objectives
-        df = run.frame(genomes=False)
-        ok = run._ok()
-        holdout = read_holdout(run_dir)
-        parts.append(("Held-out comparison", figures.holdout_html(holdout) if holdout else
-                      f"<p>No held-out table yet: <code>evomerge holdout {html.escape(str(run_dir))}</code> writes it.</p>"))
-        if not len(ok):
-            parts.append(("Optimization history", "<p>No successful evaluation yet.</p>"))
-        else:
-            parts.append(("Optimization history: every evaluation and the best so far", figures.history_figure(df, objs)))
-            front_ids = {int(i) for i in run.pareto().id} if len(objs) >= 2 else {int(run.best(genomes=False)["id"])}
-            if len(objs) >= 2:
-                labels = hover_labels(run, [int(i) for i in ok.id])
-                parts.append((f"Pareto front ({len(front_ids)} of {len(ok)} candidates)",
-                              figures.pareto_figure(ok, front_ids, objs, labels)))
-                parts.append(("Hypervolume over evaluations", figures.hypervolume_figure(run.hypervolume_history())))
-            names = run.store.space_names
-            dims = figures.parallel_dims(names)
-            rows = figures.parallel_rows(ok, front_ids)
-            drawn = ok.set_index("id").loc[rows].reset_index()
-            notes = ([f"{len(dims)} of its {len(names)} dimensions"] if len(dims) < len(names) else []) + (
-                [f"{len(rows)} of {len(ok)} candidates"] if len(rows) < len(ok) else [])
-            title = "Parallel coordinates over the genome" + (f" ({', '.join(notes)})" if notes else "")
-            parts.append((title, figures.parallel_figure(drawn, run.store.genomes(rows, dims), [names[k] for k in dims], objs)))
-            cid = int(run.best(genomes=False)["id"])
-            recipe = run.store.recipes([cid]).get(cid)
-            x = list(run.store.genomes([cid])[0])
-            parts.append((f"Best candidate {cid} on {objs[0].name}: its recipe per layer",
-                          figures.heatmap_figure(*figures.candidate_grid(recipe, names, x))))
-            if recipe is not None:
-                parts.append(("Its recipe", f"<pre>{html.escape(recipe.to_yaml())}</pre>"))
+        parts = sections(run)
     finally:
         run.close()
     best = "".join(f"<li>best {html.escape(k)} ({b['direction']}): {figures.fmt(b['value'])} (candidate {b['candidate']})</li>"

@@ -92,4 +92,4 @@ def test_pareto_explorer_notebook_clicks_picks_shows_and_exports(model_run, tmp_
     exported = tmp_path / "exported" / f"candidate_{picked}.yaml"
     assert f"wrote {exported}" in text and yaml.safe_load(exported.read_text()) == run.recipe(picked).to_dict()
     plots = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
-    assert len(plots) == 3  # history, hypervolume, parallel coordinates
+    assert len(plots) == 5  # history, front, hypervolume, parallel coordinates, heatmap
