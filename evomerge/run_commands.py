@@ -73,12 +73,17 @@ def _drive(engine, quiet: bool) -> str:
     return reason
 
 
-def _finish(run_dir: Path, reason: str, quiet: bool) -> None:
-    """Once the budget is reached (or the optimizer is done): the held-out table and the export the config asks for."""
-    if reason.startswith("budget") or reason == "optimizer done":
-        from evomerge.holdout import finish_run
+def _tracked(run_dir: Path, engine, quiet: bool) -> None:
+    """Drive the search, then (once the budget is reached or the optimizer is done) the held-out table and the
+    export the config asks for, while the config's trackers are fed in the background."""
+    from evomerge.trackers import tracking
 
-        finish_run(run_dir, progress=not quiet)
+    with tracking(run_dir) as feed:
+        reason = _drive(engine, quiet)
+        if reason.startswith("budget") or reason == "optimizer done":
+            from evomerge.holdout import finish_run
+
+            feed.log_table(finish_run(run_dir, progress=not quiet))
 
 
 def _default_run_dir(config: Path) -> Path:
@@ -136,7 +141,7 @@ def register(app: typer.Typer) -> None:
             return
         target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
         engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan)
-        _finish(target, _drive(engine, quiet), quiet)
+        _tracked(target, engine, quiet)
 
     @app.command("resume")
     def resume_cmd(
@@ -152,7 +157,7 @@ def register(app: typer.Typer) -> None:
 
         budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
         engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan)
-        _finish(run_dir, _drive(engine, quiet), quiet)
+        _tracked(run_dir, engine, quiet)
 
     @app.command("holdout")
     def holdout(
@@ -161,9 +166,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
         from evomerge.holdout import finish_run
+        from evomerge.trackers import tracking
 
-        if finish_run(run_dir, progress=not quiet) is None:
-            raise UserError(f"the run in {run_dir} has no holdout section in its config")
+        with tracking(run_dir) as feed:
+            result = finish_run(run_dir, progress=not quiet)
+            if result is None:
+                raise UserError(f"the run in {run_dir} has no holdout section in its config")
+            feed.log_table(result)
 
     @app.command("compare")
     def compare_cmd(
@@ -183,19 +192,17 @@ def register(app: typer.Typer) -> None:
     def status(
         run_dir: Path = typer.Argument(..., help="A run directory."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+        watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the run stops (Ctrl-C to leave)."),
+        every: float = typer.Option(2.0, "--every", help="Seconds between refreshes with --watch."),
     ) -> None:
         """Evaluations done / failed / in flight, best per objective, Pareto size, hypervolume, cost."""
-        info = run_status(run_dir)
-        if as_json:
-            print(json.dumps(info, indent=2))
+        if not watch:
+            info = run_status(run_dir)
+            print(json.dumps(info, indent=2) if as_json else status_text(run_dir, info))
             return
-        print(f"{run_dir}: {info['evaluations']} evaluations ({info['failed']} failed), {info['in_flight']} in flight, "
-              f"last stop: {info['last_stop'] or 'running or killed'}")
-        for name, b in info["best"].items():
-            print(f"  best {name} ({b['direction']}): {b['value']:.6g}  (candidate {b['candidate']})")
-        print(f"  pareto front: {info['pareto_size']} candidates; hypervolume {info['hypervolume']}")
-        if info["cost"]:
-            print("  cost: " + ", ".join(f"{k} {v:.4g}" for k, v in info["cost"].items()))
+        if every <= 0:
+            raise UserError(f"--every must be > 0 seconds, got {every}")
+        _watch(run_dir, as_json, every)
 
     @app.command("export")
     def export(
@@ -229,6 +236,43 @@ def register(app: typer.Typer) -> None:
         print(f"wrote {out}")
 
 
+def status_text(run_dir: Path, info: dict[str, Any]) -> str:
+    from evomerge.figures import fmt
+
+    lines = [f"{run_dir}: {info['evaluations']} evaluations ({info['failed']} failed), {info['in_flight']} in flight, "
+             f"last stop: {info['last_stop'] or 'running or killed'}"]
+    lines += [f"  best {name} ({b['direction']}): {fmt(b['value'])}  (candidate {b['candidate']})"
+              for name, b in info["best"].items()]
+    hv = "" if info["hypervolume"] is None else f"; hypervolume {fmt(info['hypervolume'])}"
+    lines.append(f"  pareto front: {info['pareto_size']} candidates{hv}")
+    if info["cost"]:
+        lines.append("  cost: " + ", ".join(f"{k} {fmt(v)}" for k, v in info["cost"].items()))
+    return "\n".join(lines)
+
+
+def _watch(run_dir: Path, as_json: bool, every: float) -> None:
+    """Print the status every `every` seconds until the run's last session has ended: a terminal redraws it in
+    place, a log (a cluster job's output) gets one timestamped block per refresh, written only when it changed."""
+    import sys
+    import time
+
+    tty = sys.stdout.isatty()
+    last = None
+    try:
+        while True:
+            info = run_status(run_dir)
+            text = json.dumps(info) if as_json else status_text(run_dir, info)
+            if text != last:
+                stamp = time.strftime("%H:%M:%S")
+                print(("\x1b[2J\x1b[H" if tty else "") + (text if as_json else f"[{stamp}] {text}"), flush=True)
+                last = text
+            if info["last_stop"] is not None:
+                return
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return
+
+
 def run_status(run_dir: Path) -> dict[str, Any]:
     """The figures `evomerge status` shows, as plain data."""
     from evomerge.results import open_run
@@ -239,7 +283,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         best: dict[str, Any] = {}
         for o in run.objectives:
             try:
-                row = run.best(o.name)
+                row = run.best(o.name, genomes=False)
             except UserError:
                 continue
             best[o.name] = {"value": float(row[o.name]), "candidate": int(row["id"]), "direction": o.direction}

@@ -282,11 +282,34 @@ class RunStore:
             raise UserError(f"candidate {candidate_id} has no recorded recipe")
         return Recipe.from_dict(json.loads(row[0]))
 
-    def evaluations(self) -> list[Evaluation]:
-        """Every evaluation, in commit order."""
+    def recipes(self, ids: Iterable[int]) -> dict[int, Recipe]:
+        """The recorded recipes of `ids` (candidates without one are left out), read in one query."""
+        rows = self._con.execute("SELECT id, recipe FROM candidates WHERE recipe IS NOT NULL AND id IN "
+                                 "(SELECT value FROM json_each(?))", (_dumps(sorted(set(ids))),))
+        return {i: Recipe.from_dict(json.loads(r)) for i, r in rows}
+
+    def genomes(self, ids: Sequence[int], columns: Sequence[int] | None = None):
+        """The genomes of `ids`, in that order, as rows of a float64 numpy matrix keeping only `columns`:
+        no Python float per coordinate, so 1,000 genomes of 19,210 dimensions cost 150 MB, not 1.2 GB."""
+        import numpy as np
+
+        cols = slice(None) if columns is None else list(columns)
+        kept = {}  # one blob at a time: only the kept columns of each stay in memory
+        for i, b in self._con.execute("SELECT id, x FROM candidates WHERE id IN (SELECT value FROM json_each(?))",
+                                      (_dumps(sorted(set(ids))),)):
+            kept[i] = (np.frombuffer(b, dtype="<f8") if isinstance(b, bytes) else np.asarray(json.loads(b)))[cols].copy()
+        rows = [kept[i] for i in ids]
+        return np.stack(rows) if rows else np.zeros((0, 0 if columns is None else len(cols)))
+
+    def evaluations(self, after: int = 0, per_example: bool = True) -> list[Evaluation]:
+        """Every evaluation, in commit order; with `after=n`, those numbered n+1, n+2, ... (numbers run 1, 2, ...
+        without gaps, so the k-th one returned is evaluation n+k). `per_example=False` leaves the per-example
+        scores unread (None): tables and trackers do not need them, and they are most of a large run's reading."""
         out = []
+        pe_col = "per_example" if per_example else "NULL"
         for cid, _seq, status, obj, pe, err, tim, worker, cost, _t in self._con.execute(
-                "SELECT * FROM evaluations ORDER BY seq"):
+                "SELECT candidate_id, seq, status, objectives, " + pe_col + ", error, timings, worker, cost, finished_at "
+                "FROM evaluations WHERE seq > ? ORDER BY seq", (after,)):
             out.append(Evaluation(candidate_id=cid, status=status, objectives=json.loads(obj),
                                   per_example=None if pe is None else json.loads(pe), error=err,
                                   timings=json.loads(tim), worker=worker, cost=json.loads(cost)))

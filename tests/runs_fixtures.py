@@ -122,3 +122,54 @@ def two_node_run(run_dir: str) -> None:
     print(json.dumps({"reason": reason, "killed": killed, "replaced": engine.executor.replaced,
                       "evals": [[e.candidate_id, e.status, e.worker] for e in evals]}))
     cluster.shutdown()
+
+
+# What a user does in notebooks/pareto_explorer.ipynb's widgets, as code: a click on the front's last point, a
+# choice in the dropdown, the export button. Appended to the notebook by the tests that execute it.
+EXPLORER_CLICKS = '''
+from plotly.callbacks import Points
+trace = explorer.front.data[1]  # the Pareto front's trace
+k = len(trace.x) - 1
+trace._dispatch_on_click(Points(point_inds=[k], xs=[trace.x[k]], ys=[trace.y[k]], trace_name=trace.name,
+                                trace_index=1), None)
+print("clicked", int(trace.customdata[k]), "selected", explorer.selected)
+print("heatmap rows", list(explorer.heatmap.data[0].y))
+print("recipe", explorer.recipe.value)
+print("scores", explorer.scores.value)
+last = explorer.picker.options[-1][1]
+explorer.picker.value = last
+print("picked", last, "selected", explorer.selected)
+explorer.export_button.click()
+print("export", explorer.export_status.value)
+'''
+
+
+def execute_explorer(run_dir: Path, export_to: Path, workdir: Path):
+    """notebooks/pareto_explorer.ipynb executed by nbclient on `run_dir`, with EXPLORER_CLICKS appended;
+    returns the executed notebook and the text its cells printed."""
+    import nbclient
+    import nbformat
+
+    root = Path(__file__).resolve().parent.parent
+    nb = nbformat.read(root / "notebooks" / "pareto_explorer.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(EXPLORER_CLICKS))
+    env = {"EVOMERGE_RUN": str(run_dir), "EVOMERGE_EXPORT": str(export_to),
+           "PYTHONPATH": os.pathsep.join([str(root / "tests"), str(root)])}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(workdir)}}).execute()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.get("output_type") == "error"]
+    assert not errors, errors[0].get("traceback", errors)[-3:]
+    return nb, "".join(o.get("text", "") for o in outputs)
+
+
+def box_table(genome) -> dict[str, dict[str, float]]:
+    """A held-out table of the user's own (holdout.function): the best genome against the box's centre."""
+    return {"centre": {"score": -sum((0.5 - 0.3) ** 2 for _ in genome.x)},
+            "evolved best": {"score": -sum((v - 0.3) ** 2 for v in genome.x)}}

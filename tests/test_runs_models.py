@@ -7,7 +7,6 @@ import os
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 import yaml
@@ -19,6 +18,7 @@ from evomerge.config import load_config
 from evomerge.export import export_run
 from evomerge.merge import Materializer
 from evomerge.report import render
+from runs_fixtures import execute_explorer
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +73,23 @@ def test_export_writes_the_chosen_candidates_merge(model_run, tiny_models, tmp_p
 def test_report_shows_the_recipe_per_layer(model_run):
     page = render(model_run / "run")
     assert "its recipe per layer" in page
-    for row in ("a.weight", "a.density", "b.weight"):
-        assert f"<th>{row}</th>" in page
-    assert "<th>0</th><th>1</th><th>2</th><th>3</th>" in page
+    heat = re.search(r'"x":\["layer 0","layer 1","layer 2","layer 3"\],"xgap":1,"y":(\[[^\]]*\])', page)
+    assert heat and {"a.weight", "a.density", "b.weight"} <= set(json.loads(heat.group(1)))
 
 
-def test_pareto_explorer_notebook_picks_shows_and_exports(model_run, tmp_path, monkeypatch):
-    """notebooks/pareto_explorer.ipynb, executed with nbclient on this run."""
-    nbclient = pytest.importorskip("nbclient")
-    here = Path(__file__).resolve().parent
-    monkeypatch.setenv("EVOMERGE_RUN", str(model_run / "run"))
-    monkeypatch.setenv("EVOMERGE_EXPORT", str(tmp_path / "exported"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here), str(here.parent)]))
-    nb = nbformat.read(here.parent / "notebooks" / "pareto_explorer.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") for o in outputs)
-    assert "4 evaluations, 0 failed; objectives: loss/t (min), tok_acc/t (max)" in text
-    svgs = [o["data"]["image/svg+xml"] for o in outputs if "image/svg+xml" in o.get("data", {})]
-    assert len(svgs) == 1 and svgs[0].count("<title>candidate") == 4
-    picked = int(re.search(r"candidate (\d+):", text).group(1))
+def test_pareto_explorer_notebook_clicks_picks_shows_and_exports(model_run, tmp_path):
+    """notebooks/pareto_explorer.ipynb, executed with nbclient on this run, its widgets driven as code."""
+    pytest.importorskip("nbclient")
+    nb, text = execute_explorer(model_run / "run", tmp_path / "exported", tmp_path)
     run = open_run(model_run / "run")
-    assert picked in set(run.pareto().id)
-    assert "merge_method: ties" in text  # its recipe was shown
+    front = set(int(i) for i in run.pareto().id)
+    clicked, selected = map(int, re.search(r"clicked (\d+) selected (\d+)", text).groups())
+    assert clicked == selected and clicked in front  # the click picked the point under it
+    assert {"a.weight", "a.density", "b.weight"} <= set(eval(re.search(r"heatmap rows (\[.*\])", text).group(1)))
+    assert "merge_method: ties" in text and f"candidate {clicked} (on the Pareto front)" in text
+    picked, selected = map(int, re.search(r"picked (\d+) selected (\d+)", text).groups())
+    assert picked == selected  # the dropdown picked it
     exported = tmp_path / "exported" / f"candidate_{picked}.yaml"
-    assert yaml.safe_load(exported.read_text()) == run.recipe(picked).to_dict()
+    assert f"wrote {exported}" in text and yaml.safe_load(exported.read_text()) == run.recipe(picked).to_dict()
+    plots = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(plots) == 5  # history, front, hypervolume, parallel coordinates, heatmap
