@@ -189,3 +189,15 @@ class Planner:
         if self._full >= s.warmup and (self._full - s.warmup) % s.refit_every == 0:
             self.anchors[self._full] = fit_anchors(np.array(self._rows), s.anchors, s.strata, self.seed + self._full)
             self.version = self._full
+
+
+def scoring_summary(evaluations: list[Evaluation], metas: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """Examples scored, and how many evaluations a race stopped or anchors estimated (status, report)."""
+    out = {"examples": 0.0, "stopped": 0, "estimated": 0}
+    for e in evaluations:
+        scored = e.cost.get("examples")
+        out["examples"] += scored or 0.0
+        plan = metas.get(e.candidate_id, {}).get("scoring")
+        if plan and scored is not None and scored < plan["total"]:
+            out["stopped" if plan["kind"] == "race" else "estimated"] += 1
+    return out

@@ -180,7 +180,9 @@ def render(run_dir: str | Path) -> str:
                          for k, b in info["best"].items())
     summary = (f"<p>{info['evaluations']} evaluations, {info['failed']} failed, {info['in_flight']} in flight; "
                f"Pareto front {info['pareto_size']}; hypervolume {info['hypervolume']}; last stop: "
-               f"{html.escape(str(info['last_stop']))}</p><ul>{best_lines}</ul>")
+               f"{html.escape(str(info['last_stop']))}; examples scored {info['scoring']['examples']:.0f} "
+               f"({info['scoring']['stopped']} stopped by racing, {info['scoring']['estimated']} estimated)</p>"
+               f"<ul>{best_lines}</ul>")
     style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}table.heat{border-collapse:collapse;font-size:11px}"
              "table.heat td,table.heat th{border:1px solid #ddd;padding:3px 5px;text-align:center}"
              "pre{background:#f6f6f6;padding:1em;overflow:auto}")
