@@ -15,8 +15,9 @@ Estimator accuracy: on each seed's full-scoring zoo run, the anchors (evomerge/f
 half of the candidates, as the planner fits them) estimate the second half from their anchors' scores;
 Spearman rank correlation with their full-dev scores, beside a uniform random subset of the same size.
 
-    python benchmarks/fitness_cost.py [--seeds 3] [--searches zoo,digits] [--variants full,racing,subset]
-                                      [--zoo-examples 60000] [--digits-examples 574800] [--out FILE]
+    python benchmarks/fitness_cost.py [--seeds 0,1,2] [--searches digits,zoo] [--variants full,racing,subset]
+                                      [--zoo-examples 60000] [--digits-examples 574800] [--records R.jsonl] [--out FILE]
+    python benchmarks/fitness_cost.py --summarize R0.jsonl R1.jsonl ... --out FILE
 Prints JSON (and writes it to --out).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -178,38 +180,62 @@ def estimator_accuracy(store: RunStore, anchors: int = 30, strata: int = 8, wind
             "mae_anchors": float(np.abs(est - truth).mean()), "mae_random_subset": float(np.abs(rand - truth).mean())}
 
 
+def summarize(lines: list[dict]) -> dict:
+    """The report from the runs' records (one per search, variant and seed; estimator records beside)."""
+    report: dict = {"fractions": list(FRACTIONS), "variants": VARIANTS}
+    for search in dict.fromkeys(r["search"] for r in lines):
+        runs = [r for r in lines if r["search"] == search and "curve" in r]
+        variants = {}
+        for variant in dict.fromkeys(r["variant"] for r in runs):
+            mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+            variants[variant] = {"runs": mine, "mean": mean_curve(mine)}
+        report[search] = {"examples_budget": runs[0]["budget"], "seeds": sorted({r["seed"] for r in runs}),
+                          "variants": variants, "verdict": verdict(variants)}
+        est = [r["estimator"] for r in lines if r["search"] == search and "estimator" in r]
+        if est:
+            report[search]["estimator"] = {"per_seed": est, **{f"mean_{k}": float(np.mean([e[k] for e in est]))
+                                                               for k in est[0] if k.startswith(("spearman", "mae"))}}
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--searches", default="zoo,digits")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds")
+    ap.add_argument("--searches", default="digits,zoo")
     ap.add_argument("--variants", default="full,racing,subset")
     ap.add_argument("--zoo-examples", type=int, default=300 * 200)
     ap.add_argument("--digits-examples", type=int, default=400 * 1437)
+    ap.add_argument("--records", help="append each run's record to this JSONL file as it finishes (several "
+                    "processes may share out the seeds; --summarize combines them)")
+    ap.add_argument("--summarize", nargs="*", help="only build the report from these JSONL record files")
     ap.add_argument("--out")
     args = ap.parse_args()
-    report: dict = {"machine": machine(), "fractions": list(FRACTIONS), "variants": VARIANTS}
+    if args.summarize:
+        lines = [json.loads(x) for f in args.summarize for x in Path(f).read_text().splitlines() if x.strip()]
+        emit({"machine": machine(), **summarize(lines)}, args.out)
+        return
+    lines = []
+
+    def record(rec: dict) -> None:
+        lines.append(rec)
+        if args.records:
+            with open(args.records, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         for search in args.searches.split(","):
             budget = args.zoo_examples if search == "zoo" else args.digits_examples
             heldout = ZooHeldOut() if search == "zoo" else digits_heldout
-            variants = {}
-            estimators = []
-            for variant in args.variants.split(","):
-                runs = []
-                for seed in range(args.seeds):
-                    runs.append(run_one(search, variant, budget, seed, heldout, Path(tmp)))
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for variant in args.variants.split(","):
+                    rec = run_one(search, variant, budget, seed, heldout, Path(tmp))
+                    record({"search": search, "variant": variant, "budget": budget, **rec})
                     run_dir = Path(tmp) / f"{search}-{variant}-{seed}"
                     if variant == "full" and search == "zoo":
                         with RunStore.open(run_dir, readonly=True) as s:
-                            estimators.append(estimator_accuracy(s, seed=seed))
+                            record({"search": search, "seed": seed, "estimator": estimator_accuracy(s, seed=seed)})
                     shutil.rmtree(run_dir)  # a digits run journals 150 kB of genome per candidate
-                variants[variant] = {"runs": runs, "mean": mean_curve(runs)}
-            report[search] = {"examples_budget": budget, "variants": variants, "verdict": verdict(variants)}
-            if estimators:
-                report[search]["estimator"] = {
-                    "per_seed": estimators,
-                    **{f"mean_{k}": float(np.mean([e[k] for e in estimators])) for k in estimators[0] if k.startswith(("spearman", "mae"))}}
-    emit(report, args.out)
+    emit({"machine": machine(), **summarize(lines)}, args.out)
 
 
 if __name__ == "__main__":

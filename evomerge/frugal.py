@@ -28,9 +28,10 @@ the examples are clustered by their scores over the last `window` fully scored c
 `strata` strata) and `anchors` examples drawn within the strata in proportion to their sizes (`fit_anchors`:
 stratified sampling, unbiased for any candidate; anchors nearest the centres are not, and missed every
 candidate better than the history in a first try). A candidate scores the anchors only; its estimate is the
-stratified mean, and each unscored example takes the mean of its stratum's anchors (what M2N2 competes on). Re-anchoring every `refit_every` new full rows follows the search; the first
-`warmup` candidates, every `full_every`-th, and any whose estimate reaches the best are scored in full, so
-the incumbent is always measured, never estimated.
+stratified mean, and each unscored example takes the mean of its stratum's anchors (what M2N2 competes on).
+Re-anchoring every `refit_every` new full rows follows the search; the first `warmup` candidates, every
+`full_every`-th (by id), and any whose estimate reaches the best are scored in full, so the incumbent is
+always measured, never estimated.
 """
 from __future__ import annotations
 

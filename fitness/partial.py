@@ -14,7 +14,8 @@ A plan (written by the engine into `candidate.meta["scoring"]`, so a resumed run
       the anchors only, objectives their weighted mean; if that estimate reaches `promote` (the best fully
       scored candidate), the rest too: the best is always scored on everything, so an estimate cannot drift
       unnoticed into the lead.
-Without a plan the fitness's own `evaluate` scores everything. The result's per_example has one entry per example, NaN where not scored; cost["examples"] counts the scored.
+Without a plan the fitness's own `evaluate` scores everything. The result's per_example has one entry per
+example, NaN where not scored; cost["examples"] counts the scored.
 """
 from __future__ import annotations
 
