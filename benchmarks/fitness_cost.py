@@ -100,7 +100,8 @@ def curve(store: RunStore, budget: int, heldout) -> list[dict]:
     points, spent, best, i = [], 0.0, None, 0
     evals = store.evaluations()
     for frac in FRACTIONS:
-        while i < len(evals) and spent + evals[i].cost.get("examples", 0.0) <= frac * budget + 1e-9:
+        # the last point takes every evaluation: the run stops at the first that reaches the budget
+        while i < len(evals) and (frac == 1 or spent + evals[i].cost.get("examples", 0.0) <= frac * budget + 1e-9):
             e = evals[i]
             spent += e.cost.get("examples", 0.0)
             if e.ok and (best is None or objective.sign() * (e.objectives[objective.name] - best.objectives[objective.name]) > 0):

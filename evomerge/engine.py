@@ -121,7 +121,7 @@ class Engine:
         if self.planner is not None:  # its state is a function of the journal: observe it again, in commit order
             self.planner.reset()
             meta = self.store.candidate_meta()
-            for e in self.store.evaluations():
+            for e in evals.values():  # commit order
                 self.planner.observe(meta[e.candidate_id], e)
         last = events[-1] if events else None
         self._ask_starved = last is not None and last.kind == "ask" and len(last.ids) < last.n
