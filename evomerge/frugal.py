@@ -21,7 +21,9 @@ probability at most 1 - confidence). The threshold is what the candidate must be
     told in its generation (lambda: the previous generation's size), the candidates the optimizer selects.
 A stopped candidate is recorded with its partial mean (cost["examples"] < the dev set) as its objectives and
 as its unscored examples' scores. For M2N2 a child below the incumbent may still win a niche, so racing
-there trades archive diversity for cost; subset + estimate keeps per-example competition.
+there trades archive diversity for cost; subset + estimate keeps per-example competition. With several
+objectives searched at once (NSGA-II), both judge by the per-example scores' mean: a candidate stopped or
+estimated low on it may still have been on the Pareto front by another objective.
 
 Subset + estimate (after tinyBenchmarks' anchor points, Polo et al. 2024, fitted on the run's own history):
 the examples are clustered by their scores over the last `window` fully scored candidates (k-means into

@@ -149,3 +149,10 @@ def logged_skill_examples(handle, examples=None):
         f.write(f"{handle.candidate_id}\n")
     time.sleep(float(os.environ.get("EVOMERGE_TEST_SLEEP", "0.0")))
     return skill_examples(handle, examples)
+
+
+def sphere_with_tokens(handle):
+    """The sphere, costing 10 prompt and 5 completion tokens an evaluation (as an API fitness reports them)."""
+    from fitness.base import FitnessResult
+
+    return FitnessResult(objectives=sphere(handle), cost={"prompt_tokens": 10.0, "completion_tokens": 5.0})

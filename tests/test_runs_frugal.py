@@ -12,6 +12,7 @@ from evomerge.assemble import open_engine
 from evomerge.config import parse_config
 from evomerge.frugal import fit_anchors
 from evomerge.records import UserError
+from evomerge.run_commands import run_status
 from evomerge.store import RunStore
 from fitness.partial import race_bound, race_checks
 from runs_fixtures import _thresholds
@@ -139,4 +140,15 @@ def test_budget_in_examples_scored(tmp_path):
         total = s.total_cost()["examples"]
         assert 4000 <= total < 4000 + N
         assert s.counts()["evaluations"] > 10  # more evaluations than 4000 / 400 thanks to racing
+    engine.store.close()
+    info = run_status(tmp_path / "r")
+    assert info["scoring"]["examples"] == total and info["scoring"]["stopped"] > 0 and info["scoring"]["estimated"] == 0
+
+
+def test_budget_in_api_tokens(tmp_path):
+    cfg = parse_config({"space": {"bounds": [[0, 1]]}, "budget": {"tokens": 100}, "optimizer": {"name": "random"},
+                        "fitness": {"function": "runs_fixtures:sphere_with_tokens", "objectives": [{"name": "score"}]}})
+    engine = open_engine(cfg, tmp_path / "r", resume=False)
+    assert engine.run() == "budget: tokens"
+    assert engine.store.counts()["evaluations"] == 7  # 7 x 15 tokens is the first total >= 100
     engine.store.close()
