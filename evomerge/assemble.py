@@ -209,6 +209,9 @@ def prepare(cfg: RunConfig, *, address: str | None = None):
 
         check_supported(str(cfg.sources[cfg.base]))  # the engine starts from the base, in each worker
     objectives = list(fitness.objectives)
+    if (cfg.fitness.racing or cfg.fitness.subset) and not getattr(fitness, "scores_subsets", True):
+        raise UserError(f"config: fitness.racing and fitness.subset score subsets of the examples: the function "
+                        f"{cfg.fitness.function} must take `examples` (indices) and return one per-example score each")
     build_optimizer(cfg, space, objectives)  # fail on bad options now, before a store exists
     return space, objectives, plan_run(cfg, space, fitness, address=address)
 
@@ -261,6 +264,17 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
     elif budget:
         store.set_config(cfg.to_dict())
     b = cfg.budget
-    budget = Budget(evaluations=b.evaluations, wall_time=b.wall_time, cost=b.cost, cost_key=b.cost_key)
+    budget = Budget(evaluations=b.evaluations, wall_time=b.wall_time, cost=b.cost, cost_key=b.cost_key,
+                    examples=b.examples, tokens=b.tokens)
     return Engine(store, lambda: build_optimizer(cfg, space, objectives), executor, budget=budget, decode=space.decode,
-                  snapshot_every=cfg.snapshot_every, on_progress=on_progress)
+                  snapshot_every=cfg.snapshot_every, on_progress=on_progress, planner=build_planner(cfg))
+
+
+def build_planner(cfg: RunConfig):
+    """Racing or subset + estimate (evomerge/frugal.py) when the fitness config asks for one."""
+    f = cfg.fitness
+    if f.racing is None and f.subset is None:
+        return None
+    from evomerge.frugal import Planner
+
+    return Planner(racing=f.racing, subset=f.subset, seed=cfg.seed)

@@ -8,7 +8,8 @@ optimizer: {name: cmaes, options: {sigma0: 0.17}}
 fitness: {tasks: [{name: math, path: math.jsonl, metrics: [exact]}], backend: hf, handle: {batch_size: 16}}
 # or lm-eval tasks: {lm_eval: {tasks: [my_task], include_path: lm_tasks, num_fewshot: 0}}
 # or the user's own: {function: mypkg.score:fitness, objectives: [{name: acc, direction: max}]}
-budget: {evaluations: 200, wall_time: 6h, cost: 20.0}
+# fitness.racing: {chunk: 20, confidence: 0.95} or fitness.subset: {anchors: 30}: fewer examples scored
+budget: {evaluations: 200, wall_time: 6h, cost: 20.0}   # also examples: (scored) and tokens: (API)
 executor: {kind: ray, workers: 8, gpus_per_worker: 1, address: auto}
 seed: 0
 holdout:                         # after the budget: a table on held-out data, and the best model exported
@@ -96,6 +97,36 @@ class LMEvalConfig(_Strict):
     allow_test_set: bool = False
 
 
+class RacingConfig(_Strict):
+    """Score a candidate's examples in a fixed random order, `chunk` at a time, and stop it once it cannot
+    plausibly beat what it must (evomerge/frugal.py): with probability >= `confidence`, no candidate whose
+    full-dev score would reach that is stopped. `range`: the bounds of a per-example score."""
+
+    chunk: int = Field(default=20, ge=1)
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    range: tuple[float, float] = (0.0, 1.0)
+    keep: float = Field(default=0.5, gt=0, le=1)  # generational optimizers: the top fraction of a generation that counts
+
+    @model_validator(mode="after")
+    def _range(self) -> RacingConfig:
+        if not self.range[0] < self.range[1]:
+            raise ValueError(f"fitness.racing.range must be [low, high] with low < high, got {list(self.range)}")
+        return self
+
+
+class SubsetConfig(_Strict):
+    """Score most candidates on `anchors` examples chosen from the run's own per-example history and estimate
+    the full-dev score (evomerge/frugal.py); the first `warmup` candidates and every `full_every`-th are scored
+    on everything, and so is any whose estimate reaches the best."""
+
+    anchors: int = Field(default=30, ge=1)
+    strata: int = Field(default=8, ge=1)  # clusters of examples by their scores so far; anchors are drawn within each
+    warmup: int = Field(default=12, ge=2)  # full rows before the first anchors
+    window: int = Field(default=100, ge=2)  # the anchors are fitted on this many most recent full rows
+    refit_every: int = Field(default=8, ge=1)  # new full rows between re-anchorings
+    full_every: int = Field(default=10, ge=2)
+
+
 class FitnessConfig(_Strict):
     """Task suites scored through a model handle (`tasks`, `backend`, `handle` options), lm-eval tasks
     (`lm_eval`), the user's own function `module:function` of the handle (`function` + `objectives`), or a
@@ -108,6 +139,8 @@ class FitnessConfig(_Strict):
     function: str | None = None
     objectives: list[ObjectiveConfig] | None = None
     remote_loss: RemoteLossConfig | None = None
+    racing: RacingConfig | None = None  # off by default: see benchmarks/fitness_cost.py
+    subset: SubsetConfig | None = None
 
     @field_validator("handle")
     @classmethod
@@ -128,6 +161,11 @@ class FitnessConfig(_Strict):
             raise ValueError("fitness.remote_loss needs backend: api (a service that takes recipes: evomerge serve)")
         if self.function is not None and not self.objectives:
             raise ValueError("fitness.function needs fitness.objectives: [{name: ..., direction: max|min}]")
+        if self.racing is not None and self.subset is not None:
+            raise ValueError("give fitness.racing or fitness.subset, not both")
+        if (self.racing is not None or self.subset is not None) and (self.lm_eval is not None or self.remote_loss is not None):
+            raise ValueError("fitness.racing and fitness.subset score subsets of the examples: they need fitness.tasks "
+                             "or a fitness.function taking `examples`")
         return self
 
 
@@ -140,6 +178,8 @@ class BudgetConfig(_Strict):
     wall_time: float | None = None  # seconds, or "90s", "30m", "6h", "2d"
     cost: float | None = Field(default=None, gt=0)
     cost_key: str = "usd"
+    examples: int | None = Field(default=None, ge=1)  # examples scored, summed over evaluations
+    tokens: int | None = Field(default=None, ge=1)  # API prompt + completion tokens
 
     @field_validator("wall_time", mode="before")
     @classmethod
@@ -153,8 +193,8 @@ class BudgetConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_limit(self) -> BudgetConfig:
-        if self.evaluations is None and self.wall_time is None and self.cost is None:
-            raise ValueError("budget needs at least one of evaluations, wall_time, cost")
+        if all(v is None for v in (self.evaluations, self.wall_time, self.cost, self.examples, self.tokens)):
+            raise ValueError("budget needs at least one of evaluations, wall_time, cost, examples, tokens")
         return self
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from evomerge.executors import Executor, LocalExecutor
+from evomerge.frugal import Planner
 from evomerge.records import Evaluation, Objective
 from evomerge.recipe import Recipe
 from evomerge.store import RunStore
@@ -37,6 +38,13 @@ class Budget:
     wall_time: float | None = None  # seconds of running, summed over resumed sessions
     cost: float | None = None  # summed over evaluations' cost[cost_key]
     cost_key: str = "usd"
+    examples: int | None = None  # examples scored (cost["examples"]), summed over evaluations
+    tokens: int | None = None  # API prompt + completion tokens
+
+
+def spent(cost: dict[str, float]) -> tuple[float, float]:
+    """(examples scored, API tokens) of a cost record or total."""
+    return cost.get("examples", 0.0), cost.get("prompt_tokens", 0.0) + cost.get("completion_tokens", 0.0)
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Progress:
     elapsed: float
     evals_per_min: float
     best: dict[str, float] = field(default_factory=dict)
+    examples: float = 0.0  # examples scored so far
 
 
 class ReplayMismatch(RuntimeError):
@@ -60,7 +69,7 @@ class Engine:
     def __init__(
         self, store: RunStore, make_optimizer: Callable[[], Any], executor: Executor, *, budget: Budget,
         decode: Callable[[np.ndarray], Recipe] | None = None, snapshot_every: int = 20,
-        on_progress: Callable[[Progress], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None, planner: Planner | None = None,
     ):
         self.store, self.make_optimizer, self.executor = store, make_optimizer, executor
         self.optimizer: Any = None
@@ -73,6 +82,8 @@ class Engine:
         self._tells_since_snapshot = 0
         self._ask_starved = False  # the last ask returned nothing and nothing was told since
         self._best: dict[str, float] = {}
+        self.planner = planner  # racing / subset + estimate (evomerge/frugal.py), or None: score everything
+        self._meta: dict[int, dict[str, Any]] = {}  # candidates in flight -> their meta (scoring plans)
 
     # ---- resume ----------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -107,6 +118,11 @@ class Engine:
                 self.optimizer.tell([evals[i] for i in ev.ids])
         for e in evals.values():
             self._update_best(e)
+        if self.planner is not None:  # its state is a function of the journal: observe it again, in commit order
+            self.planner.reset()
+            meta = self.store.candidate_meta()
+            for e in evals.values():  # commit order
+                self.planner.observe(meta[e.candidate_id], e)
         last = events[-1] if events else None
         self._ask_starved = last is not None and last.kind == "ask" and len(last.ids) < last.n
         return len(events)
@@ -120,12 +136,14 @@ class Engine:
         self._elapsed_before = self.store.elapsed()
         counts = self.store.counts()
         self._done, self._failed = counts["evaluations"], counts["failed"]
+        self._examples, self._tokens = spent(self.store.total_cost())
         self._done_at_start = self._done
         interrupts = 0
         try:
             try:
                 self.executor.start()
                 for cand in self.store.in_flight():
+                    self._meta[cand.id] = cand.meta
                     self.executor.submit(cand)
             except KeyboardInterrupt:  # before anything ran: nothing to finish
                 self.stop_reason = "interrupted"
@@ -164,6 +182,10 @@ class Engine:
             return "budget: wall time"
         if b.cost is not None and self.store.total_cost().get(b.cost_key, 0.0) >= b.cost:
             return "budget: cost"
+        if b.examples is not None and self._examples >= b.examples:
+            return "budget: examples"
+        if b.tokens is not None and self._tokens >= b.tokens:
+            return "budget: tokens"
         if getattr(self.optimizer, "done", False):
             return "optimizer done"
         return None
@@ -178,10 +200,16 @@ class Engine:
         if n <= 0:
             return
         cands = self.optimizer.ask(n)
+        if self.planner is not None:
+            for c in cands:
+                plan = self.planner.plan(c)
+                if plan is not None:
+                    c.meta["scoring"] = plan  # journalled with the ask: a resumed run re-sends the same plan
         recipes = [self._decode(c.x) for c in cands] if self.decode else None
         self.store.record_ask(n, cands, recipes)
         self._ask_starved = len(cands) < n
         for c in cands:
+            self._meta[c.id] = c.meta
             self.executor.submit(c)
 
     def _decode(self, x: list[float]) -> Recipe | None:
@@ -193,13 +221,21 @@ class Engine:
     def _record(self, evals: list[Evaluation]) -> None:
         if not evals:
             return
+        metas = [self._meta.pop(e.candidate_id, {}) for e in evals]
+        if self.planner is not None:
+            evals = [self.planner.complete(m, e) for m, e in zip(metas, evals)]
         self.store.record_evaluations(evals)  # durable before the optimizer hears of them
         self.optimizer.tell(evals)
         self._ask_starved = False
         self._done += len(evals)
         self._failed += sum(not e.ok for e in evals)
-        for e in evals:
+        for m, e in zip(metas, evals):
             self._update_best(e)
+            examples, tokens = spent(e.cost)
+            self._examples += examples
+            self._tokens += tokens
+            if self.planner is not None:
+                self.planner.observe(m, e)
         self._tells_since_snapshot += 1
         if self._tells_since_snapshot >= self.snapshot_every:
             self.store.record_snapshot(self.optimizer.state_dict())
@@ -225,4 +261,4 @@ class Engine:
         rate = (self._done - self._done_at_start) / session_s * 60 if session_s > 0 else 0.0
         return Progress(done=self._done, failed=self._failed, in_flight=len(self.executor.pending()),
                         total=self.budget.evaluations, elapsed=self._elapsed(), evals_per_min=rate,
-                        best=dict(self._best))
+                        best=dict(self._best), examples=self._examples)

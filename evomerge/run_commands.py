@@ -34,6 +34,8 @@ def _progress_bar(total: int | None):
     def update(p) -> None:
         best = "best " + " ".join(f"{k}={v:.4g}" for k, v in p.best.items()) + (f" ({p.failed} failed)" if p.failed else "")
         rate = f"{p.evals_per_min:.{1 if p.evals_per_min < 100 else 0}f} eval/min"  # slow runs keep a decimal
+        if p.examples:
+            rate += f" {p.examples:.0f} ex"
         # the other columns: "search", the bar, done/total, elapsed, "ETA h:mm:ss", the rate, one space after each
         used = 7 + 11 + len(f"{p.done}/{p.total if p.total is not None else '?'}") + 1 + 8 + 12 + len(rate) + 1
         room = max(12, bar.console.width - used)
@@ -247,6 +249,10 @@ def status_text(run_dir: Path, info: dict[str, Any]) -> str:
     lines.append(f"  pareto front: {info['pareto_size']} candidates{hv}")
     if info["cost"]:
         lines.append("  cost: " + ", ".join(f"{k} {fmt(v)}" for k, v in info["cost"].items()))
+    s = info["scoring"]
+    if s["stopped"] or s["estimated"]:
+        lines.append(f"  examples scored: {s['examples']:.0f}; {s['stopped']} evaluations stopped by racing, "
+                     f"{s['estimated']} estimated from anchors")
     return "\n".join(lines)
 
 
@@ -275,6 +281,7 @@ def _watch(run_dir: Path, as_json: bool, every: float) -> None:
 
 def run_status(run_dir: Path) -> dict[str, Any]:
     """The figures `evomerge status` shows, as plain data."""
+    from evomerge.frugal import scoring_summary
     from evomerge.results import open_run
 
     run = open_run(run_dir)
@@ -295,6 +302,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "cost": run.store.total_cost(), "sessions": len(sessions),
             "last_stop": sessions[-1]["reason"] if sessions else None,
             "objectives": [[o.name, o.direction] for o in run.objectives],
+            "scoring": scoring_summary(run.store.evaluations(), run.store.candidate_meta()),
         }
     finally:
         run.close()

@@ -274,6 +274,10 @@ class RunStore:
                                      "ORDER BY id", (_dumps(sorted(set(ids))),))
         return {i: Candidate(id=i, x=_unpack_x(x), meta=json.loads(m)) for i, x, m in rows}
 
+    def candidate_meta(self) -> dict[int, dict[str, Any]]:
+        """Every candidate's meta (optimizer bookkeeping, scoring plans), without reading the genomes."""
+        return {i: json.loads(m) for i, m in self._con.execute("SELECT id, meta FROM candidates ORDER BY id")}
+
     def recipe(self, candidate_id: int) -> Recipe:
         row = self._con.execute("SELECT recipe FROM candidates WHERE id=?", (candidate_id,)).fetchone()
         if row is None:

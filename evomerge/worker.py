@@ -9,6 +9,7 @@ A fitness may be a scorer from `fitness/` or the user's own function `fn(handle)
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -48,7 +49,10 @@ def load_callable(spec: str) -> Callable[..., Any]:
 
 
 class FunctionFitness:
-    """The user's own fitness: a function of the handle returning {objective: value} or a FitnessResult."""
+    """The user's own fitness: a function of the handle returning {objective: value} or a FitnessResult.
+    A function taking `examples` (indices into its per-example scores) can be raced or scored on a subset:
+    it then returns one per-example score per index; the first objective is read as their mean (the
+    others, as the function returns them for the subset)."""
 
     def __init__(self, fn: Callable[[Any], Any] | str, objectives: Sequence[Objective]):
         from fitness.base import FitnessResult  # imported here, once, not inside the first evaluation
@@ -57,10 +61,25 @@ class FunctionFitness:
         self.fn = load_callable(fn) if isinstance(fn, str) else fn
         self.objectives = list(objectives)
 
-    def evaluate(self, handle: Any):
-        out = self.fn(handle)
+    def evaluate(self, handle: Any, **kw: Any):
+        out = self.fn(handle, **kw)
         result = out if isinstance(out, self._result) else self._result(objectives=dict(out))
         return result.check(self.objectives)
+
+    @property
+    def scores_subsets(self) -> bool:
+        return "examples" in inspect.signature(self.fn).parameters
+
+    def score_examples(self, handle: Any, indices: Sequence[int]):
+        from fitness.partial import ExampleScores, check_primary
+
+        indices = list(indices)
+        result = self.evaluate(handle, examples=indices)
+        primary = check_primary(result.per_example, indices, "fitness function")
+        first = self.objectives[0]
+        values = {o.name: np.full(len(indices), result.objectives[o.name]) for o in self.objectives[1:]}
+        values[first.name] = first.sign() * primary
+        return ExampleScores(values=values, primary=primary, cost=dict(result.cost))
 
 
 class Worker:
@@ -85,7 +104,15 @@ class Worker:
                 handle.set_recipe(recipe)
             timings["materialize"] = time.perf_counter() - t
             stage, t = "score", time.perf_counter()
-            result = self.fitness.evaluate(handle)
+            plan = candidate.meta.get("scoring")  # racing or anchors (evomerge/frugal.py)
+            if plan:
+                from fitness.partial import score_plan
+
+                result = score_plan(self.fitness, handle, plan)
+            else:
+                result = self.fitness.evaluate(handle)
+            if result.per_example is not None:  # the budget in examples scored
+                result.cost.setdefault("examples", float(len(result.per_example)))
             timings["score"] = time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - a failed candidate is data, not a crash
             timings[stage.replace(" ", "_")] = time.perf_counter() - t

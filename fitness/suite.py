@@ -1,14 +1,19 @@
 """A fitness made of task suites: every task's metrics become named objectives (`acc/math_j`,
-`len/math_j`, ...), and the first metric of each task gives the per-example scores M2N2 needs."""
+`len/math_j`, ...), and the first metric of each task gives the per-example scores M2N2 needs. Any subset of
+the examples can be scored (`score_examples`): racing and subset + estimate need it (fitness/partial.py)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from evomerge.records import Objective, UserError
 from fitness.base import FitnessResult, add_cost
 from fitness.handle import ModelHandle, TokenScores
+from fitness.partial import ExampleScores, full_values
 from fitness.tasks import Task, TaskSpec, load_task
 
 
@@ -28,21 +33,35 @@ class TaskFitness:
         return cls([load_task(s, base_dir) for s in specs])
 
     def evaluate(self, handle: ModelHandle) -> FitnessResult:
-        objectives: dict[str, float] = {}
-        per_example: list[float] = []
-        cost: dict[str, float] = {}
+        scores = self.score_examples(handle, range(self.example_count()))
+        return FitnessResult(objectives=full_values(scores), per_example=scores.primary.tolist(), cost=scores.cost)
+
+    def example_count(self) -> int:
+        return sum(len(t.examples) for t in self.tasks)
+
+    def score_examples(self, handle: ModelHandle, indices: Sequence[int]) -> ExampleScores:
+        """The examples at `indices` of all tasks' examples laid end to end; one batched call per task and
+        kind of metric. A task's objectives are NaN at the other tasks' examples."""
+        idx = np.asarray(list(indices), dtype=int)
+        values = {o.name: np.full(len(idx), np.nan) for o in self.objectives}
+        primary = np.full(len(idx), np.nan)
+        start = 0
         for task in self.tasks:
-            values = evaluate_task(task, handle)
-            for m in task.metrics:
-                v = values[m.name]
-                objectives[m.objective(task.name)] = sum(v) / len(v)
-            first = task.metrics[0]
-            sign = 1.0 if first.direction == "max" else -1.0  # per-example scores: larger is better
-            per_example += [sign * v for v in values[first.name]]
+            mine = np.flatnonzero((idx >= start) & (idx < start + len(task.examples)))
+            if mine.size:
+                part = replace(task, examples=[task.examples[j] for j in idx[mine] - start])
+                scored = evaluate_task(part, handle)
+                for m in task.metrics:
+                    values[m.objective(task.name)][mine] = scored[m.name]
+                first = task.metrics[0]
+                sign = 1.0 if first.direction == "max" else -1.0  # per-example scores: larger is better
+                primary[mine] = sign * np.asarray(scored[first.name], dtype=float)
+            start += len(task.examples)
+        cost: dict[str, float] = {}
         pop = getattr(handle, "pop_cost", None)
         if pop is not None:
             add_cost(cost, pop())
-        return FitnessResult(objectives=objectives, per_example=per_example, cost=cost)
+        return ExampleScores(values=values, primary=primary, cost=cost)
 
 
 def evaluate_task(task: Task, handle: ModelHandle) -> dict[str, list[float]]:

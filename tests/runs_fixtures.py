@@ -173,3 +173,37 @@ def box_table(genome) -> dict[str, dict[str, float]]:
     """A held-out table of the user's own (holdout.function): the best genome against the box's centre."""
     return {"centre": {"score": -sum((0.5 - 0.3) ** 2 for _ in genome.x)},
             "evolved best": {"score": -sum((v - 0.3) ** 2 for v in genome.x)}}
+
+
+def _thresholds(n: int):
+    """Fixed uniforms, one per example: example j is right for a genome whose 'skill' exceeds u_j."""
+    import numpy as np
+
+    return np.random.default_rng(1234).random(n)
+
+
+def skill_examples(handle, examples=None):
+    """Per-example fitness with a known answer: 400 examples, example j right iff u_j < skill, skill = the
+    mean of the genome, so the full-dev accuracy is monotone in it. Takes `examples` (racing, subsets)."""
+    from fitness.base import FitnessResult
+
+    u = _thresholds(400)
+    idx = range(400) if examples is None else examples
+    skill = sum(handle.x) / len(handle.x)
+    right = [float(u[j] < skill) for j in idx]
+    return FitnessResult(objectives={"acc": sum(right) / len(right)}, per_example=right)
+
+
+def logged_skill_examples(handle, examples=None):
+    """`skill_examples`, logging the candidate id to $EVOMERGE_TEST_CALLS and sleeping like `logged_sphere`."""
+    with open(os.environ["EVOMERGE_TEST_CALLS"], "a") as f:
+        f.write(f"{handle.candidate_id}\n")
+    time.sleep(float(os.environ.get("EVOMERGE_TEST_SLEEP", "0.0")))
+    return skill_examples(handle, examples)
+
+
+def sphere_with_tokens(handle):
+    """The sphere, costing 10 prompt and 5 completion tokens an evaluation (as an API fitness reports them)."""
+    from fitness.base import FitnessResult
+
+    return FitnessResult(objectives=sphere(handle), cost={"prompt_tokens": 10.0, "completion_tokens": 5.0})

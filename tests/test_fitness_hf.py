@@ -169,3 +169,44 @@ def test_bad_state_dict_is_a_one_line_error(handle):
     sd["model.norm.weight"] = torch.ones(3)
     with pytest.raises(UserError, match="does not fit"):
         handle.load_state_dict(sd)
+
+
+def test_any_subset_of_the_examples_scores_as_in_the_full_evaluation(handle, tiny_models, tmp_path):
+    """Racing and anchors score subsets across tasks: the same values as the full evaluation, per example."""
+    import numpy as np
+
+    from fitness.partial import score_plan
+
+    base_weights(handle, tiny_models)
+    tok = handle.tokenizer
+    files = []
+    for name, prompts in (("one", PROMPTS), ("two", PROMPTS[::-1] + ["q"])):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text("".join(json.dumps({"prompt": p, "reference": tok.decode(tok(p).input_ids[1:3])}) + "\n"
+                             for p in prompts))
+        files.append({"name": name, "path": str(f), "metrics": ["token_accuracy", "loss"]})
+    fit = TaskFitness.from_config(files)
+    full = fit.evaluate(handle)
+    n = fit.example_count()
+    assert n == 13 and len(full.per_example) == n
+    idx = [12, 0, 7, 3, 9]
+    part = fit.score_examples(handle, idx)
+    assert part.primary.tolist() == pytest.approx([full.per_example[i] for i in idx], abs=1e-6)
+    assert np.isnan(part.values["tok_acc/one"][[0, 2, 4]]).all() and not np.isnan(part.values["tok_acc/one"][[1, 3]]).any()
+    # a race it cannot win stops after its first chunk, told the mean of what it scored
+    race = score_plan(fit, handle, {"kind": "race", "total": n, "seed": 0, "chunk": 4, "threshold": 2.0,
+                                    "delta": 0.05, "range": [0, 1]})
+    assert race.cost["examples"] == 4 and sum(not np.isnan(v) for v in race.per_example) == 4
+    scored = [v for v in race.per_example if not np.isnan(v)]
+    assert race.per_example == pytest.approx([full.per_example[i] if not np.isnan(v) else v
+                                              for i, v in enumerate(race.per_example)], abs=1e-6, nan_ok=True)
+    assert len(scored) == 4
+    # anchors: their weighted mean; promoted (estimate >= promote): everything, as the full evaluation
+    plan = {"kind": "anchors", "total": n, "examples": [1, 8], "weights": [6.0, 7.0], "promote": None}
+    est = score_plan(fit, handle, plan)
+    want = (6 * full.per_example[1] + 7 * full.per_example[8]) / 13
+    assert est.cost["examples"] == 2
+    assert np.nansum(np.array([6, 7]) * np.array(est.per_example)[[1, 8]]) / 13 == pytest.approx(want, abs=1e-6)
+    promoted = score_plan(fit, handle, {**plan, "promote": -1.0})
+    assert promoted.cost["examples"] == n
+    assert promoted.objectives == pytest.approx(full.objectives, abs=1e-6)

@@ -21,11 +21,12 @@ TESTS = Path(__file__).resolve().parent
 BUDGET = 36
 
 
-def _config(tmp_path: Path, optimizer: dict) -> Path:
+def _config(tmp_path: Path, optimizer: dict, fitness: dict | None = None) -> Path:
     cfg = {
         "space": {"bounds": [[0, 1]] * 3},
         "optimizer": optimizer,
-        "fitness": {"function": "runs_fixtures:logged_sphere", "objectives": [{"name": "score", "direction": "max"}]},
+        "fitness": fitness or {"function": "runs_fixtures:logged_sphere",
+                               "objectives": [{"name": "score", "direction": "max"}]},
         "budget": {"evaluations": BUDGET},
         "seed": 11,
         "snapshot_every": 5,
@@ -61,15 +62,22 @@ def _committed(run_dir: Path) -> list[int]:
 def _history(run_dir: Path):
     with RunStore.open(run_dir, readonly=True) as s:
         cands = s.candidates()
-        evals = [(e.candidate_id, cands[e.candidate_id].x, cands[e.candidate_id].meta, e.status, e.objectives)
-                 for e in s.evaluations()]
+        evals = [(e.candidate_id, cands[e.candidate_id].x, cands[e.candidate_id].meta, e.status, e.objectives,
+                  e.per_example, e.cost) for e in s.evaluations()]
         return evals, [(e.kind, e.n, e.ids) for e in s.events()]
 
 
-@pytest.mark.parametrize("optimizer", [{"name": "cmaes", "options": {"popsize": 6}}, {"name": "random"}],
-                         ids=["cmaes", "random"])
-def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, optimizer):
-    cfg = _config(tmp_path, optimizer)
+_SKILL = {"function": "runs_fixtures:logged_skill_examples", "objectives": [{"name": "acc", "direction": "max"}]}
+
+
+@pytest.mark.parametrize("optimizer,fitness", [
+    ({"name": "cmaes", "options": {"popsize": 6}}, None), ({"name": "random"}, None),
+    # racing and anchor state (thresholds, strata, the plans of candidates in flight) restored exactly
+    ({"name": "cmaes", "options": {"popsize": 6}}, {**_SKILL, "racing": {"chunk": 50}}),
+    ({"name": "random"}, {**_SKILL, "subset": {"anchors": 20, "warmup": 4, "refit_every": 3, "full_every": 4}}),
+], ids=["cmaes", "random", "cmaes-racing", "random-subset"])
+def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, optimizer, fitness):
+    cfg = _config(tmp_path, optimizer, fitness)
     ref_calls, calls = tmp_path / "ref_calls", tmp_path / "calls"
     ref = subprocess.run(_cli("run", str(cfg), "--run-dir", str(tmp_path / "ref"), "-q"), env=_env(ref_calls),
                          capture_output=True, text=True, timeout=120)
@@ -77,7 +85,7 @@ def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, 
     ref_evals, ref_events = _history(tmp_path / "ref")
     assert len(ref_evals) == BUDGET
 
-    rng = random.Random(len(optimizer["name"]))
+    rng = random.Random(len(optimizer["name"]) + len(fitness or ()))
     run_dir = tmp_path / "killed"
     kills = []
     cmd = _cli("run", str(cfg), "--run-dir", str(run_dir), "-q")
@@ -102,12 +110,16 @@ def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, 
     # identical history: same candidates, same order, same results, same optimizer calls
     assert evals == ref_evals
     assert events == ref_events
+    if fitness is not None:  # the strategy did act: some evaluations scored only part of the examples
+        assert any(e[6]["examples"] < 400 for e in evals)
     # nothing completed before a kill was evaluated again after it
     log = [int(v) for v in calls.read_text().split()]
     for committed, n_calls in kills:
         assert not committed & set(log[n_calls:]), "a committed evaluation was re-run after resume"
     # every candidate was evaluated; repeats only for candidates in flight at a kill
     assert set(log) == {e[0] for e in evals}
+    if fitness is not None:  # racing and anchors call the function once per chunk: one evaluation = one streak
+        log = [k for i, k in enumerate(log) if i == 0 or log[i - 1] != k]
     assert len(log) - len(set(log)) <= len(kills)
     with RunStore.open(run_dir, readonly=True) as s:
         reasons = [x["reason"] for x in s.sessions()]

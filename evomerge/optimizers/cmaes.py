@@ -159,3 +159,22 @@ class CMAES(Optimizer):
 
     def _load(self, state: dict[str, Any]) -> None:
         (self._es, self._gen, self._np_state, self._run, self._worst, self._best, self._generation_index, self._failed_generations) = pickle.loads(state["blob"])
+        _rehash(self._es.sent_solutions)
+
+
+def _rehash(solutions: Any) -> None:
+    """cma finds the genotype of each told solution in `sent_solutions`, keyed by hash(x.tobytes()), which Python
+    salts per process: unpickled in another process (a resumed run) the keys match nothing, and a generation
+    asked before the snapshot and told after it was updated with its clipped phenotypes instead. Rekey them."""
+    old = dict(solutions.data)
+    unhashed, same = dict(solutions._unhashed_keys), dict(solutions.data_with_same_key)
+    solutions.data.clear()
+    solutions._unhashed_keys.clear()
+    solutions.data_with_same_key.clear()
+    for k, value in old.items():
+        x = unhashed.get(k, k)
+        key = solutions.key(x)
+        solutions.data[key] = value
+        solutions._unhashed_keys[key] = x
+        if k in same:
+            solutions.data_with_same_key[key] = same[k]
