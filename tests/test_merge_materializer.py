@@ -184,7 +184,7 @@ def test_thresholds_learned_by_sample_and_count_are_exact(monkeypatch, fused):
 
     monkeypatch.setattr(gta, "use_fused", fused)
     g = torch.Generator().manual_seed(0)
-    base = (0.02 * torch.randn(1024, 512, generator=g)).to(torch.bfloat16)
+    base = (0.02 * torch.randn(2048, 512, generator=g)).to(torch.bfloat16)
     misleading = base.clone().reshape(-1)
     sampled = torch.zeros(base.numel(), dtype=torch.bool)
     for w in range(base.numel() // vectors.SAMPLE_WINDOW):
@@ -211,7 +211,7 @@ def test_ties_through_counted_thresholds_equals_full_histograms(monkeypatch):
 
     g = torch.Generator().manual_seed(1)
     name = "model.layers.0.mlp.up_proj.weight"
-    base = (0.02 * torch.randn(1024, 512, generator=g)).to(torch.bfloat16)
+    base = (0.02 * torch.randn(2048, 512, generator=g)).to(torch.bfloat16)
     sources = {"base": {name: base}, "a": {name: _bf16_expert(base, 1e-4, 3)}, "b": {name: _bf16_expert(base, 2e-4, 4)}}
     recipe = Recipe.from_dict({"merge_method": "ties", "base_model": "base", "models": [
         {"model": "a", "parameters": {"weight": 0.7, "density": 0.3}}, {"model": "b", "parameters": {"weight": 0.5, "density": 0.55}}]})
