@@ -197,9 +197,10 @@ class StackVector(TaskVector):
     """The task vectors of tensors a trim reads as one (experts that transformers stacks into one tensor in
     memory, which mergekit 0.1.5 trims whole; evomerge.arch.stacks): their concatenation, in the stacked
     tensor's flat order, as the `unit` of member `index` (whose merge it serves). Its statistics are sums
-    of its members' (histograms, refinements and L1 norms add), each member's computed once per merge
-    (`shared`) by whichever thread asks first, each thread starting with its own member, so the threads
-    merging a stack's members share the passes over it."""
+    of its members' (histograms, refinements and L1 norms add). A stack's trim is found once per merge
+    (`shared`; cuts and tied positions by one thread); the histograms and a rescale's L1 norms, one pass
+    per member, by whichever thread asks first, each starting with its own member, so the threads merging
+    a stack's members share those passes."""
 
     def __init__(self, name: str, members: list[TaskVector], parts: int, index: int, shared: Shared, key: Hashable,
                  summary_of: Callable[[TaskVector], Summary] | None = None):
@@ -237,8 +238,14 @@ class StackVector(TaskVector):
         return self.once(("cuts", *ranks), lambda: super(StackVector, self).cuts(ranks))  # one thread updates the summary
 
     def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
-        lows = self.each(("refine", bin0, bin1), lambda _, m: m.refine(bin0, bin1))
-        return sum(l[0] for l in lows), sum(l[1] for l in lows)
+        """Summed member by member (by the one thread finding the cuts: see `cuts`), holding two count
+        arrays, not two per member."""
+        low0, low1 = self.members[0].refine(bin0, bin1)
+        for m in self.members[1:]:
+            a, b = m.refine(bin0, bin1)
+            low0 += a
+            low1 += b
+        return low0, low1
 
     def nth_equal(self, value: float, nth: int) -> int:
         def find() -> int:
