@@ -4,8 +4,10 @@ Sources stay as they are stored: safetensors files memory-mapped in their own dt
 bytes a parameter), so their pages live in the page cache, shared by every process of the node that maps
 them, and cost no private memory. Each output tensor is merged into its own freshly allocated buffer (or
 straight into a module's parameter) by the method's kernel, which forms the deltas block by block; trims
-keep a compact summary per (model, tensor), computed on first use (vectors.py). Beyond the output a merge
-holds only per-thread blocks and one tensor's selection buffer; methods outside the task-arithmetic family
+keep a compact summary per (model, tensor), or per (model, stack) for experts stored apart but stacked in
+memory (which trims read as one, as mergekit does), computed on first use (vectors.py). Beyond the output
+a merge holds only per-thread blocks and one tensor's selection buffer (a DELLA trim of a stack member: its
+ranks, 4 bytes an entry); methods outside the task-arithmetic family
 (linear, slerp, model_stock, passthrough) hold float32 copies of one tensor's inputs while merging it.
 Tensors are merged in parallel over `threads` (the kernels release the GIL). Nested recipes are merged
 first into transient sources.
@@ -18,7 +20,6 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -172,15 +172,16 @@ def stacked_rank(siblings: list[tuple[torch.Tensor, torch.Tensor]], shape: torch
     """DELLA's ranks of part `part` (flat, in [0, 1]) of one expert's slice of a stacked tensor, whose
     `siblings` (flat base, model pairs of `shape`) are stacked along rows: mergekit ranks a stacked
     [experts, rows, cols] tensor along dim 1, so each column of the slice is ranked over all its parts'
-    rows. Computed in pieces of about `piece` entries of whole columns."""
+    rows. Computed in pieces of about `piece` entries of whole columns, each column made a contiguous row
+    (sorting along contiguous memory is several times faster)."""
     rows = shape[0] if len(shape) else 1
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
     span = rows * len(siblings)
     out = torch.empty(rows, cols)
     step = max(1, piece // span)
     for c in range(0, cols, step):
-        d = torch.cat([(m.reshape(rows, cols)[:, c : c + step].float() - b.reshape(rows, cols)[:, c : c + step].float())
-                       for b, m in siblings])
-        r = d.abs().argsort(dim=0).argsort(dim=0).to(torch.float32)
-        out[:, c : c + step] = (r / (span - 1) if span > 1 else r)[part * rows : (part + 1) * rows]
+        d = torch.cat([(m.reshape(rows, cols)[:, c : c + step].float() - b.reshape(rows, cols)[:, c : c + step].float()).T
+                       for b, m in siblings], dim=1)
+        r = d.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+        out[:, c : c + step] = (r / (span - 1) if span > 1 else r)[:, part * rows : (part + 1) * rows].T
     return out.reshape(-1)
