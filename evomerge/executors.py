@@ -145,8 +145,8 @@ class RayExecutor:
             except ConnectionError as e:
                 raise UserError(f"cannot join the Ray cluster at {self._address!r}: {e}") from None
             self._owns_ray = True
-        if self._address is None:  # a Ray of this machine alone: no node will join, so what it lacks never comes
-            self._check_fits(ray.cluster_resources())
+            if self._address is None:  # a Ray of this machine alone: no node will join, what it lacks never comes
+                self._check_fits(ray.cluster_resources())
         self._remote = ray.remote(_Actor)
         self._loaded = [None] * self.workers
         self._actors = [self._spawn(i) for i in range(self.workers)]

@@ -12,12 +12,38 @@ from typing import Any, Optional
 
 import typer
 
+from evomerge.quiet import own_output
 from evomerge.records import UserError
+
+
+def best_text(best: dict[str, float], failed: int, room: int) -> str:
+    """The progress bar's best-so-far in at most `room` characters, the values always whole: the first form
+    that fits of labels in full, labels without the part all of them share ("acc/math_j", "tok/math_j" ->
+    "acc", "tok"), labels cut to their first letters, then values alone (the failed count goes before the
+    labels do); at the very least the first objective's value."""
+    values = [f"{v:.4g}" for v in best.values()]
+    labels = list(best)
+    parts = [s.split("/") for s in labels]
+    if len(labels) > 1 and all(len(p) == 2 for p in parts):
+        for i in (1, 0):
+            if len({p[i] for p in parts}) == 1 and len({p[1 - i] for p in parts}) == len(parts):
+                labels = [p[1 - i] for p in parts]
+    tail = f" ({failed} failed)" if failed else ""
+
+    def text(names: list[str] | None, end: str) -> str:
+        pairs = values if names is None else [f"{n}={v}" for n, v in zip(names, values)]
+        return "best " + " ".join(pairs) + end
+
+    forms = [text(list(best), tail), text(labels, tail)]
+    forms += [text([n[:k] for n in labels], tail) for k in range(max(map(len, labels), default=0), 0, -1)]
+    forms += [text(None, tail), text(None, ""), "best " + values[0] if values else "best"]
+    return next((f for f in forms if len(f) <= room), forms[-1])
 
 
 def _progress_bar(total: int | None):
     """A rich progress bar fed by the engine's Progress records: done, ETA, best so far, evaluations/min.
-    The best-so-far text is cut to the terminal's width (80 columns in a log) so the other columns keep theirs."""
+    The best-so-far text fits the terminal's width (80 columns in a log), shortening its labels, never a
+    value, so the other columns keep theirs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Column
     from rich.text import Text
@@ -32,15 +58,12 @@ def _progress_bar(total: int | None):
     task = bar.add_task("search", total=total, rate="", best="")
 
     def update(p) -> None:
-        best = "best " + " ".join(f"{k}={v:.4g}" for k, v in p.best.items()) + (f" ({p.failed} failed)" if p.failed else "")
         rate = f"{p.evals_per_min:.{1 if p.evals_per_min < 100 else 0}f} eval/min"  # slow runs keep a decimal
         if p.examples:
             rate += f" {p.examples:.0f} ex"
         # the other columns: "search", the bar, done/total, elapsed, "ETA h:mm:ss", the rate, one space after each
         used = 7 + 11 + len(f"{p.done}/{p.total if p.total is not None else '?'}") + 1 + 8 + 12 + len(rate) + 1
-        room = max(12, bar.console.width - used)
-        bar.update(task, completed=p.done, total=p.total, rate=rate,
-                   best=best if len(best) <= room else best[: room - 1] + "…")
+        bar.update(task, completed=p.done, total=p.total, rate=rate, best=best_text(p.best, p.failed, bar.console.width - used))
 
     return bar, update
 
@@ -120,6 +143,7 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Search seed instead of the config's (repeat a search over seeds)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print the memory plan per worker and per node; load nothing, write nothing."),
+        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
     ) -> None:
         """Start a search (or continue one with --resume)."""
         from evomerge.assemble import open_engine, prepare
@@ -142,8 +166,9 @@ def register(app: typer.Typer) -> None:
             plan.check()
             return
         target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
-        engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan)
-        _tracked(target, engine, quiet)
+        with own_output(verbose):
+            engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan)
+            _tracked(target, engine, quiet)
 
     @app.command("resume")
     def resume_cmd(
@@ -153,25 +178,29 @@ def register(app: typer.Typer) -> None:
         wall_time: Optional[str] = typer.Option(None, "--wall-time", help="Raise the wall-time budget (90s, 30m, 6h, 2d)."),
         cost: Optional[float] = typer.Option(None, "--cost", help="Raise the cost budget."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
     ) -> None:
         """Continue a stopped or killed run: replay its store, re-run only what was in flight."""
         from evomerge.assemble import open_engine
 
         budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
-        engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan)
-        _tracked(run_dir, engine, quiet)
+        with own_output(verbose):
+            engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan)
+            _tracked(run_dir, engine, quiet)
 
     @app.command("holdout")
     def holdout(
         run_dir: Path = typer.Argument(..., help="A run directory whose config has a holdout section."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
     ) -> None:
         """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
         from evomerge.holdout import finish_run
         from evomerge.trackers import tracking
 
         with tracking(run_dir) as feed:
-            result = finish_run(run_dir, progress=not quiet)
+            with own_output(verbose):
+                result = finish_run(run_dir, progress=not quiet)
             if result is None:
                 raise UserError(f"the run in {run_dir} has no holdout section in its config")
             feed.log_table(result)

@@ -161,14 +161,35 @@ def test_resume_with_a_larger_budget_continues_as_if_planned(finished_run, tmp_p
 
 
 def test_progress_bar_keeps_its_columns_on_a_narrow_terminal(tmp_path, capsys, monkeypatch):
-    """Done/total, elapsed, ETA and rate keep their width; the best-so-far text is cut with an ellipsis."""
+    """Done/total, elapsed, ETA and rate keep their width; the best-so-far values stay whole (labels go first)."""
+    from evomerge import open_run
+
     monkeypatch.setenv("COLUMNS", "72")
     code, out, err = _cli(capsys, "run", str(_write(tmp_path, _box())), "--run-dir", str(tmp_path / "r"))
     assert code == 0, err
     line = [ln.rstrip() for ln in out.splitlines() if ln.startswith("search")][-1]
     assert len(line) <= 72, line
     assert "24/24" in line and "ETA 0:00:00" in line and "eval/min" in line, line
-    assert "best a=" in line and line.endswith("…"), line
+    run = open_run(tmp_path / "r")
+    best = {o: float(run.best(o)[o]) for o in ("a", "b")}
+    shown = [t.split("=")[-1] for t in line.split("best ", 1)[1].split()]  # 72 columns: room for the first value
+    assert shown and shown == [f"{best['a']:.4g}", f"{best['b']:.4g}"][:len(shown)], line
+
+
+@pytest.mark.parametrize("room, text", [
+    (60, "best acc_tf/math_j=0.125 tok_acc/math_j=0.6875"),
+    (32, "best acc_tf=0.125 tok_acc=0.6875"),  # the task all objectives share goes first
+    (25, "best acc=0.125 tok=0.6875"),
+    (21, "best a=0.125 t=0.6875"),
+    (18, "best 0.125 0.6875"),
+    (12, "best 0.125"),  # never a cut value: the first objective's, whole
+])
+def test_best_so_far_shortens_labels_never_values(room, text):
+    from evomerge.run_commands import best_text
+
+    assert best_text({"acc_tf/math_j": 0.125, "tok_acc/math_j": 0.6875}, 0, room) == text
+    assert best_text({"acc_tf/math_j": 0.125}, 2, 40) == "best acc_tf/math_j=0.125 (2 failed)"
+    assert best_text({"x/a": 0.5, "x/b": 0.25}, 0, 18) == "best a=0.5 b=0.25"
 
 
 def test_seed_option_is_the_config_seed_and_not_for_a_resume(finished_run, tmp_path, capsys):
@@ -183,3 +204,39 @@ def test_seed_option_is_the_config_seed_and_not_for_a_resume(finished_run, tmp_p
     assert by_flag.equals(by_config) and not by_flag.equals(seed2.iloc[:len(by_flag)])
     code, _, err = _cli(capsys, "run", str(tmp_path / "run.yaml"), "--run-dir", str(finished_run), "--resume", "--seed", "3")
     _one_line_error(code, err, "--seed starts a new search")
+
+
+def test_a_model_run_prints_only_evomerges_lines_and_its_best_values_at_80_columns(tiny_models, tmp_path):
+    """A short real run (HF scoring of merged tiny models) as a user starts it, in a fresh process on an
+    80-column console: no transformers bars or warnings, nothing but evomerge's lines; the progress bar shows
+    the best values whole. With --verbose the other libraries speak again."""
+    import os
+    import subprocess
+
+    task = tmp_path / "math_j.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(10, 16)))
+    cfg = {"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "ties"}}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [{"name": "math_j", "path": str(task), "metrics": ["teacher_exact", "token_accuracy"]}]},
+           "budget": {"evaluations": 3}, "seed": 1}
+    config = _write(tmp_path, cfg)
+
+    def run(*extra: str) -> tuple[list[str], Path]:
+        out = tmp_path / f"r{len(extra)}"
+        res = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(config), "--run-dir", str(out), *extra],
+                             env={**os.environ, "COLUMNS": "80"}, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [ln.rstrip() for ln in (res.stdout + res.stderr).splitlines() if ln.strip()], out
+
+    lines, out = run()
+    assert all(ln.startswith(("evomerge: ", "this node: ", "search ")) for ln in lines), lines
+    bar = [ln for ln in lines if ln.startswith("search ")][-1]
+    from evomerge import open_run
+
+    r = open_run(out)
+    objectives = [o.name for o in r.objectives]
+    best = [f"{float(r.best(o)[o]):.4g}" for o in objectives]
+    assert len(bar) <= 80 and "3/3" in bar, bar
+    assert [t.split("=")[-1] for t in bar.split("best ", 1)[1].split()] == best, (bar, best)
+    lines, _ = run("--verbose")
+    assert any("Loading weights" in ln for ln in lines), lines  # transformers' bar: what the default hides

@@ -153,16 +153,14 @@ def test_more_cpus_than_the_local_ray_has_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert f"workers 3 x cpus_per_worker {cpus} need {3 * cpus} CPUs, but the local Ray has" in lines[0]
     assert "lower executor.workers or executor.cpus_per_worker" in lines[0] and time.monotonic() - start < 240
+    assert not (tmp_path / "r").exists()  # refused before the run is created: fix the config and run again
 
 
-def test_gpus_the_local_ray_lacks_are_refused(ray_local):
+def test_gpus_the_local_ray_lacks_are_refused():
+    """The same check for GPUs (the resources a Ray it started reports; the run above shows where it applies)."""
     from evomerge.executors import RayExecutor
     from evomerge.records import UserError
 
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    ex = RayExecutor(lambda: None, workers=2, gpus_per_worker=gpus / 2 + 1)
-    with pytest.raises(UserError, match=r"gpus_per_worker .* need .* GPUs, but the local Ray has"):
-        ex.start()
-    assert ray.is_initialized()  # the session's Ray is not ours to stop
+    with pytest.raises(UserError, match=r"workers 2 x gpus_per_worker 1 need 2 GPUs, but the local Ray has 1: .*gpus_per_worker"):
+        RayExecutor(lambda: None, workers=2, gpus_per_worker=1)._check_fits({"CPU": 16.0, "GPU": 1.0})
+    RayExecutor(lambda: None, workers=2, cpus_per_worker=2, gpus_per_worker=0.5)._check_fits({"CPU": 4.0, "GPU": 1.0})
