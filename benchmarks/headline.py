@@ -70,18 +70,22 @@ def run_seed(config: Path, run_dir: Path, seed: int) -> dict:
     from evomerge.config import load_config, parse_config
     from evomerge.store import RunStore
 
+    want = parse_config({**load_config(config).to_dict(), "seed": seed})
+    if (run_dir / "run.sqlite").is_file():
+        with RunStore.open(run_dir, readonly=True) as store:
+            if parse_config(store.config).to_dict() != want.to_dict():
+                sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
+        command = ["resume", str(run_dir)]
+    else:
+        command = ["run", str(config), "--run-dir", str(run_dir), "--seed", str(seed)]
     table = run_dir / "holdout.json"
     if not table.is_file():
-        resume = ["--resume"] if (run_dir / "run.sqlite").is_file() else []
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(config), "--run-dir", str(run_dir),
-                               "--seed", str(seed), "-q", *resume], cwd=ROOT, env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "evomerge.cli", *command, "-q"], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"seed {seed} failed:\n{done.stderr[-3000:]}")
-    want = parse_config({**load_config(config).to_dict(), "seed": seed})
     with RunStore.open(run_dir, readonly=True) as store:
-        if parse_config(store.config).to_dict() != want.to_dict():
-            sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
         search = {**searched(store, want.budget.model_dump(exclude_none=True)), "seconds": round(store.elapsed(), 1)}
     return {**json.loads(table.read_text()), "search": search}
 
