@@ -3,9 +3,7 @@ sources stay resident; then export and report read it back."""
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
