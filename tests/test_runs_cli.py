@@ -212,6 +212,7 @@ def test_a_model_run_prints_only_evomerges_lines_and_its_best_values_at_80_colum
     the best values whole. With --verbose the other libraries speak again."""
     import os
     import subprocess
+    from pathlib import Path
 
     task = tmp_path / "math_j.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(10, 16)))
