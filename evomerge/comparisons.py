@@ -25,12 +25,13 @@ def compare_dir(run_dir: Path, row: str) -> Path:
 def compare_config(cfg: RunConfig, row: str) -> RunConfig:
     """The run's config with the entry's space/optimizer, no holdout of its own."""
     entry = cfg.holdout.compare[row]
-    data = {**cfg.to_dict(), "holdout": None}
+    data = cfg.to_dict()
+    del data["holdout"]
     for key in ("space", "optimizer"):
         part = getattr(entry, key)
         if part is not None:
             data[key] = part.model_dump(mode="json", exclude_none=True)
-    return parse_config({k: v for k, v in data.items() if v is not None})
+    return parse_config(data)
 
 
 def searched(store: Any, budget: dict[str, Any]) -> dict[str, Any]:
