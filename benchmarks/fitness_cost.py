@@ -81,7 +81,7 @@ class ZooHeldOut:
     """The demo's first held-out task (J math, 400 test problems) on the best candidate's recipe."""
 
     def __init__(self):
-        from fitness.suite import TaskFitness
+        from evomerge.fitness.suite import TaskFitness
 
         cfg = load_config(ROOT / "runs" / "demo.yaml")
         self.handle = build_handle(cfg)

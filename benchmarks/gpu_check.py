@@ -111,13 +111,13 @@ def vllm(args) -> dict:
     an HF model holding the same merge."""
     import inspect
 
-    from fitness.vllm_handle import VLLMHandle
+    from evomerge.fitness.vllm_handle import VLLMHandle
 
     if "sources" not in inspect.signature(VLLMHandle).parameters:
         return {"skipped": "this checkout's VLLMHandle pushes merged weights, not recipes (no `sources` argument)"}
     from evomerge.merge import Materializer
-    from fitness.handle import Sampling
-    from fitness.hf import HFHandle
+    from evomerge.fitness.handle import Sampling
+    from evomerge.fitness.hf import HFHandle
 
     sources = scale_models.checkpoints(args.size, args.cache)
     t = time.perf_counter()

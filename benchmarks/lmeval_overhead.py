@@ -29,9 +29,9 @@ torch.set_num_threads(1)
 
 from evomerge.merge import Materializer  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
-from fitness.hf import HFHandle  # noqa: E402
-from fitness.lmeval import LMEvalFitness  # noqa: E402
-from fitness.suite import TaskFitness  # noqa: E402
+from evomerge.fitness.hf import HFHandle  # noqa: E402
+from evomerge.fitness.lmeval import LMEvalFitness  # noqa: E402
+from evomerge.fitness.suite import TaskFitness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "evomerge" / "zoo"

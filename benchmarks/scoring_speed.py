@@ -39,7 +39,7 @@ from evomerge.merge import Materializer  # noqa: E402
 from evomerge.merge.mergekit_yaml import to_mergekit  # noqa: E402
 from evomerge.merge.writer import write_checkpoint  # noqa: E402
 from evomerge.recipe import ModelRef, Recipe  # noqa: E402
-from fitness.suite import TaskFitness  # noqa: E402
+from evomerge.fitness.suite import TaskFitness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -105,13 +105,13 @@ def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Na
     }
     device = args.device if backend == "hf" else "cpu"  # vLLM places its own weights
     if backend == "hf":
-        from fitness.hf import HFHandle
+        from evomerge.fitness.hf import HFHandle
 
         def fresh(model_dir, merging=False):
             mat = Materializer(sources, base="base", device=device) if merging else None
             return HFHandle(model_dir, mat, batch_size=args.batch_size, device=device)
     else:  # the vLLM workers open the sources themselves
-        from fitness.vllm_handle import VLLMHandle
+        from evomerge.fitness.vllm_handle import VLLMHandle
 
         def fresh(model_dir, merging=False):
             return VLLMHandle(model_dir, sources if merging else None, base="base")

@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--models", help="keep the random checkpoints here (reused on the next run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_push.json"))
     args = ap.parse_args()
-    from fitness.vllm_handle import VLLMHandle
+    from evomerge.fitness.vllm_handle import VLLMHandle
 
     scratch = Path(tempfile.mkdtemp(prefix="vllm_push_"))
     try:

@@ -90,11 +90,11 @@ def build_space(cfg: RunConfig):
     if cfg.space.bounds is not None:
         return BoxSpace(cfg.space.bounds, cfg.space.names)
     if cfg.space.points is not None:
-        from fitness.tasks import import_callable
+        from evomerge.fitness.tasks import import_callable
 
         importable(cfg)
         return PointsSpace(import_callable(cfg.space.points, "space.points")(), cfg.space.bound)
-    import search_spaces
+    from evomerge import search_spaces
 
     accepted = _space_params(cfg.space.name)
     facts = {k: v for k, v in model_facts(cfg).items() if k in accepted}
@@ -105,7 +105,7 @@ def _space_params(name: str) -> set[str]:
     """The options space `name` takes (model facts are offered only to spaces that take them)."""
     import inspect
 
-    import search_spaces
+    from evomerge import search_spaces
 
     if name not in search_spaces.names():
         return set()  # search_spaces.make names the valid spaces
@@ -135,14 +135,14 @@ def build_fitness(cfg: RunConfig):
 
         return FunctionFitness(cfg.fitness.function, [Objective(o.name, o.direction) for o in cfg.fitness.objectives])
     if cfg.fitness.remote_loss is not None:
-        from fitness.remote import RemoteLossFitness
+        from evomerge.fitness.remote import RemoteLossFitness
 
         return RemoteLossFitness(**cfg.fitness.remote_loss.model_dump())
     if cfg.fitness.lm_eval is not None:
-        from fitness.lmeval import LMEvalFitness
+        from evomerge.fitness.lmeval import LMEvalFitness
 
         return LMEvalFitness.from_config(cfg.fitness.lm_eval.model_dump(), base_dir=cfg.workdir)
-    from fitness.suite import TaskFitness
+    from evomerge.fitness.suite import TaskFitness
 
     return TaskFitness.from_config(cfg.fitness.tasks, base_dir=cfg.workdir)
 
@@ -150,7 +150,7 @@ def build_fitness(cfg: RunConfig):
 def build_handle(cfg: RunConfig):
     """The model handle with the sources resident (loaded once per worker); None for a run without models."""
     if cfg.fitness.backend == "api":
-        from fitness.api import APIHandle
+        from evomerge.fitness.api import APIHandle
 
         return APIHandle(**cfg.fitness.handle)
     if not cfg.sources:
@@ -159,12 +159,12 @@ def build_handle(cfg: RunConfig):
 
     sources = {k: str(v) for k, v in cfg.sources.items()}
     if cfg.fitness.backend == "vllm":
-        from fitness.vllm_handle import VLLMHandle
+        from evomerge.fitness.vllm_handle import VLLMHandle
 
         options = {k: v for k, v in cfg.fitness.handle.items() if k != "device"}  # vLLM picks its own platform
         return VLLMHandle(sources[cfg.base], sources, base=cfg.base, **options)  # each vLLM worker opens them
     from evomerge.placement import resolve_device
-    from fitness.hf import HFHandle
+    from evomerge.fitness.hf import HFHandle
 
     device = resolve_device(cfg.fitness.handle.get("device"))  # the materializer writes where the model lives
     return HFHandle(sources[cfg.base], Materializer(sources, base=cfg.base, device=device),
@@ -205,7 +205,7 @@ def prepare(cfg: RunConfig, *, address: str | None = None):
     space = build_space(cfg)
     fitness = build_fitness(cfg)
     if cfg.fitness.backend == "vllm" and cfg.sources:
-        from fitness.vllm_handle import check_supported
+        from evomerge.fitness.vllm_handle import check_supported
 
         check_supported(str(cfg.sources[cfg.base]))  # the engine starts from the base, in each worker
     objectives = list(fitness.objectives)

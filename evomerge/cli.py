@@ -111,7 +111,7 @@ def search_options() -> None:
     """List the optimizers and search spaces, each with its options and defaults."""
     import inspect
 
-    import search_spaces
+    from evomerge import search_spaces
     from evomerge import optimizers
 
     def options(fn, skip: tuple[str, ...]) -> str:

@@ -318,14 +318,14 @@ def activations(cfg: Any, fitness: Any, conf: dict[str, Any], nbytes: int) -> tu
     batches them (batch_size sequences, the longest first). Logits dominate; hidden states, attention
     scores and the KV cache of generation are counted too. Only evomerge's own task suites are sized (an
     lm-eval fitness batches as lm-eval builds its requests: not estimated)."""
-    from fitness.suite import TaskFitness
+    from evomerge.fitness.suite import TaskFitness
 
     if not isinstance(fitness, TaskFitness) or not fitness.tasks:
         return 0, ""
     tasks = fitness.tasks
     from transformers import AutoTokenizer
 
-    from fitness.handle import encode_prompt
+    from evomerge.fitness.handle import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(str(cfg.sources[cfg.base]))
     batch = int(cfg.fitness.handle.get("batch_size", 16))

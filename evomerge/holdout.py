@@ -60,10 +60,10 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
     else:
         if best_recipe is None:
             raise UserError("holdout.tasks score recipes, but this run's candidates have none (a plain box space)")
-        from fitness.suite import TaskFitness
+        from evomerge.fitness.suite import TaskFitness
 
         if h.lm_eval is not None:
-            from fitness.lmeval import LMEvalFitness
+            from evomerge.fitness.lmeval import LMEvalFitness
 
             fitness = LMEvalFitness.from_config(h.lm_eval.model_dump(), base_dir=cfg.workdir)
         else:

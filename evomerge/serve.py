@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.handle import Completion, Prompt, Sampling, encode_prompt
+from evomerge.fitness.handle import Completion, Prompt, Sampling, encode_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -362,8 +362,8 @@ def build(config: ServeConfig) -> Any:
     """Everything validated and loaded: the ASGI app, ready for uvicorn."""
     from evomerge.merge import Materializer
     from evomerge.merge.sources import ADAPTER_CONFIG
-    from fitness.hf import HFHandle
-    from fitness.tasks import load_task
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.tasks import load_task
 
     token = config.token()  # refuse a bad bind before loading anything
     if config.base not in config.sources:

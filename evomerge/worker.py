@@ -55,7 +55,7 @@ class FunctionFitness:
     others, as the function returns them for the subset)."""
 
     def __init__(self, fn: Callable[[Any], Any] | str, objectives: Sequence[Objective]):
-        from fitness.base import FitnessResult  # imported here, once, not inside the first evaluation
+        from evomerge.fitness.base import FitnessResult  # imported here, once, not inside the first evaluation
 
         self._result = FitnessResult
         self.fn = load_callable(fn) if isinstance(fn, str) else fn
@@ -71,7 +71,7 @@ class FunctionFitness:
         return "examples" in inspect.signature(self.fn).parameters
 
     def score_examples(self, handle: Any, indices: Sequence[int]):
-        from fitness.partial import ExampleScores, check_primary
+        from evomerge.fitness.partial import ExampleScores, check_primary
 
         indices = list(indices)
         result = self.evaluate(handle, examples=indices)
@@ -106,7 +106,7 @@ class Worker:
             stage, t = "score", time.perf_counter()
             plan = candidate.meta.get("scoring")  # racing or anchors (evomerge/frugal.py)
             if plan:
-                from fitness.partial import score_plan
+                from evomerge.fitness.partial import score_plan
 
                 result = score_plan(self.fitness, handle, plan)
             else:

@@ -3,9 +3,9 @@
 `fitness.state_dict.StateDictHandle`) into named objectives and per-example scores.
 
 Importing this package stays light: back ends (torch, vLLM, httpx) load with their own modules."""
-from fitness.base import Fitness, FitnessResult
-from fitness.handle import ModelHandle, TokenScores
-from fitness.suite import TaskFitness
-from fitness.tasks import Task, TaskSpec, load_task
+from evomerge.fitness.base import Fitness, FitnessResult
+from evomerge.fitness.handle import ModelHandle, TokenScores
+from evomerge.fitness.suite import TaskFitness
+from evomerge.fitness.tasks import Task, TaskSpec, load_task
 
 __all__ = ["Fitness", "FitnessResult", "ModelHandle", "TaskFitness", "Task", "TaskSpec", "TokenScores", "load_task"]

@@ -28,8 +28,8 @@ import httpx
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.cache import ResponseCache, request_key
-from fitness.handle import Prompt, Sampling, TokenScores, is_chat
+from evomerge.fitness.cache import ResponseCache, request_key
+from evomerge.fitness.handle import Prompt, Sampling, TokenScores, is_chat
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})

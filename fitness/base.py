@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from evomerge.records import Objective, UserError
-from fitness.handle import ModelHandle
+from evomerge.fitness.handle import ModelHandle
 
 
 @dataclass

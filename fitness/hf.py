@@ -15,7 +15,7 @@ import torch
 from evomerge import arch
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.handle import Completion, Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
+from evomerge.fitness.handle import Completion, Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
 
 
 class LoadsInto(Protocol):

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.records import Objective, UserError
-from fitness.base import FitnessResult, add_cost
-from fitness.handle import ModelHandle
-from fitness.tasks import PUBLIC_BENCHMARKS, TEST_ONLY
+from evomerge.fitness.base import FitnessResult, add_cost
+from evomerge.fitness.handle import ModelHandle
+from evomerge.fitness.tasks import PUBLIC_BENCHMARKS, TEST_ONLY
 
 PREFIX = "lm_eval"
 SCORE = f"{PREFIX}/score"
@@ -118,7 +118,7 @@ class LMEvalFitness:
         """lm-eval's own results for `handle` (results, per-sample records), as `evaluate` returns them."""
         from lm_eval.evaluator import evaluate
 
-        from fitness.lmeval_lm import HandleLM
+        from evomerge.fitness.lmeval_lm import HandleLM
 
         return evaluate(lm=HandleLM(handle), task_dict={"tasks": self.tasks}, limit=self.limit, bootstrap_iters=0,
                         log_samples=True, apply_chat_template=self.apply_chat_template,

@@ -24,7 +24,7 @@ from typing import Any
 from lm_eval.api.model import LM
 
 from evomerge.records import UserError
-from fitness.handle import ModelHandle, Sampling
+from evomerge.fitness.handle import ModelHandle, Sampling
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF model default
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.records import Direction, UserError
-from fitness.handle import TokenScores
+from evomerge.fitness.handle import TokenScores
 
 # Sakana's MGSM scorer takes the last match of \d*\.?\d+ and compares floats; we also accept a minus
 # sign and thousands separators, so "-5" and "1,024" read as the numbers they are.

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.records import UserError
-from fitness.base import FitnessResult, add_cost
+from evomerge.fitness.base import FitnessResult, add_cost
 
 
 @dataclass

@@ -3,7 +3,7 @@ neither the weights nor the data, only one loss per example (the Evo-Merging set
 from __future__ import annotations
 
 from evomerge.records import Objective, UserError
-from fitness.base import FitnessResult
+from evomerge.fitness.base import FitnessResult
 
 
 class RemoteLossFitness:

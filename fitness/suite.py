@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from evomerge.records import Objective, UserError
-from fitness.base import FitnessResult, add_cost
-from fitness.handle import ModelHandle, TokenScores
-from fitness.partial import ExampleScores, full_values
-from fitness.tasks import Task, TaskSpec, load_task
+from evomerge.fitness.base import FitnessResult, add_cost
+from evomerge.fitness.handle import ModelHandle, TokenScores
+from evomerge.fitness.partial import ExampleScores, full_values
+from evomerge.fitness.tasks import Task, TaskSpec, load_task
 
 
 class TaskFitness:

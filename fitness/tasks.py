@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.records import UserError
-from fitness.handle import Prompt, Sampling
-from fitness.metrics import Metric, make_metric
+from evomerge.fitness.handle import Prompt, Sampling
+from evomerge.fitness.metrics import Metric, make_metric
 
 SPLITS = ("train", "dev", "test", "all")
 

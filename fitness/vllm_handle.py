@@ -27,10 +27,10 @@ import torch
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from fitness.handle import Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
+from evomerge.fitness.handle import Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
 
 # vLLM resolves this qualified name inside each worker process and mixes the class into its worker.
-WORKER_EXTENSION = "fitness.vllm_handle.WeightPushExtension"
+WORKER_EXTENSION = "evomerge.fitness.vllm_handle.WeightPushExtension"
 
 
 class WeightPushExtension:

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fitness.base import FitnessResult
+from evomerge.fitness.base import FitnessResult
 
 HIDDEN, INPUT, OUTPUT = 256, 64, 10
 NUM_PARAMS = (INPUT + 1) * HIDDEN + (HIDDEN + 1) * OUTPUT  # 19,210

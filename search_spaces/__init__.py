@@ -9,14 +9,14 @@ import inspect
 from typing import Any
 
 from evomerge.records import UserError
-from search_spaces.base import SearchSpace
+from evomerge.search_spaces.base import SearchSpace
 
 _REGISTRY: dict[str, tuple[str, str]] = {
-    "layer_weights": ("search_spaces.layer_weights", "LayerWeights"),
-    "layer_swap": ("search_spaces.layer_swap", "LayerSwap"),
-    "data_flow": ("search_spaces.data_flow", "DataFlow"),
-    "sparsity_scaling": ("search_spaces.sparsity_scaling", "SparsityScaling"),
-    "hybrid": ("search_spaces.hybrid", "Hybrid"),
+    "layer_weights": ("evomerge.search_spaces.layer_weights", "LayerWeights"),
+    "layer_swap": ("evomerge.search_spaces.layer_swap", "LayerSwap"),
+    "data_flow": ("evomerge.search_spaces.data_flow", "DataFlow"),
+    "sparsity_scaling": ("evomerge.search_spaces.sparsity_scaling", "SparsityScaling"),
+    "hybrid": ("evomerge.search_spaces.hybrid", "Hybrid"),
 }
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from evomerge.recipe import ModelRef, PathStep, Recipe
 from evomerge.records import UserError
-from search_spaces.base import SearchSpace, check_layers, check_sources
+from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources
 
 ON, OFF = 0.5, -0.5
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from search_spaces.base import SearchSpace
+from evomerge.search_spaces.base import SearchSpace
 
 
 class Hybrid(SearchSpace):
@@ -24,7 +24,7 @@ class Hybrid(SearchSpace):
                  tied_embeddings: bool = False) -> None:
         import inspect
 
-        import search_spaces
+        from evomerge import search_spaces
 
         facts = {"architecture": architecture, "tied_embeddings": tied_embeddings}
 

@@ -22,7 +22,7 @@ import numpy as np
 from evomerge import arch
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
-from search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
+from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
 
 class LayerSwap(SearchSpace):

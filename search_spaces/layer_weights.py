@@ -31,7 +31,7 @@ import numpy as np
 from evomerge import arch
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
-from search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
+from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
 METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear")
 WEIGHT_ONLY = ("task_arithmetic", "linear")

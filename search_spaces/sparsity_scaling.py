@@ -18,7 +18,7 @@ import numpy as np
 
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
-from search_spaces.base import SearchSpace, check_sources, model_ref
+from evomerge.search_spaces.base import SearchSpace, check_sources, model_ref
 
 SEARCH = ("both", "alpha", "beta")
 

@@ -185,7 +185,7 @@ def _thresholds(n: int):
 def skill_examples(handle, examples=None):
     """Per-example fitness with a known answer: 400 examples, example j right iff u_j < skill, skill = the
     mean of the genome, so the full-dev accuracy is monotone in it. Takes `examples` (racing, subsets)."""
-    from fitness.base import FitnessResult
+    from evomerge.fitness.base import FitnessResult
 
     u = _thresholds(400)
     idx = range(400) if examples is None else examples
@@ -204,6 +204,6 @@ def logged_skill_examples(handle, examples=None):
 
 def sphere_with_tokens(handle):
     """The sphere, costing 10 prompt and 5 completion tokens an evaluation (as an API fitness reports them)."""
-    from fitness.base import FitnessResult
+    from evomerge.fitness.base import FitnessResult
 
     return FitnessResult(objectives=sphere(handle), cost={"prompt_tokens": 10.0, "completion_tokens": 5.0})

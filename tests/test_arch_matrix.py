@@ -203,8 +203,8 @@ def test_run_scores_every_candidate_and_exports_what_it_scored(family, space, fa
     from evomerge.assemble import open_engine
     from evomerge.config import load_config
     from evomerge.export import export_run
-    from fitness.hf import HFHandle
-    from fitness.suite import TaskFitness
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.suite import TaskFitness
 
     paths = family_models(family)
     task = {"name": "t", "path": "task.jsonl", "metrics": ["loss"]}
@@ -233,8 +233,8 @@ def test_run_scores_every_candidate_and_exports_what_it_scored(family, space, fa
 def test_resident_model_follows_each_recipe_in_place(family, family_models, tmp_path):
     """The HF handle's model, rewritten in place (depth, per-layer settings, renamed and stacked tensors),
     computes exactly what the written checkpoint of each recipe computes in a fresh transformers model."""
-    from fitness.handle import Sampling
-    from fitness.hf import HFHandle
+    from evomerge.fitness.handle import Sampling
+    from evomerge.fitness.hf import HFHandle
 
     paths = family_models(family)
     sources = {k: str(v) for k, v in paths.items()}
@@ -270,7 +270,7 @@ def test_experts_with_other_tying_merge_as_mergekit_does(family, family_models, 
 
     from safetensors.torch import load_file, save_file
 
-    from fitness.hf import HFHandle
+    from evomerge.fitness.hf import HFHandle
 
     paths = dict(family_models(family))
     f = arch.family(family)
@@ -327,7 +327,7 @@ def test_a_filter_matching_no_tensor_is_a_one_line_error(family_models):
 
 
 def test_spaces_read_the_family():
-    import search_spaces
+    from evomerge import search_spaces
 
     gpt2 = search_spaces.make("layer_swap", sources=["a", "b"], num_layers=2, architecture="gpt2", tied_embeddings=True)
     assert gpt2.non_layer_filters == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]

@@ -109,8 +109,8 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
     best = tmp_path / "run" / "best_model"
     assert (best / "config.json").is_file() and list(best.glob("*.safetensors"))
     # the exported model is the evolved best: scored on its own, it gives the table's numbers
-    from fitness.hf import HFHandle
-    from fitness.suite import TaskFitness
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.suite import TaskFitness
 
     spec = dict(yaml.safe_load(cfg.read_text())["holdout"]["tasks"][0])
     got = TaskFitness.from_config([spec], base_dir=RUNS).evaluate(HFHandle(best)).objectives
@@ -315,8 +315,8 @@ def test_demo_lmeval_table_is_the_native_table_up_to_the_trailing_space(tmp_path
     rows = table(tmp_path / "run", ["BASE", "MATH", "LANG", "linear average", "task arithmetic", "TIES"])["rows"]
     from evomerge.merge import Materializer
     from evomerge.recipe import Recipe
-    from fitness.hf import HFHandle
-    from fitness.suite import TaskFitness
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.suite import TaskFitness
 
     native = TaskFitness.from_config([{"name": t, "path": str(ROOT / "evomerge" / "zoo" / "data" / f"{t}_test.jsonl"),
                                        "metrics": ["teacher_exact"], "limit": 24} for t in ("math_j", "lang_j", "math_e")])

@@ -11,9 +11,9 @@ from fitness_fixtures import FlakyServer
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, UserError
 from evomerge.worker import Worker
-from fitness.api import APIError, APIHandle, retry_after
-from fitness.handle import Sampling
-from fitness.suite import TaskFitness
+from evomerge.fitness.api import APIError, APIHandle, retry_after
+from evomerge.fitness.handle import Sampling
+from evomerge.fitness.suite import TaskFitness
 
 KEY = "sk-test-7f3a9c1e55d2b8406"
 ENV = "EVOMERGE_TEST_API_KEY"

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from evomerge.merge import Materializer
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
-from fitness.handle import ModelHandle, Sampling
-from fitness.hf import HFHandle
-from fitness.suite import TaskFitness
+from evomerge.fitness.handle import ModelHandle, Sampling
+from evomerge.fitness.hf import HFHandle
+from evomerge.fitness.suite import TaskFitness
 
 PROMPTS = ["what is 12 plus 30? answer ", "hi", "copy 11 22? answer ", "abc d", "before 50?", "x"]
 RECIPE = Recipe(merge_method="task_arithmetic", base_model="base",
@@ -175,7 +175,7 @@ def test_any_subset_of_the_examples_scores_as_in_the_full_evaluation(handle, tin
     """Racing and anchors score subsets across tasks: the same values as the full evaluation, per example."""
     import numpy as np
 
-    from fitness.partial import score_plan
+    from evomerge.fitness.partial import score_plan
 
     base_weights(handle, tiny_models)
     tok = handle.tokenizer

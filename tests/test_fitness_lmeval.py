@@ -82,7 +82,7 @@ def tasks_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def handle():
     from evomerge.merge import Materializer
-    from fitness.hf import HFHandle
+    from evomerge.fitness.hf import HFHandle
 
     return HFHandle(SOURCES["base"], Materializer(SOURCES, base="base"), batch_size=8)
 
@@ -118,7 +118,7 @@ def by_doc(samples: list[dict], filt: str) -> list[dict]:
 ])
 def test_in_place_scores_equal_simple_evaluate_on_the_merged_model(task, metric, other, tasks_dir, handle, reference_lm):
     from evomerge.recipe import Recipe
-    from fitness.lmeval import LMEvalFitness
+    from evomerge.fitness.lmeval import LMEvalFitness
 
     fitness = LMEvalFitness([task], include_path=tasks_dir, limit=LIMIT, metrics={task: metric})
     handle.set_recipe(Recipe.from_dict(BASE))
@@ -151,7 +151,7 @@ def test_in_place_scores_equal_simple_evaluate_on_the_merged_model(task, metric,
 
 def test_weights_add_the_weighted_sum_as_first_objective(tasks_dir, handle):
     from evomerge.recipe import Recipe
-    from fitness.lmeval import SCORE, LMEvalFitness
+    from evomerge.fitness.lmeval import SCORE, LMEvalFitness
 
     fitness = LMEvalFitness(["zoo_math_e_mc", "zoo_math_e_gen"], include_path=tasks_dir, limit=LIMIT,
                             weights={"zoo_math_e_mc": 2.0}, metrics={"zoo_math_e_mc": "acc_norm"})
@@ -174,7 +174,7 @@ def one_line_error(fn, *match: str) -> str:
 
 
 def test_bad_input_is_one_line_naming_the_culprit(tasks_dir, tmp_path):
-    from fitness.lmeval import LMEvalFitness
+    from evomerge.fitness.lmeval import LMEvalFitness
 
     # a task that does not produce the metric: what it does produce
     one_line_error(lambda: LMEvalFitness(["zoo_math_j_dev"], include_path=tasks_dir, metrics={"zoo_math_j_dev": "exact_match"}),

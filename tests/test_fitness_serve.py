@@ -20,11 +20,11 @@ from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, UserError
 from evomerge.serve import ServeConfig, build
 from evomerge.worker import Worker
-from fitness.api import APIHandle
-from fitness.handle import Sampling
-from fitness.hf import HFHandle
-from fitness.remote import RemoteLossFitness
-from fitness.suite import TaskFitness
+from evomerge.fitness.api import APIHandle
+from evomerge.fitness.handle import Sampling
+from evomerge.fitness.hf import HFHandle
+from evomerge.fitness.remote import RemoteLossFitness
+from evomerge.fitness.suite import TaskFitness
 
 TOKEN = "serve-token-93ac1f0e"
 
@@ -327,7 +327,7 @@ def test_lm_eval_loglikelihood_task_through_the_api_equals_the_local_handle(remo
     """An lm-eval loglikelihood task scored through an OpenAI-compatible API (`evomerge serve`'s echoed
     log-probs, the recipe sent with each request) gives what the same merge scores in process."""
     pytest.importorskip("lm_eval")
-    from fitness.lmeval import LMEvalFitness
+    from evomerge.fitness.lmeval import LMEvalFitness
 
     (tmp_path / "sums.yaml").write_text(
         "task: serve_sums\ndataset_path: json\n"

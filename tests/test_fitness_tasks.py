@@ -6,8 +6,8 @@ import json
 import pytest
 
 from evomerge.records import UserError
-from fitness.metrics import last_number, make_metric, numeric
-from fitness.tasks import TaskSpec, hashed_split, load_task
+from evomerge.fitness.metrics import last_number, make_metric, numeric
+from evomerge.fitness.tasks import TaskSpec, hashed_split, load_task
 
 
 def write_jsonl(path, rows):

@@ -9,8 +9,8 @@ from evomerge.merge import Materializer
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, Objective, UserError
 from evomerge.worker import FunctionFitness, Worker
-from fitness.base import FitnessResult
-from fitness.state_dict import StateDictHandle
+from evomerge.fitness.base import FitnessResult
+from evomerge.fitness.state_dict import StateDictHandle
 
 GEN = torch.Generator().manual_seed(0)
 X = torch.randn(64, 8, generator=GEN)

@@ -22,7 +22,7 @@ import yaml
 
 from evomerge.recipe import ModelRef, PathStep, Recipe
 from evomerge.records import UserError
-from fitness.handle import Sampling, encode_prompt
+from evomerge.fitness.handle import Sampling, encode_prompt
 from tests.arch_fixtures import LAYERS, build_family, config
 
 needs_vllm = pytest.mark.skipif(
@@ -63,7 +63,7 @@ def vllm_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(vllm_models):
-    from fitness.vllm_handle import VLLMHandle
+    from evomerge.fitness.vllm_handle import VLLMHandle
 
     handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
                         block_size=32)
@@ -75,7 +75,7 @@ def engine(vllm_models):
 def hf(vllm_models):
     """The HF handle over the same sources: the reference each push is compared with."""
     from evomerge.merge import Materializer
-    from fitness.hf import HFHandle
+    from evomerge.fitness.hf import HFHandle
 
     return HFHandle(vllm_models["base"], Materializer(vllm_models, base="base"), dtype="float32")
 
@@ -200,8 +200,8 @@ def test_each_family_decodes_as_hf_after_recipe_pushes(family, tmp_path):
     changes what the same engine process says. Tied heads (GPT-2, Gemma) and stacked experts (Mixtral,
     Qwen2-MoE) exercise the CPU reload's gaps the worker extension closes."""
     from evomerge.merge import Materializer
-    from fitness.hf import HFHandle
-    from fitness.vllm_handle import VLLMHandle
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.vllm_handle import VLLMHandle
 
     paths = build_family(family, tmp_path, cfg=vllm_config(family))
     engine = VLLMHandle(paths["base"], paths, base="base", dtype="float32", max_model_len=128, block_size=32)
@@ -235,9 +235,9 @@ def test_lm_eval_fitness_on_vllm_equals_hf(monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from evomerge.merge import Materializer
-    from fitness.hf import HFHandle
-    from fitness.lmeval import LMEvalFitness
-    from fitness.vllm_handle import VLLMHandle
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.lmeval import LMEvalFitness
+    from evomerge.fitness.vllm_handle import VLLMHandle
 
     root = Path(__file__).resolve().parent.parent
     zoo = {k: root / "evomerge" / "zoo" / "models" / k for k in ("base", "math", "lang")}
@@ -304,7 +304,7 @@ def test_a_run_with_the_vllm_backend_works_on_cpu(vllm_models, tmp_path):
 def test_vllm_handle_imports_without_vllm_and_refuses_a_non_model(tmp_path):
     """The module (and so the worker extension vLLM resolves by name) imports anywhere; a directory
     without a config is a one-line UserError before any engine starts."""
-    from fitness.vllm_handle import WORKER_EXTENSION, VLLMHandle, WeightPushExtension
+    from evomerge.fitness.vllm_handle import WORKER_EXTENSION, VLLMHandle, WeightPushExtension
 
     assert WORKER_EXTENSION == f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}"
     with pytest.raises(UserError, match="no config.json"):
@@ -318,7 +318,7 @@ def test_a_sliding_window_on_some_layers_is_refused_up_front(family, tmp_path):
     config alone (no vLLM needed); the same family attending fully on every layer passes the check."""
     from evomerge.assemble import open_engine
     from evomerge.config import parse_config
-    from fitness.vllm_handle import VLLMHandle, check_supported
+    from evomerge.fitness.vllm_handle import VLLMHandle, check_supported
 
     mixed = build_family(family, tmp_path / "mixed")
     with pytest.raises(UserError, match=r"layers \[.*\] of 4 use a sliding window .* fitness.backend: hf") as e:

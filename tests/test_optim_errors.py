@@ -58,7 +58,7 @@ def test_unknown_back_end_choices(name, options, needle):
 
 
 def test_cli_lists_optimizers_and_spaces_with_their_options(capsys):
-    import search_spaces
+    from evomerge import search_spaces
     from evomerge.cli import search_options
 
     search_options()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import search_spaces
+from evomerge import search_spaces
 from evomerge.optimizers import make
 from evomerge.records import Evaluation, Objective
 from test_optim_contract import CONFIGS

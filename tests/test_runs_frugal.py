@@ -14,7 +14,7 @@ from evomerge.frugal import fit_anchors
 from evomerge.records import UserError
 from evomerge.run_commands import run_status
 from evomerge.store import RunStore
-from fitness.partial import race_bound, race_checks
+from evomerge.fitness.partial import race_bound, race_checks
 from runs_fixtures import _thresholds
 
 N = 400

@@ -88,7 +88,7 @@ def test_same_merge_as_mergekit_evolve_for_the_same_genotype(tmp_path):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import search_spaces
+    from evomerge import search_spaces
     from evomerge.mergekit_evolve import to_evomerge
     from evomerge.merge import Materializer
     from tests.merge_fixtures import load_checkpoint, worst_relative_error

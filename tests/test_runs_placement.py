@@ -191,7 +191,7 @@ def _file_backed(t: torch.Tensor) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
 def test_hf_parameters_are_private_memory_and_writes_never_reach_the_checkpoint(tiny_models, bf16_models):
-    from fitness.hf import HFHandle
+    from evomerge.fitness.hf import HFHandle
     from transformers import AutoModelForCausalLM
 
     # float32 on disk and in memory: transformers 5 returns views of the file's mapping; the handle must not

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import search_spaces
+from evomerge import search_spaces
 from evomerge.recipe import PathStep, Recipe
 from evomerge.records import UserError
 
