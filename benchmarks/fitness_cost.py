@@ -29,7 +29,9 @@ Measured (benchmarks/results/fitness_cost.json, 3 seeds, 2 shared cores):
     python benchmarks/fitness_cost.py [--seeds 0,1,2] [--searches digits,zoo] [--variants full,racing,subset]
                                       [--zoo-examples 60000] [--digits-examples 574800] [--records R.jsonl] [--out FILE]
     python benchmarks/fitness_cost.py --summarize R0.jsonl R1.jsonl ... --out FILE
-Prints JSON (and writes it to --out).
+    python benchmarks/fitness_cost.py --plot benchmarks/results/fitness_cost.json --html curves.html
+Prints JSON (and writes it to --out); --html draws the report's curves (held-out score against examples
+scored, each strategy's mean over seeds and every seed) in one self-contained HTML file.
 """
 from __future__ import annotations
 
@@ -210,6 +212,32 @@ def summarize(lines: list[dict]) -> dict:
     return report
 
 
+def curves_html(report: dict) -> str:
+    """The held-out score of the best so far against examples scored: per search a panel, per strategy its
+    mean over seeds (each seed faint), full scoring's final score dotted."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    searches = [s for s, v in report.items() if isinstance(v, dict) and "variants" in v]
+    fig = make_subplots(rows=1, cols=len(searches), subplot_titles=searches)
+    for col, search in enumerate(searches, start=1):
+        for k, (name, v) in enumerate(report[search]["variants"].items()):
+            color = qualitative.Plotly[k % 10]
+            for run in v["runs"]:
+                fig.add_trace(go.Scatter(x=[p["examples"] for p in run["curve"]], y=[p["heldout"] for p in run["curve"]],
+                                         mode="lines", line={"color": color, "width": 1}, opacity=0.3, showlegend=False,
+                                         name=f"{search} {name} seed {run['seed']}"), row=1, col=col)
+            fig.add_trace(go.Scatter(x=[p["examples"] for p in v["mean"]], y=[p["heldout"] for p in v["mean"]],
+                                     mode="lines+markers", line={"color": color}, name=f"{search}: {name}",
+                                     legendgroup=name), row=1, col=col)
+        fig.add_hline(y=report[search]["verdict"]["full_heldout_at_budget"], line_dash="dot", row=1, col=col)
+        fig.update_xaxes(title_text="examples scored", row=1, col=col)
+        fig.update_yaxes(title_text="held-out score of the best so far", row=1, col=col)
+    fig.update_layout(title="Fitness at a fraction of the cost (benchmarks/fitness_cost.py)")
+    return fig.to_html(include_plotlyjs=True, full_html=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds")
@@ -221,10 +249,17 @@ def main() -> None:
                     "processes may share out the seeds; --summarize combines them)")
     ap.add_argument("--summarize", nargs="*", help="only build the report from these JSONL record files")
     ap.add_argument("--out")
+    ap.add_argument("--plot", help="a report JSON to draw (with --html), running nothing")
+    ap.add_argument("--html", help="also write the curves here (self-contained HTML)")
     args = ap.parse_args()
+    if args.plot:
+        if not args.html:
+            raise SystemExit("--plot draws into the file --html names")
+        Path(args.html).write_text(curves_html(json.loads(Path(args.plot).read_text())))
+        return
     if args.summarize:
         lines = [json.loads(x) for f in args.summarize for x in Path(f).read_text().splitlines() if x.strip()]
-        emit({"machine": machine(), **summarize(lines)}, args.out)
+        _finish({"machine": machine(), **summarize(lines)}, args)
         return
     lines = []
 
@@ -247,7 +282,13 @@ def main() -> None:
                         with RunStore.open(run_dir, readonly=True) as s:
                             record({"search": search, "seed": seed, "estimator": estimator_accuracy(s, seed=seed)})
                     shutil.rmtree(run_dir)  # a digits run journals 150 kB of genome per candidate
-    emit({"machine": machine(), **summarize(lines)}, args.out)
+    _finish({"machine": machine(), **summarize(lines)}, args)
+
+
+def _finish(report: dict, args) -> None:
+    emit(report, args.out)
+    if args.html:
+        Path(args.html).write_text(curves_html(report))
 
 
 if __name__ == "__main__":

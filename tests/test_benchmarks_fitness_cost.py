@@ -36,3 +36,21 @@ def test_tiny_fitness_cost_run_reports_every_variant(tmp_path):
     again = subprocess.run([sys.executable, "benchmarks/fitness_cost.py", "--summarize", str(records)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert json.loads(again.stdout)["zoo"]["verdict"] == report["zoo"]["verdict"]
+
+
+def test_the_committed_curves_draw_every_strategy_and_seed(tmp_path):
+    """The report's curves, drawn from the committed artifact: per search, a mean line per strategy and a line
+    per seed, ending at the budget."""
+    import re
+
+    artifact = ROOT / "benchmarks" / "results" / "fitness_cost.json"
+    html = tmp_path / "curves.html"
+    done = subprocess.run([sys.executable, "benchmarks/fitness_cost.py", "--plot", str(artifact), "--html", str(html)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(artifact.read_text())
+    names = re.findall(r'"name":"([^"]+)"', html.read_text())
+    for search in ("zoo", "digits"):
+        for variant, v in report[search]["variants"].items():
+            assert f"{search}: {variant}" in names
+            assert sum(n.startswith(f"{search} {variant} seed ") for n in names) == len(v["runs"]) == 3
