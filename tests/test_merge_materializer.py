@@ -222,3 +222,21 @@ def test_ties_through_counted_thresholds_equals_full_histograms(monkeypatch):
     full = Materializer(sources, base="base")
     assert torch.equal(full.materialize(recipe)[name], counted)
     assert all(s.complete for s in full._summaries.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_small_tensors_sorted_summary_equals_its_histogram(dtype):
+    """Tensors up to vectors.SMALL entries are summarized by sorting their bins: the same bins, counts, entries
+    above and mixed counts as the histogram kernel's."""
+    import numpy as np
+
+    from evomerge.merge import vectors
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 1024, vectors.SMALL):
+        base = (0.02 * torch.randn(n, generator=g)).to(dtype)
+        model = (base.float() + 1e-3 * torch.randn(n, generator=g)).to(dtype)
+        small = vectors.TaskVector(base, model).summary()
+        full = vectors.Summary(n, *vectors._compact(*vectors.TaskVector(base, model).histogram()), complete=True)
+        for field in ("bins", "counts", "above", "mixed"):
+            assert np.array_equal(getattr(small, field), getattr(full, field)), (n, field)

@@ -37,6 +37,7 @@ REFINED_ENTRIES = 1 << 14  # per summary: distinct magnitudes kept from refined 
 # Runs of whole kilobytes: a fresh process's first touch of a mapped page costs far more when every page is
 # touched sparsely (64 entries in 8 KB cost 12x more than the same sample in 2 KB runs).
 SAMPLE_WINDOW, SAMPLE_WIDTH, SAMPLE_MIN = 1 << 16, 1 << 10, 16
+SMALL = 1 << 14  # entries up to which a summary sorts the magnitudes' bins instead
 MAX_BRACKET = 3  # bins one counting pass may resolve (2-3 compares per entry each); more cost a full histogram
 MAX_COUNTS = 4  # counting passes on one tensor before its full histogram (4 cost about one histogram)
 
@@ -168,6 +169,13 @@ class TaskVector:
     def summarize(self) -> Summary:
         """The summary before any trim: a small tensor's full histogram (one cheap pass), a large one's
         bracketing sample."""
+        if self.numel <= SMALL:  # norms, biases: a 2**16-slot histogram would cost more than sorting them
+            w = self.delta.reshape(-1).abs().view(torch.int32).cpu().numpy()
+            bins, inverse, counts = np.unique(w >> 16, return_inverse=True, return_counts=True)
+            mixed = np.bincount(inverse, weights=(w & 0xFFFF) != 0, minlength=bins.size).astype(np.int64)
+            c = counts[::-1].astype(np.int64)
+            return Summary(self.numel, bins[::-1].astype(np.int32), c, np.concatenate([[0], np.cumsum(c)[:-1]]),
+                           mixed[::-1], complete=True, limit=self.limit)
         if self.numel < SAMPLE_WINDOW * SAMPLE_MIN:
             return Summary(self.numel, *_compact(*self.histogram()), complete=True, limit=self.limit)
         none = np.zeros(0, np.int64)
