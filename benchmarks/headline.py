@@ -148,9 +148,10 @@ def main() -> None:
     zoo = args.zoo or ROOT / "evomerge" / "zoo"
     build = zoo / "build.json"
     result = {
-        "benchmark": "headline", "claim": args.claim, "artifact": name, "config": f"runs/{CLAIMS[args.claim]['config']}",
+        "benchmark": "headline", "claim": args.claim, "artifact": name,
+        "config": f"runs/{CLAIMS[args.claim]['config']}",
         "zoo": str(zoo.resolve().relative_to(ROOT)) if zoo.resolve().is_relative_to(ROOT) else str(zoo),
-        "zoo_seed": json.loads(build.read_text()).get("zoo_seed", 0) if args.claim == "demo" and build.is_file() else None,
+        "zoo_build": json.loads(build.read_text()) if args.claim == "demo" and build.is_file() else None,
         "budget": cfg["budget"], "limit": args.limit, "seeds": args.seeds,
         "runs": [{"seed": s, "best": t["best"], "rows": t["rows"], "search": t["search"],
                   "searches": t.get("searches", {})} for s, t in zip(args.seeds, tables)],

@@ -52,8 +52,9 @@ _RESUMABLE = ("SELECT MAX(event_seq) FROM snapshots WHERE event_seq < "
               "(SELECT COALESCE(MAX(seq), 0) FROM events WHERE kind = 'ask')")
 # a killed session ends at its last evaluation: one finished after it started and before the next session began
 _ELAPSED = """SELECT COALESCE(SUM(COALESCE(s.ended_at, (
-    SELECT MAX(e.finished_at) FROM evaluations e WHERE e.finished_at >= s.started_at AND e.finished_at <
-        COALESCE((SELECT MIN(n.started_at) FROM sessions n WHERE n.id > s.id), 1e300)), s.started_at) - s.started_at), 0)
+    SELECT MAX(e.finished_at) FROM evaluations e WHERE e.finished_at >= s.started_at
+        AND e.finished_at < COALESCE((SELECT MIN(n.started_at) FROM sessions n WHERE n.id > s.id), 1e300)),
+    s.started_at) - s.started_at), 0)
 FROM sessions s"""
 _TABLES = ("meta", "candidates", "evaluations", "events", "snapshots", "sessions")
 

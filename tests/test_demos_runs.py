@@ -267,8 +267,10 @@ def test_digits_m2n2_generator_matches_threefry_known_answers():
     ({"tasks": [{"name": "t", "path": "x.jsonl"}], "baselines": {"MATH": {"models": []}}}, "holdout.baselines.MATH: a recipe needs 'merge_method'"),
     ({"baselines": {}}, "give either holdout.tasks or holdout.function"),
     ({"function": "digits_m2n2:holdout", "export": "best", "colour": 1}, "unknown key 'holdout.colour'"),
-    ({"tasks": [{"name": "t", "path": "x.jsonl"}], "compare": {"random": {}}}, "holdout.compare.random: a holdout.compare entry needs space and/or optimizer"),
-    ({"function": "digits_m2n2:holdout", "compare": {"random": {"optimizer": {"name": "random"}}}}, "holdout.compare are recipes scored on holdout.tasks"),
+    ({"tasks": [{"name": "t", "path": "x.jsonl"}], "compare": {"random": {}}},
+     "holdout.compare.random: a holdout.compare entry needs space and/or optimizer"),
+    ({"function": "digits_m2n2:holdout", "compare": {"random": {"optimizer": {"name": "random"}}}},
+     "holdout.compare are recipes scored on holdout.tasks"),
 ])
 def test_bad_holdout_section_is_a_one_line_error_naming_it(tmp_path, holdout, needle):
     cfg = reduced("digits_m2n2", tmp_path, evaluations=1, holdout=holdout)

@@ -77,7 +77,8 @@ def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, 
     if base_from is not None:
         stages.pop("base")
     planned = sum(s.steps for s in stages.values())
-    report: dict = {"arch": "", "zoo_seed": seed, "stages": {}, "scores": {}, "math_gate": {"threshold": MATH_GATE, "draws": []}}
+    report: dict = {"arch": "", "zoo_seed": seed, "stages": {}, "scores": {},
+                    "math_gate": {"threshold": MATH_GATE, "draws": []}}
     t_all = time.perf_counter()
 
     def run(stage: Stage, init_from=None):
