@@ -27,3 +27,19 @@ def tiny_models(tmp_path_factory):
         "a": random_expert(base, root / "a", seed=1),
         "b": random_expert(base, root / "b", seed=2),
     }
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """Tiny random base + experts of an architecture family (tests/arch_fixtures.py), built once per session."""
+    from tests.arch_fixtures import build_family
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_family(name, root / name)
+        return built[name]
+
+    return get

@@ -16,24 +16,11 @@ from evomerge.merge import Materializer
 from evomerge.merge.writer import write_checkpoint
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from tests.arch_fixtures import LAYERS, build_family
+from tests.arch_fixtures import LAYERS
 from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
 
 FAMILIES = list(arch.FAMILIES)
 IDS = torch.tensor([[5, 17, 33, 60, 2, 90, 7, 41]])
-
-
-@pytest.fixture(scope="session")
-def family_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    built: dict[str, dict[str, Path]] = {}
-
-    def get(name: str) -> dict[str, Path]:
-        if name not in built:
-            built[name] = build_family(name, root / name)
-        return built[name]
-
-    return get
 
 
 def logits(path_or_model, ids=IDS) -> torch.Tensor:

@@ -23,25 +23,11 @@ from evomerge import arch
 from evomerge.merge import Materializer
 from evomerge.merge.writer import write_checkpoint
 from evomerge.recipe import Recipe
-from tests.arch_fixtures import build_family
 from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
 
 pytest.importorskip("mergekit")
 
 SEEDS = 60
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    built: dict[str, dict[str, Path]] = {}
-
-    def get(family: str) -> dict[str, Path]:
-        if family not in built:
-            built[family] = build_family(family, root / family)
-        return built[family]
-
-    return get
 
 
 def _recipe(method: str, seed: int | None = None, **shared) -> dict:
@@ -60,25 +46,25 @@ def _loaded(path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
-def test_the_table_stacks_each_layers_experts(moe):
+def test_the_table_stacks_each_layers_experts(family_models):
     """Mixtral: per layer, w1/w3 of every expert (expert by expert, gate then up) and w2 of every expert;
     Qwen2-MoE likewise, its shared expert and its dense layer unstacked."""
-    names = list(load_checkpoint(moe("mixtral")["base"]))
+    names = list(load_checkpoint(family_models("mixtral")["base"]))
     stacks = arch.stacks(arch.family("mixtral"), names)
     s = stacks["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
     assert s.name == "model.layers.1.mlp.experts.gate_up_proj" and s.parts == 2
     assert s.members == tuple(f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight" for e in range(3) for w in ("w1", "w3"))
     assert stacks["model.layers.1.block_sparse_moe.experts.0.w2.weight"].parts == 1
     assert len({x.name for x in stacks.values()}) == 2 * 4 and not any("attn" in n or "gate.weight" in n for n in stacks)
-    qwen = arch.stacks(arch.family("qwen2_moe"), list(load_checkpoint(moe("qwen2_moe")["base"])))
+    qwen = arch.stacks(arch.family("qwen2_moe"), list(load_checkpoint(family_models("qwen2_moe")["base"])))
     assert len({x.name for x in qwen.values()}) == 2 * 3  # layer 2 is dense
     assert not any("shared_expert" in n or ".layers.2." in n for n in qwen)
 
 
 @pytest.mark.parametrize("method,shared", [("ties", {}), ("ties", {"rescale": True, "normalize": False}),
                                            ("breadcrumbs", {}), ("breadcrumbs_ties", {})])
-def test_mixtral_trims_equal_mergekit(method, shared, moe, tmp_path):
-    paths = moe("mixtral")
+def test_mixtral_trims_equal_mergekit(method, shared, family_models, tmp_path):
+    paths = family_models("mixtral")
     cfg = _recipe(method, **shared)
     ours = write_checkpoint(Recipe.from_dict(cfg), {k: str(v) for k, v in paths.items()}, tmp_path / "ours")
     mergekit_merge(cfg, paths, tmp_path / "mk")
@@ -87,10 +73,10 @@ def test_mixtral_trims_equal_mergekit(method, shared, moe, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
-def test_qwen2_moe_trims_equal_mergekit_on_the_in_memory_tensors(method, moe, tmp_path):
+def test_qwen2_moe_trims_equal_mergekit_on_the_in_memory_tensors(method, family_models, tmp_path):
     from mergekit.merge_methods.api import merge_state_dicts
 
-    paths = moe("qwen2_moe")
+    paths = family_models("qwen2_moe")
     cfg = _recipe(method)
     cfg["models"][1]["parameters"]["density"] = 0.45  # (merge_state_dicts takes no per-layer gradients)
     ours = _loaded(write_checkpoint(Recipe.from_dict(cfg), {k: str(v) for k, v in paths.items()}, tmp_path / "ours"))
@@ -117,10 +103,10 @@ def _quantized(paths: dict[str, Path], root: Path) -> dict[str, Path]:
     return out
 
 
-def test_ties_among_equal_magnitudes_across_experts(moe, tmp_path):
+def test_ties_among_equal_magnitudes_across_experts(family_models, tmp_path):
     """Equal magnitudes straddling a stack's threshold: tie_order="mergekit" keeps the same entries as
     mergekit's sort of the stacked tensor; "index" keeps as many, the lowest positions in the stack."""
-    paths = _quantized(moe("mixtral"), tmp_path / "q")
+    paths = _quantized(family_models("mixtral"), tmp_path / "q")
     sources = {k: str(v) for k, v in paths.items()}
     cfg = _recipe("ties")
     ours = Materializer(sources, base="base", tie_order="mergekit").materialize(Recipe.from_dict(cfg))
@@ -162,13 +148,13 @@ def _stacked(sd: dict[str, torch.Tensor], layer: int = 0) -> dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della"])
-def test_mixtral_random_trims_match_mergekit_in_distribution(method, moe, tmp_path):
+def test_mixtral_random_trims_match_mergekit_in_distribution(method, family_models, tmp_path):
     """Over seeds, the merged delta of a layer's stacked experts has the same mean entry by entry (DELLA's
     keep probability follows each entry's rank along its expert's stacked rows, as mergekit ranks dim 1),
     the same L1/L2 norms and kept fraction as mergekit's."""
     from mergekit.merge_methods.api import merge_state_dicts
 
-    paths = _column_scaled(moe("mixtral"), tmp_path)
+    paths = _column_scaled(family_models("mixtral"), tmp_path)
     mat = Materializer({k: str(v) for k, v in paths.items()}, base="base")
     cfg = _recipe(method)
     cfg["models"][1]["parameters"]["density"] = 0.3
@@ -198,10 +184,10 @@ def test_mixtral_random_trims_match_mergekit_in_distribution(method, moe, tmp_pa
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
-def test_a_stack_is_rescaled_as_one(method, moe):
+def test_a_stack_is_rescaled_as_one(method, family_models):
     """The rescale restores the L1 norm of the whole stack with one factor (mergekit's rescale of the
     stacked tensor), not of each expert's tensor."""
-    paths = moe("mixtral")
+    paths = family_models("mixtral")
     recipe = Recipe.from_dict({"merge_method": method, "base_model": "base", "seed": 3,
                                "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.3}}]})
     out = _stacked(Materializer({k: str(v) for k, v in paths.items()}, base="base").materialize(recipe))
@@ -216,12 +202,12 @@ def test_a_stack_is_rescaled_as_one(method, moe):
         assert (per_expert - 1).abs().max() > 1e-3, per_expert  # the experts' own norms are not each restored
 
 
-def test_della_keeps_by_rank_along_each_experts_stacked_rows(moe, tmp_path):
+def test_della_keeps_by_rank_along_each_experts_stacked_rows(family_models, tmp_path):
     """DELLA's keep probability (density - eps) + 2 eps * rank, the rank of |delta| along dim 1 of the
     stacked [experts, rows, cols] tensor (mergekit's della_magprune): over seeds, the entries ranked in the
     top quarter of their expert's column are kept about 0.25 + 0.4 * 0.875 of the time, the bottom quarter
     0.25 + 0.4 * 0.125 (ranks within a row would give both the same frequency)."""
-    paths = _column_scaled(moe("mixtral"), tmp_path)
+    paths = _column_scaled(family_models("mixtral"), tmp_path)
     mat = Materializer({k: str(v) for k, v in paths.items()}, base="base")
     base, a = _stacked(load_checkpoint(paths["base"])), _stacked(load_checkpoint(paths["a"]))
     kept = {k: torch.zeros_like(v) for k, v in base.items()}
@@ -239,10 +225,10 @@ def test_della_keeps_by_rank_along_each_experts_stacked_rows(moe, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs"])
-def test_merges_of_a_stacks_members_on_threads_equal_one_thread(method, moe, tmp_path):
+def test_merges_of_a_stacks_members_on_threads_equal_one_thread(method, family_models, tmp_path):
     """The members of a stack merged in parallel share its trim and rescale passes: the same result as
     one thread (and summaries kept across candidates give the same again)."""
-    paths = {k: str(v) for k, v in _quantized(moe("mixtral"), tmp_path).items()}  # straddling ties: more shared passes
+    paths = {k: str(v) for k, v in _quantized(family_models("mixtral"), tmp_path).items()}  # straddling ties: more shared passes
     recipe = Recipe.from_dict(_recipe(method, seed=7, rescale=True))
     one = Materializer(paths, base="base", threads=1).materialize(recipe)
     threaded = Materializer(paths, base="base", threads=4)
