@@ -127,8 +127,9 @@ def test_status_watch_follows_a_running_run(tmp_path):
     assert run.wait(timeout=60) == 0, run.stderr.read().decode()[-2000:]
     assert watch.returncode == 0, watch.stderr
     counts = [int(n) for n in re.findall(r"\] \S+: (\d+) evaluations", watch.stdout)]
-    # several refreshes while it ran, each with more evaluations, the last one when it stopped
-    assert len(counts) >= 3 and counts == sorted(counts) and len(set(counts)) == len(counts)
+    # several refreshes while it ran, never fewer evaluations (a block also changes with the evaluations in flight
+    # or the stop, so one count may repeat), the last one when it stopped
+    assert len(set(counts)) >= 3 and counts == sorted(counts)
     assert counts[-1] == 40 and "last stop: budget: evaluations" in watch.stdout.splitlines()[-3]
 
 
