@@ -167,15 +167,13 @@ class TaskVector:
     limit = REFINED_ENTRIES  # refined magnitudes its summary keeps
 
     def summarize(self) -> Summary:
-        """The summary before any trim: a small tensor's full histogram (one cheap pass), a large one's
-        bracketing sample."""
+        """The summary before any trim: every bin of a small or mid-size tensor (sorted, or one histogram pass),
+        a large one's bracketing sample."""
         if self.numel <= SMALL:  # norms, biases: a 2**16-slot histogram would cost more than sorting them
             w = self.delta.reshape(-1).abs().view(torch.int32).cpu().numpy()
             bins, inverse, counts = np.unique(w >> 16, return_inverse=True, return_counts=True)
-            mixed = np.bincount(inverse, weights=(w & 0xFFFF) != 0, minlength=bins.size).astype(np.int64)
-            c = counts[::-1].astype(np.int64)
-            return Summary(self.numel, bins[::-1].astype(np.int32), c, np.concatenate([[0], np.cumsum(c)[:-1]]),
-                           mixed[::-1], complete=True, limit=self.limit)
+            mixed = np.bincount(inverse, weights=(w & 0xFFFF) != 0, minlength=bins.size)
+            return Summary(self.numel, *_descending(bins[::-1], counts[::-1], mixed[::-1]), complete=True, limit=self.limit)
         if self.numel < SAMPLE_WINDOW * SAMPLE_MIN:
             return Summary(self.numel, *_compact(*self.histogram()), complete=True, limit=self.limit)
         none = np.zeros(0, np.int64)
@@ -411,6 +409,11 @@ def _full(vec: TaskVector) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 def _compact(counts: np.ndarray, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    bins = np.flatnonzero(counts)[::-1].astype(np.int32)
-    c = counts[bins].astype(np.int64)
-    return bins, c, np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64), mixed[bins].astype(np.int64)
+    """A histogram's populated bins (descending), their counts, entries above and mixed counts."""
+    bins = np.flatnonzero(counts)[::-1]
+    return _descending(bins, counts[bins], mixed[bins])
+
+
+def _descending(bins: np.ndarray, counts: np.ndarray, mixed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    c = counts.astype(np.int64)
+    return bins.astype(np.int32), c, np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64), mixed.astype(np.int64)
