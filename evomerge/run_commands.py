@@ -331,7 +331,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             "cost": run.store.total_cost(), "sessions": len(sessions),
             "last_stop": sessions[-1]["reason"] if sessions else None,
             "objectives": [[o.name, o.direction] for o in run.objectives],
-            "scoring": scoring_summary(run.store.evaluations(), run.store.candidate_meta()),
+            "scoring": scoring_summary(run.store.evaluations(per_example=False), run.store.candidate_meta()),
         }
     finally:
         run.close()
