@@ -27,33 +27,48 @@ def reset_peak() -> None:
         f.write("5")
 
 
-class PeakSampler:
-    """Samples RssAnon and RssFile on a thread (the kernel keeps a peak only of their sum, VmHWM): the
-    private peak of a phase is the largest sample. Merge kernels release the GIL, so sampling keeps up."""
+class _Sampler:
+    """Calls `sample()` on a thread every `interval` seconds while in its `with` block, and once more at its end
+    (a phase shorter than the interval still counts its end state); `peak` holds each field's largest value."""
 
-    def __init__(self, interval_s: float = 0.005):
+    def __init__(self, fields, interval_s: float):
         self.interval = interval_s
-        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.peak = dict.fromkeys(fields, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _record(self) -> None:
+        for k, v in self.sample().items():
+            self.peak[k] = max(self.peak[k], v)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            s = status()
-            for k in self.peak:
-                self.peak[k] = max(self.peak[k], s[k])
+            self._record()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakSampler:
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        s = status()  # a phase shorter than the interval still counts its end state
-        for k in self.peak:
-            self.peak[k] = max(self.peak[k], s[k])
+        self._record()
+
+
+class PeakSampler(_Sampler):
+    """Samples RssAnon and RssFile (the kernel keeps a peak only of their sum, VmHWM): the private peak of a phase
+    is the largest sample. Merge kernels release the GIL, so sampling keeps up."""
+
+    def __init__(self, interval_s: float = 0.005):
+        super().__init__(("RssAnon", "RssFile"), interval_s)
+
+    def sample(self) -> dict[str, int]:
+        s = status()
+        return {k: s[k] for k in self.peak}
 
 
 def machine() -> dict:
@@ -114,38 +129,24 @@ def rollup(pid: int) -> dict[str, int]:
     return out
 
 
-class TreePeak:
-    """Samples a process tree's summed rollup (see `rollup`) on a thread; `peak` holds each field's largest sum,
-    `processes` the most processes seen at once."""
+class TreePeak(_Sampler):
+    """Samples a process tree's summed rollup (see `rollup`); `peak` holds each field's largest sum, `processes`
+    the most processes seen at once."""
 
     FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Anonymous")
 
     def __init__(self, root: int, interval_s: float = 0.25):
-        self.root, self.interval = root, interval_s
-        self.peak = dict.fromkeys(self.FIELDS, 0)
-        self.processes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(self.FIELDS, interval_s)
+        self.root, self.processes = root, 0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            pids = tree(self.root)
-            self.processes = max(self.processes, len(pids))
-            total = dict.fromkeys(self.FIELDS, 0)
-            for pid in pids:
-                for k, v in rollup(pid).items():
-                    total[k] += v
-            for k in self.FIELDS:
-                self.peak[k] = max(self.peak[k], total[k])
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> TreePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> dict[str, int]:
+        pids = tree(self.root)
+        self.processes = max(self.processes, len(pids))
+        total = dict.fromkeys(self.FIELDS, 0)
+        for pid in pids:
+            for k, v in rollup(pid).items():
+                total[k] += v
+        return total
 
 
 def emit(report: dict, out: str | None) -> None:
