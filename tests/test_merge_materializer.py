@@ -187,8 +187,7 @@ def test_thresholds_learned_by_sample_and_count_are_exact(monkeypatch, fused):
     base = (0.02 * torch.randn(2048, 512, generator=g)).to(torch.bfloat16)
     misleading = base.clone().reshape(-1)
     sampled = torch.zeros(base.numel(), dtype=torch.bool)
-    for w in range(base.numel() // vectors.SAMPLE_WINDOW):
-        s = w * vectors.SAMPLE_WINDOW + (w * 40503) % (vectors.SAMPLE_WINDOW - vectors.SAMPLE_WIDTH + 1)
+    for s in gta.sample_starts(base.numel(), vectors.SAMPLE_WINDOW, vectors.SAMPLE_WIDTH):
         sampled[s : s + vectors.SAMPLE_WIDTH] = True
     misleading[~sampled] += 0.01  # only unsampled entries move
     cases = {"fine": (_bf16_expert(base, 1e-4, 1), False), "coarse": (_bf16_expert(base, 3e-3, 2), True),

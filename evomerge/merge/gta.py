@@ -112,17 +112,24 @@ def histogram(base: torch.Tensor, model: torch.Tensor) -> tuple[np.ndarray, np.n
     return _split(_histogram(base, model))
 
 
+def sample_starts(numel: int, window: int, width: int) -> np.ndarray:
+    """Where a sample's runs of `width` entries start: one run per whole window of `window` entries, at an offset
+    that varies from window to window (so a matrix's rows or columns do not line up with the sample)."""
+    w = np.arange(numel // window, dtype=np.int64)
+    return w * window + (w * 40503) % (window - width + 1)
+
+
 def sample_histogram(base: torch.Tensor, model: torch.Tensor, window: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """As histogram, over `width` entries of every `window` (kernels.sample_histogram's offsets)."""
+    """As histogram, over the runs of `width` entries that sample_starts places."""
     from evomerge.merge import kernels
 
+    starts = sample_starts(base.numel(), window, width)
     traffic.add(_bytes(base, model) * width // window)
     if _fused_ok(base, model):
         hist = np.zeros(2 * kernels.BINS, np.int64)
-        kernels.sample_histogram(_np(base), _np(model), window, width, hist)
+        kernels.sample_histogram(_np(base), _np(model), starts, width, hist)
         return _split(hist)
-    starts = [w * window + (w * 40503) % (window - width + 1) for w in range(base.numel() // window)]
-    index = (torch.tensor(starts, device=base.device)[:, None] + torch.arange(width, device=base.device)).reshape(-1)
+    index = (torch.from_numpy(starts).to(base.device)[:, None] + torch.arange(width, device=base.device)).reshape(-1)
     return _split(_histogram(base[index], model[index]))
 
 

@@ -377,11 +377,9 @@ def histogram(base, model, hist):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def sample_histogram(base, model, window, width, hist):
-    """As histogram, over `width` consecutive entries at a scattered offset in each window of `window` entries
-    (offsets vary from window to window, so a matrix's rows or columns do not line up with the sample)."""
-    for w in range(base.size // window):
-        s = w * window + (w * 40503) % (window - width + 1)
+def sample_histogram(base, model, starts, width, hist):
+    """As histogram, over the `width` consecutive entries from each of `starts`."""
+    for s in starts:
         for j in range(s, s + width):
             hist[_slot(abs(_ld(model, j) - _ld(base, j)))] += 1
 
