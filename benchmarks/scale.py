@@ -3,11 +3,13 @@
 Random Llama-shaped checkpoints stored in bf16 (benchmarks/scale_models.py: ≈0.2B and ≈1B parameters), base + 3
 experts, TIES and DARE-TIES with per-layer weight and density gradients. Per size and method, each row runs in a
 fresh subprocess (clean RSS and peak), with the sources' files read once beforehand (a warm page cache):
-- evomerge: `Materializer(sources, base="base")` + `load_into(recipe, model)` into a float32 HF model on CPU (the
-  scoring model): private (anonymous) and shared (file-backed) resident bytes per parameter after the load, after
-  the first and after the warm candidates, and their peaks; first vs warm candidate time (the kernels' one-time
-  load, per process, timed apart on a tiny model); load_into's throughput
-  as a fraction of this machine's copy bandwidth (a torch copy, measured in the same run with the same threads);
+- evomerge: `Materializer(sources, base="base")`, then a float32 HF model on CPU (the scoring model) built in the
+  order `evomerge run` builds them (the sources' pages are mapped by a background thread meanwhile:
+  `sources_mapped_before_first` says whether it had finished), + `load_into(recipe, model)`: private (anonymous)
+  and shared (file-backed) resident bytes per parameter after the load, after the first and after the warm
+  candidates, and their peaks; first vs warm candidate time (the kernels' one-time load, per process, timed apart
+  on a tiny model); load_into's throughput as a fraction of this machine's copy bandwidth (a torch copy, measured
+  in the same run with the same threads);
 - mergekit 0.1.5 in memory, mergekit-evolve style: its planner's in-memory plan executed by its Executor into a
   live bf16 HF model, as `mergekit.evo.actors.InMemoryMergeEvaluator` does (without lm-eval), with the genome's
   config (dtype bfloat16, int8_mask);
@@ -96,13 +98,17 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
         Recipe.from_dict(scale_models.candidate(method, 0)))
     kernel_load_s = time.perf_counter() - t
     mem = {"baseline": memstat.status()}
-    model, model_bytes = scoring_model(sources["base"], torch.float32)
-    mem["after_model"] = memstat.status()
     with memstat.PeakSampler() as load:
         t = time.perf_counter()
         mat = Materializer(sources, base="base", threads=args.threads)
         load_s = time.perf_counter() - t
     mem["after_load"], mem["peak_load"] = memstat.status(), load.peak
+    # then the scoring model, as `evomerge run` builds them, while a thread maps the sources' pages (sources.map_pages)
+    t = time.perf_counter()
+    model, model_bytes = scoring_model(sources["base"], torch.float32)
+    model_s = time.perf_counter() - t
+    mapped = mat.mapping is not None and not mat.mapping.is_alive()
+    mem["after_model"] = memstat.status()
     recipes = [Recipe.from_dict(scale_models.candidate(method, i)) for i in range(1 + args.warm)]
     moved: list[int] = []  # bytes the kernels streamed per candidate (every pass: trims' included)
 
@@ -116,7 +122,8 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     mem |= m
     mem["peak_rss"] = memstat.status()["VmHWM"]
     return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "summary_bytes": mat.summary_bytes(),
-            "kernel_load_s": kernel_load_s, "load_s": load_s, **timing, "memory": mem}
+            "kernel_load_s": kernel_load_s, "load_s": load_s, "scoring_model_s": model_s,
+            "sources_mapped_before_first": mapped, **timing, "memory": mem}
 
 
 def mergekit_config(recipe: dict, sources: dict[str, str], evolve: bool):

@@ -163,7 +163,7 @@ class VLLMHandle:
         if self.sources is not None:  # opened here too, to check each recipe before it reaches the engine
             from evomerge.merge import Materializer
 
-            self.planner = Materializer(self.sources, base=base)
+            self.planner = Materializer(self.sources, base=base, prefault=False)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default reserves far more
         try:

@@ -2,6 +2,8 @@
 in-memory sources."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -239,3 +241,30 @@ def test_a_small_tensors_sorted_summary_equals_its_histogram(dtype):
         full = vectors.Summary(n, *vectors._compact(*vectors.TaskVector(base, model).histogram()), complete=True)
         for field in ("bins", "counts", "above", "mixed"):
             assert np.array_equal(getattr(small, field), getattr(full, field)), (n, field)
+
+
+def _resident_bytes(m) -> int:
+    """How much of memory map `m` is mapped into this process (its Rss in /proc/self/smaps)."""
+    import numpy as np
+
+    start = f"{np.frombuffer(m, np.uint8).ctypes.data:x}-"
+    lines = open("/proc/self/smaps").read().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.lstrip("0").startswith(start))
+    return next(int(line.split()[1]) * 1024 for line in lines[at + 1 :] if line.startswith("Rss:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or tuple(map(int, os.uname().release.split(".")[:2])) < (5, 14),
+                    reason="MADV_POPULATE_READ: Linux >= 5.14")
+def test_sources_pages_are_mapped_in_the_background_when_they_fit(tiny_models, monkeypatch):
+    """Opening sources for merging maps every page of their files into the process in a background thread
+    (the first candidate then takes no page faults); nothing is mapped ahead when the sources would not fit
+    in half the memory available."""
+    mat = Materializer(tiny_models, base="base")
+    maps = [m for s in mat.sources.values() for m in s.maps()]
+    assert mat.mapping is not None and len(maps) == 3
+    mat.mapping.join(60)
+    assert all(_resident_bytes(m) >= len(m) for m in maps)
+    monkeypatch.setenv("EVOMERGE_MEMORY_LIMIT", str(2 * sum(len(m) for m in maps) - 1))
+    tight = Materializer(tiny_models, base="base")
+    assert tight.mapping is None
+    assert all(_resident_bytes(m) == 0 for s in tight.sources.values() for m in s.maps())

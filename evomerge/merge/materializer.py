@@ -28,7 +28,7 @@ from evomerge.merge.checks import check_compatible, check_parameters
 from evomerge.merge.methods import Entry, Group, Method
 from evomerge.merge.params import resolve
 from evomerge.merge.plan import Planned, entry_name, plan
-from evomerge.merge.sources import Source, open_sources
+from evomerge.merge.sources import Source, map_pages, open_sources
 from evomerge.merge.sparsify import TIE_ORDERS
 from evomerge.merge.vectors import Shared, StackVector, Summary, TaskVector
 from evomerge.recipe import Recipe
@@ -56,7 +56,9 @@ def default_threads() -> int:
 
 
 class Materializer:
-    """Memory-mapped sources; `materialize(recipe)`, `tensors(recipe)` and `load_into(recipe, module)`."""
+    """Memory-mapped sources; `materialize(recipe)`, `tensors(recipe)` and `load_into(recipe, module)`.
+    `prefault`: map the sources' pages in the background from now (sources.map_pages); off for one that only
+    plans."""
 
     def __init__(
         self,
@@ -68,6 +70,7 @@ class Materializer:
         allow_pickle: bool = False,
         threads: int | None = None,
         tie_order: str = "index",
+        prefault: bool = True,
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
@@ -76,6 +79,7 @@ class Materializer:
         if threads is not None and threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         self.sources = open_sources(sources, allow_pickle=allow_pickle, base=base)
+        self.mapping = map_pages(self.sources) if prefault else None  # the thread mapping them, if any
         self.reference = base if base is not None else next(iter(self.sources))
         if self.reference not in self.sources:
             raise UserError(f"base {self.reference!r} is not among the sources ({', '.join(self.sources)})")

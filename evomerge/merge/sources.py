@@ -9,19 +9,25 @@ A LoRA adapter directory (PEFT format: adapter_config.json + adapter_model.safet
 it reads as the full model it makes of the base, each targeted weight plus (alpha/r) * B @ A, so every
 merge method sees it as it sees a full fine-tune. The factors are small; the sum is formed per tensor
 when asked.
+
+The maps' pages are mapped into the process by a background thread as soon as the sources are opened
+for merging (`map_pages`): otherwise the first candidate takes one page fault per 64 KB of every source.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
 import re
 import struct
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge.records import UserError
@@ -107,6 +113,41 @@ class _LoraTensors:
         return t.to(dtype) + self.deltas[name]().to(dtype)
 
 
+MADV_POPULATE_READ = 22  # Linux >= 5.14: map a range's pages (reading them into the page cache), no fault per page
+
+
+def map_pages(sources: Mapping[str, Source]) -> threading.Thread | None:
+    """Map every page of the sources' safetensors files into this process, in a background thread, when they
+    all fit in the memory available: the first candidate's merge would otherwise take a page fault per
+    64 KB of each source (0.05 s per GB here, about a quarter of its extra time at 1B), while this runs as
+    the scoring model loads. Nothing where they would not stay in the page cache (it would read them from
+    disk only to evict them), or where the call is unsupported (other systems, Linux < 5.14)."""
+    from evomerge.footprint import host_available
+
+    maps = list({id(m): m for s in sources.values() for m in s.maps()}.values())
+    total, available = sum(len(m) for m in maps), host_available()
+    if not maps or available is None or total > available // 2:
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise  # ctypes releases the GIL around the call
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+
+    def populate() -> None:
+        for m in maps:
+            try:
+                address = np.frombuffer(m, np.uint8).ctypes.data  # a read-only map has no writable buffer for ctypes
+            except ValueError:  # closed meanwhile
+                continue
+            if madvise(address, len(m), MADV_POPULATE_READ) != 0:
+                return  # unsupported here: the merge faults the pages in as it reads them
+
+    thread = threading.Thread(target=populate, name="evomerge-map-pages", daemon=True)
+    thread.start()
+    return thread
+
+
 class Source:
     """A model's tensors by name, loaded on demand, plus its config and tokenizer facts."""
 
@@ -151,6 +192,11 @@ class Source:
 
     def names(self) -> list[str]:
         return [*self._tensors, *self._aliases]
+
+    def maps(self) -> list[mmap.mmap]:
+        """The memory maps of its safetensors files."""
+        files = {id(t): t for t in self._tensors.values() if isinstance(t, _SafetensorsFile) and t._map is not None}
+        return [f._map for f in files.values()]
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors or name in self._aliases
