@@ -9,13 +9,15 @@ memory (which trims read as one, as mergekit does), computed on first use (vecto
 a merge holds only per-thread blocks and one tensor's selection buffer (a DELLA trim of a stack member: its
 ranks, 4 bytes an entry); methods outside the task-arithmetic family
 (linear, slerp, model_stock, passthrough) hold float32 copies of one tensor's inputs while merging it.
-Tensors are merged in parallel over `threads` (the kernels release the GIL). Nested recipes are merged
-first into transient sources.
+Tensors are merged in parallel over `threads` (the kernels release the GIL); on CUDA each thread copies
+and merges on a stream of its own, so one tensor's host-to-device copy overlaps another's merge. Nested
+recipes are merged first into transient sources.
 """
 from __future__ import annotations
 
 import copy
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -92,6 +94,7 @@ class Materializer:
         self._transient: dict[str, dict[str, torch.Tensor] | None] = {}  # nested recipes' results during a merge (None: planning)
         self._summaries: dict[tuple, Summary] = {}  # per task vector (or stack), kept across candidates
         self._pool: ThreadPoolExecutor | None = None
+        self._streams = threading.local()  # CUDA: each merge thread's stream
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -296,6 +299,8 @@ class Materializer:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="evomerge-merge")
+        if self.device.type == "cuda":
+            fn = self._on_own_stream(fn)
         pending = [self._pool.submit(fn, x) for x in items[: self.threads]]
         for i in range(len(items)):
             result = pending[i].result()
@@ -303,6 +308,26 @@ class Materializer:
                 pending.append(self._pool.submit(fn, items[i + self.threads]))
             pending[i] = None
             yield result
+
+
+    def _on_own_stream(self, fn):
+        """fn on this thread's CUDA stream, finished before its result is handed on (the default stream, which
+        scores, reads it next): threads' copies from host memory and merges then overlap, not queue."""
+
+        def run(x):
+            stream = getattr(self._streams, "stream", None)
+            if stream is None:
+                stream = self._streams.stream = torch.cuda.Stream(self.device)
+            default = torch.cuda.default_stream(self.device)
+            stream.wait_stream(default)  # after the scoring that may still read the weights this overwrites
+            with torch.cuda.stream(stream):
+                result = fn(x)
+            stream.synchronize()
+            if isinstance(result, torch.Tensor):
+                result.record_stream(default)  # its memory is not reused on this stream while the default reads it
+            return result
+
+        return run
 
 
 class _Merge:
