@@ -357,9 +357,8 @@ def activations(cfg: Any, fitness: Any, conf: dict[str, Any], nbytes: int) -> tu
         for kind, n, t in runs:
             b = min(batch, n)
             work = b * t * (4 * h + 3 * i) * nbytes + b * heads * t * t * 4
-            if kind == "score":  # every position's logits (the previous batch's live until the next batch's
-                held = 2 if n > batch else 1  # exist), and one row's log-softmax at a time
-                cost = work + held * b * t * v * nbytes + 2 * t * v * 4
+            if kind == "score":  # every position's logits, and one row's log-softmax at a time
+                cost = work + b * t * v * nbytes + 2 * t * v * 4
             else:  # the KV cache, and the logits of the last position
                 cost = work + b * t * layers * 2 * kv * nbytes + b * v * 4
             if cost > worst:

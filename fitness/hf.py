@@ -213,6 +213,7 @@ class HFHandle:
                 logp = torch.log_softmax(rows, -1).gather(1, target[:, None])[:, 0]
                 greedy = rows.argmax(-1) == target
                 out[i] = TokenScores(logprobs=logp.tolist(), greedy=greedy.tolist())
+            del logits, rows  # freed before the next batch's forward: one batch's logits live, not two
         return out  # type: ignore[return-value]
 
     def _batches(self, seqs: list[list[int]]) -> list[list[int]]:
