@@ -81,11 +81,11 @@ class Materializer:
         if threads is not None and threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         self.sources = open_sources(sources, allow_pickle=allow_pickle, base=base)
-        self.mapping = map_pages(self.sources) if prefault else None  # the thread mapping them, if any
         self.reference = base if base is not None else next(iter(self.sources))
         if self.reference not in self.sources:
             raise UserError(f"base {self.reference!r} is not among the sources ({', '.join(self.sources)})")
         check_compatible(self.sources, self.reference)
+        self.mapping = map_pages(self.sources) if prefault else None  # the thread mapping them, if any
         self.device = torch.device(device)
         self.dtype = dtype
         self.threads = threads or default_threads()
@@ -308,7 +308,6 @@ class Materializer:
                 pending.append(self._pool.submit(fn, items[i + self.threads]))
             pending[i] = None
             yield result
-
 
     def _on_own_stream(self, fn):
         """fn on this thread's CUDA stream, finished before its result is handed on (the default stream, which
