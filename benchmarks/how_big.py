@@ -35,12 +35,14 @@ def markdown(results: Path = RESULTS) -> str:
         f"| the HF scoring model on CPU (float32) | {model:.2f} | private, per worker |",
         "| the HF scoring model on a GPU (bfloat16) | 2 (computed) | device, per worker |",
         f"| the materializer's own buffers and trim summaries (peak) | {own:.3f} | private, per worker |",
-        f"| a whole `evomerge run` (HF scorer, CPU), peak | {whole['Rss']:.1f} | {whole['Pss_Anon']:.1f} private + "
+        f"| a whole `evomerge run` (HF scorer, CPU), peak | {whole['Pss']:.1f} | {whole['Pss_Anon']:.1f} private + "
         f"{whole['Pss_File']:.1f} shared |",
         "",
         f"`evomerge run --dry-run` predicted that run's peak at {run['dry_run']['predicted_peak_rss_bytes'] / GB:.1f} GB, "
-        f"measured {run['peak_tree_bytes']['Rss'] / GB:.1f} GB "
-        f"(×{run['predicted_over_measured_peak_rss']:.2f}). Worked examples from these figures, base + 2 experts in bf16:",
+        f"measured {run['peak_tree_bytes']['Pss'] / GB:.1f} GB (×{run['predicted_over_measured_peak_pss']:.2f}; Pss: "
+        f"`ps` sums {run['peak_tree_bytes']['Rss'] / GB:.1f} GB of Rss while the scorer loads, counting twice the base "
+        "checkpoint's pages that its loader and the materializer both map). Worked examples from these figures, "
+        "base + 2 experts in bf16:",
         "",
         "| | 7B | 70B |",
         "|---|---|---|",

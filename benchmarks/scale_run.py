@@ -6,7 +6,9 @@ is the cost). Measures the peak memory of the run's whole process tree, sampled 
 Pss (each shared page split among the processes mapping it: the tree's real footprint), its private (anonymous)
 and file-backed parts, and Rss summed (what `ps` adds up); and each evaluation's timings from the run's journal.
 When `evomerge run` has `--dry-run`, its output (the predicted plan) is recorded beside the measurement, with the
-ratio of its "predicted peak RSS" to the measured peak (the tree's summed Rss). `--checkout DIR` measures the
+ratio of its "predicted peak RSS" to the measured peak: the tree's Pss, the memory it occupies (the pages a
+process maps twice count once: while the scorer's loader maps the base checkpoint, the materializer maps the same
+file), and the summed Rss, which counts them twice. `--checkout DIR` measures the
 `evomerge run` of another checkout of the project (e.g. a branch's worktree) on the same models.
 
     python benchmarks/scale_run.py [--size 1b] [--evaluations 4] [--checkout DIR] [--out benchmarks/results/scale_run_1b.json]
@@ -121,7 +123,9 @@ def main() -> None:
             "evaluations": journal_timings(scratch / "run"),
         }
         if "predicted_peak_rss_bytes" in report["dry_run"]:
-            report["predicted_over_measured_peak_rss"] = report["dry_run"]["predicted_peak_rss_bytes"] / peak.peak["Rss"]
+            predicted = report["dry_run"]["predicted_peak_rss_bytes"]
+            report["predicted_over_measured_peak_pss"] = predicted / peak.peak["Pss"]
+            report["predicted_over_measured_peak_rss"] = predicted / peak.peak["Rss"]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     memstat.emit(report, args.out)
