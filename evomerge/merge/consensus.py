@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.merge import stackwide
 from evomerge.merge.methods import Group, Method, register
 from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, ParamSpec
 
@@ -44,10 +45,16 @@ def _sce(g: Group) -> None:
         g.out.copy_(base)
         return
     tv = torch.stack([e.vector().delta for e in entries])  # the variance and the vote need all models at once
-    if fraction < 1:
-        tv.mul_(_most_varied(tv, fraction))
+    if g.stack is not None:  # a stack member: the variance cut and the energies are the whole stack's
+        cut = g.stack.once(("sce_cut", fraction), lambda: _stack_cut(g, fraction)) if fraction < 1 else None
+        if fraction < 1:
+            tv.mul_(_member_mask(tv, cut, g.stack.index))
+        energy = _stack_energy(g, fraction, cut)
+    else:
+        if fraction < 1:
+            tv.mul_(_most_varied(tv, fraction))
+        energy = torch.stack([d.square().mean() for d in tv])
     positive = tv.sum(dim=0) >= 0  # the majority sign, by total delta
-    energy = torch.stack([d.square().mean() for d in tv])
     total = energy.sum().item()
     weights = torch.ones_like(energy) / len(entries) if abs(total) < 1e-6 else energy / total
     # the weighted mean over the models whose delta has the majority sign (zero deltas have none)
@@ -57,6 +64,61 @@ def _sce(g: Group) -> None:
         num.add_(d * torch.where(agree, w, 0))
         den.add_(torch.where(agree, w, 0))
     num.div_(den.clamp_(min=1e-6)).add_(base)
+
+
+def _task_vectors(g: Group, fns: list) -> torch.Tensor:
+    """A stack member's deltas, one per model besides the base."""
+    xs = [f() for f in fns]
+    base = xs.pop(g.base_index)
+    return torch.stack([x - base for x in xs])
+
+
+Cut = tuple[float, list[int]] | None  # the stack's k-th largest variance; entries equal to it kept per member
+
+
+def _stack_cut(g: Group, fraction: float) -> Cut:
+    """_most_varied over the whole stack: its k-th largest variance from histograms summed over the
+    members (stackwide.kth_largest), never a sort. Among entries equal to it, the first in the stack's
+    order are kept (mergekit's torch.topk of the stacked tensor leaves their order unspecified)."""
+    assert g.stack is not None
+    variance = lambda fns: torch.var(_task_vectors(g, fns), dim=0, unbiased=False)  # noqa: E731
+    high, zeros = stackwide.histogram(g.stack, "sce_var", variance)
+    k = int(torch.tensor(int(high.sum()) - zeros) * fraction)  # a float32 product, as mergekit's
+    if k == 0:
+        return None
+    value, larger, equal = stackwide.kth_largest(g.stack, "sce_var", variance, high, k)
+    take, left = [], k - larger
+    for e in equal:
+        take.append(min(e, left))
+        left -= take[-1]
+    return value, take
+
+
+def _member_mask(tv: torch.Tensor, cut: Cut, j: int) -> torch.Tensor:
+    """Member j's part of the stack's selection."""
+    var = torch.var(tv, dim=0, unbiased=False)
+    if cut is None:
+        return torch.zeros(var.shape, dtype=torch.bool, device=var.device)
+    value, take = cut
+    mask = var > value
+    if take[j]:
+        equal = (var == value).reshape(-1).nonzero().reshape(-1)
+        mask.view(-1)[equal[: take[j]]] = True
+    return mask
+
+
+def _stack_energy(g: Group, fraction: float, cut: Cut) -> torch.Tensor:
+    """Each model's mean squared (selected) delta over the whole stack: its members' sums of squares."""
+    assert g.stack is not None
+
+    def member(j: int, fns) -> torch.Tensor:
+        tv = _task_vectors(g, fns)
+        if fraction < 1:
+            tv.mul_(_member_mask(tv, cut, j))
+        return stackwide.gram(list(tv)).diagonal(), tv[0].numel()
+
+    sums = g.stack.each(("sce_energy", fraction), member)
+    return (sum(s for s, _ in sums) / sum(n for _, n in sums)).to(g.out.dtype)
 
 
 register(Method("sce", _sce, (

@@ -32,6 +32,7 @@ from evomerge.merge.params import resolve
 from evomerge.merge.plan import Planned, entry_name, plan
 from evomerge.merge.sources import Source, map_pages, open_sources
 from evomerge.merge.sparsify import TIE_ORDERS
+from evomerge.merge.stackwide import Stack
 from evomerge.merge.vectors import Shared, StackVector, Summary, TaskVector
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
@@ -234,7 +235,11 @@ class Materializer:
             entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor), self._vector_fn(merge, p, i)))
         shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
-        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order))
+        stack = None
+        if p.stack is not None:
+            stored = [[lambda x=x: self._stored(x.model, x.tensor) for x in merge.by_name[n].inputs] for n in p.stack.members]
+            stack = Stack(p.stack.name, p.stack.parts, p.stack.members.index(p.name), stored, self.dtype, merge.shared)
+        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack))
 
     def _has(self, model: str, tensor: str) -> bool:
         if model in self._transient:  # a nested recipe: only planned, it produces the reference's tensors

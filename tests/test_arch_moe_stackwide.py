@@ -1,0 +1,89 @@
+"""Whole-tensor merge methods of mixture-of-experts checkpoints against mergekit 0.1.5, which merges each
+layer's stacked experts (transformers 5's `mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I])
+as one tensor: slerp's angle, karcher's and multislerp's means, model_stock's and nuslerp's cosines (the
+whole stack, or row-wise each position's vector across the experts) and sce's variance cut and energies
+are the stack's. evomerge merges each stored expert tensor, reading those statistics as sums over the
+stack's members (evomerge.merge.stackwide). The reference on Qwen2-MoE is mergekit's methods applied to
+the in-memory tensors (tests/test_arch_moe_trims.py says why).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from evomerge.merge import Materializer
+from evomerge.merge.writer import write_checkpoint
+from evomerge.recipe import Recipe
+from tests.merge_fixtures import mergekit_merge, worst_relative_error
+
+pytest.importorskip("mergekit")
+
+W = {"a": {"weight": 0.7}, "b": {"weight": 0.4}}
+
+CASES = {
+    "slerp": ({"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "a"}]}, {"t": 0.35}),
+    "karcher": ({"merge_method": "karcher", "models": [{"model": m} for m in ("base", "a", "b")]}, {}),
+    "multislerp": ({"merge_method": "multislerp", "base_model": "base", "models": []}, {}),
+    "model_stock": ({"merge_method": "model_stock", "base_model": "base", "models": []}, {}),
+    "model_stock-filter_wise": ({"merge_method": "model_stock", "base_model": "base", "models": []}, {"filter_wise": True}),
+    "nuslerp": ({"merge_method": "nuslerp", "base_model": "base", "models": []}, {}),
+    "nuslerp-row_wise": ({"merge_method": "nuslerp", "base_model": "base", "models": []}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    "nuslerp-rows": ({"merge_method": "nuslerp", "base_model": "base", "models": []}, {"nuslerp_flatten": False}),
+    "sce": ({"merge_method": "sce", "base_model": "base", "models": []}, {}),
+    "sce-topk": ({"merge_method": "sce", "base_model": "base", "models": []}, {"select_topk": 0.3}),
+}
+
+
+def _recipe(case: str) -> dict:
+    cfg, shared = CASES[case]
+    cfg = {**cfg, "parameters": shared} if shared else dict(cfg)
+    if not cfg["models"]:
+        weighted = cfg["merge_method"] in ("multislerp", "nuslerp")
+        cfg["models"] = [{"model": m, **({"parameters": W[m]} if weighted else {})} for m in ("a", "b")]
+    return cfg
+
+
+def _loaded(path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mixtral_equals_mergekit(case, family_models, tmp_path):
+    paths = family_models("mixtral")
+    cfg = _recipe(case)
+    ours = write_checkpoint(Recipe.from_dict(cfg), {k: str(v) for k, v in paths.items()}, tmp_path / "ours")
+    mergekit_merge(cfg, paths, tmp_path / "mk")
+    err, where = worst_relative_error(_loaded(ours), _loaded(tmp_path / "mk"))
+    assert err < 1e-6, (err, where)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_qwen2_moe_equals_mergekit_on_the_in_memory_tensors(case, family_models, tmp_path):
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    paths = family_models("qwen2_moe")
+    cfg = _recipe(case)
+    ours = _loaded(write_checkpoint(Recipe.from_dict(cfg), {k: str(v) for k, v in paths.items()}, tmp_path / "ours"))
+    names = [m["model"] for m in cfg["models"]]
+    base = cfg.get("base_model")
+    models = {k: _loaded(paths[k]) for k in dict.fromkeys(([base] if base else []) + names)}
+    params = dict(cfg.get("parameters", {}))
+    weights = {m["model"]: m["parameters"]["weight"] for m in cfg["models"] if "parameters" in m}
+    if weights:
+        params["weight"] = weights
+    theirs = merge_state_dicts(models, cfg["merge_method"], parameters=params, base=base)
+    err, where = worst_relative_error(ours, theirs)
+    assert err < 1e-6, (err, where)
+
+
+@pytest.mark.parametrize("case", ["slerp", "karcher", "multislerp", "model_stock", "nuslerp", "nuslerp-row_wise", "sce-topk"])
+def test_a_stacks_members_merged_on_threads_equal_one_thread(case, family_models):
+    """The members of a stack merged in parallel share its statistics: the same result as one thread, twice."""
+    paths = {k: str(v) for k, v in family_models("mixtral").items()}
+    recipe = Recipe.from_dict(_recipe(case))
+    one = Materializer(paths, base="base", threads=1).materialize(recipe)
+    threaded = Materializer(paths, base="base", threads=2)
+    for _ in range(2):
+        many = threaded.materialize(recipe)
+        assert all(torch.equal(one[n], many[n]) for n in one), case
