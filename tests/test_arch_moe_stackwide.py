@@ -87,3 +87,15 @@ def test_a_stacks_members_merged_on_threads_equal_one_thread(case, family_models
     for _ in range(2):
         many = threaded.materialize(recipe)
         assert all(torch.equal(one[n], many[n]) for n in one), case
+
+
+def test_a_shared_value_with_readers_is_dropped_after_the_last():
+    """A stack's large statistic (nuslerp's row-wise cosines) is freed once its members have read it, not
+    kept to the end of the merge; one without readers is kept."""
+    from evomerge.merge.vectors import Shared
+
+    shared, calls = Shared(), []
+    compute = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert [shared.get("rows", compute, 2) for _ in range(2)] == [1, 1]
+    assert shared.get("rows", compute, 2) == 2  # dropped after its two readers: computed anew
+    assert [shared.get("kept", compute) for _ in range(3)] == [3, 3, 3]

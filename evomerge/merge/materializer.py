@@ -9,6 +9,8 @@ memory (which trims read as one, as mergekit does), computed on first use (vecto
 a merge holds only per-thread blocks and one tensor's selection buffer (a DELLA trim of a stack member: its
 ranks, 4 bytes an entry); methods outside the task-arithmetic family
 (linear, slerp, model_stock, passthrough) hold float32 copies of one tensor's inputs while merging it.
+Methods reading whole-tensor statistics (slerp's angle, sce's variance cut...) read a stack's as sums
+over its members (stackwide.py), shared by the members' merges.
 Tensors are merged in parallel over `threads` (the kernels release the GIL); on CUDA each thread copies
 and merges on a stream of its own, so one tensor's host-to-device copy overlaps another's merge. Nested
 recipes are merged first into transient sources.

@@ -5,6 +5,13 @@ directions along great circles and restores a weighted norm. The numerics follow
 in the compute dtype, because karcher's iteration count depends on a tolerance test that a different
 rounding could tip. Beyond its inputs, each method holds a few working tensors the size of the one
 being merged, however many models there are (the inputs are never stacked).
+
+A member of a stack (MoE experts that mergekit merges as one stacked tensor: evomerge.merge.stackwide)
+is merged with the stack's statistics: every whole-tensor norm and dot the methods take is one of the
+points' Gram matrix over the stack (the means and tangents stay combinations of the points), so the
+iterations run on that k x k matrix in float64 and each member combines its own points; nuslerp's
+row-wise cosines are each position's across the experts. Rounding there differs from mergekit's float32
+passes over the stacked tensor by about 1e-7 relative: a tolerance test that close could tip.
 """
 from __future__ import annotations
 
@@ -50,11 +57,6 @@ def _nuslerp_combine(t: float, cos: torch.Tensor, v0: torch.Tensor, v1: torch.Te
     return torch.where(parallel, (1 - t) * v0 + t * v1, spherical)
 
 
-def _cosine(n0: torch.Tensor, n1: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
-    """mergekit's cosine of two vectors from their squared norms and dot product."""
-    return (dot / (n0.sqrt().clamp(min=1e-7) * n1.sqrt().clamp(min=1e-7))).clamp(-1, 1)
-
-
 def _stack_cosines(g: Group) -> torch.Tensor:
     """nuslerp on a stack member: the cosines mergekit computes on the stacked tensor, of the whole stack
     (flattened) or, row-wise, of each position's vector across the experts (the stack's dim 0), which sums
@@ -62,7 +64,8 @@ def _stack_cosines(g: Group) -> torch.Tensor:
     stack, bi = g.stack, g.base_index
     if g.shared["nuslerp_flatten"]:
         gram = stack.gram(with_base=bi)
-        return _cosine(gram[0, 0], gram[1, 1], gram[0, 1]).float().reshape(1)
+        n0, n1 = (gram[k, k].sqrt().clamp(min=1e-7) for k in (0, 1))
+        return (gram[0, 1] / (n0 * n1)).clamp(-1, 1).to(stack.dtype).reshape(1)
     part = stack.index % stack.parts
 
     def rows() -> torch.Tensor:
@@ -72,17 +75,18 @@ def _stack_cosines(g: Group) -> torch.Tensor:
         members = [[f() for f in fns] for fns in stack.stored[part :: stack.parts]]
         shape = members[0][0].shape
         cos = torch.empty(shape.numel(), dtype=stack.dtype, device=members[0][0].device)
-        for s in range(0, cos.numel(), stackwide.CHUNK):
-            block = torch.stack([torch.stack([x.reshape(-1)[s : s + stackwide.CHUNK] for x in xs]) for xs in members])
+        step = max(1, stackwide.CHUNK // len(members))
+        for s in range(0, cos.numel(), step):
+            block = torch.stack([torch.stack([x.reshape(-1)[s : s + step] for x in xs]) for xs in members])
             block = block.to(stack.dtype)  # [experts, inputs, positions]
             if bi is not None:
                 block = torch.cat([block[:, :bi], block[:, bi + 1 :]], dim=1) - block[:, bi : bi + 1]
             u0, u1 = (v / torch.linalg.vector_norm(v, dim=0, keepdim=True).clamp(min=1e-7) for v in block.unbind(1))
-            cos[s : s + stackwide.CHUNK] = torch.sum(u0 * u1, dim=0).clamp(-1, 1)
+            cos[s : s + step] = torch.sum(u0 * u1, dim=0).clamp(-1, 1)
         return cos.reshape(shape)
 
-    experts = len(stack.inputs) // stack.parts  # the readers of this part's cosines: dropped after the last
-    return stack.shared.get((stack.name, "nuslerp_rows", part), rows, uses=experts)
+    experts = len(stack.stored) // stack.parts  # the readers of this part's cosines: dropped after the last
+    return stack.shared.get((stack.name, "nuslerp_rows", part), rows, experts)
 
 
 def _nuslerp(g: Group) -> None:

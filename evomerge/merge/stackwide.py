@@ -38,25 +38,28 @@ class Stack:
         """As `stored`, in the compute dtype."""
         return [[lambda f=f: f().to(self.dtype) for f in fns] for fns in self.stored]
 
-    def each(self, what: Hashable, fn: Callable[[int, list[Callable[[], torch.Tensor]]], Any]) -> list[Any]:
-        """fn(j, member j's inputs) for every member, each once per merge, this thread's own member first."""
-        n = len(self.inputs)
+    def each(self, what: Hashable, fn: Callable[[int, list[Callable[[], torch.Tensor]]], Any], readers: int | None = None) -> list[Any]:
+        """fn(j, member j's inputs) for every member, each once per merge, this thread's own member first;
+        each value dropped once `readers` merges have read it (default: every member's)."""
+        n = len(self.stored)
+        inputs = self.inputs
         order = [(self.index + k) % n for k in range(n)]
-        got = {j: self.shared.get((self.name, what, j), lambda j=j: fn(j, self.inputs[j])) for j in order}
+        got = {j: self.shared.get((self.name, what, j), lambda j=j: fn(j, inputs[j]), readers or n) for j in order}
         return [got[j] for j in range(n)]
 
     def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
         return self.shared.get((self.name, what), fn)
 
-    def gram(self, with_base: int | None = None, what: Hashable = "gram") -> torch.Tensor:
+    def gram(self, with_base: int | None = None) -> torch.Tensor:
         """The float64 Gram matrix of the inputs over the whole stack (of their deltas from input
-        `with_base` when given, which is then left out)."""
-        def member(_: int, fns: list[Callable[[], torch.Tensor]]) -> torch.Tensor:
-            xs = [f() for f in fns]
+        `with_base` when given, which is then left out): one pass over each member as stored."""
+
+        def member(j: int, _) -> torch.Tensor:
+            xs = [f() for f in self.stored[j]]
             base = xs.pop(with_base) if with_base is not None else None
             return gram(xs, base)
 
-        return sum(self.each((what, with_base), member))
+        return sum(self.each(("gram", with_base), member))
 
 
 def gram(points: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,7 +87,7 @@ def histogram(stack: Stack, what: Hashable, values: Values) -> tuple[torch.Tenso
         w = values(fns).reshape(-1).view(torch.int32)
         return torch.bincount(w >> 16, minlength=1 << 16), int((w == 0).sum())
 
-    parts = stack.each((what, "high"), member)
+    parts = stack.each((what, "high"), member, readers=1)  # read by the one thread finding the cut
     return sum(h for h, _ in parts), sum(z for _, z in parts)
 
 
@@ -100,7 +103,7 @@ def kth_largest(stack: Stack, what: Hashable, values: Values, high: torch.Tensor
         w = values(fns).reshape(-1).view(torch.int32)
         return torch.bincount(w[(w >> 16) == b] & 0xFFFF, minlength=1 << 16)
 
-    lows = stack.each((what, "low", b), low)
+    lows = stack.each((what, "low", b), low, readers=1)
     at = sum(lows).flip(0).cumsum(0).flip(0) + larger
     lo = int((at >= k).nonzero().max())
     larger = int(at[lo + 1]) if lo + 1 < at.numel() else larger

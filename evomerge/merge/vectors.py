@@ -222,7 +222,7 @@ class TaskVector:
 class Shared:
     """Values computed once per key during one merge, by the first thread that asks; a thread asking
     meanwhile waits for that one (which computes a member's statistic: it never waits itself). A value
-    given `uses` is dropped once that many have asked for it (a large one, read by known members)."""
+    given `readers` is dropped once that many have asked for it (a large one, read by known members)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -230,15 +230,15 @@ class Shared:
         self._busy: dict[Hashable, threading.Event] = {}
         self._left: dict[Hashable, int] = {}
 
-    def get(self, key: Hashable, fn: Callable[[], Any], uses: int | None = None) -> Any:
+    def get(self, key: Hashable, fn: Callable[[], Any], readers: int | None = None) -> Any:
         with self._lock:
             if key in self._done:
                 return _value(self._take(key))
             busy = self._busy.get(key)
             if busy is None:
                 self._busy[key] = threading.Event()
-                if uses is not None:
-                    self._left[key] = uses
+                if readers is not None:
+                    self._left[key] = readers
         if busy is not None:
             busy.wait()
             with self._lock:
