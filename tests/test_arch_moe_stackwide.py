@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.merge import Materializer
 from evomerge.merge.writer import write_checkpoint
 from evomerge.recipe import Recipe
-from tests.merge_fixtures import mergekit_merge, worst_relative_error
+from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
 
 pytest.importorskip("mergekit")
 
@@ -78,9 +78,12 @@ def test_qwen2_moe_equals_mergekit_on_the_in_memory_tensors(case, family_models,
 
 
 @pytest.mark.parametrize("case", ["slerp", "karcher", "multislerp", "model_stock", "nuslerp", "nuslerp-row_wise", "sce-topk"])
-def test_a_stacks_members_merged_on_threads_equal_one_thread(case, family_models):
-    """The members of a stack merged in parallel share its statistics: the same result as one thread, twice."""
-    paths = {k: str(v) for k, v in family_models("mixtral").items()}
+def test_a_stacks_members_merged_on_threads_equal_one_thread(case, family_models, tmp_path):
+    """The members of a stack merged in parallel share its statistics: the same result as one thread, twice
+    (quantized deltas: sce's cut straddles equal variances, spread over several members)."""
+    from tests.test_arch_moe_trims import _quantized
+
+    paths = {k: str(v) for k, v in _quantized(family_models("mixtral"), tmp_path).items()}
     recipe = Recipe.from_dict(_recipe(case))
     one = Materializer(paths, base="base", threads=1).materialize(recipe)
     threaded = Materializer(paths, base="base", threads=2)
@@ -99,3 +102,32 @@ def test_a_shared_value_with_readers_is_dropped_after_the_last():
     assert [shared.get("rows", compute, 2) for _ in range(2)] == [1, 1]
     assert shared.get("rows", compute, 2) == 2  # dropped after its two readers: computed anew
     assert [shared.get("kept", compute) for _ in range(3)] == [3, 3, 3]
+
+
+def test_sce_among_equal_variances_at_the_cut(family_models, tmp_path):
+    """Equal variances straddling the stack's cut (quantized deltas, every one non-zero: an entry is changed
+    exactly where it is selected): evomerge selects as many entries as mergekit, the same ones above the
+    cut, and among those at the cut the first in the stack's order (mergekit's torch.topk of the stacked
+    tensor makes an unspecified choice there; the models' energies, and so every merged value, follow)."""
+    from evomerge import arch
+    from tests.test_arch_moe_trims import _quantized
+
+    paths = _quantized(family_models("mixtral"), tmp_path / "q")
+    cfg = {**_recipe("sce"), "parameters": {"select_topk": 0.3}}
+    ours = Materializer({k: str(v) for k, v in paths.items()}, base="base").materialize(Recipe.from_dict(cfg))
+    theirs = mergekit_merge(cfg, paths, tmp_path / "mk")
+    sds = {k: load_checkpoint(paths[k]) for k in ("base", "a", "b")}
+    straddled = 0
+    for stack in {s.name: s for s in arch.stacks(arch.family("mixtral"), list(ours)).values()}.values():
+        flat = lambda sd: torch.cat([sd[n].reshape(-1) for n in stack.members])  # noqa: E731
+        base = flat(sds["base"])
+        var = torch.var(torch.stack([flat(sds[m]) - base for m in ("a", "b")]), dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * 0.3)
+        cut = torch.sort(var, descending=True).values[k - 1]
+        expected = var > cut
+        expected[(var == cut).nonzero().reshape(-1)[: k - int(expected.sum())]] = True
+        mine, mk = flat(ours) != base, theirs[stack.name].reshape(-1) != base
+        assert torch.equal(mine, expected), stack.name
+        assert int(mk.sum()) == k and torch.equal(mk & (var != cut), expected & (var != cut)), stack.name
+        straddled += int((mine != mk).sum())
+    assert straddled > 0  # the fixture does straddle the cut
