@@ -66,9 +66,10 @@ def _sce(g: Group) -> None:
     num.div_(den.clamp_(min=1e-6)).add_(base)
 
 
-def _task_vectors(g: Group, fns: list) -> torch.Tensor:
-    """A stack member's deltas, one per model besides the base."""
-    xs = [f() for f in fns]
+def _task_vectors(g: Group, j: int) -> torch.Tensor:
+    """Stack member j's deltas, one per model besides the base."""
+    assert g.stack is not None
+    xs = g.stack.tensors(j)
     base = xs.pop(g.base_index)
     return torch.stack([x - base for x in xs])
 
@@ -81,7 +82,7 @@ def _stack_cut(g: Group, fraction: float) -> Cut:
     members (stackwide.kth_largest), never a sort. Among entries equal to it, the first in the stack's
     order are kept (mergekit's torch.topk of the stacked tensor leaves their order unspecified)."""
     assert g.stack is not None
-    variance = lambda fns: torch.var(_task_vectors(g, fns), dim=0, unbiased=False)  # noqa: E731
+    variance = lambda j: torch.var(_task_vectors(g, j), dim=0, unbiased=False)  # noqa: E731
     high, zeros = stackwide.histogram(g.stack, "sce_var", variance)
     k = int(torch.tensor(int(high.sum()) - zeros) * fraction)  # a float32 product, as mergekit's
     if k == 0:
@@ -111,8 +112,8 @@ def _stack_energy(g: Group, fraction: float, cut: Cut) -> torch.Tensor:
     """Each model's mean squared (selected) delta over the whole stack: its members' sums of squares."""
     assert g.stack is not None
 
-    def member(j: int, fns) -> torch.Tensor:
-        tv = _task_vectors(g, fns)
+    def member(j: int) -> tuple[torch.Tensor, int]:
+        tv = _task_vectors(g, j)
         if fraction < 1:
             tv.mul_(_member_mask(tv, cut, j))
         return stackwide.gram(list(tv)).diagonal(), tv[0].numel()

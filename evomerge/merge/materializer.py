@@ -239,8 +239,9 @@ class Materializer:
         base = entries[p.base] if p.base is not None else None
         stack = None
         if p.stack is not None:
-            stored = [[lambda x=x: self._stored(x.model, x.tensor) for x in merge.by_name[n].inputs] for n in p.stack.members]
-            stack = Stack(p.stack.name, p.stack.parts, p.stack.members.index(p.name), stored, self.dtype, merge.shared)
+            members = p.stack.members
+            read = lambda j: [self._stored(x.model, x.tensor) for x in merge.by_name[members[j]].inputs]  # noqa: E731
+            stack = Stack(p.stack.name, p.stack.parts, members.index(p.name), len(members), read, self.dtype, merge.shared)
         method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack))
 
     def _has(self, model: str, tensor: str) -> bool:

@@ -72,7 +72,7 @@ def _stack_cosines(g: Group) -> torch.Tensor:
         """Block by block of positions, each position's vectors across the part's experts, stacked as
         mergekit's and reduced by the same kernels (near antipodal vectors, the slerp is that sensitive to
         rounding); the sources are read as stored, never copied whole."""
-        members = [[f() for f in fns] for fns in stack.stored[part :: stack.parts]]
+        members = [stack.read(j) for j in range(part, stack.size, stack.parts)]
         shape = members[0][0].shape
         cos = torch.empty(shape.numel(), dtype=stack.dtype, device=members[0][0].device)
         step = max(1, stackwide.CHUNK // len(members))
@@ -85,7 +85,7 @@ def _stack_cosines(g: Group) -> torch.Tensor:
             cos[s : s + step] = torch.sum(u0 * u1, dim=0).clamp(-1, 1)
         return cos.reshape(shape)
 
-    experts = len(stack.stored) // stack.parts  # the readers of this part's cosines: dropped after the last
+    experts = stack.size // stack.parts  # the readers of this part's cosines: dropped after the last
     return stack.shared.get((stack.name, "nuslerp_rows", part), rows, experts)
 
 

@@ -22,30 +22,28 @@ CHUNK = 1 << 20  # entries per float64 block of a Gram pass
 
 @dataclass
 class Stack:
-    """The stack a merged tensor is member `index` of, during one merge: `stored[j][i]()` is input i of
-    member j as stored (a view of its source: never modified), members in the stacked tensor's order
-    (expert by expert, `parts` members each); `dtype` the compute dtype."""
+    """The stack a merged tensor is member `index` of, during one merge: `read(j)` is member j's inputs
+    as stored (views of the sources: never modified), members in the stacked tensor's order (expert by
+    expert, `parts` members each, `size` in all); `dtype` the compute dtype."""
 
     name: str
     parts: int
     index: int
-    stored: list[list[Callable[[], torch.Tensor]]]
+    size: int
+    read: Callable[[int], list[torch.Tensor]]
     dtype: torch.dtype
     shared: Shared
 
-    @property
-    def inputs(self) -> list[list[Callable[[], torch.Tensor]]]:
-        """As `stored`, in the compute dtype."""
-        return [[lambda f=f: f().to(self.dtype) for f in fns] for fns in self.stored]
+    def tensors(self, j: int) -> list[torch.Tensor]:
+        """Member j's inputs in the compute dtype."""
+        return [x.to(self.dtype) for x in self.read(j)]
 
-    def each(self, what: Hashable, fn: Callable[[int, list[Callable[[], torch.Tensor]]], Any], readers: int | None = None) -> list[Any]:
-        """fn(j, member j's inputs) for every member, each once per merge, this thread's own member first;
-        each value dropped once `readers` merges have read it (default: every member's)."""
-        n = len(self.stored)
-        inputs = self.inputs
-        order = [(self.index + k) % n for k in range(n)]
-        got = {j: self.shared.get((self.name, what, j), lambda j=j: fn(j, inputs[j]), readers or n) for j in order}
-        return [got[j] for j in range(n)]
+    def each(self, what: Hashable, fn: Callable[[int], Any], readers: int | None = None) -> list[Any]:
+        """fn(j) for every member j, each once per merge, this thread's own member first; each value
+        dropped once `readers` merges have read it (default: every member's)."""
+        order = [(self.index + k) % self.size for k in range(self.size)]
+        got = {j: self.shared.get((self.name, what, j), lambda j=j: fn(j), readers or self.size) for j in order}
+        return [got[j] for j in range(self.size)]
 
     def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
         return self.shared.get((self.name, what), fn)
@@ -54,8 +52,8 @@ class Stack:
         """The float64 Gram matrix of the inputs over the whole stack (of their deltas from input
         `with_base` when given, which is then left out): one pass over each member as stored."""
 
-        def member(j: int, _) -> torch.Tensor:
-            xs = [f() for f in self.stored[j]]
+        def member(j: int) -> torch.Tensor:
+            xs = self.read(j)
             base = xs.pop(with_base) if with_base is not None else None
             return gram(xs, base)
 
@@ -76,15 +74,15 @@ def gram(points: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.
     return out
 
 
-Values = Callable[[list[Callable[[], torch.Tensor]]], torch.Tensor]  # a statistic of a member's inputs
+Values = Callable[[int], torch.Tensor]  # a statistic of member j's inputs
 
 
 def histogram(stack: Stack, what: Hashable, values: Values) -> tuple[torch.Tensor, int]:
     """Counts of a non-negative float32 statistic over the stack by the top 16 bits of its values (bins
     order like the values), and how many are zero."""
 
-    def member(_: int, fns) -> tuple[torch.Tensor, int]:
-        w = values(fns).reshape(-1).view(torch.int32)
+    def member(j: int) -> tuple[torch.Tensor, int]:
+        w = values(j).reshape(-1).view(torch.int32)
         return torch.bincount(w >> 16, minlength=1 << 16), int((w == 0).sum())
 
     parts = stack.each((what, "high"), member, readers=1)  # read by the one thread finding the cut
@@ -99,8 +97,8 @@ def kth_largest(stack: Stack, what: Hashable, values: Values, high: torch.Tensor
     b = int((above >= k).nonzero().max())
     larger = int(above[b + 1]) if b + 1 < above.numel() else 0
 
-    def low(_: int, fns) -> torch.Tensor:
-        w = values(fns).reshape(-1).view(torch.int32)
+    def low(j: int) -> torch.Tensor:
+        w = values(j).reshape(-1).view(torch.int32)
         return torch.bincount(w[(w >> 16) == b] & 0xFFFF, minlength=1 << 16)
 
     lows = stack.each((what, "low", b), low, readers=1)
