@@ -262,7 +262,7 @@ def _model_stock(g: Group) -> None:
         # last dimension, each within one member, as mergekit's rows of the stacked tensor)
         gram = g.stack.gram(with_base=g.base_index)
         norm = gram.diagonal().sqrt()
-        cos = [(gram[i, j] / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1).float().reshape(1)
+        cos = [(gram[i, j] / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1).to(w0.dtype).reshape(1)
                for i in range(len(offs)) for j in range(i + 1, len(offs))]
     else:
         cos = []

@@ -275,11 +275,11 @@ def _karcher(g: Group) -> None:
         g.out.copy_(g.entries[0].full())
         return
     # every input, the base included (mergekit's karcher ignores which one is the base)
-    points = [e.full().reshape(-1) for e in g.entries]
     if g.stack is not None:
+        points = [e.full().reshape(-1) for e in g.entries]
         result = _combination(points, karcher_coefficients(g.stack.gram(), max_iter, tol))
     else:
-        result = karcher_mean(iter(points), max_iter, tol)
+        result = karcher_mean((e.full().reshape(-1) for e in g.entries), max_iter, tol)
     g.out.copy_(result.reshape(g.out.shape))
 
 
