@@ -46,10 +46,11 @@ def _sce(g: Group) -> None:
         return
     tv = torch.stack([e.vector().delta for e in entries])  # the variance and the vote need all models at once
     if g.stack is not None:  # a stack member: the variance cut and the energies are the whole stack's
-        cut = g.stack.once(("sce_cut", fraction), lambda: _stack_cut(g, fraction)) if fraction < 1 else None
         if fraction < 1:
+            cut, energy = g.stack.once(("sce_cut", fraction), lambda: _stack_cut(g, fraction))
             tv.mul_(_member_mask(tv, cut, g.stack.index))
-        energy = _stack_energy(g, fraction, cut)
+        else:
+            energy = _stack_energy(g)
     else:
         if fraction < 1:
             tv.mul_(_most_varied(tv, fraction))
@@ -74,51 +75,53 @@ def _task_vectors(g: Group, j: int) -> torch.Tensor:
     return torch.stack([x - base for x in xs])
 
 
-Cut = tuple[float, list[int]] | None  # the stack's k-th largest variance; entries equal to it kept per member
-
-
-def _stack_cut(g: Group, fraction: float) -> Cut:
-    """_most_varied over the whole stack: its k-th largest variance from histograms summed over the
-    members (stackwide.kth_largest), never a sort. Among entries equal to it, the first in the stack's
-    order are kept (mergekit's torch.topk of the stacked tensor leaves their order unspecified)."""
+def _stack_cut(g: Group, fraction: float) -> tuple[stackwide.Cut | None, torch.Tensor]:
+    """_most_varied over the whole stack, and the models' energies over its selection: the k-th largest
+    variance from histograms summed over the members (stackwide.kth_largest), never a sort, its pass also
+    summing the selected squares. Among entries equal to it, the first in the stack's order are kept
+    (mergekit's torch.topk of the stacked tensor leaves their order unspecified)."""
     assert g.stack is not None
     variance = lambda j: torch.var(_task_vectors(g, j), dim=0, unbiased=False)  # noqa: E731
     high, zeros = stackwide.histogram(g.stack, "sce_var", variance)
-    k = int(torch.tensor(int(high.sum()) - zeros) * fraction)  # a float32 product, as mergekit's
+    numel = int(high.sum())
+    k = int(torch.tensor(numel - zeros) * fraction)  # a float32 product, as mergekit's
     if k == 0:
-        return None
-    value, larger, equal = stackwide.kth_largest(g.stack, "sce_var", variance, high, k)
-    take, left = [], k - larger
-    for e in equal:
-        take.append(min(e, left))
-        left -= take[-1]
-    return value, take
+        return None, torch.zeros(len(g.non_base), dtype=g.out.dtype)
+
+    def with_squares(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tv = _task_vectors(g, j)
+        return torch.var(tv, dim=0, unbiased=False), tv.square_()
+
+    cut = stackwide.kth_largest(g.stack, "sce_var", with_squares, high, k)
+    sums = cut.sums
+    if cut.partial is not None:  # that member's first equal entries: their squares
+        tv = _task_vectors(g, cut.partial)
+        equal = (torch.var(tv, dim=0, unbiased=False) == cut.value).reshape(-1).nonzero().reshape(-1)
+        sums = sums + tv.reshape(len(tv), -1)[:, equal[: cut.take[cut.partial]]].double().square().sum(1)
+    return cut, (sums / numel).to(g.out.dtype)
 
 
-def _member_mask(tv: torch.Tensor, cut: Cut, j: int) -> torch.Tensor:
+def _member_mask(tv: torch.Tensor, cut: stackwide.Cut | None, j: int) -> torch.Tensor:
     """Member j's part of the stack's selection."""
     var = torch.var(tv, dim=0, unbiased=False)
     if cut is None:
         return torch.zeros(var.shape, dtype=torch.bool, device=var.device)
-    value, take = cut
-    mask = var > value
-    if take[j]:
-        equal = (var == value).reshape(-1).nonzero().reshape(-1)
-        mask.view(-1)[equal[: take[j]]] = True
+    mask = var > cut.value
+    if cut.take[j]:
+        equal = (var == cut.value).reshape(-1).nonzero().reshape(-1)
+        mask.view(-1)[equal[: cut.take[j]]] = True
     return mask
 
 
-def _stack_energy(g: Group, fraction: float, cut: Cut) -> torch.Tensor:
-    """Each model's mean squared (selected) delta over the whole stack: its members' sums of squares."""
+def _stack_energy(g: Group) -> torch.Tensor:
+    """Each model's mean squared delta over the whole stack: its members' sums of squares."""
     assert g.stack is not None
 
     def member(j: int) -> tuple[torch.Tensor, int]:
         tv = _task_vectors(g, j)
-        if fraction < 1:
-            tv.mul_(_member_mask(tv, cut, j))
         return stackwide.gram(list(tv)).diagonal(), tv[0].numel()
 
-    sums = g.stack.each(("sce_energy", fraction), member)
+    sums = g.stack.each("sce_energy", member)
     return (sum(s for s, _ in sums) / sum(n for _, n in sums)).to(g.out.dtype)
 
 

@@ -74,12 +74,12 @@ def gram(points: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.
     return out
 
 
-Values = Callable[[int], torch.Tensor]  # a statistic of member j's inputs
+Values = Callable[[int], torch.Tensor]  # a non-negative float32 statistic of member j's inputs
 
 
 def histogram(stack: Stack, what: Hashable, values: Values) -> tuple[torch.Tensor, int]:
-    """Counts of a non-negative float32 statistic over the stack by the top 16 bits of its values (bins
-    order like the values), and how many are zero."""
+    """Counts of a statistic over the stack by the top 16 bits of its values (bins order like the values),
+    and how many are zero."""
 
     def member(j: int) -> tuple[torch.Tensor, int]:
         w = values(j).reshape(-1).view(torch.int32)
@@ -89,21 +89,47 @@ def histogram(stack: Stack, what: Hashable, values: Values) -> tuple[torch.Tenso
     return sum(h for h, _ in parts), sum(z for _, z in parts)
 
 
-def kth_largest(stack: Stack, what: Hashable, values: Values, high: torch.Tensor, k: int) -> tuple[float, int, list[int]]:
-    """The k-th largest (k >= 1) of the statistic `histogram` counted as `high`, without sorting it: the
-    bin holding rank k, then a histogram of the low 16 bits within that bin (one more pass). Returns the
-    value, how many are larger, and each member's count of entries equal to it."""
+@dataclass(frozen=True)
+class Cut:
+    """The k largest entries of a statistic over a stack: those above `value`, and of those equal to it the
+    first `take[j]` of member j (the first in the stack's order); `sums`, the weights summed over them
+    but for member `partial`'s equal ones (the one member whose equal entries are only partly taken)."""
+
+    value: float
+    take: list[int]
+    sums: torch.Tensor
+    partial: int | None
+
+
+def kth_largest(stack: Stack, what: Hashable, values: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                high: torch.Tensor, k: int) -> Cut:
+    """The k largest (k >= 1) entries of the statistic `histogram` counted as `high`, without sorting it:
+    the bin holding rank k, then one pass counting the low 16 bits within that bin. `values(j)` gives
+    member j's statistic and per-entry weights [m, ...] (float32) that the same pass sums over the selection."""
     above = high.flip(0).cumsum(0).flip(0)  # entries in this bin or higher
     b = int((above >= k).nonzero().max())
     larger = int(above[b + 1]) if b + 1 < above.numel() else 0
 
-    def low(j: int) -> torch.Tensor:
-        w = values(j).reshape(-1).view(torch.int32)
-        return torch.bincount(w[(w >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    def low(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stat, weights = values(j)
+        bits = stat.reshape(-1).view(torch.int32)
+        weights = weights.reshape(weights.shape[0], -1)
+        inside = (bits >> 16) == b
+        lows = bits[inside] & 0xFFFF
+        over = torch.where(bits >> 16 > b, weights, 0).sum(1, dtype=torch.float64)
+        by_low = torch.stack([torch.bincount(lows, weights=w, minlength=1 << 16) for w in weights[:, inside].double()])
+        return torch.bincount(lows, minlength=1 << 16), over, by_low
 
-    lows = stack.each((what, "low", b), low, readers=1)
-    at = sum(lows).flip(0).cumsum(0).flip(0) + larger
+    parts = stack.each((what, "low", b), low, readers=1)
+    at = sum(c for c, _, _ in parts).flip(0).cumsum(0).flip(0) + larger
     lo = int((at >= k).nonzero().max())
-    larger = int(at[lo + 1]) if lo + 1 < at.numel() else larger
+    left = k - (int(at[lo + 1]) if lo + 1 < at.numel() else larger)
+    take, sums, partial = [], 0, None
+    for j, (counts, over, by_low) in enumerate(parts):
+        take.append(min(int(counts[lo]), left))
+        left -= take[-1]
+        whole = take[-1] == int(counts[lo])
+        sums = sums + over + by_low[:, lo + 1 :].sum(1) + (by_low[:, lo] if whole else 0)
+        partial = j if not whole and take[-1] else partial
     value = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-    return value, larger, [int(x[lo]) for x in lows]
+    return Cut(value, take, sums, partial)
