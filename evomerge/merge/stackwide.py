@@ -4,8 +4,10 @@ memory, and mergekit 0.1.5 merges whole: evomerge.arch.stacks), read by the merg
 A statistic is a sum of its members' partial sums (norms², dots, counts, histograms), each member's
 computed once per merge by whichever of the stack's merge threads asks first (vectors.Shared), so the
 stack is never concatenated: an 8x7B Mixtral gate_up stack is 939M entries. What the methods derive from
-the sums (slerp's angle, karcher's iteration, sce's variance cut) is scalar work, done alike by every
-member's merge, or once where it must agree exactly (`once`).
+the sums (slerp's angle, karcher's iteration) is scalar work, done alike by every member's merge, or
+once where it must agree exactly (`once`: sce's variance cut). A k-th largest value is found as the
+trims' summaries find theirs (vectors.py): counts by the top 16 bits of the float32 values, then by the
+low 16 bits within the one bin holding it; both histograms add over the members.
 """
 from __future__ import annotations
 
