@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from evomerge.merge import stackwide
 from evomerge.merge.methods import Group, Method, register
 from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, ParamSpec
 
@@ -44,10 +45,17 @@ def _sce(g: Group) -> None:
         g.out.copy_(base)
         return
     tv = torch.stack([e.vector().delta for e in entries])  # the variance and the vote need all models at once
-    if fraction < 1:
-        tv.mul_(_most_varied(tv, fraction))
+    if g.stack is not None:  # a stack member: the variance cut and the energies are the whole stack's
+        if fraction < 1:
+            cut, energy = g.stack.once(("sce_cut", fraction), lambda: _stack_cut(g, fraction))
+            tv.mul_(_member_mask(tv, cut, g.stack.index))
+        else:
+            energy = _stack_energy(g)
+    else:
+        if fraction < 1:
+            tv.mul_(_most_varied(tv, fraction))
+        energy = torch.stack([d.square().mean() for d in tv])
     positive = tv.sum(dim=0) >= 0  # the majority sign, by total delta
-    energy = torch.stack([d.square().mean() for d in tv])
     total = energy.sum().item()
     weights = torch.ones_like(energy) / len(entries) if abs(total) < 1e-6 else energy / total
     # the weighted mean over the models whose delta has the majority sign (zero deltas have none)
@@ -57,6 +65,64 @@ def _sce(g: Group) -> None:
         num.add_(d * torch.where(agree, w, 0))
         den.add_(torch.where(agree, w, 0))
     num.div_(den.clamp_(min=1e-6)).add_(base)
+
+
+def _task_vectors(g: Group, j: int) -> torch.Tensor:
+    """Stack member j's deltas, one per model besides the base."""
+    assert g.stack is not None
+    xs = g.stack.tensors(j)
+    base = xs.pop(g.base_index)
+    return torch.stack([x - base for x in xs])
+
+
+def _stack_cut(g: Group, fraction: float) -> tuple[stackwide.Cut | None, torch.Tensor]:
+    """_most_varied over the whole stack, and the models' energies over its selection: the k-th largest
+    variance from histograms summed over the members (stackwide.kth_largest), never a sort, its pass also
+    summing the selected squares. Among entries equal to it, the first in the stack's order are kept
+    (mergekit's torch.topk of the stacked tensor leaves their order unspecified)."""
+    assert g.stack is not None
+    variance = lambda j: torch.var(_task_vectors(g, j), dim=0, unbiased=False)  # noqa: E731
+    high, zeros = stackwide.histogram(g.stack, "sce_var", variance)
+    numel = int(high.sum())
+    k = int(torch.tensor(numel - zeros) * fraction)  # a float32 product, as mergekit's
+    if k == 0:
+        return None, torch.zeros(len(g.non_base), dtype=g.out.dtype)
+
+    def with_squares(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tv = _task_vectors(g, j)
+        return torch.var(tv, dim=0, unbiased=False), tv.square_()
+
+    cut = stackwide.kth_largest(g.stack, "sce_var", with_squares, high, k)
+    sums = cut.sums
+    if cut.partial is not None:  # that member's first equal entries: their squares
+        tv = _task_vectors(g, cut.partial)
+        equal = (torch.var(tv, dim=0, unbiased=False) == cut.value).reshape(-1).nonzero().reshape(-1)
+        sums = sums + tv.reshape(len(tv), -1)[:, equal[: cut.take[cut.partial]]].double().square().sum(1)
+    return cut, (sums / numel).to(g.out.dtype)
+
+
+def _member_mask(tv: torch.Tensor, cut: stackwide.Cut | None, j: int) -> torch.Tensor:
+    """Member j's part of the stack's selection."""
+    var = torch.var(tv, dim=0, unbiased=False)
+    if cut is None:
+        return torch.zeros(var.shape, dtype=torch.bool, device=var.device)
+    mask = var > cut.value
+    if cut.take[j]:
+        equal = (var == cut.value).reshape(-1).nonzero().reshape(-1)
+        mask.view(-1)[equal[: cut.take[j]]] = True
+    return mask
+
+
+def _stack_energy(g: Group) -> torch.Tensor:
+    """Each model's mean squared delta over the whole stack: its members' sums of squares."""
+    assert g.stack is not None
+
+    def member(j: int) -> tuple[torch.Tensor, int]:
+        tv = _task_vectors(g, j)
+        return stackwide.gram(list(tv)).diagonal(), tv[0].numel()
+
+    sums = g.stack.each("sce_energy", member)
+    return (sum(s for s, _ in sums) / sum(n for _, n in sums)).to(g.out.dtype)
 
 
 register(Method("sce", _sce, (

@@ -9,6 +9,8 @@ memory (which trims read as one, as mergekit does), computed on first use (vecto
 a merge holds only per-thread blocks and one tensor's selection buffer (a DELLA trim of a stack member: its
 ranks, 4 bytes an entry); methods outside the task-arithmetic family
 (linear, slerp, model_stock, passthrough) hold float32 copies of one tensor's inputs while merging it.
+Methods reading whole-tensor statistics (slerp's angle, sce's variance cut...) read a stack's as sums
+over its members (stackwide.py), shared by the members' merges.
 Tensors are merged in parallel over `threads` (the kernels release the GIL); on CUDA each thread copies
 and merges on a stream of its own, so one tensor's host-to-device copy overlaps another's merge. Nested
 recipes are merged first into transient sources.
@@ -32,6 +34,7 @@ from evomerge.merge.params import resolve
 from evomerge.merge.plan import Planned, entry_name, plan
 from evomerge.merge.sources import Source, map_pages, open_sources
 from evomerge.merge.sparsify import TIE_ORDERS
+from evomerge.merge.stackwide import Stack
 from evomerge.merge.vectors import Shared, StackVector, Summary, TaskVector
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
@@ -234,7 +237,12 @@ class Materializer:
             entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor), self._vector_fn(merge, p, i)))
         shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
-        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order))
+        stack = None
+        if p.stack is not None:
+            members = p.stack.members
+            read = lambda j: [self._stored(x.model, x.tensor) for x in merge.by_name[members[j]].inputs]  # noqa: E731
+            stack = Stack(p.stack.name, p.stack.parts, members.index(p.name), len(members), read, self.dtype, merge.shared)
+        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack))
 
     def _has(self, model: str, tensor: str) -> bool:
         if model in self._transient:  # a nested recipe: only planned, it produces the reference's tensors

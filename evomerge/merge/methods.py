@@ -16,6 +16,7 @@ import torch
 from evomerge.merge import gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
 from evomerge.merge.params import NON_NEGATIVE, UNIT, ParamSpec
+from evomerge.merge.stackwide import Stack
 from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
 
@@ -39,6 +40,11 @@ class Group:
     seed: int
     out: torch.Tensor
     tie_order: str = "index"  # which of the equal magnitudes at a trim's threshold survive (sparsify)
+    stack: Stack | None = None  # the stack this tensor is a member of: whole-tensor statistics read it whole
+
+    @property
+    def base_index(self) -> int | None:
+        return next((i for i, e in enumerate(self.entries) if e is self.base), None)
 
     @property
     def non_base(self) -> list[Entry]:
@@ -205,25 +211,34 @@ register(Method("linear", _linear, (ParamSpec("weight", float, per_model=True, b
 
 # --- slerp ----------------------------------------------------------------------------------------
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor, *, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> None:
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, out: torch.Tensor, *, eps: float = 1e-8) -> None:
     """Spherical interpolation of two tensors seen as flat vectors; linear when they are nearly parallel."""
     a, b = v0.reshape(-1), v1.reshape(-1)
     na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
     na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
-    dot = min(1.0, max(-1.0, float(torch.dot(a / na, b / nb))))
-    if abs(dot) > dot_threshold:
-        ca, cb = 1 - t, t
-    else:
-        theta = math.acos(dot)
-        ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    ca, cb = _slerp_coefficients(t, float(torch.dot(a / na, b / nb)))
     torch.mul(a, ca, out=out.reshape(-1)).add_(b, alpha=cb)
+
+
+def _slerp_coefficients(t: float, dot: float, dot_threshold: float = 0.9995) -> tuple[float, float]:
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 def _slerp(g: Group) -> None:
     assert g.base is not None
     other = g.non_base[0]
-    slerp(g.shared["t"], g.base.full(), other.full(), g.out)
+    if g.stack is None:
+        slerp(g.shared["t"], g.base.full(), other.full(), g.out)
+        return
+    gram = g.stack.gram()  # the angle between the whole stacks
+    i, j = g.base_index, 1 - g.base_index
+    na, nb = (n if n > 1e-8 else 1.0 for n in (math.sqrt(gram[k, k]) for k in (i, j)))
+    ca, cb = _slerp_coefficients(g.shared["t"], float(gram[i, j]) / (na * nb))
+    torch.mul(g.base.full(), ca, out=g.out).add_(other.full(), alpha=cb)
 
 
 register(Method("slerp", _slerp, (ParamSpec("t", float, bounds=UNIT),), needs_base=True, min_inputs=2, max_inputs=2))
@@ -242,11 +257,19 @@ def _model_stock(g: Group) -> None:
     else:
         rows = w0.reshape(1, -1)
         offs = [d.reshape(1, -1) for d in deltas]
-    cos = []
-    for i, a in enumerate(offs):
-        for b in offs[i + 1 :]:
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    if g.stack is not None and not g.shared["filter_wise"]:
+        # one row, the whole stack: its deltas' angles from their Gram matrix (filter-wise rows run along the
+        # last dimension, each within one member, as mergekit's rows of the stacked tensor)
+        gram = g.stack.gram(with_base=g.base_index)
+        norm = gram.diagonal().sqrt()
+        cos = [(gram[i, j] / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1).to(w0.dtype).reshape(1)
+               for i in range(len(offs)) for j in range(i + 1, len(offs))]
+    else:
+        cos = []
+        for i, a in enumerate(offs):
+            for b in offs[i + 1 :]:
+                norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+                cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
     n = len(offs)
     denom = 1 + (n - 1) * cos_theta

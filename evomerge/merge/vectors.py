@@ -221,23 +221,28 @@ class TaskVector:
 
 class Shared:
     """Values computed once per key during one merge, by the first thread that asks; a thread asking
-    meanwhile waits for that one (which computes a member's statistic: it never waits itself)."""
+    meanwhile waits for that one (which computes a member's statistic: it never waits itself). A value
+    given `readers` is dropped once that many have asked for it (a large one, read by known members)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._done: dict[Hashable, Any] = {}
         self._busy: dict[Hashable, threading.Event] = {}
+        self._left: dict[Hashable, int] = {}
 
-    def get(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable, fn: Callable[[], Any], readers: int | None = None) -> Any:
         with self._lock:
             if key in self._done:
-                return _value(self._done[key])
+                return _value(self._take(key))
             busy = self._busy.get(key)
             if busy is None:
                 self._busy[key] = threading.Event()
+                if readers is not None:
+                    self._left[key] = readers
         if busy is not None:
             busy.wait()
-            return _value(self._done[key])
+            with self._lock:
+                return _value(self._take(key))
         try:
             value: Any = fn()
         except BaseException as e:  # noqa: BLE001  handed to every waiter, then raised here too
@@ -245,7 +250,15 @@ class Shared:
         with self._lock:
             self._done[key] = value
             self._busy.pop(key).set()
-        return _value(value)
+            return _value(self._take(key))
+
+    def _take(self, key: Hashable) -> Any:
+        value = self._done[key]
+        if key in self._left:
+            self._left[key] -= 1
+            if self._left[key] == 0:
+                del self._done[key], self._left[key]
+        return value
 
 
 @dataclass(frozen=True)
