@@ -245,6 +245,8 @@ class Shared:
                 return _value(self._take(key))
         try:
             value: Any = fn()
+            if torch.cuda.is_initialized():  # finished on this thread's stream before others read it on theirs
+                torch.cuda.current_stream().synchronize()
         except BaseException as e:  # noqa: BLE001  handed to every waiter, then raised here too
             value = _Failed(e)
         with self._lock:
