@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evomerge import placement
+from evomerge.machine import host_available
 from evomerge.records import UserError
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -40,7 +40,6 @@ BLOCK, SUMMARY = 16 << 10, int(0.3 * MIB)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LIMIT_ENV = "EVOMERGE_MEMORY_LIMIT"  # host bytes the check assumes are available, instead of MemAvailable
 
 
 @dataclass
@@ -382,29 +381,3 @@ def _vllm_engine(plan: Plan, base: Checkpoint, handle: dict[str, Any], gpu: bool
     kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * GIB)
     return Part("vLLM engine", private=VLLM_ENGINE + model + kv,
                 note=f"weights {nbytes} bytes/param + KV cache {_gib(kv)} (estimate)")
-
-
-# -- what this machine has -------------------------------------------------------------------------------
-def host_available() -> int | None:
-    """Host memory available for the check: EVOMERGE_MEMORY_LIMIT when set, else MemAvailable."""
-    limit = os.environ.get(LIMIT_ENV)
-    if limit:
-        return parse_bytes(limit, LIMIT_ENV)
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_bytes(text: str, what: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UserError(f"{what}={text!r} is not a size like 8GiB, 500MB or 1000000 (bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

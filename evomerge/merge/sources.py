@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evomerge.machine import host_available
 from evomerge.records import UserError
 
 # safetensors dtype codes -> torch dtypes (those torch can view from a buffer)
@@ -122,8 +123,6 @@ def map_pages(sources: Mapping[str, Source]) -> threading.Thread | None:
     64 KB of each source (0.05 s per GB here, about a quarter of its extra time at 1B), while this runs as
     the scoring model loads. Nothing where they would not stay in the page cache (it would read them from
     disk only to evict them), or where the call is unsupported (other systems, Linux < 5.14)."""
-    from evomerge.footprint import host_available
-
     maps = list({id(m): m for s in sources.values() for m in s.maps()}.values())
     total, available = sum(len(m) for m in maps), host_available()
     if not maps or available is None or total > available // 2:
