@@ -81,7 +81,10 @@ class LocalExecutor:
         return [ev]
 
     def shutdown(self) -> None:
-        self._worker = None
+        worker, self._worker = self._worker, None
+        close = getattr(worker, "close", None)
+        if close is not None:
+            close()  # an engine's processes stop now, while the interpreter is whole, not in its teardown
 
 
 class _Actor:

@@ -119,3 +119,9 @@ class Worker:
             return Evaluation.failure(candidate.id, f"{stage}: {type(e).__name__}: {e}", timings=timings)
         return Evaluation(candidate_id=candidate.id, objectives=dict(result.objectives),
                           per_example=result.per_example, timings=timings, cost=dict(result.cost))
+
+    def close(self) -> None:
+        """Release the handle's resources (a vLLM engine's processes), where it holds any."""
+        close = getattr(self.handle, "close", None)
+        if close is not None:
+            close()

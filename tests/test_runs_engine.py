@@ -121,3 +121,26 @@ def test_every_optimizer_resumes_to_the_uninterrupted_history(tmp_path, name, ca
         e.store.close()
     assert _history(tmp_path / "r") == _history(tmp_path / "ref")
     assert "replaying the whole log" not in caplog.text  # its snapshots restore it exactly
+
+
+def test_the_end_of_a_run_closes_the_worker_handle(tmp_path):
+    """A handle holding processes (a vLLM engine) is closed when the run ends, not left to the interpreter's
+    teardown."""
+    from evomerge.worker import FunctionFitness, Worker
+
+    class Handle:
+        closed, recipes = 0, 0
+
+        def set_recipe(self, recipe):
+            self.recipes += 1
+
+        def close(self):
+            self.closed += 1
+
+    handle = Handle()
+    store = RunStore.create(tmp_path, {"test": True}, objectives=OBJ, space_names=["x0", "x1"], seed=0)
+    worker = Worker(FunctionFitness(lambda h: {"score": 1.0}, OBJ), handle=handle)
+    engine = Engine(store, lambda: RandomSearch(bounds=BOUNDS, objectives=OBJ, seed=0), LocalExecutor(lambda: worker),
+                    budget=Budget(evaluations=2))
+    assert engine.run() == "budget: evaluations"
+    assert (handle.recipes, handle.closed) == (2, 1)
