@@ -8,8 +8,8 @@ fresh subprocess (clean RSS and peak), with the sources' files read once beforeh
   `sources_mapped_before_first` says whether it had finished), + `load_into(recipe, model)`: private (anonymous)
   and shared (file-backed) resident bytes per parameter after the load, after the first and after the warm
   candidates, and their peaks; first vs warm candidate time (the kernels' one-time load, per process, timed apart
-  on a tiny model); load_into's throughput as a fraction of this machine's copy bandwidth (a torch copy, measured
-  in the same run with the same threads);
+  on a tiny model); load_into's throughput as a fraction of this machine's copy bandwidth (a torch copy with the
+  same threads, measured in the row's process right after its warm candidates: the host's bandwidth drifts);
 - mergekit 0.1.5 in memory, mergekit-evolve style: its planner's in-memory plan executed by its Executor into a
   live bf16 HF model, as `mergekit.evo.actors.InMemoryMergeEvaluator` does (without lm-eval), with the genome's
   config (dtype bfloat16, int8_mask);
@@ -121,6 +121,7 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     timing["bytes_moved"] = moved
     mem |= m
     mem["peak_rss"] = memstat.status()["VmHWM"]
+    timing["copy_gb_s_after_warm"] = copy_gb_s(args.threads, args.bandwidth_mib)
     return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "summary_bytes": mat.summary_bytes(),
             "kernel_load_s": kernel_load_s, "load_s": load_s, "scoring_model_s": model_s,
             "sources_mapped_before_first": mapped, **timing, "memory": mem}
@@ -214,19 +215,17 @@ def measure_mergekit_run_merge(sources: dict[str, str], method: str, args) -> di
     return {**timing, "memory": mem}
 
 
-def measure_bandwidth(args) -> dict:
-    """Copy bandwidth (bytes read + written per second) of a torch copy far larger than the caches."""
+def copy_gb_s(threads: int, mib: int) -> float:
+    """Copy bandwidth (bytes read + written per second, best of 5) of a torch copy far larger than the caches."""
     import torch
 
-    n = args.bandwidth_mib * (1 << 20) // 4
-    src, dst = torch.rand(n), torch.empty(n)
-    out = {}
-    for threads in sorted({1, args.threads}):
-        torch.set_num_threads(threads)
-        dst.copy_(src)
-        best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
-        out[f"threads_{threads}_gb_s"] = 2 * src.nbytes / best / 1e9
-    return out
+    src, dst = torch.rand(mib * (1 << 20) // 4), torch.empty(mib * (1 << 20) // 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    torch.set_num_threads(before)
+    return 2 * src.nbytes / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -243,11 +242,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.measure == "bandwidth":
-        result = measure_bandwidth(args)
-    else:
-        sources = scale_models.checkpoints(args.size, args.cache)
-        result = MEASURE[args.measure](sources, args.method, args)
+    result = MEASURE[args.measure](scale_models.checkpoints(args.size, args.cache), args.method, args)
     print(json.dumps(result))
 
 
@@ -261,13 +256,12 @@ def warm_page_cache(sources: dict[str, str]) -> None:
                     pass
 
 
-def spawn(kind: str, args, size: str | None = None, method: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--measure", kind, "--cache", args.cache, "--threads", str(args.threads),
-           "--warm", str(args.warm), "--mergekit-warm", str(args.mergekit_warm), "--bandwidth-mib", str(args.bandwidth_mib)]
-    if size:
-        cmd += ["--size", size, "--method", method]
+def spawn(kind: str, args, size: str, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, "--size", size, "--method", method, "--cache", args.cache,
+           "--threads", str(args.threads), "--warm", str(args.warm), "--mergekit-warm", str(args.mergekit_warm),
+           "--bandwidth-mib", str(args.bandwidth_mib)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    print(f"[scale] {size or ''} {method or ''} {kind} ...", file=sys.stderr, flush=True)
+    print(f"[scale] {size} {method} {kind} ...", file=sys.stderr, flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -291,9 +285,9 @@ def per_param(row: dict, params: int) -> dict:
     return out
 
 
-def ratios_of(rows: dict, params: int, stored: int, copy_gb_s: float | None) -> dict:
-    """One method's ratios from its rows (evomerge's against its own scoring model, the copy bandwidth and
-    mergekit's rows)."""
+def ratios_of(rows: dict, params: int, stored: int) -> dict:
+    """One method's ratios from its rows (evomerge's against its own scoring model, the copy bandwidth measured
+    beside its warm candidates and mergekit's rows)."""
     ev = rows["evomerge"]
     mem, model = ev["memory"], ev["scoring_model_bytes"]
     peak_private = max(mem[p]["RssAnon"] for p in ("after_model", "peak_load", "peak_first", "peak_warm"))
@@ -309,8 +303,7 @@ def ratios_of(rows: dict, params: int, stored: int, copy_gb_s: float | None) -> 
         "load_into_bytes_moved": moved,
         "load_into_gb_s": moved / ev["warm_candidate_s"] / 1e9,
     }
-    if copy_gb_s:
-        out["load_into_fraction_of_copy_bandwidth"] = out["load_into_gb_s"] / copy_gb_s
+    out["load_into_fraction_of_copy_bandwidth"] = out["load_into_gb_s"] / ev["copy_gb_s_after_warm"]
     for mk in ("mergekit_in_memory", "mergekit_run_merge"):
         if mk in rows and "error" not in rows[mk]:
             out[f"speedup_vs_{mk}"] = rows[mk]["warm_candidate_s"] / ev["warm_candidate_s"]
@@ -328,7 +321,7 @@ def targets_of(ratios: dict) -> dict:
             for name, (r, t) in checks.items() if r in ratios}
 
 
-def summarize(size: str, sources: dict[str, str], bandwidth: dict, results: dict, args) -> dict:
+def summarize(size: str, sources: dict[str, str], results: dict) -> dict:
     params = scale_models.parameters(size)
     stored = sum(Path(f).stat().st_size for f in Path(sources["base"]).glob("*.safetensors"))
     out: dict = {"parameters": params, "shape": scale_models.SIZES[size], "stored_dtype": "bfloat16",
@@ -337,7 +330,7 @@ def summarize(size: str, sources: dict[str, str], bandwidth: dict, results: dict
         entry = {name: row if "error" in row else {**row, "bytes_per_parameter": per_param(row, params)}
                  for name, row in rows.items()}
         if "error" not in rows.get("evomerge", {"error": "not run"}):
-            entry["ratios"] = ratios_of(rows, params, stored, bandwidth.get(f"threads_{args.threads}_gb_s"))
+            entry["ratios"] = ratios_of(rows, params, stored)
             entry["targets"] = targets_of(entry["ratios"])
         out[method] = entry
     return out
@@ -355,7 +348,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="which of the rows to run")
     ap.add_argument("--bandwidth-mib", type=int, default=512, help="size of the copy that measures bandwidth")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per row")
-    ap.add_argument("--measure", choices=("bandwidth", *ROWS), help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=ROWS, help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -371,8 +364,6 @@ def main() -> None:
     report: dict = {"benchmark": "scale", "machine": memstat.machine(), "versions": memstat.versions(ROOT),
                     "threads": args.threads, "warm_candidates": {"evomerge": args.warm, "mergekit": args.mergekit_warm},
                     "targets": TARGETS, "sizes": {}}
-    bandwidth = spawn("bandwidth", args)
-    report["copy_bandwidth"] = bandwidth
     for size in sizes:
         print(f"[scale] building / reusing {size} checkpoints under {args.cache}", file=sys.stderr, flush=True)
         sources = scale_models.checkpoints(size, args.cache)
@@ -382,7 +373,7 @@ def main() -> None:
             for row in rows:
                 warm_page_cache(sources)
                 results[method][row] = spawn(row, args, size, method)
-        report["sizes"][size] = summarize(size, sources, bandwidth, results, args)
+        report["sizes"][size] = summarize(size, sources, results)
     memstat.emit(report, args.out)
 
 
