@@ -121,7 +121,7 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     timing["bytes_moved"] = moved
     mem |= m
     mem["peak_rss"] = memstat.status()["VmHWM"]
-    timing["copy_gb_s_after_warm"] = copy_gb_s(args.threads, args.bandwidth_mib)
+    timing["copy_gb_s_after_warm"] = copy_gb_s(args.bandwidth_mib)
     return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "summary_bytes": mat.summary_bytes(),
             "kernel_load_s": kernel_load_s, "load_s": load_s, "scoring_model_s": model_s,
             "sources_mapped_before_first": mapped, **timing, "memory": mem}
@@ -215,16 +215,14 @@ def measure_mergekit_run_merge(sources: dict[str, str], method: str, args) -> di
     return {**timing, "memory": mem}
 
 
-def copy_gb_s(threads: int, mib: int) -> float:
-    """Copy bandwidth (bytes read + written per second, best of 5) of a torch copy far larger than the caches."""
+def copy_gb_s(mib: int) -> float:
+    """Copy bandwidth (bytes read + written per second, best of 5) of a torch copy far larger than the caches,
+    with the row's threads."""
     import torch
 
     src, dst = torch.rand(mib * (1 << 20) // 4), torch.empty(mib * (1 << 20) // 4)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     dst.copy_(src)
     best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
-    torch.set_num_threads(before)
     return 2 * src.nbytes / best / 1e9
 
 

@@ -8,7 +8,8 @@ plain dict of a few hundred bytes, crosses the process boundary (`collective_rpc
 the merged tensors, one at a time, into its own weight-reload entry point: the model's `load_weights`
 wrapped so that the post-load processing (the CPU build's GEMM weight prepacking, quantization) runs
 again. With tensor parallelism each rank merges every tensor and vLLM's weight loaders keep that rank's
-shard (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them). The prefix cache is then reset, since its KV blocks were computed with the previous weights.
+shard (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them).
+The prefix cache is then reset, since its KV blocks were computed with the previous weights.
 
 The recipe is checked in this process first (a plan over the memory-mapped sources, headers only), so a
 bad recipe is a one-line UserError and nothing reaches the engine.
