@@ -5,7 +5,9 @@ asked ahead within their generation and may answer with fewer, even none). Every
 evaluation is committed to the run store before the optimizer is told, so the store alone can rebuild
 the run: resume = restore an optimizer snapshot (taken every `snapshot_every` tells), replay the logged
 ask/tell calls after it, and re-send the candidates that were in flight. With a deterministic optimizer and fitness and the local
-executor, a run killed any number of times ends with the same history as one never interrupted.
+executor, a run killed any number of times ends with the same history as one never interrupted. Snapshots only
+shorten that replay: one that cannot be written or read back (a library release that changed its objects) costs a
+warning and a replay of the whole log, never the run.
 
 Ctrl-C: stop asking; workers that run elsewhere (Ray) finish their candidates, a second Ctrl-C abandons
 them; an in-process evaluation is abandoned at once. Abandoned candidates stay 'in flight' in the store
@@ -91,12 +93,15 @@ class Engine:
         (at least one ask, which checks the snapshot); should that replay diverge (an optimizer whose
         state_dict is not exact), from the start of the log, which is the truth. Returns the number of
         events replayed."""
-        snap = self.store.resume_snapshot()
-        if snap is not None:
-            try:
+        try:
+            snap = self.store.resume_snapshot()
+            if snap is not None:
                 return self._replay(*snap)
-            except ReplayMismatch as e:
-                log.warning("evomerge: %s; replaying the whole log instead", e)
+        except ReplayMismatch as e:
+            log.warning("evomerge: %s; replaying the whole log instead", e)
+        except Exception as e:  # a snapshot another library release wrote (unpickling fails, or StateMismatch)
+            log.warning("evomerge: the optimizer snapshot could not be restored (%s: %s); replaying the whole log "
+                        "instead", type(e).__name__, e)
         return self._replay(0, None)
 
     def _replay(self, after: int, state: Any) -> int:
@@ -238,10 +243,20 @@ class Engine:
                 self.planner.observe(m, e)
         self._tells_since_snapshot += 1
         if self._tells_since_snapshot >= self.snapshot_every:
-            self.store.record_snapshot(self.optimizer.state_dict())
+            self._snapshot()
             self._tells_since_snapshot = 0
         if self.on_progress:
             self.on_progress(self.progress())
+
+    def _snapshot(self) -> None:
+        """Snapshots only shorten a resume (the log alone restores the optimizer): one whose library state will not
+        serialize (a new release of it) stops the snapshots with a warning, never the run."""
+        try:
+            self.store.record_snapshot(self.optimizer.state_dict())
+        except Exception as e:
+            log.warning("evomerge: the optimizer's state cannot be snapshotted (%s: %s); resumes will be slower, "
+                        "replaying the whole log", type(e).__name__, e)
+            self.snapshot_every = math.inf
 
     def _update_best(self, e: Evaluation) -> None:
         if not e.ok:

@@ -2,7 +2,10 @@
 resume a run whose optimizer cannot replay it."""
 from __future__ import annotations
 
+import sys
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -79,6 +82,56 @@ def test_inexact_snapshot_falls_back_to_replaying_the_log(tmp_path, caplog):
     e = _engine(tmp_path / "r", Budget(evaluations=12), make=make)
     e.run()
     assert "replaying the whole log" in caplog.text
+    assert _history(tmp_path / "r") == _history(tmp_path / "ref")
+
+
+class UnpicklableRandom(RandomSearch):
+    """A real optimizer whose state does not serialize (as a live optuna 5.1 study does not)."""
+
+    def _state(self):
+        return {"lock": threading.Lock()}
+
+
+def test_a_state_that_cannot_be_snapshotted_stops_snapshots_not_the_run(tmp_path, caplog):
+    ref = _engine(tmp_path / "ref", Budget(evaluations=12))
+    ref.run()
+    make = lambda: UnpicklableRandom(bounds=BOUNDS, objectives=OBJ, seed=0)  # noqa: E731
+    e = _engine(tmp_path / "r", Budget(evaluations=5), make=make)
+    assert e.run() == "budget: evaluations"
+    e.store.close()
+    assert caplog.text.count("cannot be snapshotted") == 1
+    e = _engine(tmp_path / "r", Budget(evaluations=12), make=make)  # resumed from the log alone
+    e.run()
+    assert _history(tmp_path / "r") == _history(tmp_path / "ref")
+
+
+def test_a_snapshot_another_release_wrote_is_skipped_for_the_log(tmp_path, caplog, monkeypatch):
+    """A snapshot that no longer unpickles (its class moved in a library upgrade): resume replays the log."""
+    gone = types.ModuleType("evomerge_gone_release")
+
+    class Old:
+        pass
+
+    Old.__module__, Old.__qualname__ = gone.__name__, "Old"
+    gone.Old = Old
+    monkeypatch.setitem(sys.modules, gone.__name__, gone)
+
+    class OldStateRandom(RandomSearch):
+        def _state(self):
+            return {**super()._state(), "old": Old()}
+
+        def _load(self, state):
+            super()._load(state)
+
+    make = lambda: OldStateRandom(bounds=BOUNDS, objectives=OBJ, seed=0)  # noqa: E731
+    _engine(tmp_path / "ref", Budget(evaluations=12), make=make).run()
+    e = _engine(tmp_path / "r", Budget(evaluations=7), make=make)
+    e.run()
+    e.store.close()
+    monkeypatch.delitem(sys.modules, gone.__name__)
+    e = _engine(tmp_path / "r", Budget(evaluations=12), make=make)
+    e.run()
+    assert "could not be restored (ModuleNotFoundError" in caplog.text
     assert _history(tmp_path / "r") == _history(tmp_path / "ref")
 
 

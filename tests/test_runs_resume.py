@@ -72,10 +72,16 @@ _SKILL = {"function": "runs_fixtures:logged_skill_examples", "objectives": [{"na
 
 @pytest.mark.parametrize("optimizer,fitness", [
     ({"name": "cmaes", "options": {"popsize": 6}}, None), ({"name": "random"}, None),
+    ({"name": "nsga2", "options": {"popsize": 6}}, None), ({"name": "m2n2"}, None),
+    ({"name": "optuna", "options": {"sampler": "tpe"}}, None),
+    ({"name": "optuna", "options": {"sampler": "cmaes", "sampler_options": {"popsize": 6}}}, None),
+    ({"name": "optuna", "options": {"sampler": "nsga2", "sampler_options": {"population_size": 6}}}, None),
+    ({"name": "nevergrad", "options": {"optimizer": "TwoPointsDE", "num_workers": 4}}, None),
     # racing and anchor state (thresholds, strata, the plans of candidates in flight) restored exactly
     ({"name": "cmaes", "options": {"popsize": 6}}, {**_SKILL, "racing": {"chunk": 50}}),
     ({"name": "random"}, {**_SKILL, "subset": {"anchors": 20, "warmup": 4, "refit_every": 3, "full_every": 4}}),
-], ids=["cmaes", "random", "cmaes-racing", "random-subset"])
+], ids=["cmaes", "random", "nsga2", "m2n2", "optuna-tpe", "optuna-cmaes", "optuna-nsga2", "nevergrad-de",
+        "cmaes-racing", "random-subset"])
 def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, optimizer, fitness):
     cfg = _config(tmp_path, optimizer, fitness)
     ref_calls, calls = tmp_path / "ref_calls", tmp_path / "calls"
@@ -106,6 +112,8 @@ def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, 
     assert final.returncode == 0, final.stderr
     assert "replaying the whole log" not in final.stderr
 
+    if "popsize" in json.dumps(optimizer) or "population_size" in json.dumps(optimizer):
+        assert any(len(committed) % 6 for committed, _ in kills), "no kill fell inside a generation"
     evals, events = _history(run_dir)
     # identical history: same candidates, same order, same results, same optimizer calls
     assert evals == ref_evals

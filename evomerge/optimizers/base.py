@@ -48,6 +48,10 @@ def check_population(name: str, value: int) -> int:
     return int(value)
 
 
+class StateMismatch(RuntimeError):
+    """A state_dict that this optimizer cannot restore exactly (written by another release of its library)."""
+
+
 class Optimizer(ABC):
     """Base of every optimizer: validated bounds and objectives, candidate ids, losses to minimise.
 

@@ -5,16 +5,17 @@ Options: `sampler` ("tpe", "cmaes", "nsga2"; multi-objective studies need "tpe" 
 
 Not generational: `ask(n)` always returns n trials. Failures are told to Optuna as FAIL trials, which its
 samplers skip; the study then samples elsewhere (no penalty value is invented). Dimensions are named
-x0, x1, ... in the study.
+x0, x1, ... in the study. A snapshot holds no optuna object: the study's trials and attributes as plain data and
+the sampler's numpy random states, from which a fresh study of the same sampler and seed is rebuilt (a live study
+does not pickle in every release: optuna 5.1's GA samplers hold a thread lock).
 """
 from __future__ import annotations
 
-import pickle
 from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge.optimizers.base import Optimizer
+from evomerge.optimizers.base import Optimizer, StateMismatch
 from evomerge.records import Evaluation, Objective, UserError
 
 SAMPLERS = ("tpe", "cmaes", "nsga2")
@@ -43,14 +44,21 @@ class OptunaSampler(Optimizer):
         cls = {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}[sampler]
         if sampler == "cmaes" and self.x0 is not None:
             opts.setdefault("x0", {f"x{i}": float(v) for i, v in enumerate(self.x0)})
-        self._study = optuna.create_study(
-            sampler=cls(seed=self.seed, **opts),
-            directions=["maximize" if o.direction == "max" else "minimize" for o in self.objectives],
-        )
+        self._sampler = (cls, opts)
+        self._study = self._new_study()
         if self.x0 is not None and sampler != "cmaes":
             self._study.enqueue_trial({f"x{i}": float(v) for i, v in enumerate(self.x0)})
         self._space = {f"x{i}": optuna.distributions.FloatDistribution(float(lo), float(hi)) for i, (lo, hi) in enumerate(self.bounds)}
         self._trials: dict[int, int] = {}  # candidate id -> trial number
+
+    def _new_study(self):
+        import optuna
+
+        cls, opts = self._sampler
+        return optuna.create_study(
+            sampler=cls(seed=self.seed, **opts),
+            directions=["maximize" if o.direction == "max" else "minimize" for o in self.objectives],
+        )
 
     def _ask(self, n: int):
         out = []
@@ -81,7 +89,46 @@ class OptunaSampler(Optimizer):
         return {"trials": float(len(self._study.trials)), "best_loss": float(-self.objectives[0].sign() * self._study.best_value)}
 
     def _state(self) -> dict[str, Any]:
-        return {"blob": pickle.dumps((self._study, self._trials))}
+        # plain data only (see the module docstring); _load rebuilds the study through optuna's own add_trial
+        storage, sid = self._study._storage, self._study._study_id  # what optuna's copy_study reads too
+        trials = [{"state": t.state.name, "params": t.params, "values": t.values,
+                   "system_attrs": t.system_attrs, "user_attrs": t.user_attrs}
+                  for t in self._study.get_trials(deepcopy=False)]
+        return {"trials": trials, "study_attrs": storage.get_study_system_attrs(sid),
+                "rngs": {path: rng.get_state() for path, rng in _random_states(self._study.sampler)},
+                "pending": dict(self._trials)}
 
     def _load(self, state: dict[str, Any]) -> None:
-        self._study, self._trials = pickle.loads(state["blob"])
+        from optuna.trial import TrialState, create_trial
+
+        self._study = self._new_study()
+        storage, sid = self._study._storage, self._study._study_id
+        for key, value in state["study_attrs"].items():
+            storage.set_study_system_attr(sid, key, value)
+        for t in state["trials"]:
+            self._study.add_trial(create_trial(
+                state=TrialState[t["state"]], params=t["params"], values=t["values"],
+                distributions={k: self._space[k] for k in t["params"]},
+                system_attrs=t["system_attrs"], user_attrs=t["user_attrs"]))
+        rngs = dict(_random_states(self._study.sampler))
+        if set(rngs) != set(state["rngs"]):
+            raise StateMismatch("optuna's sampler holds other random states than the snapshot's (another optuna release?)")
+        for path, rng in rngs.items():
+            rng.set_state(state["rngs"][path])
+        self._trials = {int(k): int(v) for k, v in state["pending"].items()}
+
+
+def _random_states(obj: Any, path: str = "sampler", seen: set[int] | None = None):
+    """(attribute path, numpy RandomState) for every random state inside an optuna sampler, each once, in a fixed
+    order: a sampler's random state is all of it that its trials and study attributes do not hold."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, np.random.RandomState):
+        yield path, obj
+        return
+    if not type(obj).__module__.startswith("optuna") or not hasattr(obj, "__dict__"):
+        return
+    for name, value in sorted(vars(obj).items()):
+        yield from _random_states(value, f"{path}.{name}", seen)
