@@ -176,19 +176,39 @@ class WorkerFactory:
     """Builds a Worker from the run config wherever it is called (this process or a Ray actor)."""
 
     config: dict[str, Any]
+    sources: dict[str, dict[str, str]] | None = None  # the identity recorded when the run started
 
     def __call__(self):
         from evomerge.worker import Worker
 
         cfg = parse_config(self.config)
+        if self.sources and cfg.fitness.backend != "api":  # before anything loads: no score from other weights
+            from evomerge.merge import identity
+
+            identity.check(self.sources, cfg.sources, where=_here())
         space = build_space(cfg)
         return Worker(build_fitness(cfg), handle=build_handle(cfg), decode=space.decode, names=space.names())
 
 
-def build_executor(cfg: RunConfig, *, address: str | None = None):
+def _here() -> str:
+    """This process's machine, and its Ray node when it is a Ray worker."""
+    import socket
+
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            ctx = ray.get_runtime_context()
+            return f"node {socket.gethostname()}/{ctx.get_node_id()[:8]}"
+    except ImportError:
+        pass
+    return f"this machine ({socket.gethostname()})"
+
+
+def build_executor(cfg: RunConfig, *, address: str | None = None, sources: dict[str, dict[str, str]] | None = None):
     from evomerge.executors import LocalExecutor, RayExecutor
 
-    factory = WorkerFactory(cfg.to_dict())
+    factory = WorkerFactory(cfg.to_dict(), sources)
     ex = cfg.executor
     if ex.kind == "local" and address is None:
         return LocalExecutor(factory)
@@ -257,10 +277,17 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
         if store is not None:
             store.close()
         raise
-    executor = build_executor(cfg, address=address)
+    try:
+        sources = _source_identity(cfg, store)
+    except UserError:
+        if store is not None:
+            store.close()
+        raise
+    executor = build_executor(cfg, address=address, sources=sources)
     if store is None:
         executor.start()  # workers that cannot start (bad sources, fitness) fail before the run is created
-        store = RunStore.create(run_dir, cfg.to_dict(), objectives=objectives, space_names=space.names(), seed=cfg.seed)
+        store = RunStore.create(run_dir, cfg.to_dict(), objectives=objectives, space_names=space.names(), seed=cfg.seed,
+                                sources=sources)
     elif budget:
         store.set_config(cfg.to_dict())
     b = cfg.budget
@@ -268,6 +295,20 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
                     examples=b.examples, tokens=b.tokens)
     return Engine(store, lambda: build_optimizer(cfg, space, objectives), executor, budget=budget, decode=space.decode,
                   snapshot_every=cfg.snapshot_every, on_progress=on_progress, planner=build_planner(cfg))
+
+
+def _source_identity(cfg: RunConfig, store: Any) -> dict[str, dict[str, str]] | None:
+    """The sources' identity a run records when it starts; a resumed run's recorded one, checked here first."""
+    from evomerge.merge import identity
+
+    if not cfg.sources or cfg.fitness.backend == "api":
+        return None
+    if store is None:
+        return identity.fingerprints(cfg.sources)
+    recorded = store.sources
+    if recorded:
+        identity.check(recorded, cfg.sources, where=_here())
+    return recorded
 
 
 def build_planner(cfg: RunConfig):

@@ -134,7 +134,7 @@ class RunStore:
     @classmethod
     def create(
         cls, run_dir: str | Path, config: dict[str, Any], *, objectives: Sequence[Objective],
-        space_names: Sequence[str], seed: int | None = None,
+        space_names: Sequence[str], seed: int | None = None, sources: dict[str, dict[str, str]] | None = None,
     ) -> RunStore:
         """A new store in `run_dir` (created if needed); refuses a directory that already holds a run."""
         path = store_path(run_dir)
@@ -153,6 +153,7 @@ class RunStore:
                 "space_names": _dumps(list(space_names)),
                 "seed": _dumps(seed),
                 "created_at": _dumps(time.time()),
+                "sources": _dumps(sources),  # each source's files and their sha256 (evomerge/merge/identity.py)
             }
             con.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         con.close()
@@ -200,6 +201,11 @@ class RunStore:
     @property
     def space_names(self) -> list[str]:
         return self._meta("space_names")
+
+    @property
+    def sources(self) -> dict[str, dict[str, str]] | None:
+        """The sources' identity recorded when the run started (None: a run without models, or an older store)."""
+        return self._meta("sources")
 
     # ---- writes: each is one transaction ---------------------------------------------------------
     def record_ask(self, n: int, candidates: Sequence[Candidate], recipes: Sequence[Recipe | None] | None = None) -> None:

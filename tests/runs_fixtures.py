@@ -124,6 +124,52 @@ def two_node_run(run_dir: str) -> None:
     cluster.shutdown()
 
 
+def node_with_another_checkpoint(run_dir: str) -> None:
+    """Run in a fresh process, as root: a two-node Ray cluster on this host whose second node sees another checkpoint
+    at the path of source `a` (its `ray start` runs in a mount namespace of its own, where source `b` is bind-mounted
+    over `a`); a two-worker run on it. Prints the run's one-line error and that node's id."""
+    import json
+    import subprocess
+    import sys
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from evomerge.assemble import open_engine
+    from evomerge.config import parse_config
+    from evomerge.records import UserError
+
+    cfg = json.loads(os.environ["EVOMERGE_TEST_CONFIG"])
+    here = Path(__file__).resolve().parent
+    env = {"PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "EVOMERGE_CACHE": os.environ["EVOMERGE_CACHE"]}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    head = cluster.head_node.node_id
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    other = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f"mount --bind {cfg['sources']['b']} {cfg['sources']['a']} && exec {ray_cli} start --address={cluster.address} "
+         "--num-cpus=1 --block --disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        deadline = time.monotonic() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        node = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head)
+        cfg["executor"] = {"kind": "ray", "workers": 2, "cpus_per_worker": 1, "runtime_env": {"env_vars": env}}
+        try:
+            open_engine(parse_config(cfg), run_dir, resume=False)  # joins the Ray this process is connected to
+            error = None
+        except UserError as e:
+            error = str(e)
+        print(json.dumps({"error": error, "node": node, "created": Path(run_dir).exists()}))
+    finally:
+        ray.shutdown()
+        other.terminate()
+        other.wait(30)
+        cluster.shutdown()
+
+
 # What a user does in notebooks/pareto_explorer.ipynb's widgets, as code: a click on the front's last point, a
 # choice in the dropdown, the export button. Appended to the notebook by the tests that execute it.
 EXPLORER_CLICKS = '''

@@ -241,3 +241,34 @@ def test_a_model_run_prints_only_evomerges_lines_and_its_best_values_at_80_colum
     assert [t.split("=")[-1] for t in bar.split("best ", 1)[1].split()] == best, (bar, best)
     lines, _ = run("--verbose")
     assert any("Loading weights" in ln for ln in lines), lines  # transformers' bar: what the default hides
+
+
+def test_resume_refuses_a_source_that_changed_since_the_run_started(tmp_path, tiny_models, capsys, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.store import RunStore
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    sources = {k: shutil.copytree(v, tmp_path / "models" / k) for k, v in tiny_models.items()}
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(3)))
+    cfg = {"sources": {k: str(v) for k, v in sources.items()}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "linear"}}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["teacher_exact"]}]},
+           "budget": {"evaluations": 2}, "seed": 1}
+    run_dir = tmp_path / "run"
+    code, _, err = _cli(capsys, "run", str(_write(tmp_path, cfg)), "--run-dir", str(run_dir), "-q")
+    assert code == 0, err
+    with RunStore.open(run_dir, readonly=True) as s:
+        assert set(s.sources) == {"base", "a", "b"} and "model.safetensors" in s.sources["a"]
+    weights = sources["a"] / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1  # the same path, another checkpoint
+    save_file(tensors, weights, metadata={"format": "pt"})
+    before = (run_dir / "run.sqlite").read_bytes()
+    code, _, err = _cli(capsys, "resume", str(run_dir), "--evaluations", "4", "-q")
+    _one_line_error(code, err, "source 'a'", f"{weights} differs from the run's")
+    assert (run_dir / "run.sqlite").read_bytes() == before  # nothing written

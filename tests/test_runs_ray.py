@@ -164,3 +164,33 @@ def test_gpus_the_local_ray_lacks_are_refused():
     with pytest.raises(UserError, match=r"workers 2 x gpus_per_worker 1 need 2 GPUs, but the local Ray has 1: .*gpus_per_worker"):
         RayExecutor(lambda: None, workers=2, gpus_per_worker=1)._check_fits({"CPU": 16.0, "GPU": 1.0})
     RayExecutor(lambda: None, workers=2, cpus_per_worker=2, gpus_per_worker=0.5)._check_fits({"CPU": 4.0, "GPU": 1.0})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a node's own view of the files needs a mount namespace (root)")
+def test_a_node_holding_another_checkpoint_at_the_same_path_is_refused(tmp_path, tiny_models):
+    """Two real raylets on this host; the second sees source `b`'s weights at source `a`'s path. The run is refused
+    before its store exists, in one line naming that node, the source and the file."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(3)))
+    cfg = {"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "linear"}}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["teacher_exact"]}]},
+           "budget": {"evaluations": 2}, "seed": 1}
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
+           "EVOMERGE_TEST_CONFIG": json.dumps(cfg), "EVOMERGE_CACHE": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", f"import runs_fixtures; runs_fixtures.node_with_another_checkpoint({str(run_dir)!r})"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    error = out["error"]
+    assert error is not None and "\n" not in error, error
+    assert f"source 'a' on node " in error and f"/{out['node'][:8]}:" in error, error
+    assert f"{cfg['sources']['a']}/model.safetensors differs from the run's" in error, error
+    assert not out["created"]  # nothing written
