@@ -59,7 +59,7 @@ def zoo_build(
 
 @app.command("merge")
 def merge(
-    config: str = typer.Argument(..., help="A mergekit YAML config or an evomerge recipe YAML; model names are checkpoint directories."),
+    config: str = typer.Argument(..., help="A mergekit YAML config or an evomerge recipe YAML; models are checkpoint directories, Hub IDs (org/name[@rev]), model+lora or .gguf files."),
     out: str = typer.Option(None, "-o", "--out", help="Directory to write the merged Hugging Face checkpoint to."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     emit_mergekit: bool = typer.Option(False, "--emit-mergekit", help="Print the recipe as mergekit YAML and exit."),
@@ -87,7 +87,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 @app.command("serve")
 def serve(
-    model: list[str] = typer.Option(..., "--model", help="NAME=DIR of a source checkpoint or a PEFT LoRA adapter of the base; repeat. The first is the base unless --base."),
+    model: list[str] = typer.Option(..., "--model", help="NAME=REF: a checkpoint dir, a Hub ID (org/name[@rev]), a .gguf file or a PEFT LoRA adapter of the base; repeat. The first is the base unless --base."),
     base: str = typer.Option(None, "--base", help="Which model is the base (default: the first --model)."),
     dataset: list[str] = typer.Option([], "--dataset", help="ID=FILE.jsonl a client may ask a loss on; repeat."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token-env."),

@@ -25,7 +25,7 @@ from evomerge.merge.mergekit_yaml import expressible, to_mergekit
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
-TOKENIZER_FILES = (
+TOKENIZER_FILES = (  # also what a Hub source downloads (evomerge.merge.refs)
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
@@ -45,9 +45,12 @@ def write_checkpoint(
     tie_order: str = "index",
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool | None = None,
+    pinned: Mapping[str, str] | None = None,
 ) -> Path:
     """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`. `tie_order`: which
-    equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index"."""
+    equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index".
+    `pinned`: how the card and recipe.yaml name each source (a path or a Hub ID at its commit; default: its
+    directory), so that `evomerge merge OUT/recipe.yaml` replays the merge."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -79,7 +82,10 @@ def write_checkpoint(
         if ref_path is not None and (ref_path / "generation_config.json").is_file():
             shutil.copy2(ref_path / "generation_config.json", tmp / "generation_config.json")
         paths = {n: str(p.resolve()) if (p := _path_of(s)) is not None else n for n, s in used.items()}
-        (tmp / "README.md").write_text(model_card(recipe, paths, out.name, tie_order))
+        paths.update((n, r) for n, r in (pinned or {}).items() if n in used)
+        replay = recipe.renamed(paths)
+        (tmp / "recipe.yaml").write_text(replay.to_yaml())
+        (tmp / "README.md").write_text(model_card(replay, paths, out.name, tie_order))
         if expressible(recipe) is None:
             (tmp / "mergekit_config.yml").write_text(to_mergekit(recipe, paths))
         _replace(tmp, out)
@@ -89,13 +95,15 @@ def write_checkpoint(
     return out
 
 
-def model_card(recipe: Recipe, paths: Mapping[str, str], title: str, tie_order: str = "index") -> str:
+def model_card(replay: Recipe, paths: Mapping[str, str], title: str, tie_order: str = "index") -> str:
+    """The card: the sources by name and reference, and `replay`, the recipe naming them by reference, as recipe.yaml holds it."""
     lines = [
         "---", "library_name: transformers", "tags:", "- merge", "- evomerge", "---", f"# {title}", "",
-        f"Merged with evomerge using **{recipe.merge_method}**.", "", "## Source models", "",
+        f"Merged with evomerge using **{replay.merge_method}**.", "", "## Source models", "",
     ]
     lines += [f"- `{name}`: `{path}`" for name, path in paths.items()]
-    lines += ["", "## Recipe", "", f"Replay it with `evomerge merge recipe.yaml -o OUT --tie-order {tie_order}`:", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    lines += ["", "## Recipe", "", f"recipe.yaml, beside this card; replay it with `evomerge merge recipe.yaml -o OUT --tie-order {tie_order}`:",
+              "", "```yaml", replay.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,172 @@
+"""Models by reference (evomerge.merge.refs): Hub IDs and `@revision` read offline from an HF cache laid out as
+huggingface_hub lays it, equal to the local directories; a run config naming Hub IDs runs, exports a card and a
+recipe.yaml that name them, and the recipe.yaml replays to the same weights; bad references are one line."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evomerge.merge.refs import resolve
+from evomerge.records import UserError
+from tests.merge_fixtures import load_checkpoint
+from tests.test_merge_cli import TIES, assert_failed_cleanly, run_cli, write_config
+
+C_MAIN, C_OLD = "a" * 40, "b" * 40  # commit hashes, as the cache names snapshots
+
+
+def cache_repo(hub: Path, repo: str, commits: dict[str, Path], refs: dict[str, str]) -> None:
+    """models--ORG--NAME/{refs/REF -> commit, snapshots/COMMIT/...}: files as symlinks into blobs/, as
+    huggingface_hub stores them."""
+    root = hub / ("models--" + repo.replace("/", "--"))
+    for commit, src in commits.items():
+        snap = root / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for f in src.iterdir():
+            blob = root / "blobs" / f"{commit[:8]}-{f.name}"
+            blob.parent.mkdir(exist_ok=True)
+            shutil.copy2(f, blob)
+            (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    (root / "refs").mkdir()
+    for ref, commit in refs.items():
+        (root / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture()
+def hub(tiny_models, tmp_path, monkeypatch):
+    """An HF cache under HF_HOME with org/base (main), org/a (main -> a, tag v1 -> b's weights) and org/b, offline."""
+    home = tmp_path / "hf"
+    cache_repo(home / "hub", "org/base", {C_MAIN: tiny_models["base"]}, {"main": C_MAIN})
+    cache_repo(home / "hub", "org/a", {C_MAIN: tiny_models["a"], C_OLD: tiny_models["b"]}, {"main": C_MAIN, "v1": C_OLD})
+    cache_repo(home / "hub", "org/b", {C_MAIN: tiny_models["b"]}, {"main": C_MAIN})
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def _named(cfg: dict, names: dict[str, str]) -> dict:
+    return yaml.safe_load(yaml.safe_dump(cfg).replace("model: base", f"model: {names['base']}")
+                          .replace("model: a", f"model: {names['a']}").replace("model: b", f"model: {names['b']}"))
+
+
+def test_hub_ids_and_revisions_merge_offline_as_the_local_dirs(hub, tiny_models, tmp_path, monkeypatch, capsys):
+    local = {k: str(v) for k, v in tiny_models.items()}
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(tmp_path, _named(TIES, local), "local.yaml")), "-o", str(tmp_path / "local"))
+    assert code == 0, err
+    expected = load_checkpoint(tmp_path / "local")
+    # org/a@v1 is b's weights, org/b@<commit> the same: a TIES of b and b, named three ways
+    cases = {"main": {"base": "org/base", "a": "org/a", "b": "org/b"},
+             "revisions": {"base": "org/base@main", "a": "org/a@main", "b": f"org/b@{C_MAIN}"},
+             "tag": {"base": "org/base", "a": "org/a@v1", "b": "org/b"}}
+    for case, names in cases.items():
+        out = tmp_path / case
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(tmp_path, _named(TIES, names), f"{case}.yaml")), "-o", str(out))
+        assert code == 0, (case, err)
+        got = load_checkpoint(out)
+        if case != "tag":
+            assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), case
+            card = (out / "README.md").read_text()
+            assert f"org/a@{C_MAIN}" in card and f"org/base@{C_MAIN}" in card, card  # pinned at the commit
+            assert yaml.safe_load((out / "recipe.yaml").read_text())["base_model"] == f"org/base@{C_MAIN}"
+        else:
+            assert not all(torch.equal(got[k], expected[k]) for k in got)  # v1 is another model
+            both_b = _named(TIES, {**local, "a": str(shutil.copytree(tiny_models["b"], tmp_path / "b_again"))})
+            code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(tmp_path, both_b, "bb.yaml")), "-o", str(tmp_path / "bb"))
+            assert code == 0, err
+            bb = load_checkpoint(tmp_path / "bb")
+            assert all(torch.equal(got[k], bb[k]) for k in got)
+
+
+def test_resolved_records_the_commit_and_a_local_path_wins(hub, tiny_models, tmp_path, monkeypatch):
+    r = resolve("org/a@v1", (tmp_path,))
+    assert r.commit == C_OLD and r.pinned == f"org/a@{C_OLD}" and (r.path / "config.json").is_file()
+    shadow = tmp_path / "org" / "a"  # a local directory spelled like the Hub ID
+    shutil.copytree(tiny_models["base"], shadow)
+    r = resolve("org/a", (tmp_path,))
+    assert r.path == shadow.resolve() and r.commit is None and r.pinned == str(shadow.resolve())
+
+
+@pytest.mark.parametrize("ref, needles", [
+    ("org/missing", ["'org/missing'", "not in the HF cache", "HF_HUB_OFFLINE=0", "HF_TOKEN", "local path"]),
+    ("org/a@v9", ["'org/a@v9'", "revision 'v9' of org/a", "not in the HF cache", "HF_HUB_OFFLINE=0"]),
+    ("./no/such/dir", ["'./no/such/dir'", "no checkpoint directory", "not a Hub ID"]),
+    ("a/b/c", ["'a/b/c'", "not a Hub ID"]),
+])
+def test_bad_references_are_one_line_and_write_nothing(hub, tmp_path, monkeypatch, capsys, ref, needles):
+    cfg = write_config(tmp_path, {**TIES, "base_model": ref, "models": [{"model": ref, "parameters": {"weight": 1.0}}]})
+    out = tmp_path / "out"
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(cfg), "-o", str(out))
+    assert_failed_cleanly(code, err, out, *needles)
+
+
+def test_an_adapter_by_reference_over_the_base(hub, tiny_models, tmp_path, monkeypatch, capsys):
+    """mergekit's `model+lora` names the adapter and the model it applies over; it merges as the local adapter does."""
+    from tests.test_merge_lora import peft_adapter
+
+    adapter = tmp_path / "adapter"
+    peft_adapter(tiny_models["base"], adapter, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    local = {"merge_method": "linear", "base_model": str(tiny_models["base"]),
+             "models": [{"model": str(tiny_models["base"]), "parameters": {"weight": 0.5}},
+                        {"model": str(adapter), "parameters": {"weight": 0.5}}]}
+    by_ref = {**local, "base_model": "org/base", "models": [{"model": "org/base", "parameters": {"weight": 0.5}},
+                                                            {"model": f"org/base+{adapter}", "parameters": {"weight": 0.5}}]}
+    for name, cfg in (("local", local), ("ref", by_ref)):
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(tmp_path, cfg, f"{name}.yaml")), "-o", str(tmp_path / name))
+        assert code == 0, err
+    a, b = load_checkpoint(tmp_path / "local"), load_checkpoint(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    over_other = {**by_ref, "models": [{"model": "org/base", "parameters": {"weight": 0.5}},
+                                       {"model": f"org/a+{adapter}", "parameters": {"weight": 0.5}}]}
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(tmp_path, over_other, "other.yaml")), "-o", str(tmp_path / "o"))
+    assert_failed_cleanly(code, err, tmp_path / "o", "applies over org/a", "base model 'org/base'")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("evomerge.gguf") is None, reason="evomerge.gguf is not in this tree")
+def test_a_gguf_reference_is_its_dequantized_checkpoint(tmp_path):
+    from evomerge import gguf
+
+    files = sorted(Path(__file__).parent.rglob("*.gguf"))
+    if not files:
+        pytest.skip("no .gguf file to read")
+    r = resolve(str(files[0]), (tmp_path,))
+    assert r.path == Path(gguf.checkpoint_dir(files[0])) and r.pinned == str(files[0].resolve())
+
+
+def test_a_run_with_hub_sources_exports_a_card_and_recipe_that_replay(hub, tmp_path, monkeypatch, capsys):
+    """A tiny search over Hub IDs; the exported card and recipe.yaml name the sources by Hub ID at their commit,
+    and `evomerge merge recipe.yaml` gives the exported weights."""
+    import json
+
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(10, 13)))
+    cfg = {"sources": {"base": "org/base", "a": "org/a", "b": "org/b@main"}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "ties"}}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["token_accuracy"]}]},
+           "budget": {"evaluations": 2}, "seed": 1}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "export", str(tmp_path / "r"), "--best", "-o", str(tmp_path / "best"))
+    assert code == 0, err
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert f"- `a`: `org/a@{C_MAIN}`" in card and f"- `b`: `org/b@{C_MAIN}`" in card, card
+    replay = yaml.safe_load((tmp_path / "best" / "recipe.yaml").read_text())
+    assert replay["base_model"] == f"org/base@{C_MAIN}"
+    tie = card.split("--tie-order ")[1].split("`")[0]
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(tmp_path / "best" / "recipe.yaml"), "-o", str(tmp_path / "again"), "--tie-order", tie)
+    assert code == 0, err
+    exported, again = load_checkpoint(tmp_path / "best"), load_checkpoint(tmp_path / "again")
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
+
+
+def test_a_run_config_source_offline_and_not_cached_is_one_line(hub, tmp_path):
+    from evomerge.config import parse_config
+
+    with pytest.raises(UserError, match=r"^config: sources.x: model 'org/nope': .*not in the HF cache.*HF_HUB_OFFLINE=0"):
+        parse_config({"sources": {"x": "org/nope"}, "base": "x", "space": {"name": "layer_weights"},
+                      "fitness": {"tasks": []}, "budget": {"evaluations": 1}}, base_dir=tmp_path)
