@@ -67,12 +67,14 @@ def merge(
     device: str = typer.Option("cpu", "--device", help="Where to merge: cpu, cuda, cuda:1, ..."),
     tie_order: str = typer.Option("mergekit", "--tie-order", help="Equal magnitudes at a trim's threshold: 'mergekit' keeps "
                                   "those mergekit keeps (bit-exact replay); 'index' the lowest indices, as a search scores."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a parameter filter that matches no tensor (mergekit, and "
+                                "evomerge by default, ignore it with a warning)."),
 ) -> None:
     """Merge models as CONFIG says and write a checkpoint (shards, config, tokenizer, model card) at OUT."""
     from evomerge.merge.command import run_merge
 
     run_merge(config, out, force=force, emit_mergekit=emit_mergekit, allow_pickle=allow_pickle, device=device,
-              tie_order=tie_order)
+              tie_order=tie_order, strict=strict)
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ def resolve_models(names: list[str], config_dir: Path, base: str, *, allow_pickl
 
 
 def run_merge(config: str, out: str | None, *, force: bool = False, emit_mergekit: bool = False,
-              allow_pickle: bool = False, device: str = "cpu", tie_order: str = "mergekit") -> None:
+              allow_pickle: bool = False, device: str = "cpu", tie_order: str = "mergekit", strict: bool = False) -> None:
     recipe = read_config(config)
     if emit_mergekit:
         print(to_mergekit(recipe), end="")
@@ -34,5 +34,5 @@ def run_merge(config: str, out: str | None, *, force: bool = False, emit_mergeki
     sources = resolve_models(names, Path(config).resolve().parent, base, allow_pickle=allow_pickle)
     start = time.perf_counter()
     write_checkpoint(recipe, {n: str(r.path) for n, r in sources.items()}, out, force=force, allow_pickle=allow_pickle,
-                     device=device, tie_order=tie_order, pinned={n: r.pinned for n, r in sources.items()})
+                     device=device, tie_order=tie_order, pinned={n: r.pinned for n, r in sources.items()}, strict=strict)
     print(f"merged {recipe.merge_method} of {len(sources)} models into {out} in {time.perf_counter() - start:.1f} s")

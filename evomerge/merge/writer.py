@@ -46,11 +46,13 @@ def write_checkpoint(
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool | None = None,
     pinned: Mapping[str, str] | None = None,
+    strict: bool = False,
 ) -> Path:
     """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`. `tie_order`: which
     equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index".
     `pinned`: how the card and recipe.yaml name each source (a path or a Hub ID at its commit; default: its
-    directory), so that `evomerge merge OUT/recipe.yaml` replays the merge."""
+    directory), so that `evomerge merge OUT/recipe.yaml` replays the merge. `strict`: a parameter filter that
+    matches no tensor is an error, not a warning."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -60,7 +62,7 @@ def write_checkpoint(
         raise UserError(f"model {missing[0]!r} of the recipe is not among the sources ({', '.join(sources)})")
     reference = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else names[0])
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
-    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order)
+    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order, strict=strict)
     planned, _ = mat.plan(recipe)
     ref = mat.sources[reference]
     out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
