@@ -170,3 +170,16 @@ def test_a_run_config_source_offline_and_not_cached_is_one_line(hub, tmp_path):
     with pytest.raises(UserError, match=r"^config: sources.x: model 'org/nope': .*not in the HF cache.*HF_HUB_OFFLINE=0"):
         parse_config({"sources": {"x": "org/nope"}, "base": "x", "space": {"name": "layer_weights"},
                       "fitness": {"tasks": []}, "budget": {"evaluations": 1}}, base_dir=tmp_path)
+
+
+def test_a_mergekit_evolve_genome_naming_hub_ids_becomes_pinned_sources(hub, tmp_path):
+    from evomerge.config import parse_config
+    from evomerge.mergekit_evolve import to_evomerge
+
+    genome = {"genome": {"models": ["org/a", "org/b@main"], "merge_method": "ties", "base_model": "org/base",
+                         "layer_granularity": 2},
+              "tasks": [{"name": "t"}]}
+    config, _ = to_evomerge(genome, tmp_path)
+    assert config["sources"] == {"a": f"org/a@{C_MAIN}", "b_main": f"org/b@{C_MAIN}", "base": f"org/base@{C_MAIN}"}
+    cfg = parse_config(config, base_dir=tmp_path)
+    assert cfg.source_refs == config["sources"] and all((p / "config.json").is_file() for p in cfg.sources.values())
