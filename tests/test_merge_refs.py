@@ -183,3 +183,62 @@ def test_a_mergekit_evolve_genome_naming_hub_ids_becomes_pinned_sources(hub, tmp
     assert config["sources"] == {"a": f"org/a@{C_MAIN}", "b_main": f"org/b@{C_MAIN}", "base": f"org/base@{C_MAIN}"}
     cfg = parse_config(config, base_dir=tmp_path)
     assert cfg.source_refs == config["sources"] and all((p / "config.json").is_file() for p in cfg.sources.values())
+
+
+class _FakeHub:
+    """The Hub's answers for a revision and a repository that do not exist, over HTTP on 127.0.0.1."""
+
+    def __enter__(self) -> str:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                code, kind = (404, "RevisionNotFound") if "/revision/v9" in self.path else (401, "RepoNotFound")
+                body = b'{"error": "not here"}'
+                self.send_response(code)
+                self.send_header("X-Error-Code", kind)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+
+
+def _online_errors(hub: Path, endpoint: str, *refs: str) -> list[str]:
+    """resolve() in a fresh process online (huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT at import)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom evomerge.merge.refs import resolve\nfrom evomerge.records import UserError\n"
+              "for ref in sys.argv[1:]:\n    try:\n        resolve(ref, ('.',))\n    except UserError as e:\n        print(e)\n")
+    env = {**os.environ, "HF_HOME": str(hub), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HUB_ETAG_TIMEOUT": "5"}
+    res = subprocess.run([sys.executable, "-c", script, *refs], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip().splitlines()
+
+
+def test_online_a_missing_revision_a_missing_repo_and_no_hub_are_one_line_each(hub, tmp_path):
+    import socket
+
+    with _FakeHub() as endpoint:
+        revision, repo = _online_errors(hub, endpoint, "org/a@v9", "org/secret")
+    assert revision == "model 'org/a@v9': revision 'v9' does not exist in org/a on the Hub", revision
+    assert repo.startswith("model 'org/secret': the Hub has no repository org/secret this token can read: set HF_TOKEN"), repo
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    [unreachable] = _online_errors(hub, closed, "org/missing")
+    assert unreachable.startswith("model 'org/missing': org/missing is not in the HF cache") and "ConnectError" in unreachable, unreachable
+    assert "HF_TOKEN" in unreachable and "local path" in unreachable
+    assert _online_errors(hub, closed, "org/a") == []  # cached: no request needed

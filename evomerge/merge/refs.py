@@ -99,7 +99,7 @@ def _from_hub(ref: str, repo: str, rev: str | None, allow_pickle: bool) -> Resol
     except RepositoryNotFoundError:
         raise UserError(f"model {ref!r}: the Hub has no repository {repo} this token can read: set HF_TOKEN for a "
                         "private or gated model, or give a local path") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+    except (LocalEntryNotFoundError, HfHubHTTPError) as e:  # huggingface_hub turns a dropped connection into the first
         raise UserError(_not_cached(ref, repo, rev, cache, offline, e)) from None
     if not _has_weights(path, allow_pickle):
         raise UserError(f"model {ref!r}: {repo} has no safetensors weights"
@@ -115,7 +115,7 @@ def _not_cached(ref: str, repo: str, rev: str | None, cache: str | None, offline
         return (f"model {ref!r}: {what} is not in the HF cache ({where}) and HF_HUB_OFFLINE=1 keeps the Hub out: "
                 "set HF_HUB_OFFLINE=0 (and HF_TOKEN for a private or gated model) to download it, or give a local path")
     return (f"model {ref!r}: {what} is not in the HF cache ({where}) and the Hub did not give it "
-            f"({type(error).__name__}): check the connection and the revision, set HF_TOKEN for a private or gated "
+            f"({type(error.__cause__ or error).__name__}): check the connection and the revision, set HF_TOKEN for a private or gated "
             "model, or give a local path")
 
 
