@@ -242,3 +242,31 @@ def test_online_a_missing_revision_a_missing_repo_and_no_hub_are_one_line_each(h
     assert unreachable.startswith("model 'org/missing': org/missing is not in the HF cache") and "ConnectError" in unreachable, unreachable
     assert "HF_TOKEN" in unreachable and "local path" in unreachable
     assert _online_errors(hub, closed, "org/a") == []  # cached: no request needed
+
+
+def test_serve_takes_hub_ids_and_answers_as_the_local_models(hub, tiny_models, monkeypatch):
+    """`evomerge serve --model base=org/base --model a=org/a@v1`: a recipe's completions and scores are the local
+    models' (org/a@v1 holds b's weights)."""
+    from evomerge.fitness.api import APIHandle
+    from evomerge.fitness.handle import Sampling
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.merge import Materializer
+    from evomerge.recipe import ModelRef, Recipe
+    from evomerge.serve import ServeConfig, build
+    from tests.test_fitness_serve import TOKEN, Running
+
+    monkeypatch.setenv("EVOMERGE_TEST_SERVE_TOKEN", TOKEN)
+    s = Running(build(ServeConfig(sources={"base": "org/base", "a": "org/a@v1"}, base="base", rate=1000, burst=1000)))
+    try:
+        local = HFHandle(tiny_models["base"], Materializer({"base": tiny_models["base"], "a": tiny_models["b"]}), batch_size=4)
+        remote = APIHandle(base_url=s.url + "/v1", model="evomerge", api_key_env="EVOMERGE_TEST_SERVE_TOKEN",
+                           send_recipe=True, timeout=30, max_retries=0)
+        recipe = Recipe(merge_method="task_arithmetic", base_model="base", models=[ModelRef("a", {"weight": 0.7})])
+        remote.set_recipe(recipe)
+        local.set_recipe(recipe)
+        prompts = ["12+12=", "what is 3 plus 4? "]
+        assert remote.generate(prompts, Sampling(max_new_tokens=6)) == local.generate(prompts, Sampling(max_new_tokens=6))
+        for got, want in zip(remote.score([(p, "24") for p in prompts]), local.score([(p, "24") for p in prompts])):
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    finally:
+        s.stop()
