@@ -14,7 +14,8 @@ executor: {kind: ray, workers: 8, gpus_per_worker: 1, address: auto}
 seed: 0
 holdout:                         # after the budget: a table on held-out data, and the best model exported
   tasks: [{name: math, path: math_test.jsonl, metrics: [exact]}]
-  baselines: {MATH: {merge_method: linear, models: [{model: math, parameters: {weight: 1.0}}]}}
+  baselines: {MATH: {merge_method: linear, models: [{model: math, parameters: {weight: 1.0}}]},
+              PUBLISHED: {merge_method: linear, models: [{model: org/merged, parameters: {weight: 1.0}}]}}  # any reference
   export: best_model             # inside the run directory
 trackers: [{kind: mlflow, uri: "sqlite:///mlflow.db"}, {kind: wandb, project: merges, mode: offline}]
 # or the user's own: {function: mypkg.score:test_table}  (the best candidate's genome -> {row: {metric: value}})
@@ -233,6 +234,7 @@ class HoldoutConfig(_Strict):
     tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings, e.g. a test split
     lm_eval: LMEvalConfig | None = None  # or lm-eval tasks
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # row name -> recipe
+    sources: dict[str, Path] = Field(default_factory=dict)  # models the baselines name beyond the run's, resolved
     compare: dict[str, CompareConfig] = Field(default_factory=dict)  # row name -> its own search, same budget
     function: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of `function`
@@ -385,10 +387,33 @@ def _resolve_sources(data: dict[str, Any], base_dir: Path) -> None:
             raise UserError(f"config: sources.{name}: {e}") from None
     if isinstance(data.get("base"), str):
         check_adapters(resolved, data["base"])
+    if isinstance(data.get("holdout"), dict) and isinstance(data["holdout"].get("baselines"), dict):
+        _resolve_baselines(data, base_dir, set(resolved))
     data["sources"] = {name: str(r.path) for name, r in resolved.items()}
     pinned = {n: r.pinned for n, r in resolved.items() if r.pinned != str(r.path)}
     if pinned:
         data["source_refs"] = {**pinned, **(data.get("source_refs") or {})}  # a resumed run keeps what it recorded
+
+
+def _resolve_baselines(data: dict[str, Any], base_dir: Path, sources: set[str]) -> None:
+    """A model a baseline names that is not a run source is a reference: resolved into holdout.sources."""
+    from evomerge.merge.refs import resolve
+
+    holdout = data["holdout"]
+    known = dict(holdout.get("sources") or {})
+    for row, recipe in holdout["baselines"].items():
+        try:
+            names = Recipe.from_dict(recipe).source_names()
+        except UserError:
+            continue  # HoldoutConfig reports it, naming the row
+        for n in names:
+            if n not in sources and n not in known:
+                try:
+                    known[n] = str(resolve(n, (base_dir,)).path)
+                except UserError as e:
+                    raise UserError(f"config: holdout.baselines.{row}: {e}") from None
+    if known:
+        data["holdout"] = {**holdout, "sources": known}
 
 
 def load_config(path: str | Path) -> RunConfig:

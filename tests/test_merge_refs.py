@@ -138,8 +138,9 @@ def test_a_gguf_reference_is_its_dequantized_checkpoint(tmp_path):
 
 
 def test_a_run_with_hub_sources_exports_a_card_and_recipe_that_replay(hub, tmp_path, monkeypatch, capsys):
-    """A tiny search over Hub IDs; the exported card and recipe.yaml name the sources by Hub ID at their commit,
-    and `evomerge merge recipe.yaml` gives the exported weights."""
+    """A tiny search over Hub IDs, with a held-out baseline naming a model that is not a source; the exported
+    card and recipe.yaml name the sources by Hub ID at their commit, and `evomerge merge recipe.yaml` gives the
+    exported weights."""
     import json
 
     task = tmp_path / "t.jsonl"
@@ -147,10 +148,15 @@ def test_a_run_with_hub_sources_exports_a_card_and_recipe_that_replay(hub, tmp_p
     cfg = {"sources": {"base": "org/base", "a": "org/a", "b": "org/b@main"}, "base": "base",
            "space": {"name": "layer_weights", "options": {"method": "ties"}}, "optimizer": {"name": "random"},
            "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["token_accuracy"]}]},
-           "budget": {"evaluations": 2}, "seed": 1}
+           "budget": {"evaluations": 2}, "seed": 1,
+           "holdout": {"tasks": [{"name": "t", "path": str(task), "metrics": ["loss"]}], "baselines": {
+               "b": {"merge_method": "linear", "models": [{"model": "b", "parameters": {"weight": 1.0}}]},
+               "v1": {"merge_method": "linear", "models": [{"model": "org/a@v1", "parameters": {"weight": 1.0}}]}}}}  # b's weights
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     code, _, err = run_cli(monkeypatch, capsys, "run", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path / "r"))
     assert code == 0, err
+    rows = json.loads((tmp_path / "r" / "holdout.json").read_text())["rows"]
+    assert rows["v1"] == rows["b"] and rows["v1"] != rows["evolved best"], rows  # a baseline's own model, by Hub ID
     code, _, err = run_cli(monkeypatch, capsys, "export", str(tmp_path / "r"), "--best", "-o", str(tmp_path / "best"))
     assert code == 0, err
     card = (tmp_path / "best" / "README.md").read_text()
@@ -164,12 +170,16 @@ def test_a_run_with_hub_sources_exports_a_card_and_recipe_that_replay(hub, tmp_p
     assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
 
 
-def test_a_run_config_source_offline_and_not_cached_is_one_line(hub, tmp_path):
+def test_a_run_config_source_or_baseline_offline_and_not_cached_is_one_line(hub, tmp_path):
     from evomerge.config import parse_config
 
     with pytest.raises(UserError, match=r"^config: sources.x: model 'org/nope': .*not in the HF cache.*HF_HUB_OFFLINE=0"):
         parse_config({"sources": {"x": "org/nope"}, "base": "x", "space": {"name": "layer_weights"},
                       "fitness": {"tasks": []}, "budget": {"evaluations": 1}}, base_dir=tmp_path)
+    baseline = {"merge_method": "linear", "models": [{"model": "org/gone@v2", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(UserError, match=r"^config: holdout.baselines.B: model 'org/gone@v2': org/gone is not in the HF cache"):
+        parse_config({"sources": {"x": "org/base"}, "base": "x", "space": {"name": "layer_weights"}, "fitness": {"tasks": []},
+                      "budget": {"evaluations": 1}, "holdout": {"tasks": [], "baselines": {"B": baseline}}}, base_dir=tmp_path)
 
 
 def test_a_mergekit_evolve_genome_naming_hub_ids_becomes_pinned_sources(hub, tmp_path):
