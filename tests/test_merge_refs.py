@@ -280,3 +280,26 @@ def test_serve_takes_hub_ids_and_answers_as_the_local_models(hub, tiny_models, m
             assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
     finally:
         s.stop()
+
+
+def test_recipe_yaml_of_a_data_flow_merge_with_a_nested_recipe_replays(tiny_models, tmp_path, monkeypatch, capsys):
+    """The run's names (a nested entry's `name`, path steps, slices) become references in recipe.yaml, which
+    `evomerge merge` replays to the same weights."""
+    from evomerge.merge.writer import write_checkpoint
+    from evomerge.recipe import Recipe
+
+    nested = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "b", "parameters": {"weight": 0.5}}]}
+    recipes = {
+        "path": {"merge_method": "passthrough", "models": [{"model": nested, "name": "ps"}, {"model": "b"}],
+                 "path": [{"model": "ps", "layer": 0}, {"model": "b", "layer": 1, "scale": 0.8}, {"model": "ps", "layer": 1}]},
+        "slices": {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]},
+                                                           {"sources": [{"model": "b", "layer_range": [0, 2]}]}]},
+    }
+    for kind, recipe in recipes.items():
+        out = write_checkpoint(Recipe.from_dict(recipe), {k: str(v) for k, v in tiny_models.items()}, tmp_path / kind)
+        replay = (out / "recipe.yaml").read_text()
+        assert str(Path(tiny_models["b"]).resolve()) in replay and "model: b\n" not in replay, replay
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(out / "recipe.yaml"), "-o", str(tmp_path / f"{kind}_again"), "--tie-order", "index")
+        assert code == 0, err
+        first, again = load_checkpoint(out), load_checkpoint(tmp_path / f"{kind}_again")
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first), kind
