@@ -177,7 +177,7 @@ def test_a_run_config_source_or_baseline_offline_and_not_cached_is_one_line(hub,
         parse_config({"sources": {"x": "org/nope"}, "base": "x", "space": {"name": "layer_weights"},
                       "fitness": {"tasks": []}, "budget": {"evaluations": 1}}, base_dir=tmp_path)
     baseline = {"merge_method": "linear", "models": [{"model": "org/gone@v2", "parameters": {"weight": 1.0}}]}
-    with pytest.raises(UserError, match=r"^config: holdout.baselines.B: model 'org/gone@v2': org/gone is not in the HF cache"):
+    with pytest.raises(UserError, match=r"^config: holdout.baselines.B: model 'org/gone@v2': no such local directory, and org/gone is not in the HF cache"):
         parse_config({"sources": {"x": "org/base"}, "base": "x", "space": {"name": "layer_weights"}, "fitness": {"tasks": []},
                       "budget": {"evaluations": 1}, "holdout": {"tasks": [], "baselines": {"B": baseline}}}, base_dir=tmp_path)
 
@@ -249,7 +249,7 @@ def test_online_a_missing_revision_a_missing_repo_and_no_hub_are_one_line_each(h
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     [unreachable] = _online_errors(hub, closed, "org/missing")
-    assert unreachable.startswith("model 'org/missing': org/missing is not in the HF cache") and "ConnectError" in unreachable, unreachable
+    assert unreachable.startswith("model 'org/missing': no such local directory, and org/missing is not in the HF cache") and "ConnectError" in unreachable, unreachable
     assert "HF_TOKEN" in unreachable and "local path" in unreachable
     assert _online_errors(hub, closed, "org/a") == []  # cached: no request needed
 

@@ -112,9 +112,9 @@ def _not_cached(ref: str, repo: str, rev: str | None, cache: str | None, offline
     cached = Path(cache or _default_cache(), "models--" + repo.replace("/", "--"))
     what = f"revision {rev!r} of {repo}" if rev and cached.is_dir() else repo
     if offline:
-        return (f"model {ref!r}: {what} is not in the HF cache ({where}) and HF_HUB_OFFLINE=1 keeps the Hub out: "
+        return (f"model {ref!r}: no such local directory, and {what} is not in the HF cache ({where}) and HF_HUB_OFFLINE=1 keeps the Hub out: "
                 "set HF_HUB_OFFLINE=0 (and HF_TOKEN for a private or gated model) to download it, or give a local path")
-    return (f"model {ref!r}: {what} is not in the HF cache ({where}) and the Hub did not give it "
+    return (f"model {ref!r}: no such local directory, and {what} is not in the HF cache ({where}) and the Hub did not give it "
             f"({type(error.__cause__ or error).__name__}): check the connection and the revision, set HF_TOKEN for a private or gated "
             "model, or give a local path")
 
