@@ -303,3 +303,23 @@ def test_recipe_yaml_of_a_data_flow_merge_with_a_nested_recipe_replays(tiny_mode
         assert code == 0, err
         first, again = load_checkpoint(out), load_checkpoint(tmp_path / f"{kind}_again")
         assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first), kind
+
+
+def test_a_hub_source_downloads_only_what_a_merge_reads():
+    """The patterns as huggingface_hub applies them to a repo's file list."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from evomerge.merge import refs
+
+    repo = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "pytorch_model.bin", "pytorch_model.bin.index.json", "README.md", ".gitattributes",
+            "onnx/model.onnx", "onnx/model.safetensors", "original/consolidated.00.pth", "model.gguf"]
+
+    def kept(patterns):
+        return set(filter_repo_objects(repo, allow_patterns=list(patterns), ignore_patterns=list(refs._SUBFOLDERS)))
+
+    assert kept(refs._MERGE_FILES) == {"config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                                       "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                                       "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"}
+    assert kept((*refs._MERGE_FILES, *refs._PICKLE_FILES)) - kept(refs._MERGE_FILES) == {"pytorch_model.bin", "pytorch_model.bin.index.json"}

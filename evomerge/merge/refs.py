@@ -29,6 +29,7 @@ _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})(?:@(?P<rev
 _MERGE_FILES = ("config.json", "generation_config.json", ADAPTER_CONFIG, "*.safetensors", "*.safetensors.index.json",
                 *TOKENIZER_FILES)
 _PICKLE_FILES = ("*.bin", "*.bin.index.json")
+_SUBFOLDERS = ("*/*",)  # a checkpoint is its repo's top folder (others hold ONNX, GGUF, original formats)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _from_hub(ref: str, repo: str, rev: str | None, allow_pickle: bool) -> Resol
 
     def fetch(patterns: Sequence[str], local_only: bool) -> Path:
         return Path(snapshot_download(repo, revision=rev, cache_dir=cache, allow_patterns=list(patterns),
-                                      local_files_only=local_only))
+                                      ignore_patterns=list(_SUBFOLDERS), local_files_only=local_only))
 
     try:
         try:
