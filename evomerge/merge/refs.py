@@ -34,6 +34,8 @@ _SUBFOLDERS = ("*/*",)  # a checkpoint is its repo's top folder (others hold ONN
 
 @dataclass(frozen=True)
 class Resolved:
+    """A model reference and the local copy it names; `pinned` and `commit` are its identity."""
+
     ref: str  # the reference as written
     path: Path  # the local checkpoint directory the merge reads (for model+lora: the adapter's)
     pinned: str  # a reference to exactly this copy: an absolute path, or the Hub ID at its commit
@@ -42,7 +44,8 @@ class Resolved:
 
 
 def resolve(ref: str, dirs: Sequence[str | Path], *, allow_pickle: bool = False) -> Resolved:
-    """`ref` as a local checkpoint directory. A relative path is looked up in `dirs`, first match wins."""
+    """`ref` as a local checkpoint directory (downloaded from the Hub when it is a Hub ID the cache lacks). A
+    relative path is looked up in `dirs`, first match wins. Every failure is a one-line UserError naming `ref`."""
     if not isinstance(ref, str) or not ref.strip():
         raise UserError(f"model reference {ref!r}: expected a checkpoint directory, a .gguf file or a Hub ID (org/name[@revision])")
     local = _local(ref, dirs)
@@ -113,9 +116,9 @@ def _not_cached(ref: str, repo: str, rev: str | None, cache: str | None, offline
     cached = Path(cache or _default_cache(), "models--" + repo.replace("/", "--"))
     what = f"revision {rev!r} of {repo}" if rev and cached.is_dir() else repo
     if offline:
-        return (f"model {ref!r}: no such local directory, and {what} is not in the HF cache ({where}) and HF_HUB_OFFLINE=1 keeps the Hub out: "
+        return (f"model {ref!r}: no such local directory, and {what} is not in the HF cache ({where}); HF_HUB_OFFLINE=1 keeps the Hub out: "
                 "set HF_HUB_OFFLINE=0 (and HF_TOKEN for a private or gated model) to download it, or give a local path")
-    return (f"model {ref!r}: no such local directory, and {what} is not in the HF cache ({where}) and the Hub did not give it "
+    return (f"model {ref!r}: no such local directory, and {what} is not in the HF cache ({where}); the Hub did not give it "
             f"({type(error.__cause__ or error).__name__}): check the connection and the revision, set HF_TOKEN for a private or gated "
             "model, or give a local path")
 
