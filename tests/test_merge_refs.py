@@ -323,3 +323,74 @@ def test_a_hub_source_downloads_only_what_a_merge_reads():
                                        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
                                        "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"}
     assert kept((*refs._MERGE_FILES, *refs._PICKLE_FILES)) - kept(refs._MERGE_FILES) == {"pytorch_model.bin", "pytorch_model.bin.index.json"}
+
+
+class _ServingHub(_FakeHub):
+    """A Hub serving one repo, org/served at commit C_MAIN, over HTTP as huggingface_hub reads it (revision info,
+    tree listing, resolve URLs); it records the files downloaded."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files, self.downloaded = files, []
+
+    def __enter__(self) -> str:
+        import hashlib
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, code: int, body: bytes, **headers: str) -> None:
+                self.send_response(code)
+                for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            def do_GET(self):  # noqa: N802
+                path = self.path.split("?")[0]
+                if path.startswith("/api/models/org/served/revision/"):
+                    info = {"id": "org/served", "sha": C_MAIN, "siblings": [{"rfilename": f} for f in hub.files]}
+                    return self._send(200, json.dumps(info).encode(), **{"Content-Type": "application/json"})
+                if path.startswith("/api/models/org/served/tree/"):
+                    tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()} for f, b in hub.files.items()]
+                    return self._send(200, json.dumps(tree).encode(), **{"Content-Type": "application/json"})
+                prefix = f"/org/served/resolve/{C_MAIN}/"
+                if path.startswith(prefix) and path[len(prefix):] in hub.files:
+                    name = path[len(prefix):]
+                    body = hub.files[name]
+                    if self.command == "GET":
+                        hub.downloaded.append(name)
+                    return self._send(200, body, **{"X-Repo-Commit": C_MAIN, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'})
+                self._send(404, b"{}", **{"X-Error-Code": "RepoNotFound"})
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_online_a_hub_id_downloads_only_what_a_merge_reads_then_reads_the_cache(hub, tiny_models, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = {f.name: f.read_bytes() for f in Path(tiny_models["a"]).iterdir()}
+    extra = {"README.md": b"# card", "pytorch_model.bin": b"pickle", "onnx/model.onnx": b"onnx", "onnx/model.safetensors": b"x"}
+    script = ("from evomerge.merge.refs import resolve\nr = resolve('org/served', ('.',))\nprint(r.pinned)\n"
+              "print(sorted(p.name for p in r.path.iterdir()))\n")
+    env = {**os.environ, "HF_HOME": str(hub), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+    served = _ServingHub({**model, **extra})
+    with served as endpoint:
+        res = subprocess.run([sys.executable, "-c", script], env={**env, "HF_ENDPOINT": endpoint}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == [f"org/served@{C_MAIN}", str(sorted(model))]
+    assert sorted(served.downloaded) == sorted(model)  # not the card, the pickle, nor the subfolders
+    again = subprocess.run([sys.executable, "-c", script], env={**env, "HF_ENDPOINT": endpoint}, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout == res.stdout, again.stderr[-3000:]  # the Hub is gone: the cache answers
