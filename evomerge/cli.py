@@ -59,7 +59,7 @@ def zoo_build(
 
 @app.command("merge")
 def merge(
-    config: str = typer.Argument(..., help="A mergekit YAML config or an evomerge recipe YAML; model names are checkpoint directories."),
+    config: str = typer.Argument(..., help="A mergekit YAML config or an evomerge recipe YAML; models are checkpoint directories, Hub IDs (org/name[@rev]), model+lora or .gguf files."),
     out: str = typer.Option(None, "-o", "--out", help="Directory to write the merged Hugging Face checkpoint to."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     emit_mergekit: bool = typer.Option(False, "--emit-mergekit", help="Print the recipe as mergekit YAML and exit."),
@@ -67,12 +67,14 @@ def merge(
     device: str = typer.Option("cpu", "--device", help="Where to merge: cpu, cuda, cuda:1, ..."),
     tie_order: str = typer.Option("mergekit", "--tie-order", help="Equal magnitudes at a trim's threshold: 'mergekit' keeps "
                                   "those mergekit keeps (bit-exact replay); 'index' the lowest indices, as a search scores."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a parameter filter that matches no tensor (mergekit, and "
+                                "evomerge by default, ignore it with a warning)."),
 ) -> None:
     """Merge models as CONFIG says and write a checkpoint (shards, config, tokenizer, model card) at OUT."""
     from evomerge.merge.command import run_merge
 
     run_merge(config, out, force=force, emit_mergekit=emit_mergekit, allow_pickle=allow_pickle, device=device,
-              tie_order=tie_order)
+              tie_order=tie_order, strict=strict)
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -87,7 +89,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 @app.command("serve")
 def serve(
-    model: list[str] = typer.Option(..., "--model", help="NAME=DIR of a source checkpoint or a PEFT LoRA adapter of the base; repeat. The first is the base unless --base."),
+    model: list[str] = typer.Option(..., "--model", help="NAME=REF: a checkpoint dir, a Hub ID (org/name[@rev]), a .gguf file or a PEFT LoRA adapter of the base; repeat. The first is the base unless --base."),
     base: str = typer.Option(None, "--base", help="Which model is the base (default: the first --model)."),
     dataset: list[str] = typer.Option([], "--dataset", help="ID=FILE.jsonl a client may ask a loss on; repeat."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token-env."),

@@ -1,7 +1,7 @@
 """The run config (YAML, validated with pydantic) and how a run's parts are built from it.
 
 ```yaml
-sources: {base: ./models/base, math: ./models/math, code: ./models/code}   # name -> checkpoint dir
+sources: {base: ./models/base, math: ./models/math, code: org/code@v1}   # name -> checkpoint dir, Hub ID, ...
 base: base                       # which source is the base model
 space: {name: layer_weights, options: {method: dare_ties}}   # or {bounds: [[0, 1], ...]} for a plain box
 optimizer: {name: cmaes, options: {sigma0: 0.17}}
@@ -14,7 +14,8 @@ executor: {kind: ray, workers: 8, gpus_per_worker: 1, address: auto}
 seed: 0
 holdout:                         # after the budget: a table on held-out data, and the best model exported
   tasks: [{name: math, path: math_test.jsonl, metrics: [exact]}]
-  baselines: {MATH: {merge_method: linear, models: [{model: math, parameters: {weight: 1.0}}]}}
+  baselines: {MATH: {merge_method: linear, models: [{model: math, parameters: {weight: 1.0}}]},
+              PUBLISHED: {merge_method: linear, models: [{model: org/merged, parameters: {weight: 1.0}}]}}  # any reference
   export: best_model             # inside the run directory
 trackers: [{kind: mlflow, uri: "sqlite:///mlflow.db"}, {kind: wandb, project: merges, mode: offline}]
 # or the user's own: {function: mypkg.score:test_table}  (the best candidate's genome -> {row: {metric: value}})
@@ -22,6 +23,9 @@ trackers: [{kind: mlflow, uri: "sqlite:///mlflow.db"}, {kind: wandb, project: me
 `space: {points: module:function, bound: 5}` searches a box around the starting genomes the function returns
 (one row each, e.g. flattened parameters of trained models; M2N2 starts its archive from all of them).
 `module:function` names resolve with the config's folder on the import path.
+Sources are model references (evomerge.merge.refs), relative paths from the config's folder; a source that is
+not a local directory (a Hub ID, a .gguf file, `model+lora`) is recorded pinned in `source_refs`, which the
+exported model card and recipe.yaml name it by.
 Every mistake is a one-line UserError naming the key and what is valid.
 """
 from __future__ import annotations
@@ -230,6 +234,7 @@ class HoldoutConfig(_Strict):
     tasks: list[dict[str, Any]] | None = None  # fitness.tasks.TaskSpec mappings, e.g. a test split
     lm_eval: LMEvalConfig | None = None  # or lm-eval tasks
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)  # row name -> recipe
+    sources: dict[str, Path] = Field(default_factory=dict)  # models the baselines name beyond the run's, resolved
     compare: dict[str, CompareConfig] = Field(default_factory=dict)  # row name -> its own search, same budget
     function: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of `function`
@@ -276,7 +281,8 @@ class TrackerConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    sources: dict[str, Path] = Field(default_factory=dict)
+    sources: dict[str, Path] = Field(default_factory=dict)  # name -> the local checkpoint directory it resolved to
+    source_refs: dict[str, str] = Field(default_factory=dict)  # name -> the Hub ID at its commit (or .gguf file, model+lora)
     base: str | None = None
     space: SpaceConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -358,14 +364,56 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None) -> RunConfig:
         raise UserError(f"config: expected a mapping at the top level, got {type(data).__name__}")
     data = dict(data)
     if base_dir is not None:
-        if isinstance(data.get("sources"), dict):
-            data["sources"] = {k: str((Path(base_dir) / v).resolve()) if isinstance(v, str) else v
-                               for k, v in data["sources"].items()}
         data.setdefault("workdir", str(Path(base_dir).resolve()))
+    if isinstance(data.get("sources"), dict):
+        _resolve_sources(data, Path(base_dir) if base_dir is not None else Path.cwd())
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise UserError(_format_error(e.errors()[0], RunConfig)) from None
+
+
+def _resolve_sources(data: dict[str, Any], base_dir: Path) -> None:
+    """Every source reference as its local directory; those that were not one recorded pinned in source_refs."""
+    from evomerge.merge.refs import check_adapters, resolve
+
+    resolved = {}
+    for name, ref in data["sources"].items():
+        if not isinstance(ref, (str, Path)):
+            raise UserError(f"config: sources.{name}: expected a checkpoint directory or a Hub ID, got {ref!r}")
+        try:
+            resolved[name] = resolve(str(ref), (base_dir,))
+        except UserError as e:
+            raise UserError(f"config: sources.{name}: {e}") from None
+    if isinstance(data.get("base"), str):
+        check_adapters(resolved, data["base"])
+    if isinstance(data.get("holdout"), dict) and isinstance(data["holdout"].get("baselines"), dict):
+        _resolve_baselines(data, base_dir, set(resolved))
+    data["sources"] = {name: str(r.path) for name, r in resolved.items()}
+    pinned = {n: r.pinned for n, r in resolved.items() if r.pinned != str(r.path)}
+    if pinned:
+        data["source_refs"] = {**pinned, **(data.get("source_refs") or {})}  # a resumed run keeps what it recorded
+
+
+def _resolve_baselines(data: dict[str, Any], base_dir: Path, sources: set[str]) -> None:
+    """A model a baseline names that is not a run source is a reference: resolved into holdout.sources."""
+    from evomerge.merge.refs import resolve
+
+    holdout = data["holdout"]
+    known = dict(holdout.get("sources") or {})
+    for row, recipe in holdout["baselines"].items():
+        try:
+            names = Recipe.from_dict(recipe).source_names()
+        except UserError:
+            continue  # HoldoutConfig reports it, naming the row
+        for n in names:
+            if n not in sources and n not in known:
+                try:
+                    known[n] = str(resolve(n, (base_dir,)).path)
+                except UserError as e:
+                    raise UserError(f"config: holdout.baselines.{row}: {e}") from None
+    if known:
+        data["holdout"] = {**holdout, "sources": known}
 
 
 def load_config(path: str | Path) -> RunConfig:

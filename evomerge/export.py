@@ -45,6 +45,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
     finally:
         run.close()
     sources = {k: str(v) for k, v in (cfg.get("sources") or {}).items()}
+    pinned = {**sources, **(cfg.get("source_refs") or {})}  # Hub sources by ID at their commit, others by path
     if fmt != "recipe" and not sources:
         raise UserError("this run has no model sources: only --format recipe applies")
     targets = {i: (out / f"candidate_{i}{'' if fmt == 'hf' else '.yaml'}") if pareto else out for i in ids}
@@ -55,7 +56,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
         if fmt == "recipe":
             _write_text(target, recipes[i].to_yaml())
         elif fmt == "mergekit":
-            _write_text(target, to_mergekit(recipes[i], sources))
+            _write_text(target, to_mergekit(recipes[i], pinned))
         else:  # the writer stages in a temporary folder and renames it into place
-            write_checkpoint(recipes[i], sources, target, base=cfg.get("base"))
+            write_checkpoint(recipes[i], sources, target, base=cfg.get("base"), pinned=pinned)
     return list(targets.values())

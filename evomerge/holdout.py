@@ -68,7 +68,7 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
             fitness = LMEvalFitness.from_config(h.lm_eval.model_dump(), base_dir=cfg.workdir)
         else:
             fitness = TaskFitness.from_config(h.tasks or [], base_dir=cfg.workdir)
-        handle = build_handle(cfg)
+        handle = build_handle(cfg.model_copy(update={"sources": {**cfg.sources, **h.sources}}))  # with the baselines' own models
         if handle is None:
             raise UserError("holdout.tasks need the run's models (sources or an API backend)")
         recipes = {name: Recipe.from_dict(r) for name, r in h.baselines.items()}

@@ -10,7 +10,8 @@ the lm-eval tasks as fitness whose first objective, `lm_eval/score`, is mergekit
 YAMLs are looked up beside the config (mergekit's --task-search-path). The equivalent evomerge config is
 printed, so the run can be continued and edited in evomerge's own format.
 
-Model paths are local checkpoint folders, relative to the config's folder or the working directory.
+Models are references (evomerge.merge.refs): checkpoint folders relative to the config's folder or the working
+directory, Hub IDs, `model+lora`, .gguf files.
 Known difference (tests/test_runs_mergekit_evolve.py): the tensors after the last layer (final norm,
 lm_head) take layer_weights' first layer group's values, mergekit's last group's.
 """
@@ -125,20 +126,16 @@ def to_evomerge(data: dict[str, Any], base_dir: str | Path) -> tuple[dict[str, A
 
 
 def _source(sources: dict[str, str], ref: Any, base_dir: str | Path) -> str:
-    """The source name of a model reference (its folder's name), added to `sources` once."""
-    if not isinstance(ref, str) or "+" in ref:
-        raise UserError(f"mergekit-evolve config: model {ref!r} is not a plain local path (LoRA 'model+adapter' "
-                        "references are not supported here)")
+    """The source name of a model reference (its last path part), added to `sources` once. A reference that
+    resolves from the config's folder stays as written (the run config resolves it from there too); another is
+    written pinned (an absolute path, a Hub ID at its commit)."""
+    from evomerge.merge.refs import resolve
+
     for name, path in sources.items():
         if path == ref:
             return name
-    if (Path(base_dir) / ref).is_dir():
-        path = ref  # evomerge reads it relative to the config's folder too
-    elif Path(ref).is_dir():
-        path = str(Path(ref).resolve())
-    else:
-        raise UserError(f"mergekit-evolve config: model {ref!r} is not a local checkpoint folder (evomerge reads "
-                        "local models: download it first, e.g. `huggingface-cli download NAME --local-dir DIR`)")
+    resolved = resolve(ref, (base_dir, Path.cwd()))
+    path = ref if (Path(base_dir) / ref).exists() else resolved.pinned
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(ref).name) or "model"
     while name in sources:
         name += "_"

@@ -18,7 +18,7 @@ Ground floor: no torch import.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -118,6 +118,24 @@ class Recipe:
             for src in s.get("sources", []):
                 add(src.get("model"))
         return names
+
+    def renamed(self, names: dict[str, str]) -> Recipe:
+        """This recipe with its plain model names replaced as `names` maps them (nested recipes too); path steps
+        follow the entries they name."""
+        own = {ref.name for ref in self.models if ref.name is not None}
+
+        def sub(m: Any) -> Any:
+            return m.renamed(names) if isinstance(m, Recipe) else names.get(m, m) if isinstance(m, str) else m
+
+        slices = None if self.slices is None else [
+            {**s, "sources": [{**src, "model": sub(src.get("model"))} if isinstance(src, dict) else src for src in s["sources"]]}
+            if isinstance(s, dict) and isinstance(s.get("sources"), list) else s for s in self.slices]
+        return replace(
+            self, base_model=sub(self.base_model), slices=slices,
+            models=[ModelRef(sub(r.model), dict(r.parameters), r.name) for r in self.models],
+            path=None if self.path is None else [PathStep(s.model if s.model in own else sub(s.model), s.layer, s.scale) for s in self.path],
+            tokenizer_source=self.tokenizer_source if self.tokenizer_source in (None, "base", "union") else sub(self.tokenizer_source),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"merge_method": self.merge_method}

@@ -40,7 +40,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 @dataclass
 class ServeConfig:
-    sources: dict[str, str]  # name -> checkpoint dir, or a PEFT LoRA adapter dir of the base
+    sources: dict[str, str]  # name -> model reference (evomerge.merge.refs): a checkpoint dir, Hub ID, adapter of the base, ...
     base: str
     datasets: dict[str, str] = field(default_factory=dict)  # dataset id -> JSONL task file
     host: str = "127.0.0.1"
@@ -361,6 +361,7 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
 def build(config: ServeConfig) -> Any:
     """Everything validated and loaded: the ASGI app, ready for uvicorn."""
     from evomerge.merge import Materializer
+    from evomerge.merge.refs import check_adapters, resolve
     from evomerge.merge.sources import ADAPTER_CONFIG
     from evomerge.fitness.hf import HFHandle
     from evomerge.fitness.tasks import load_task
@@ -368,14 +369,17 @@ def build(config: ServeConfig) -> Any:
     token = config.token()  # refuse a bad bind before loading anything
     if config.base not in config.sources:
         raise UserError(f"base {config.base!r} is not among the models ({', '.join(config.sources)})")
-    for name, path in config.sources.items():
+    resolved = {name: resolve(ref, (Path.cwd(),)) for name, ref in config.sources.items()}
+    check_adapters(resolved, config.base)
+    sources = {name: str(r.path) for name, r in resolved.items()}
+    for name, path in sources.items():
         if not (Path(path, "config.json").is_file() or Path(path, ADAPTER_CONFIG).is_file()):
             raise UserError(f"model {name!r}: no config.json (or LoRA adapter_config.json) in {path}")
     datasets = {d: load_task({"name": d, "path": p, "metrics": ["loss"]}) for d, p in config.datasets.items()}
     from evomerge.placement import resolve_device
 
     device = resolve_device("auto")  # the materializer writes where the model lives
-    handle = HFHandle(config.sources[config.base], Materializer(config.sources, base=config.base, device=device),
+    handle = HFHandle(sources[config.base], Materializer(sources, base=config.base, device=device),
                       batch_size=config.batch_size, device=str(device))
     service = MergeService(handle, list(config.sources), datasets)
     return create_app(service, config, token)

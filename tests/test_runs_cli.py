@@ -59,7 +59,7 @@ def _one_line_error(code: int, err: str, *needles: str) -> None:
     (lambda c: c.update(optimiser={}), ["'optimiser'", "optimizer"]),
     (lambda c: c["executor"].update(kind="slurm") if "executor" in c else c.update(executor={"kind": "slurm"}),
      ["executor.kind", "'local' or 'ray'"]),
-    (lambda c: c.update(sources={"base": "nowhere/base"}, base="base"), ["sources.base", "nowhere/base", "not a directory"]),
+    (lambda c: c.update(sources={"base": "nowhere/base"}, base="base"), ["sources.base", "nowhere/base", "no such local directory", "HF_HUB_OFFLINE=0"]),
     (lambda c: c["budget"].update(wall_time="soon"), ["wall_time", "90s, 30m"]),
     (lambda c: c["fitness"].update(function="no_such_module:score"), ["no_such_module:score", "cannot import"]),
     (lambda c: c["fitness"].update(function="runs_fixtures:nothing"), ["runs_fixtures:nothing", "no function"]),

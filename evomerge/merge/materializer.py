@@ -76,6 +76,7 @@ class Materializer:
         threads: int | None = None,
         tie_order: str = "index",
         prefault: bool = True,
+        strict: bool = False,
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
@@ -93,6 +94,7 @@ class Materializer:
         self.dtype = dtype
         self.threads = threads or default_threads()
         self.tie_order = tie_order
+        self.strict = strict  # a parameter filter that matches no tensor is an error (evomerge.merge.plan)
         self.names = self.sources[self.reference].names()
         self._transient: dict[str, dict[str, torch.Tensor] | None] = {}  # nested recipes' results during a merge (None: planning)
         self._summaries: dict[tuple, Summary] = {}  # per task vector (or stack), kept across candidates
@@ -201,7 +203,7 @@ class Materializer:
     def _prepare(self, recipe: Recipe) -> tuple[Method, list[Planned], int, int]:
         """The method, the plan, the number of output layers and the seed (0 when the recipe has none)."""
         method = registry.get(recipe.merge_method)
-        planned, layers = plan(recipe, self.names, config=self.sources[self.reference].config)
+        planned, layers = plan(recipe, self.names, config=self.sources[self.reference].config, strict=self.strict)
         self._validate(method, recipe, planned)
         return method, planned, layers, 0 if recipe.seed is None else recipe.seed
 

@@ -7,10 +7,14 @@ Parameter scopes follow mergekit: a source's own parameters, then its slice's, t
 `path` recipes (data-flow) stack the listed layers with their scales folded into the weights.
 Which tensors are layers, embeddings or head, where a scale folds, and which tensors are one stacked tensor
 in memory (merged as one where a method reads a whole tensor), comes from the architecture table
-(evomerge/arch.py) through `Layout`. A parameter `filter` that matches no tensor is an error, not a no-op.
+(evomerge/arch.py) through `Layout`. A parameter `filter` that matches no tensor is ignored, as mergekit 0.1.5
+ignores one (so generic templates' `filter: self_attn` run on GPT-2), with a warning once per filter and family;
+`strict` refuses it. Filters match the stored names; mergekit on transformers 5 matches some families' in-memory
+names (Mixtral's `mlp.experts`, where the checkpoint says `block_sparse_moe`).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +24,8 @@ from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
 Scope = Mapping[str, Any] | None
+LOG = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,10 @@ def layer_position(index: int, count: int) -> float:
     return index / (count - 1) if count > 1 else 1.0
 
 
-def plan(recipe: Recipe, names: list[str], config: Mapping[str, Any] | None = None) -> tuple[list[Planned], int]:
+def plan(recipe: Recipe, names: list[str], config: Mapping[str, Any] | None = None, *,
+         strict: bool = False) -> tuple[list[Planned], int]:
     """The plan over the reference's tensor `names` (its `config` names the architecture; without it the
-    names do), and the number of output layers."""
+    names do), and the number of output layers. `strict`: a filter that matches no tensor is an error."""
     layout = layout_for(config, names)
     if recipe.path is not None:
         out, layers = _plan_path(recipe, names, layout)
@@ -72,18 +79,24 @@ def plan(recipe: Recipe, names: list[str], config: Mapping[str, Any] | None = No
         out, layers = _plan_models(recipe, names, layout), layout.num_layers(names)
     else:
         out, layers = _plan_slices(recipe, names, layout)
-    _check_filters(recipe, out, layout)
+    _check_filters(recipe, out, layout, strict)
     stacked = stacks(layout.family, [p.name for p in out])
     return [replace(p, stack=stacked[p.name]) if p.name in stacked else p for p in out], layers
 
 
-def _check_filters(recipe: Recipe, planned: list[Planned], layout: Layout) -> None:
-    """Every `filter` of the recipe's parameters names at least one tensor it merges."""
+def _check_filters(recipe: Recipe, planned: list[Planned], layout: Layout, strict: bool) -> None:
+    """A `filter` of the recipe's parameters that names no tensor it merges: an error when `strict`, else a warning."""
     names = {p.name for p in planned} | {i.tensor for p in planned for i in p.inputs}
     for f in sorted(set(_filters([recipe.parameters, *(r.parameters for r in recipe.models), recipe.slices]))):
-        if f != "*" and not any(f in n for n in names):
-            raise UserError(f"filter {f!r} matches no tensor of this {layout.family.name} model "
-                            f"(its groups: {', '.join(f'{g}={v[0]!r}' for g, v in layout.family.groups.items())})")
+        if f == "*" or any(f in n for n in names):
+            continue
+        what = (f"filter {f!r} matches no tensor of this {layout.family.name} model "
+                f"(its groups: {', '.join(f'{g}={v[0]!r}' for g, v in layout.family.groups.items())})")
+        if strict:
+            raise UserError(what)
+        if (f, layout.family.name) not in _warned:
+            _warned.add((f, layout.family.name))
+            LOG.warning("evomerge: warning: %s: ignored (--strict refuses it)", what)
 
 
 def _filters(x: Any) -> Iterable[str]:

@@ -25,7 +25,7 @@ from evomerge.merge.mergekit_yaml import expressible, to_mergekit
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
-TOKENIZER_FILES = (
+TOKENIZER_FILES = (  # also what a Hub source downloads (evomerge.merge.refs)
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
@@ -45,9 +45,14 @@ def write_checkpoint(
     tie_order: str = "index",
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool | None = None,
+    pinned: Mapping[str, str] | None = None,
+    strict: bool = False,
 ) -> Path:
     """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`. `tie_order`: which
-    equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index"."""
+    equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index".
+    `pinned`: how the card and recipe.yaml name each source (a path or a Hub ID at its commit; default: its
+    directory), so that `evomerge merge OUT/recipe.yaml` replays the merge. `strict`: a parameter filter that
+    matches no tensor is an error, not a warning."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -57,7 +62,7 @@ def write_checkpoint(
         raise UserError(f"model {missing[0]!r} of the recipe is not among the sources ({', '.join(sources)})")
     reference = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else names[0])
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
-    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order)
+    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order, strict=strict)
     planned, _ = mat.plan(recipe)
     ref = mat.sources[reference]
     out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
@@ -79,7 +84,10 @@ def write_checkpoint(
         if ref_path is not None and (ref_path / "generation_config.json").is_file():
             shutil.copy2(ref_path / "generation_config.json", tmp / "generation_config.json")
         paths = {n: str(p.resolve()) if (p := _path_of(s)) is not None else n for n, s in used.items()}
-        (tmp / "README.md").write_text(model_card(recipe, paths, out.name, tie_order))
+        paths.update((n, r) for n, r in (pinned or {}).items() if n in used)
+        replay = recipe.renamed(paths)
+        (tmp / "recipe.yaml").write_text(replay.to_yaml())
+        (tmp / "README.md").write_text(model_card(replay, paths, out.name, tie_order))
         if expressible(recipe) is None:
             (tmp / "mergekit_config.yml").write_text(to_mergekit(recipe, paths))
         _replace(tmp, out)
@@ -89,13 +97,15 @@ def write_checkpoint(
     return out
 
 
-def model_card(recipe: Recipe, paths: Mapping[str, str], title: str, tie_order: str = "index") -> str:
+def model_card(replay: Recipe, paths: Mapping[str, str], title: str, tie_order: str = "index") -> str:
+    """The card: the sources by name and reference, and `replay`, the recipe naming them by reference, as recipe.yaml holds it."""
     lines = [
         "---", "library_name: transformers", "tags:", "- merge", "- evomerge", "---", f"# {title}", "",
-        f"Merged with evomerge using **{recipe.merge_method}**.", "", "## Source models", "",
+        f"Merged with evomerge using **{replay.merge_method}**.", "", "## Source models", "",
     ]
     lines += [f"- `{name}`: `{path}`" for name, path in paths.items()]
-    lines += ["", "## Recipe", "", f"Replay it with `evomerge merge recipe.yaml -o OUT --tie-order {tie_order}`:", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    lines += ["", "## Recipe", "", f"recipe.yaml, beside this card; replay it with `evomerge merge recipe.yaml -o OUT --tie-order {tie_order}`:",
+              "", "```yaml", replay.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
 
 
