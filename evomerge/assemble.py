@@ -185,24 +185,9 @@ class WorkerFactory:
         if self.sources and cfg.fitness.backend != "api":  # before anything loads: no score from other weights
             from evomerge.merge import identity
 
-            identity.check(self.sources, cfg.sources, where=_here())
+            identity.check(self.sources, cfg.sources)
         space = build_space(cfg)
         return Worker(build_fitness(cfg), handle=build_handle(cfg), decode=space.decode, names=space.names())
-
-
-def _here() -> str:
-    """This process's machine, and its Ray node when it is a Ray worker."""
-    import socket
-
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-            ctx = ray.get_runtime_context()
-            return f"node {socket.gethostname()}/{ctx.get_node_id()[:8]}"
-    except ImportError:
-        pass
-    return f"this machine ({socket.gethostname()})"
 
 
 def build_executor(cfg: RunConfig, *, address: str | None = None, sources: dict[str, dict[str, str]] | None = None):
@@ -307,7 +292,7 @@ def _source_identity(cfg: RunConfig, store: Any) -> dict[str, dict[str, str]] | 
         return identity.fingerprints(cfg.sources)
     recorded = store.sources
     if recorded:
-        identity.check(recorded, cfg.sources, where=_here())
+        identity.check(recorded, cfg.sources)
     return recorded
 
 

@@ -42,6 +42,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
             ids = [int(run.best(None if first_objective else best)["id"])]
         recipes = {i: run.recipe(i) for i in ids}
         cfg = run.config
+        identity = run.store.sources
     finally:
         run.close()
     sources = {k: str(v) for k, v in (cfg.get("sources") or {}).items()}
@@ -52,11 +53,15 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
     for i, target in targets.items():
         if target.exists():
             raise UserError(f"{target} already exists; choose another -o")
+    if fmt == "hf" and identity:  # the weights written are the ones scored, or nothing is written
+        from evomerge.merge.identity import check
+
+        check(identity, sources)
     for i, target in targets.items():
         if fmt == "recipe":
             _write_text(target, recipes[i].to_yaml())
         elif fmt == "mergekit":
             _write_text(target, to_mergekit(recipes[i], pinned))
         else:  # the writer stages in a temporary folder and renames it into place
-            write_checkpoint(recipes[i], sources, target, base=cfg.get("base"), pinned=pinned)
+            write_checkpoint(recipes[i], sources, target, base=cfg.get("base"), pinned=pinned, identity=identity)
     return list(targets.values())

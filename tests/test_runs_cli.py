@@ -243,7 +243,7 @@ def test_a_model_run_prints_only_evomerges_lines_and_its_best_values_at_80_colum
     assert any("Loading weights" in ln for ln in lines), lines  # transformers' bar: what the default hides
 
 
-def test_resume_refuses_a_source_that_changed_since_the_run_started(tmp_path, tiny_models, capsys, monkeypatch):
+def test_resume_and_export_refuse_a_source_that_changed_since_the_run_started(tmp_path, tiny_models, capsys, monkeypatch):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -255,7 +255,7 @@ def test_resume_refuses_a_source_that_changed_since_the_run_started(tmp_path, ti
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(3)))
     cfg = {"sources": {k: str(v) for k, v in sources.items()}, "base": "base",
-           "space": {"name": "layer_weights", "options": {"method": "linear"}}, "optimizer": {"name": "random"},
+           "space": {"name": "layer_weights", "options": {"method": "ties"}}, "optimizer": {"name": "random"},
            "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["teacher_exact"]}]},
            "budget": {"evaluations": 2}, "seed": 1}
     run_dir = tmp_path / "run"
@@ -263,6 +263,10 @@ def test_resume_refuses_a_source_that_changed_since_the_run_started(tmp_path, ti
     assert code == 0, err
     with RunStore.open(run_dir, readonly=True) as s:
         assert set(s.sources) == {"base", "a", "b"} and "model.safetensors" in s.sources["a"]
+        digest = s.sources["a"]["model.safetensors"]
+    code, _, err = _cli(capsys, "export", str(run_dir), "--best", "-o", str(tmp_path / "best"))
+    assert code == 0, err
+    assert f"`model.safetensors` sha256 `{digest}`" in (tmp_path / "best" / "README.md").read_text()
     weights = sources["a"] / "model.safetensors"
     tensors = load_file(weights)
     name = sorted(tensors)[0]
@@ -272,3 +276,6 @@ def test_resume_refuses_a_source_that_changed_since_the_run_started(tmp_path, ti
     code, _, err = _cli(capsys, "resume", str(run_dir), "--evaluations", "4", "-q")
     _one_line_error(code, err, "source 'a'", f"{weights} differs from the run's")
     assert (run_dir / "run.sqlite").read_bytes() == before  # nothing written
+    code, _, err = _cli(capsys, "export", str(run_dir), "--best", "-o", str(tmp_path / "again"))
+    _one_line_error(code, err, "source 'a'", f"{weights} differs from the run's")  # not weights other than scored
+    assert not (tmp_path / "again").exists()

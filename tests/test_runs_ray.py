@@ -178,7 +178,7 @@ def test_a_node_holding_another_checkpoint_at_the_same_path_is_refused(tmp_path,
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(3)))
     cfg = {"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
-           "space": {"name": "layer_weights", "options": {"method": "linear"}}, "optimizer": {"name": "random"},
+           "space": {"name": "layer_weights", "options": {"method": "ties"}}, "optimizer": {"name": "random"},
            "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["teacher_exact"]}]},
            "budget": {"evaluations": 2}, "seed": 1}
     here = Path(__file__).resolve().parent

@@ -73,7 +73,21 @@ def fingerprints(sources: Mapping[str, str | Path]) -> dict[str, dict[str, str]]
     return {name: fingerprint(path) for name, path in sources.items()}
 
 
-def check(recorded: Mapping[str, Mapping[str, str]], sources: Mapping[str, str | Path], where: str) -> None:
+def _here() -> str:
+    """This process's machine, and its Ray node when it is a Ray worker."""
+    import socket
+
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            return f"node {socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except ImportError:
+        pass
+    return f"this machine ({socket.gethostname()})"
+
+
+def check(recorded: Mapping[str, Mapping[str, str]], sources: Mapping[str, str | Path]) -> None:
     """The sources here are the recorded ones, file by file, or one line naming source, place and file."""
     for name, want in recorded.items():
         if name not in sources:
@@ -89,5 +103,5 @@ def check(recorded: Mapping[str, Mapping[str, str]], sources: Mapping[str, str |
                 what = "was not there when the run started"
             else:
                 what = f"differs from the run's (sha256 {got[file][:12]} here, {want[file][:12]} recorded)"
-            raise UserError(f"source {name!r} on {where}: {path} {what}; every worker must read the checkpoint the "
+            raise UserError(f"source {name!r} on {_here()}: {path} {what}; every worker must read the checkpoint the "
                             "run started with")

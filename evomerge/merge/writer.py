@@ -47,12 +47,14 @@ def write_checkpoint(
     progress: bool | None = None,
     pinned: Mapping[str, str] | None = None,
     strict: bool = False,
+    identity: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
     """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`. `tie_order`: which
     equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index".
     `pinned`: how the card and recipe.yaml name each source (a path or a Hub ID at its commit; default: its
     directory), so that `evomerge merge OUT/recipe.yaml` replays the merge. `strict`: a parameter filter that
-    matches no tensor is an error, not a warning."""
+    matches no tensor is an error, not a warning. `identity`: the sources' files and sha256 (a run's record,
+    evomerge/merge/identity.py), listed on the card."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -87,7 +89,7 @@ def write_checkpoint(
         paths.update((n, r) for n, r in (pinned or {}).items() if n in used)
         replay = recipe.renamed(paths)
         (tmp / "recipe.yaml").write_text(replay.to_yaml())
-        (tmp / "README.md").write_text(model_card(replay, paths, out.name, tie_order))
+        (tmp / "README.md").write_text(model_card(replay, paths, out.name, tie_order, identity))
         if expressible(recipe) is None:
             (tmp / "mergekit_config.yml").write_text(to_mergekit(recipe, paths))
         _replace(tmp, out)
@@ -97,13 +99,17 @@ def write_checkpoint(
     return out
 
 
-def model_card(replay: Recipe, paths: Mapping[str, str], title: str, tie_order: str = "index") -> str:
-    """The card: the sources by name and reference, and `replay`, the recipe naming them by reference, as recipe.yaml holds it."""
+def model_card(replay: Recipe, paths: Mapping[str, str], title: str, tie_order: str = "index",
+               identity: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """The card: the sources by name and reference (and the sha256 of their files, when known), and `replay`, the
+    recipe naming them by reference, as recipe.yaml holds it."""
     lines = [
         "---", "library_name: transformers", "tags:", "- merge", "- evomerge", "---", f"# {title}", "",
         f"Merged with evomerge using **{replay.merge_method}**.", "", "## Source models", "",
     ]
-    lines += [f"- `{name}`: `{path}`" for name, path in paths.items()]
+    for name, path in paths.items():
+        lines.append(f"- `{name}`: `{path}`")
+        lines += [f"  - `{file}` sha256 `{digest}`" for file, digest in sorted((identity or {}).get(name, {}).items())]
     lines += ["", "## Recipe", "", f"recipe.yaml, beside this card; replay it with `evomerge merge recipe.yaml -o OUT --tie-order {tie_order}`:",
               "", "```yaml", replay.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
