@@ -218,6 +218,13 @@ def prepare(cfg: RunConfig, *, address: str | None = None):
         raise UserError(f"config: fitness.racing and fitness.subset score subsets of the examples: the function "
                         f"{cfg.fitness.function} must take `examples` (indices) and return one per-example score each")
     build_optimizer(cfg, space, objectives)  # fail on bad options now, before a store exists
+    if space.decode is not None and cfg.sources and cfg.fitness.backend != "api":
+        from evomerge.merge import Materializer
+
+        # a recipe the space cannot merge (a method's parameter it never sets) is a config mistake: one line now,
+        # not a failed evaluation per candidate (headers only, nothing merged)
+        sources = {k: str(v) for k, v in cfg.sources.items()}
+        Materializer(sources, base=cfg.base, prefault=False).plan(space.decode(space.initial()))
     return space, objectives, plan_run(cfg, space, fitness, address=address)
 
 

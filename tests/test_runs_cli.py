@@ -279,3 +279,16 @@ def test_resume_and_export_refuse_a_source_that_changed_since_the_run_started(tm
     code, _, err = _cli(capsys, "export", str(run_dir), "--best", "-o", str(tmp_path / "again"))
     _one_line_error(code, err, "source 'a'", f"{weights} differs from the run's")  # not weights other than scored
     assert not (tmp_path / "again").exists()
+
+
+def test_a_space_whose_recipes_cannot_merge_is_one_line_before_the_run(tmp_path, tiny_models, capsys):
+    """layer_weights over `linear` never sets the base's weight: said at start, not as a failed evaluation each."""
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"prompt": "1+1=", "reference": "2"}) + "\n")
+    cfg = {"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "linear"}}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["teacher_exact"]}]},
+           "budget": {"evaluations": 2}, "seed": 1}
+    code, _, err = _cli(capsys, "run", str(_write(tmp_path, cfg)), "--run-dir", str(tmp_path / "run"), "-q")
+    _one_line_error(code, err, "missing required parameter 'weight' for model 'base'")
+    assert not (tmp_path / "run").exists()

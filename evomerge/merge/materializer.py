@@ -223,9 +223,11 @@ class Materializer:
                 bound = f"at least {method.min_inputs}"
             raise UserError(f"{method.name} takes {bound} input models (base included), got {n}")
         for p in planned:
-            for inp in p.inputs:
+            for i, inp in enumerate(p.inputs):
                 if not self._has(inp.model, inp.tensor):
                     raise UserError(f"model {inp.model!r} has no tensor {inp.tensor} (check the slices' layer_range)")
+                for spec in method.model_params(i == p.base):  # a parameter missing anywhere: said before any merge
+                    resolve(spec, inp.scopes, inp.tensor, p.t, f"model {inp.model!r} at {inp.tensor}")
 
     def _shape(self, p: Planned) -> tuple[int, ...]:
         return self.sources[self.reference].shape(p.inputs[0].tensor)
