@@ -1,4 +1,5 @@
-"""What this machine has, as the dry-run plan and the materializer read it: host memory available."""
+"""What this machine has, as the dry-run plan and the materializer read it: host memory available; and where
+evomerge keeps what it computes once per machine (its cache directory)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,13 @@ from pathlib import Path
 from evomerge.records import UserError
 
 LIMIT_ENV = "EVOMERGE_MEMORY_LIMIT"  # host bytes to assume available, instead of MemAvailable
+CACHE_ENV = "EVOMERGE_CACHE"  # evomerge's cache directory, instead of ~/.cache/evomerge
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder of evomerge's per-machine cache (EVOMERGE_CACHE, default ~/.cache/evomerge), not created here."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root or Path.home() / ".cache" / "evomerge").joinpath(*parts)
 
 
 def host_available() -> int | None:
