@@ -68,6 +68,7 @@ def test_ties_merges_a_tied_sources_embedding_as_its_head(family, tied, family_m
     paths[tied] = flip_tying(paths[tied], tmp_path / f"{tied}_tied", family)
     sd = {k: load_checkpoint(p) for k, p in paths.items()}
     assert HEAD not in sd[tied] and HEAD in sd["b"]
+    assert torch.equal(loaded(paths[tied])[HEAD], sd[tied][EMBED])  # the head the tied source computes with
     reference = ties(head(sd["base"]), [head(sd["a"]), head(sd["b"])], list(WEIGHTS.values()))
     ours = loaded(write_checkpoint(Recipe.from_dict(TIES), {k: str(p) for k, p in paths.items()}, tmp_path / "ours"))
     assert close(ours[HEAD], reference)
