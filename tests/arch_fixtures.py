@@ -2,10 +2,13 @@
 and two experts (base plus a random delta), each a checkpoint directory with the char tokenizer."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 import transformers as T
+from safetensors.torch import load_file, save_file
 
 from evomerge.zoo.tokenizer import save_char_tokenizer
 
@@ -66,3 +69,23 @@ def build_family(family: str, root: Path, *, tie: bool | None = None,
         expert.save_pretrained(paths[name])
         save_char_tokenizer(paths[name])
     return paths
+
+
+def flip_tying(src: Path, dst: Path, family: str) -> Path:
+    """A copy of checkpoint `src` at `dst` with the opposite tie_word_embeddings: a tied copy drops its
+    head (transformers then reads the embedding as the head); an untied one stores its embedding plus
+    noise as the head."""
+    from evomerge import arch
+
+    f = arch.family(family)
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["tie_word_embeddings"] = not cfg["tie_word_embeddings"]
+    if cfg["tie_word_embeddings"]:
+        del sd[f.head]
+    else:
+        sd[f.head] = sd[f.pre[0]] + 0.05 * torch.randn_like(sd[f.pre[0]])
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst

@@ -253,27 +253,12 @@ def test_experts_with_other_tying_merge_as_mergekit_does(family, family_models, 
     """A source that ties its head to its embedding merges its embedding into the head the others store
     (mergekit's rule); transformers loads a stored head that differs from the embedding untied, and so
     does the HF handle's resident model."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     from evomerge.fitness.hf import HFHandle
+    from tests.arch_fixtures import flip_tying
 
     paths = dict(family_models(family))
     f = arch.family(family)
-    embedding = f.pre[0]
-    other = tmp_path / "a_other"
-    shutil.copytree(paths["a"], other)
-    sd = load_file(other / "model.safetensors")
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["tie_word_embeddings"] = not cfg["tie_word_embeddings"]
-    if cfg["tie_word_embeddings"]:
-        del sd[f.head]
-    else:
-        sd[f.head] = sd[embedding] + 0.05 * torch.randn_like(sd[embedding])
-    save_file(sd, other / "model.safetensors", metadata={"format": "pt"})
-    (other / "config.json").write_text(json.dumps(cfg))
-    paths["a"] = other
+    paths["a"] = flip_tying(paths["a"], tmp_path / "a_other", family)
     sources = {k: str(v) for k, v in paths.items()}
     recipe = {"merge_method": "task_arithmetic", "base_model": "base",
               "models": [{"model": "a", "parameters": {"weight": 0.7}}, {"model": "b", "parameters": {"weight": 0.4}}]}
