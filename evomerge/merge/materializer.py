@@ -63,7 +63,9 @@ def default_threads() -> int:
 class Materializer:
     """Memory-mapped sources; `materialize(recipe)`, `tensors(recipe)` and `load_into(recipe, module)`.
     `prefault`: map the sources' pages in the background from now (sources.map_pages); off for one that only
-    plans."""
+    plans. `tokenizer_source` (base, union or a source): the sources' embeddings and heads read in that
+    vocabulary (evomerge.merge.vocab; `base_model` False: `base` only names the reference, as when a recipe
+    has no base_model); every recipe merged then has this tokenizer_source or none."""
 
     def __init__(
         self,
@@ -77,6 +79,8 @@ class Materializer:
         tie_order: str = "index",
         prefault: bool = True,
         strict: bool = False,
+        tokenizer_source: str | None = None,
+        base_model: bool = True,
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
@@ -88,7 +92,13 @@ class Materializer:
         self.reference = base if base is not None else next(iter(self.sources))
         if self.reference not in self.sources:
             raise UserError(f"base {self.reference!r} is not among the sources ({', '.join(self.sources)})")
-        check_compatible(self.sources, self.reference)
+        self.tokenizer_source = tokenizer_source
+        self.tokenizer = None  # the output tokenizer (transformers) when the sources' vocabularies are aligned
+        if tokenizer_source is not None:
+            from evomerge.merge.vocab import align
+
+            self.tokenizer = align(self.sources, self.reference, tokenizer_source, base_model=base_model)
+        check_compatible(self.sources, self.reference, tokens=tokenizer_source is None)
         self.mapping = map_pages(self.sources) if prefault else None  # the thread mapping them, if any
         self.device = torch.device(device)
         self.dtype = dtype
@@ -202,6 +212,9 @@ class Materializer:
 
     def _prepare(self, recipe: Recipe) -> tuple[Method, list[Planned], int, int]:
         """The method, the plan, the number of output layers and the seed (0 when the recipe has none)."""
+        if recipe.tokenizer_source not in (None, self.tokenizer_source):
+            raise UserError(f"the recipe's tokenizer_source {recipe.tokenizer_source!r} is not the one the sources were "
+                            f"opened with ({self.tokenizer_source!r})")
         method = registry.get(recipe.merge_method)
         planned, layers = plan(recipe, self.names, config=self.sources[self.reference].config, strict=self.strict)
         self._validate(method, recipe, planned)
