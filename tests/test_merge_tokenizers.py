@@ -14,6 +14,7 @@ import yaml
 from evomerge.merge.writer import write_checkpoint
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
+from evomerge.zoo.tokenizer import SPECIAL
 from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
 
 FAMILIES = ["llama", "qwen2"]
@@ -35,10 +36,38 @@ def _with_rows(src: Path, out: Path, rows: int, tokenizer: T.PreTrainedTokenizer
     tokenizer.save_pretrained(out)
 
 
+def _remapped(src: Path, out: Path, seed: int) -> None:
+    """`src` with its tokens renumbered (the ordinary ones in reverse), three of them dropped and ChatML added;
+    its embedding and head rows moved with their tokens (ChatML's random)."""
+    model = T.AutoModelForCausalLM.from_pretrained(src).eval()
+    data = json.loads((src / "tokenizer.json").read_text())
+    old = data["model"]["vocab"]
+    specials = [t for t in old if old[t] < len(SPECIAL)]
+    kept = [t for t in sorted(old, key=old.get) if t not in specials][:-3][::-1]
+    data["model"]["vocab"] = {t: i for i, t in enumerate([*specials, *kept])}
+    out.mkdir(parents=True)
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    (out / "tokenizer_config.json").write_text((src / "tokenizer_config.json").read_text())
+    tok = T.AutoTokenizer.from_pretrained(out)
+    tok.add_special_tokens({"additional_special_tokens": CHATML})
+    order = torch.tensor([old[t] for t in [*specials, *kept]])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        stored = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values()
+        rows = [torch.cat([w[order], torch.randn(len(CHATML), w.shape[1], generator=gen) * 0.05]) for w in stored]
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        for w, r in zip({id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values(), rows):
+            w.copy_(r)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def vocab_models(family_models, tmp_path_factory):
     """Per family: base (char tokenizer, 128 rows: padded already), chat (expert a plus ChatML tokens, rows =
-    its vocabulary, its own chat template) and padded (expert b, same tokenizer, 160 rows)."""
+    its vocabulary, its own chat template), padded (expert b, same tokenizer, 160 rows) and remapped (expert b
+    with tokens renumbered, three missing, ChatML added): every filler rule of mergekit's is taken (ChatML
+    from one model or the mean of two, a token some lack from the base or the mean of the rest)."""
     root = tmp_path_factory.mktemp("vocab")
     built: dict = {}
 
@@ -48,18 +77,18 @@ def vocab_models(family_models, tmp_path_factory):
             chat_tok = T.AutoTokenizer.from_pretrained(paths["a"])
             chat_tok.add_special_tokens({"additional_special_tokens": CHATML})
             chat_tok.chat_template = TEMPLATE
-            out = {"base": paths["base"], "chat": root / family / "chat", "padded": root / family / "padded"}
+            out = {"base": paths["base"], **{k: root / family / k for k in ("chat", "padded", "remapped")}}
             _with_rows(paths["a"], out["chat"], len(chat_tok), chat_tok, 1)
             _with_rows(paths["b"], out["padded"], PADDED, T.AutoTokenizer.from_pretrained(paths["b"]), 2)
+            _remapped(paths["b"], out["remapped"], 3)
             built[family] = out
         return built[family]
 
     return get
 
 
-def _config(method: str, tokenizer_source: str) -> dict:
-    models = [{"model": "chat", "parameters": {"weight": 0.6, "density": 0.7}},
-              {"model": "padded", "parameters": {"weight": 0.5, "density": 0.7}}]
+def _config(method: str, tokenizer_source: str, experts: tuple[str, ...] = ("chat", "padded")) -> dict:
+    models = [{"model": m, "parameters": {"weight": 0.6 - 0.1 * i, "density": 0.7}} for i, m in enumerate(experts)]
     if method == "linear":
         models = [{"model": "base", "parameters": {"weight": 0.3}},
                   *({"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in models)]
@@ -86,10 +115,13 @@ def _vocab_size(path: Path) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("source,method", [("base", "ties"), ("union", "ties"), ("chat", "ties"), ("union", "linear")])
-def test_merge_equals_mergekit(family, source, method, vocab_models, tmp_path):
+@pytest.mark.parametrize("source,method,experts", [
+    ("base", "ties", ("chat", "padded")), ("union", "ties", ("chat", "padded")), ("chat", "ties", ("chat", "padded")),
+    ("union", "linear", ("chat", "padded")), ("union", "ties", ("chat", "remapped")), ("remapped", "linear", ("chat", "remapped")),
+])
+def test_merge_equals_mergekit(family, source, method, experts, vocab_models, tmp_path):
     paths = vocab_models(family)
-    cfg = _config(method, source)
+    cfg = _config(method, source, experts)
     mk = {**cfg, "tokenizer_source": str(paths[source]) if source in paths else source}
     ref = mergekit_merge(mk, paths, tmp_path / "mk")
     ours = write_checkpoint(Recipe.from_dict(cfg), {k: str(v) for k, v in paths.items()}, tmp_path / "ours",
@@ -141,7 +173,9 @@ def test_search_exports_what_mergekit_makes_of_its_config(family, vocab_models, 
     from evomerge.fitness.hf import HFHandle
     from evomerge.fitness.suite import TaskFitness
 
-    paths = vocab_models(family)
+    # mergekit takes the "base" tokenizer of a config without base_model (the space's) from a set of the models:
+    # any of them. Sources numbering their common tokens alike make its union the same whichever it takes.
+    paths = {k: v for k, v in vocab_models(family).items() if k != "remapped"}
     task = {"name": "t", "path": "task.jsonl", "metrics": ["loss"]}
     (tmp_path / "task.jsonl").write_text("".join(json.dumps({"prompt": f"<|im_start|>{i}+{i}=", "reference": str(2 * i)}) + "\n"
                                                  for i in range(3)))
@@ -161,8 +195,7 @@ def test_search_exports_what_mergekit_makes_of_its_config(family, vocab_models, 
     ref = mergekit_merge(yaml.safe_load(mk_yaml.read_text()), {}, tmp_path / "mk")
     err, where = worst_relative_error(load_checkpoint(out), ref)
     assert err < 1e-6, f"{err:.2e} at {where}"
-    # the space's recipes have no base_model: mergekit takes its "base" tokenizer's settings from any model (_config)
-    _assert_tokenizers_equal(out, tmp_path / "mk", settings=False)
+    _assert_tokenizers_equal(out, tmp_path / "mk", settings=False)  # mergekit's special tokens: any model's (above)
     rescored = TaskFitness.from_config([task], base_dir=tmp_path).evaluate(HFHandle(out)).objectives["loss/t"]
     assert rescored == pytest.approx(best["loss/t"], rel=1e-6)
 
