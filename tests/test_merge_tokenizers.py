@@ -89,11 +89,13 @@ def vocab_models(family_models, tmp_path_factory):
 
 def _config(method: str, tokenizer_source: str, experts: tuple[str, ...] = ("chat", "padded")) -> dict:
     models = [{"model": m, "parameters": {"weight": 0.6 - 0.1 * i, "density": 0.7}} for i, m in enumerate(experts)]
-    if method == "linear":
+    if method.startswith("linear"):
         models = [{"model": "base", "parameters": {"weight": 0.3}},
                   *({"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in models)]
-        # base_model named: without one, mergekit takes the "base" tokenizer from a set of the models (any of them)
-        return {"merge_method": "linear", "base_model": "base", "models": models, "tokenizer_source": tokenizer_source}
+        # without a base_model (linear-nobase: a token some model lacks takes the mean of the others' rows, not the
+        # base's), mergekit takes the "base" tokenizer from a set of the models (any): only a model as source is defined
+        base = {} if method == "linear-nobase" else {"base_model": "base"}
+        return {"merge_method": "linear", **base, "models": models, "tokenizer_source": tokenizer_source}
     return {"merge_method": method, "base_model": "base", "models": models, "parameters": {"normalize": False},
             "tokenizer_source": tokenizer_source}
 
@@ -118,6 +120,7 @@ def _vocab_size(path: Path) -> int:
 @pytest.mark.parametrize("source,method,experts", [
     ("base", "ties", ("chat", "padded")), ("union", "ties", ("chat", "padded")), ("chat", "ties", ("chat", "padded")),
     ("union", "linear", ("chat", "padded")), ("union", "ties", ("chat", "remapped")), ("remapped", "linear", ("chat", "remapped")),
+    ("chat", "linear", ("chat", "remapped")), ("chat", "linear-nobase", ("chat", "remapped")),
 ])
 def test_merge_equals_mergekit(family, source, method, experts, vocab_models, tmp_path):
     paths = vocab_models(family)
@@ -210,3 +213,19 @@ def test_run_config_refuses_a_tokenizer_source_naming_no_source(vocab_models, tm
     with pytest.raises(UserError, match="tokenizer_source 'nobody' names no source") as e:
         load_config(tmp_path / "run.yaml")
     assert "\n" not in str(e.value)
+
+
+def test_one_materializer_fills_rows_as_each_recipe_needs(vocab_models, tmp_path):
+    """A search's materializer, opened once, merges recipes with and without a base_model (mergekit's filler
+    rows differ: the base's row or the mean) as a fresh merge of each does."""
+    from evomerge.merge import Materializer
+
+    paths = {k: str(v) for k, v in vocab_models("llama").items()}
+    mat = Materializer(paths, base="base", tokenizer_source="chat")
+    recipes = [Recipe.from_dict(_config(m, "chat", ("chat", "remapped"))) for m in ("linear-nobase", "ties", "linear-nobase")]
+    for i, recipe in enumerate(recipes):
+        fresh = load_checkpoint(write_checkpoint(recipe, paths, tmp_path / str(i), tie_order="index"))
+        ours = mat.materialize(recipe)
+        assert all(torch.equal(ours[k], fresh[k]) for k in fresh), i
+    with pytest.raises(UserError, match="tokenizer_source 'union' is not the one the sources were opened with"):
+        mat.materialize(Recipe.from_dict(_config("ties", "union")))

@@ -64,8 +64,8 @@ class Materializer:
     """Memory-mapped sources; `materialize(recipe)`, `tensors(recipe)` and `load_into(recipe, module)`.
     `prefault`: map the sources' pages in the background from now (sources.map_pages); off for one that only
     plans. `tokenizer_source` (base, union or a source): the sources' embeddings and heads read in that
-    vocabulary (evomerge.merge.vocab; `base_model` False: `base` only names the reference, as when a recipe
-    has no base_model); every recipe merged then has this tokenizer_source or none."""
+    vocabulary (evomerge.merge.vocab), their filler rows by mergekit's rules for each recipe (with or without
+    a base_model); every recipe merged then has this tokenizer_source or none."""
 
     def __init__(
         self,
@@ -80,7 +80,6 @@ class Materializer:
         prefault: bool = True,
         strict: bool = False,
         tokenizer_source: str | None = None,
-        base_model: bool = True,
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
@@ -94,10 +93,15 @@ class Materializer:
             raise UserError(f"base {self.reference!r} is not among the sources ({', '.join(self.sources)})")
         self.tokenizer_source = tokenizer_source
         self.tokenizer = None  # the output tokenizer (transformers) when the sources' vocabularies are aligned
+        self._vocabulary = None  # the output vocabulary (evomerge.merge.vocab) when a tokenizer_source aligns them
+        self._aligned: dict[tuple, dict] = {}  # (models, base) -> their rows in it, kept across candidates
+        self._aligned_for: tuple | None = None  # the (models, base) whose rows the sources read now
         if tokenizer_source is not None:
-            from evomerge.merge.vocab import align
+            from evomerge.merge.vocab import vocabulary
 
-            self.tokenizer = align(self.sources, self.reference, tokenizer_source, base_model=base_model)
+            self._vocabulary = vocabulary(self.sources, self.reference, tokenizer_source)
+            self.tokenizer = self._vocabulary.tokenizer
+            self._align(tuple(self.sources), self.reference)
         check_compatible(self.sources, self.reference, tokens=tokenizer_source is None)
         self.mapping = map_pages(self.sources) if prefault else None  # the thread mapping them, if any
         self.device = torch.device(device)
@@ -215,10 +219,23 @@ class Materializer:
         if recipe.tokenizer_source not in (None, self.tokenizer_source):
             raise UserError(f"the recipe's tokenizer_source {recipe.tokenizer_source!r} is not the one the sources were "
                             f"opened with ({self.tokenizer_source!r})")
+        self._align(tuple(n for n in recipe.source_names() if n in self.sources),
+                    recipe.base_model if isinstance(recipe.base_model, str) else None)
         method = registry.get(recipe.merge_method)
         planned, layers = plan(recipe, self.names, config=self.sources[self.reference].config, strict=self.strict)
         self._validate(method, recipe, planned)
         return method, planned, layers, 0 if recipe.seed is None else recipe.seed
+
+    def _align(self, models: tuple[str, ...], base: str | None) -> None:
+        """The sources' embeddings and heads read with the filler rows of a merge of `models` with base model
+        `base` (mergekit's depend on both)."""
+        if self._vocabulary is None or not models or self._aligned_for == (models, base):
+            return
+        if (models, base) not in self._aligned:
+            self._aligned[models, base] = self._vocabulary.rows(self.sources, models, base)
+        for (source, tensor), rows in self._aligned[models, base].items():
+            self.sources[source].realign(tensor, rows)
+        self._aligned_for = (models, base)
 
     def _validate(self, method: Method, recipe: Recipe, planned: list[Planned]) -> None:
         first = planned[0] if planned else None

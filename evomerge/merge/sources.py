@@ -232,10 +232,13 @@ class Source:
 
     def get(self, name: str) -> torch.Tensor:
         rows = self._rows.get(name)
-        stored = self._aliases.get(name, name)
-        t = self._tensors[stored]
-        t = t if isinstance(t, torch.Tensor) else t.get(stored)
-        return t if rows is None else rows.apply(t)
+        return self.stored(name) if rows is None else rows.apply(self.stored(name))
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor as stored (in its own vocabulary where `get` realigns it)."""
+        name = self._aliases.get(name, name)
+        t = self._tensors[name]
+        return t if isinstance(t, torch.Tensor) else t.get(name)
 
     @property
     def architectures(self) -> list[str]:

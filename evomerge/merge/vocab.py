@@ -42,6 +42,65 @@ class Rows:
         return out
 
 
+Aligned = dict[tuple[str, str], Rows]  # (source, tensor) -> its rows in the output vocabulary
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The output vocabulary: its tokenizer (transformers), each source's row of every output token (-1: it
+    lacks it) and the tensors indexed by token (the family's input embedding and head)."""
+
+    tokenizer: Any
+    ids: Mapping[str, torch.Tensor]
+    tensors: tuple[str, ...]
+
+    def rows(self, sources: Mapping[str, Source], models: tuple[str, ...], base: str | None) -> Aligned:
+        """How `models` read each tensor in this vocabulary when they merge with base model `base` (None: the
+        recipe has none). The filler rows, as mergekit's: a token only one of them has, its row; else the base's
+        when it has it; else the mean of theirs; zero when none has it. Already aligned sources are not listed."""
+        out: Aligned = {}
+        for tensor in self.tensors:
+            out.update(self._rows(sources, models, base, tensor))
+        return out
+
+    def _rows(self, sources: Mapping[str, Source], models: tuple[str, ...], base: str | None, tensor: str) -> Aligned:
+        stored = {n: sources[n].stored(tensor) for n in models}
+        for n in models:
+            if stored[n].shape[1:] != stored[models[0]].shape[1:]:
+                raise UserError(f"tensor {tensor} has shape {list(stored[models[0]].shape)} in {models[0]!r} "
+                                f"but {list(stored[n].shape)} in {n!r}")
+        dtype = stored[models[0]].dtype
+        for t in stored.values():
+            dtype = torch.promote_types(dtype, t.dtype)
+        present = torch.stack([self.ids[n] >= 0 for n in models])  # (models, vocabulary)
+        missing = (~present).any(0).nonzero().flatten()  # output rows some model lacks: they get filler rows
+        have = present[:, missing]
+        count = have.sum(0)
+
+        def rows(n: str, where: torch.Tensor) -> torch.Tensor:
+            return stored[n].index_select(0, self.ids[n][missing[where]]).to(dtype)
+
+        fill = torch.zeros((len(missing), *stored[models[0]].shape[1:]), dtype=dtype)
+        base_has = have[models.index(base)] & (count > 1) if base in models else torch.zeros_like(count, dtype=torch.bool)
+        mean = (count > 1) & ~base_has
+        total = fill[mean]
+        for i, n in enumerate(models):
+            only = have[i] & (count == 1)
+            fill[only] = rows(n, only)
+            total[have[i][mean]] = total[have[i][mean]] + rows(n, mean & have[i])
+        if base in models:
+            fill[base_has] = rows(base, base_has)
+        fill[mean] = total / count[mean].to(dtype).view(-1, *[1] * (fill.dim() - 1))
+        out: Aligned = {}
+        for i, n in enumerate(models):
+            lacks = ~have[i]
+            index = self.ids[n].clamp(min=0)
+            if len(index) == stored[n].shape[0] and not lacks.any() and bool((index == torch.arange(len(index))).all()):
+                continue  # already in the output vocabulary
+            out[n, tensor] = Rows(index, missing[lacks], fill[lacks].clone(), dtype)
+        return out
+
+
 def check_source(tokenizer_source: str | None, models: list[str] | Mapping[str, Any]) -> None:
     """`tokenizer_source` is base, union or one of `models`: else one line naming it."""
     if tokenizer_source not in (None, "base", "union") and tokenizer_source not in models:
@@ -49,10 +108,8 @@ def check_source(tokenizer_source: str | None, models: list[str] | Mapping[str, 
                         f"(use base, union or one of {', '.join(models)})")
 
 
-def align(sources: Mapping[str, Source], base: str, tokenizer_source: str, *, base_model: bool = True) -> Any:
-    """Set every source's embedding and head to read in the output vocabulary of `tokenizer_source`;
-    returns the output tokenizer (transformers). `base` is the base model (the first model when the recipe
-    has none: `base_model` False, and then its rows are not preferred for a token some model lacks)."""
+def vocabulary(sources: Mapping[str, Source], base: str, tokenizer_source: str) -> Vocabulary:
+    """The output vocabulary of `tokenizer_source` over `sources` (`base`: the base model, else the first)."""
     check_source(tokenizer_source, sources)
     tokenizers = {name: _tokenizer(src) for name, src in sources.items()}
     if tokenizers[base] is None:
@@ -72,45 +129,7 @@ def align(sources: Mapping[str, Source], base: str, tokenizer_source: str, *, ba
     ids = {n: torch.tensor([v.get(t, -1) for t in tokens], dtype=torch.long) for n, v in vocabs.items()}
     ref = sources[base]
     family = arch.lookup(ref.config, ref.names())
-    for tensor in dict.fromkeys(t for t in (*family.pre[:1], family.head) if t in ref):
-        _align_tensor(sources, base, tensor, ids, base_model)
-    return out
-
-
-def _align_tensor(sources: Mapping[str, Source], base: str, tensor: str, ids: Mapping[str, torch.Tensor],
-                  base_model: bool) -> None:
-    names = list(sources)
-    shapes = {n: sources[n].shape(tensor) for n in names}
-    for n in names:
-        if shapes[n][1:] != shapes[base][1:]:
-            raise UserError(f"tensor {tensor} has shape {list(shapes[base])} in {base!r} but {list(shapes[n])} in {n!r}")
-    dtype = sources[base].get(tensor).dtype
-    for n in names:
-        dtype = torch.promote_types(dtype, sources[n].get(tensor).dtype)
-    present = torch.stack([ids[n] >= 0 for n in names])  # (models, vocabulary)
-    missing = (~present).any(0).nonzero().flatten()  # output rows some model lacks: they get filler rows
-    have = present[:, missing]
-    count = have.sum(0)
-
-    def rows(n: str, where: torch.Tensor) -> torch.Tensor:
-        return sources[n].get(tensor).index_select(0, ids[n][missing[where]]).to(dtype)
-
-    fill = torch.zeros((len(missing), *shapes[base][1:]), dtype=dtype)
-    base_has = have[names.index(base)] & (count > 1) & base_model
-    mean = (count > 1) & ~base_has
-    total = fill[mean]
-    for i, n in enumerate(names):
-        only = have[i] & (count == 1)
-        fill[only] = rows(n, only)
-        total[have[i][mean]] = total[have[i][mean]] + rows(n, mean & have[i])
-    fill[base_has] = rows(base, base_has)
-    fill[mean] = total / count[mean].to(dtype).view(-1, *[1] * (fill.dim() - 1))
-    for i, n in enumerate(names):
-        lacks = ~have[i]
-        index = ids[n].clamp(min=0)
-        if len(index) == shapes[n][0] and not lacks.any() and bool((index == torch.arange(len(index))).all()):
-            continue  # already in the output vocabulary
-        sources[n].realign(tensor, Rows(index, missing[lacks], fill[lacks].clone(), dtype))
+    return Vocabulary(out, ids, tuple(dict.fromkeys(t for t in (*family.pre[:1], family.head) if t in ref)))
 
 
 def _tokenizer(src: Source) -> Any:

@@ -65,7 +65,7 @@ def write_checkpoint(
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
     check_source(recipe.tokenizer_source, used)
     mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order, strict=strict,
-                       tokenizer_source=recipe.tokenizer_source, base_model=isinstance(recipe.base_model, str))
+                       tokenizer_source=recipe.tokenizer_source)
     planned, _ = mat.plan(recipe)
     ref = mat.sources[reference]
     out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
