@@ -15,9 +15,10 @@ from evomerge.merge.writer import write_checkpoint
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 from evomerge.zoo.tokenizer import SPECIAL
+from tests.arch_fixtures import build_family
 from tests.merge_fixtures import load_checkpoint, mergekit_merge, worst_relative_error
 
-FAMILIES = ["llama", "qwen2"]
+FAMILIES = ["llama", "qwen2", "llama-tied"]  # tied: no head stored, the embedding is the head
 CHATML = ["<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 PADDED = 160
@@ -73,7 +74,8 @@ def vocab_models(family_models, tmp_path_factory):
 
     def get(family: str) -> dict[str, Path]:
         if family not in built:
-            paths = family_models(family)
+            name, tied = family.removesuffix("-tied"), family.endswith("-tied")
+            paths = build_family(name, root / family / "models", tie=True) if tied else family_models(family)
             chat_tok = T.AutoTokenizer.from_pretrained(paths["a"])
             chat_tok.add_special_tokens({"additional_special_tokens": CHATML})
             chat_tok.chat_template = TEMPLATE
@@ -203,14 +205,19 @@ def test_search_exports_what_mergekit_makes_of_its_config(family, vocab_models, 
     assert rescored == pytest.approx(best["loss/t"], rel=1e-6)
 
 
-def test_run_config_refuses_a_tokenizer_source_naming_no_source(vocab_models, tmp_path):
+@pytest.mark.parametrize("change,needle", [
+    ({"tokenizer_source": "nobody"}, "tokenizer_source 'nobody' names no source"),
+    ({"tokenizer_source": "union", "fitness": {"tasks": [{"name": "t", "path": "t.jsonl"}], "backend": "vllm"}},
+     "tokenizer_source needs fitness.backend hf"),
+])
+def test_run_config_refuses_what_it_cannot_align(vocab_models, tmp_path, change, needle):
     from evomerge.config import load_config
 
-    cfg = {"sources": {k: str(v) for k, v in vocab_models("llama").items()}, "base": "base", "tokenizer_source": "nobody",
+    cfg = {"sources": {k: str(v) for k, v in vocab_models("llama").items()}, "base": "base",
            "space": {"name": "layer_swap"}, "fitness": {"tasks": [{"name": "t", "path": "t.jsonl"}]},
-           "budget": {"evaluations": 1}}
+           "budget": {"evaluations": 1}, **change}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(UserError, match="tokenizer_source 'nobody' names no source") as e:
+    with pytest.raises(UserError, match=needle) as e:
         load_config(tmp_path / "run.yaml")
     assert "\n" not in str(e.value)
 
