@@ -1,6 +1,7 @@
 """Tokenizers that differ (`tokenizer_source: base | union | <model>`), against mergekit 0.1.5: an expert with
 ChatML tokens added (its tokenizer, embedding and untied head extended, its own chat template) and one whose
-embedding has padding rows past its vocabulary, on Llama and Qwen2, in `evomerge merge` and in a search."""
+embedding has padding rows past its vocabulary (and one with its tokens renumbered, some missing), on Llama
+(untied and tied) and Qwen2, in `evomerge merge` and in a search."""
 from __future__ import annotations
 
 import json
