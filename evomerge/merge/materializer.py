@@ -64,8 +64,8 @@ class Materializer:
     """Memory-mapped sources; `materialize(recipe)`, `tensors(recipe)` and `load_into(recipe, module)`.
     `prefault`: map the sources' pages in the background from now (sources.map_pages); off for one that only
     plans. `tokenizer_source` (base, union or a source): the sources' embeddings and heads read in that
-    vocabulary (evomerge.merge.vocab), their filler rows by mergekit's rules for each recipe (with or without
-    a base_model); every recipe merged then has this tokenizer_source or none."""
+    vocabulary (evomerge.merge.vocab), with the filler rows mergekit gives each recipe (they depend on its
+    models and base_model); every recipe merged then has this tokenizer_source or none."""
 
     def __init__(
         self,
