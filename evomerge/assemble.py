@@ -5,6 +5,7 @@ worker (loading the sources once) on their own machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,14 @@ def model_facts(cfg: RunConfig) -> dict[str, Any]:
             facts["num_layers"] = n
         facts["tied_embeddings"] = family.head not in Source.open(cfg.base, conf.parent).names()
     return facts
+
+
+def decoder(cfg: RunConfig, space: Any):
+    """The space's decode, its recipes carrying the run's tokenizer_source (so that what is journaled, exported
+    and replayed merges with the rows the search scored)."""
+    if cfg.tokenizer_source is None:
+        return space.decode
+    return lambda x: dataclasses.replace(space.decode(x), tokenizer_source=cfg.tokenizer_source)
 
 
 def build_space(cfg: RunConfig):
@@ -167,7 +176,7 @@ def build_handle(cfg: RunConfig):
     from evomerge.fitness.hf import HFHandle
 
     device = resolve_device(cfg.fitness.handle.get("device"))  # the materializer writes where the model lives
-    return HFHandle(sources[cfg.base], Materializer(sources, base=cfg.base, device=device),
+    return HFHandle(sources[cfg.base], Materializer(sources, base=cfg.base, device=device, tokenizer_source=cfg.tokenizer_source),
                     **{**cfg.fitness.handle, "device": str(device)})
 
 
@@ -187,7 +196,7 @@ class WorkerFactory:
 
             identity.check(self.sources, cfg.sources)
         space = build_space(cfg)
-        return Worker(build_fitness(cfg), handle=build_handle(cfg), decode=space.decode, names=space.names())
+        return Worker(build_fitness(cfg), handle=build_handle(cfg), decode=decoder(cfg, space), names=space.names())
 
 
 def build_executor(cfg: RunConfig, *, address: str | None = None, sources: dict[str, dict[str, str]] | None = None):
@@ -285,7 +294,7 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
     b = cfg.budget
     budget = Budget(evaluations=b.evaluations, wall_time=b.wall_time, cost=b.cost, cost_key=b.cost_key,
                     examples=b.examples, tokens=b.tokens)
-    return Engine(store, lambda: build_optimizer(cfg, space, objectives), executor, budget=budget, decode=space.decode,
+    return Engine(store, lambda: build_optimizer(cfg, space, objectives), executor, budget=budget, decode=decoder(cfg, space),
                   snapshot_every=cfg.snapshot_every, on_progress=on_progress, planner=build_planner(cfg))
 
 

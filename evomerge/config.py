@@ -3,6 +3,7 @@
 ```yaml
 sources: {base: ./models/base, math: ./models/math, code: org/code@v1}   # name -> checkpoint dir, Hub ID, ...
 base: base                       # which source is the base model
+tokenizer_source: union          # optional (base | union | a source): tokenizers that differ, as mergekit's
 space: {name: layer_weights, options: {method: dare_ties}}   # or {bounds: [[0, 1], ...]} for a plain box
 optimizer: {name: cmaes, options: {sigma0: 0.17}}
 fitness: {tasks: [{name: math, path: math.jsonl, metrics: [exact]}], backend: hf, handle: {batch_size: 16}}
@@ -284,6 +285,7 @@ class RunConfig(_Strict):
     sources: dict[str, Path] = Field(default_factory=dict)  # name -> the local checkpoint directory it resolved to
     source_refs: dict[str, str] = Field(default_factory=dict)  # name -> the Hub ID at its commit (or .gguf file, model+lora)
     base: str | None = None
+    tokenizer_source: str | None = None  # base, union or a source: sources whose tokenizers differ merge aligned by token
     space: SpaceConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     fitness: FitnessConfig
@@ -306,6 +308,11 @@ class RunConfig(_Strict):
             raise ValueError(f"base {self.base!r} is not a source; sources: {', '.join(self.sources) or 'none'}")
         if self.sources and self.base is None:
             raise ValueError("base is missing: name the source that is the base model")
+        if self.tokenizer_source not in (None, "base", "union", *self.sources):
+            raise ValueError(f"tokenizer_source {self.tokenizer_source!r} names no source (use base, union or one of "
+                             f"{', '.join(self.sources)})")
+        if self.tokenizer_source is not None and self.fitness.backend == "vllm":
+            raise ValueError("tokenizer_source needs fitness.backend hf (the vLLM handle reads the base's vocabulary)")
         return self
 
     @model_validator(mode="after")

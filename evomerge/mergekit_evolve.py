@@ -109,11 +109,13 @@ def to_evomerge(data: dict[str, Any], base_dir: str | Path) -> tuple[dict[str, A
     notes = []
     if data.get("shuffle"):
         notes.append("shuffle: every candidate is scored on the same documents (the first `limit`), not a reshuffle")
-    if genome.get("tokenizer_source"):
-        notes.append(f"tokenizer_source: the merge uses the base model's tokenizer ({base})")
+    tokenizer_source = genome.get("tokenizer_source")
+    if tokenizer_source not in (None, "base", "union"):  # a model reference: the source it names
+        tokenizer_source = _source(sources, tokenizer_source, base_dir)
     config = {
         "sources": sources,
         "base": base,
+        **({"tokenizer_source": tokenizer_source} if tokenizer_source else {}),
         "space": {"name": "layer_weights", "options": options},
         "optimizer": {"name": "cmaes", "options": {"sigma0": round(SIGMA / (2.0 if negative else 1.0), 6)},
                       **({"start": "none"} if data.get("random_init") else {})},

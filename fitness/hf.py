@@ -3,6 +3,7 @@ overwritten in place for each candidate; batched greedy generation with left pad
 teacher-forced scoring with right padding."""
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,10 @@ class HFHandle:
             str(model_dir), dtype=resolve_dtype(dtype, self.device), **on_gpu).eval()
         _own_memory(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        merged = getattr(materializer, "tokenizer", None)  # sources aligned to another vocabulary (tokenizer_source)
+        if merged is not None:
+            self.model.resize_token_embeddings(len(merged.get_vocab()), mean_resizing=False)  # the merge fills the rows
+            self.tokenizer = copy.deepcopy(merged)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.materializer = materializer

@@ -264,7 +264,7 @@ def test_a_source_without_config_json_is_refused(workdir, monkeypatch, capsys):
 @pytest.mark.parametrize("cfg,needle", [
     ({**TIES, "merge_method": "tiess"}, "unknown merge method 'tiess'"),
     ({**TIES, "models": [{"model": "nowhere", "parameters": {"weight": 1.0}}]}, "model 'nowhere'"),
-    ({**TIES, "tokenizer_source": "union"}, "union"),
+    ({**TIES, "tokenizer_source": "nowhere"}, "tokenizer_source 'nowhere' names no model"),
     ({**TIES, "parameters": {"desnity": 0.5}}, "unknown parameter 'desnity'"),
     ({"merge_method": "slerp", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"t": 0.5}}, "slerp takes 2"),
     ({**TIES, "models": [{"model": "a", "parameters": {"density": 0.5}}]}, "missing required parameter 'weight'"),

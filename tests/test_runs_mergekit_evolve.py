@@ -130,6 +130,9 @@ def test_unsupported_genome_options_are_one_line_errors(tmp_path):
         with pytest.raises(UserError, match=match) as e:
             to_evomerge(bad, tmp_path)
         assert "\n" not in str(e.value)
+    for source, name in (("union", "union"), (str(ZOO / "models" / "lang"), "lang")):  # as mergekit's tokenizer_source
+        config, _ = to_evomerge({**base, "genome": {**base["genome"], "tokenizer_source": source}}, tmp_path)
+        assert config["tokenizer_source"] == name
     linear = {**base, "genome": {**base["genome"], "merge_method": "linear", "base_model": None}}
     config, _ = to_evomerge(linear, tmp_path)
     assert config["space"]["options"]["sources"] == ["math", "lang"] and config["space"]["options"]["base"] is None

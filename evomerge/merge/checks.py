@@ -45,11 +45,12 @@ def check_parameters(recipe: Recipe) -> None:
                 specs[key].validate(v, where)
 
 
-def check_compatible(sources: Mapping[str, Source], reference: str) -> None:
-    """Every source against `reference`: architecture, tensor names and shapes, dtypes, vocabulary."""
+def check_compatible(sources: Mapping[str, Source], reference: str, *, tokens: bool = True) -> None:
+    """Every source against `reference`: architecture, tensor names and shapes, dtypes, vocabulary (unless not
+    `tokens`: aligned by a tokenizer_source, evomerge.merge.vocab)."""
     ref = sources[reference]
     _check_dtypes(ref)
-    ref_vocab = ref.vocabulary()
+    ref_vocab = ref.vocabulary() if tokens else None
     for name, src in sources.items():
         if name == reference:
             continue
@@ -58,13 +59,14 @@ def check_compatible(sources: Mapping[str, Source], reference: str) -> None:
                 f"architectures differ: {reference!r} is {'/'.join(ref.architectures)}, "
                 f"{name!r} is {'/'.join(src.architectures)}"
             )
-        _check_tensors(ref, src)
-        _check_dtypes(src)
-        vocab = src.vocabulary()
-        if ref_vocab is not None and vocab is not None:
+        vocab = src.vocabulary() if ref_vocab is not None else None
+        if ref_vocab is not None and vocab is not None:  # first: it explains embeddings of other shapes
             diff = vocabulary_difference(ref_vocab, vocab)
             if diff:
-                raise UserError(f"tokenizers differ between {reference!r} and {name!r}: {diff}")
+                raise UserError(f"tokenizers differ between {reference!r} and {name!r}: {diff} "
+                                "(tokenizer_source: base, union or a model aligns their embeddings by token)")
+        _check_tensors(ref, src)
+        _check_dtypes(src)
 
 
 def _check_tensors(ref: Source, src: Source) -> None:

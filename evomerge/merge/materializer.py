@@ -63,7 +63,9 @@ def default_threads() -> int:
 class Materializer:
     """Memory-mapped sources; `materialize(recipe)`, `tensors(recipe)` and `load_into(recipe, module)`.
     `prefault`: map the sources' pages in the background from now (sources.map_pages); off for one that only
-    plans."""
+    plans. `tokenizer_source` (base, union or a source): the sources' embeddings and heads read in that
+    vocabulary (evomerge.merge.vocab), with the filler rows mergekit gives each recipe (they depend on its
+    models and base_model); every recipe merged then has this tokenizer_source or none."""
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class Materializer:
         tie_order: str = "index",
         prefault: bool = True,
         strict: bool = False,
+        tokenizer_source: str | None = None,
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
@@ -88,7 +91,18 @@ class Materializer:
         self.reference = base if base is not None else next(iter(self.sources))
         if self.reference not in self.sources:
             raise UserError(f"base {self.reference!r} is not among the sources ({', '.join(self.sources)})")
-        check_compatible(self.sources, self.reference)
+        self.tokenizer_source = tokenizer_source
+        self.tokenizer = None  # the output tokenizer (transformers) when the sources' vocabularies are aligned
+        self._vocabulary = None  # the output vocabulary (evomerge.merge.vocab) when a tokenizer_source aligns them
+        self._aligned: dict[tuple, dict] = {}  # (models, base) -> their rows in it, kept across candidates
+        self._aligned_for: tuple | None = None  # the (models, base) whose rows the sources read now
+        if tokenizer_source is not None:
+            from evomerge.merge.vocab import vocabulary
+
+            self._vocabulary = vocabulary(self.sources, self.reference, tokenizer_source)
+            self.tokenizer = self._vocabulary.tokenizer
+            self._align(tuple(self.sources), self.reference)
+        check_compatible(self.sources, self.reference, tokens=tokenizer_source is None)
         self.mapping = map_pages(self.sources) if prefault else None  # the thread mapping them, if any
         self.device = torch.device(device)
         self.dtype = dtype
@@ -202,10 +216,26 @@ class Materializer:
 
     def _prepare(self, recipe: Recipe) -> tuple[Method, list[Planned], int, int]:
         """The method, the plan, the number of output layers and the seed (0 when the recipe has none)."""
+        if recipe.tokenizer_source not in (None, self.tokenizer_source):
+            raise UserError(f"the recipe's tokenizer_source {recipe.tokenizer_source!r} is not the one the sources were "
+                            f"opened with ({self.tokenizer_source!r})")
+        self._align(tuple(n for n in recipe.source_names() if n in self.sources),
+                    recipe.base_model if isinstance(recipe.base_model, str) else None)
         method = registry.get(recipe.merge_method)
         planned, layers = plan(recipe, self.names, config=self.sources[self.reference].config, strict=self.strict)
         self._validate(method, recipe, planned)
         return method, planned, layers, 0 if recipe.seed is None else recipe.seed
+
+    def _align(self, models: tuple[str, ...], base: str | None) -> None:
+        """The sources' embeddings and heads read with the filler rows of a merge of `models` with base model
+        `base` (mergekit's depend on both)."""
+        if self._vocabulary is None or not models or self._aligned_for == (models, base):
+            return
+        if (models, base) not in self._aligned:
+            self._aligned[models, base] = self._vocabulary.rows(self.sources, models, base)
+        for (source, tensor), rows in self._aligned[models, base].items():
+            self.sources[source].realign(tensor, rows)
+        self._aligned_for = (models, base)
 
     def _validate(self, method: Method, recipe: Recipe, planned: list[Planned]) -> None:
         first = planned[0] if planned else None

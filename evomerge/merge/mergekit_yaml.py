@@ -33,8 +33,6 @@ def read_config(path: str | Path) -> Recipe:
     for key, what in _UNSUPPORTED.items():
         if data.get(key) is not None:
             raise UserError(f"{p}: mergekit's {key!r} ({what}) is not supported by evomerge merge")
-    if data.get("tokenizer_source") == "union":
-        raise UserError(f"{p}: tokenizer_source 'union' is not supported; use 'base' or a model name")
     return Recipe.from_dict(data)
 
 

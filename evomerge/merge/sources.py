@@ -156,6 +156,7 @@ class Source:
         self.config = config
         self._tensors = tensors  # name -> _SafetensorsFile | torch.Tensor
         self._aliases: dict[str, str] = {}  # a name read from another tensor (a tied head: the input embedding)
+        self._rows: dict[str, Any] = {}  # a vocabulary-indexed tensor read in another vocabulary (vocab.Rows)
 
     @classmethod
     def open(cls, name: str, path: str | Path, *, allow_pickle: bool = False) -> Source:
@@ -203,13 +204,24 @@ class Source:
     def alias(self, name: str, stored: str) -> None:
         self._aliases[name] = stored
 
+    def realign(self, name: str, rows: Any) -> None:
+        """Read tensor `name` through `rows` (evomerge.merge.vocab.Rows): its rows in the merge's vocabulary."""
+        self._rows[name] = rows
+
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._rows:
+            return (len(self._rows[name].index), *self._stored_shape(name)[1:])
+        return self._stored_shape(name)
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         name = self._aliases.get(name, name)
         t = self._tensors[name]
         return tuple(t.shape) if isinstance(t, torch.Tensor) else t.shape(name)
 
     def dtype_name(self, name: str) -> str:
         """The stored dtype as a short name ('float32', 'F8_E4M3', ...), without reading the tensor."""
+        if name in self._rows:
+            return str(self._rows[name].dtype).removeprefix("torch.")
         name = self._aliases.get(name, name)
         t = self._tensors[name]
         if isinstance(t, _SafetensorsFile):
@@ -219,6 +231,11 @@ class Source:
         return str(t.dtype).removeprefix("torch.")
 
     def get(self, name: str) -> torch.Tensor:
+        rows = self._rows.get(name)
+        return self.stored(name) if rows is None else rows.apply(self.stored(name))
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The tensor as stored (in its own vocabulary where `get` realigns it)."""
         name = self._aliases.get(name, name)
         t = self._tensors[name]
         return t if isinstance(t, torch.Tensor) else t.get(name)

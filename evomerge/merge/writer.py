@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from evomerge import arch
 from evomerge.merge.materializer import Materializer, SourceLike, parse_dtype
 from evomerge.merge.mergekit_yaml import expressible, to_mergekit
+from evomerge.merge.vocab import check_source
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
@@ -64,11 +65,12 @@ def write_checkpoint(
         raise UserError(f"model {missing[0]!r} of the recipe is not among the sources ({', '.join(sources)})")
     reference = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else names[0])
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
-    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order, strict=strict)
+    check_source(recipe.tokenizer_source, used)
+    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order, strict=strict,
+                       tokenizer_source=recipe.tokenizer_source)
     planned, _ = mat.plan(recipe)
     ref = mat.sources[reference]
     out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
-    tok_name = _tokenizer_source(recipe, reference, used)
     total = sum(_numel(ref.shape(p.inputs[0].tensor)) for p in planned)
     show = total >= PROGRESS_ELEMENTS if progress is None else progress
 
@@ -77,11 +79,9 @@ def write_checkpoint(
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint should not be
         _write_shards(tmp, mat.tensors(recipe, dtype=out_dtype, progress=show), max_shard_bytes)
-        _write_config(tmp, ref.config, out_dtype, recipe, planned, mat.names)
-        for f in TOKENIZER_FILES:
-            src = _path_of(used[tok_name])
-            if src is not None and (src / f).is_file():
-                shutil.copy2(src / f, tmp / f)
+        _write_config(tmp, ref.config, out_dtype, recipe, planned, mat.names,
+                      None if mat.tokenizer is None else len(mat.tokenizer.get_vocab()))
+        _write_tokenizer(tmp, recipe.tokenizer_source, mat.tokenizer, used, reference)
         ref_path = _path_of(used[reference])
         if ref_path is not None and (ref_path / "generation_config.json").is_file():
             shutil.copy2(ref_path / "generation_config.json", tmp / "generation_config.json")
@@ -148,10 +148,14 @@ def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_by
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_config(tmp: Path, config: dict[str, Any], dtype: torch.dtype, recipe: Recipe, planned: list, names: list[str]) -> None:
+def _write_config(tmp: Path, config: dict[str, Any], dtype: torch.dtype, recipe: Recipe, planned: list, names: list[str],
+                  vocab_size: int | None) -> None:
+    """The reference's config, with the output's dtype, depth (stacked recipes) and `vocab_size` (aligned)."""
     cfg = copy.deepcopy(config)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
+    if vocab_size is not None:
+        arch.text_config(arch.layout_for(config, names).family, cfg)["vocab_size"] = vocab_size
     if recipe.path is not None or recipe.slices:  # the depth and every depth-indexed field follow the new stack
         layout = arch.layout_for(config, names)
         if recipe.path is not None:
@@ -160,13 +164,17 @@ def _write_config(tmp: Path, config: dict[str, Any], dtype: torch.dtype, recipe:
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def _tokenizer_source(recipe: Recipe, reference: str, sources: Mapping[str, SourceLike]) -> str:
-    ts = recipe.tokenizer_source
-    if ts is None or ts == "base":
-        return reference
-    if ts not in sources:
-        raise UserError(f"tokenizer_source {ts!r} is not one of the recipe's models ({', '.join(sources)})")
-    return ts
+def _write_tokenizer(tmp: Path, tokenizer_source: str | None, tokenizer: Any, sources: Mapping[str, SourceLike],
+                     reference: str) -> None:
+    """The tokenizer source's files as they are (chat template and special tokens with them); a union
+    tokenizer, which no source has, saved as mergekit saves it."""
+    if tokenizer_source == "union":
+        tokenizer.save_pretrained(str(tmp))
+        return
+    src = _path_of(sources[reference if tokenizer_source in (None, "base") else tokenizer_source])
+    for f in TOKENIZER_FILES:
+        if src is not None and (src / f).is_file():
+            shutil.copy2(src / f, tmp / f)
 
 
 def _replace(tmp: Path, out: Path) -> None:
