@@ -46,6 +46,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
@@ -469,6 +470,10 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
         return _error(e.status, e.message, e.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(request: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method, unparsable body
+        return _error(e.status_code, str(e.detail), getattr(e, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
@@ -479,8 +484,6 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception) -> JSONResponse:  # a bug on our side, not the client's input
-        if isinstance(e, RecursionError):  # JSON nested past the parser's depth
-            return _error(400, "request body is nested too deeply")
         return _error(500, f"internal error ({type(e).__name__})")
 
     @app.middleware("http")
