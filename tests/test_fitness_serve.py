@@ -535,6 +535,24 @@ def test_made_up_authorization_headers_are_not_new_clients(tiny_models, monkeypa
         s.stop()
 
 
+def test_a_request_waits_for_the_model_at_most_request_timeout(tiny_models):
+    s = Running(build(ServeConfig(sources={"base": str(tiny_models["base"])}, base="base", request_timeout=0.3)))
+    try:
+        heavy = {"prompt": ["ok"] * 64, "max_tokens": 200, "temperature": 1.0, "recipe": BASE_ONLY}  # seconds
+        done: list = []
+        first = threading.Thread(target=lambda: done.append(httpx.post(s.url + "/v1/completions", json=heavy, timeout=60)))
+        first.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2, "recipe": BASE_ONLY}, timeout=30)
+        waited = time.monotonic() - start
+        first.join()
+        assert (r.status_code, r.json()["error"]["message"], r.headers["retry-after"]) == (503, "the model is busy: waited 0.3 s", "1")
+        assert 0.3 <= waited < 1.0 and done[0].status_code == 200
+    finally:
+        s.stop()
+
+
 def test_sigterm_exits_within_the_grace_period_with_a_request_in_flight(tiny_models):
     """A real `serve` process: SIGTERM while a request runs ends the process within shutdown_grace (2 s) plus
     a second, whatever the request still had to do."""
