@@ -13,8 +13,9 @@ carries it, else its address: a made-up Authorization header is no new client) g
 one-line `{"error": {"message": ...}}`, never a 500.
 
 Bounded work: a request holds at most `max_prompts` prompts (times `n`) of at most the model's context
-minus `max_tokens` tokens each; a recipe's data-flow path steps, nested recipes and passthrough slice
-layers are each at most the model's depth times PER_LAYER, and every number in it finite and within
+minus `max_tokens` tokens each; a recipe's data-flow path steps and passthrough slice layers are each at
+most the model's depth x the models on the host x PATH_REPEATS, its nested recipes at most the model's
+depth, and every number in it finite and within
 +-PARAM_BOUND (so sampling never sees inf or nan from the weights); a request waits at most
 `request_timeout` seconds for the model (then 503); SIGTERM stops within `shutdown_grace` seconds,
 abandoning work still in flight.
@@ -53,7 +54,7 @@ from evomerge.records import UserError
 from evomerge.fitness.handle import Completion, Prompt, Sampling, encode_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PER_LAYER = 4  # path steps, nested recipes, slice layers: each at most the model's depth times this
+PATH_REPEATS = 4  # a data-flow path or passthrough stack: at most layers x models x this (the data-flow space's r = 3, pinned ends)
 PARAM_BOUND = 1e4  # |a recipe number|; mergekit's parameters are weights and fractions, far below it
 
 
@@ -163,11 +164,15 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 # -- recipe bounds ---------------------------------------------------------------------------------------
-def check_recipe(recipe: Any, layers: int) -> None:
+def check_recipe(recipe: Any, layers: int, models: int) -> None:
     """A recipe's shape, size and numbers, checked before anything is built from it (a 400 naming the field):
-    each of its path steps, nested recipes and passthrough slice layers at most `layers` * PER_LAYER, every
-    number finite and within +-PARAM_BOUND."""
-    budget = layers * PER_LAYER
+    its path steps and passthrough slice layers each at most layers * models * PATH_REPEATS (every layer of
+    every model PATH_REPEATS times), its nested recipes at most `layers`, every number finite and within
+    +-PARAM_BOUND."""
+    stack = layers * models * PATH_REPEATS
+    bounds = {"nested recipes": (layers, f"the model's {layers} layers"),
+              "data-flow path steps": (stack, f"the model's {layers} layers x {models} models x {PATH_REPEATS}"),
+              "slice layers": (stack, f"the model's {layers} layers x {models} models x {PATH_REPEATS}")}
     counts = {"nested recipes": -1, "data-flow path steps": 0, "slice layers": 0}  # -1: the top recipe is not nested
 
     def fail(where: str, what: str) -> None:
@@ -175,8 +180,9 @@ def check_recipe(recipe: Any, layers: int) -> None:
 
     def count(what: str, n: int) -> None:
         counts[what] += n
-        if counts[what] > budget:
-            fail("", f"more than {budget} {what} (the model's {layers} layers times {PER_LAYER})")
+        bound, why = bounds[what]
+        if counts[what] > bound:
+            fail("", f"more than {bound} {what} ({why})")
 
     def numbers(v: Any, where: str) -> None:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -248,7 +254,7 @@ class MergeService:
 
     def use(self, recipe_dict: dict[str, Any]) -> None:
         """Bring the recipe's weights in (caller holds the lock). Bad recipes are 400s."""
-        check_recipe(recipe_dict, self.layers)
+        check_recipe(recipe_dict, self.layers, len(self.sources))
         try:
             recipe = Recipe.from_dict(recipe_dict)
         except UserError as e:

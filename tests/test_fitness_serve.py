@@ -484,7 +484,7 @@ def test_a_stream_is_server_sent_events_ending_in_done(chat_server):
 
 
 DEEP = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}]}
-for _ in range(17):
+for _ in range(5):
     DEEP = {"merge_method": "linear", "models": [{"model": DEEP, "name": "x", "parameters": {"weight": 1.0}}]}
 
 
@@ -497,10 +497,10 @@ for _ in range(17):
     ({"recipe": {**recipe(1, 1).to_dict(), "parameters": {"t": [0.1, {"filter": "mlp", "value": float("inf")}]}}},
      "recipe.parameters.t[1].value: must be finite"),
     ({"recipe": {"merge_method": "passthrough", "path": [{"model": "a", "layer": 0}] * 100}},
-     "recipe: more than 16 data-flow path steps (the model's 4 layers times 4)"),
-    ({"recipe": DEEP}, "recipe: more than 16 nested recipes"),
+     "recipe: more than 48 data-flow path steps (the model's 4 layers x 3 models x 4)"),
+    ({"recipe": DEEP}, "recipe: more than 4 nested recipes (the model's 4 layers)"),
     ({"recipe": {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 10**9]}]}]}},
-     "recipe: more than 16 slice layers"),
+     "recipe: more than 48 slice layers"),
     ({"recipe": {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a"}]}]}},
      "recipe.slices[0].sources[0].layer_range: must be [first, end] layer numbers, got None"),
     ({"recipe": {**recipe(1, 1).to_dict(), "base_model": 3}}, "recipe.base_model: must be a model name or a recipe, got int"),
@@ -515,6 +515,20 @@ def test_hostile_requests_are_one_line_400s_and_the_server_still_answers(server,
              headers={"Content-Type": "application/json"})
     one_line_400(r, needle)
     assert post(server, "/v1/completions", normal).status_code == 200
+
+
+def test_the_longest_path_a_data_flow_search_makes_is_served(server):
+    """Every slot of a data-flow space over all the host's models on (3 repeats, pinned ends: 37 steps) is within
+    the bound."""
+    import numpy as np
+
+    from evomerge.search_spaces.data_flow import DataFlow
+
+    space = DataFlow(["base", "a", "b"], 4)
+    longest = space.decode(np.concatenate([np.full(space.num_slots, 0.5), np.ones(12 * 12)]))
+    assert len(longest.path) == 37
+    r = post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2, "recipe": longest.to_dict()})
+    assert r.status_code == 200, r.text
 
 
 def test_made_up_authorization_headers_are_not_new_clients(tiny_models, monkeypatch):
