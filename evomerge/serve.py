@@ -325,6 +325,8 @@ class MergeService:
             self.use(body.recipe)
             scored = self.handle.score([(task.prompt(ex), ex.reference) for ex in examples])
         per = [s.loss for s in scored]
+        if not all(math.isfinite(x) for x in per):  # JSON has no inf or nan; a client would read null
+            raise HTTPError(400, "recipe: the merged model's loss is not finite; its parameters are too large")
         return {"object": "loss", "dataset": body.dataset, "loss": sum(per) / len(per), "per_example": per,
                 "examples": len(per)}
 
