@@ -15,10 +15,9 @@ one-line `{"error": {"message": ...}}`, never a 500.
 Bounded work: a request holds at most `max_prompts` prompts (times `n`) of at most the model's context
 minus `max_tokens` tokens each; a recipe's data-flow path steps and passthrough slice layers are each at
 most the model's depth x the models on the host x PATH_REPEATS, its nested recipes at most the model's
-depth, and every number in it finite and within
-+-PARAM_BOUND (so sampling never sees inf or nan from the weights); a request waits at most
-`request_timeout` seconds for the model (then 503); SIGTERM stops within `shutdown_grace` seconds,
-abandoning work still in flight.
+depth, every number in it finite and within +-PARAM_BOUND (so sampling never sees inf or nan from the
+weights); a request waits at most `request_timeout` seconds for the model (then 503); SIGTERM stops
+within `shutdown_grace` seconds, abandoning work still in flight.
 
 OpenAI options: `stream` (server-sent events: one chunk per choice with its whole text, a usage chunk when
 `stream_options.include_usage`, then `[DONE]`), `n`, `max_completion_tokens`, and `logprobs` on completions
