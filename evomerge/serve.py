@@ -7,9 +7,21 @@ Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the usual body p
 `GET /v1/models`, `GET /health`.
 
 Safety: binds 127.0.0.1 unless a bearer token is configured; every request but /health needs that token
-when one is; request bodies over `max_body` bytes get 413; each client (by token, else address) gets a
-token bucket of `burst` requests refilled at `rate` per second, then 429 with Retry-After. Bad input is
-a 4xx with a one-line `{"error": {"message": ...}}`, never a 500.
+when one is; request bodies over `max_body` bytes get 413; each client (the configured token when it
+carries it, else its address: a made-up Authorization header is no new client) gets a token bucket of
+`burst` requests refilled at `rate` per second, then 429 with Retry-After. Bad input is a 4xx with a
+one-line `{"error": {"message": ...}}`, never a 500.
+
+Bounded work: a request holds at most `max_prompts` prompts (times `n`) of at most the model's context
+minus `max_tokens` tokens each; a recipe's data-flow path steps and passthrough slice layers are each at
+most the model's depth x the models on the host x PATH_REPEATS, its nested recipes at most the model's
+depth, every number in it finite and within +-PARAM_BOUND (so sampling never sees inf or nan from the
+weights); a request waits at most `request_timeout` seconds for the model (then 503); SIGTERM stops
+within `shutdown_grace` seconds, abandoning work still in flight.
+
+OpenAI options: `stream` (server-sent events: one chunk per choice with its whole text, a usage chunk when
+`stream_options.include_usage`, then `[DONE]`), `n`, `max_completion_tokens`, and `logprobs` on completions
+with `echo`; other log-prob requests are a 400 naming the field, unknown fields a 400.
 
 One resident HF model answers one request at a time (a lock); a request whose recipe equals the last
 one reuses the weights already in place.
@@ -19,23 +31,30 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import math
 import os
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 from evomerge.fitness.handle import Completion, Prompt, Sampling, encode_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PATH_REPEATS = 4  # a data-flow path or passthrough stack: at most layers x models x this (the data-flow space's r = 3, pinned ends)
+PARAM_BOUND = 1e4  # |a recipe number|; mergekit's parameters are weights and fractions, far below it
 
 
 @dataclass
@@ -52,6 +71,8 @@ class ServeConfig:
     max_tokens: int = 512  # the most a request may generate
     max_prompts: int = 64  # prompts per completion request
     batch_size: int = 16
+    request_timeout: float = 60.0  # seconds a request may wait for the model (then 503)
+    shutdown_grace: float = 5.0  # seconds after SIGTERM before in-flight work is abandoned and the process exits
 
     def token(self) -> str | None:
         """The bearer token, checked against where the server binds: a non-loopback bind needs one."""
@@ -75,16 +96,40 @@ def is_loopback(host: str) -> bool:
 
 
 # -- request bodies ------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (n, user, ...)
+    model_config = ConfigDict(extra="forbid")  # an option we do not implement is a 400 naming it, never ignored
 
     recipe: dict[str, Any]
     model: str | None = None
-    max_tokens: int = Field(16, ge=0)
+    user: str | None = None  # OpenAI's end-user id: informational
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name; wins over max_tokens
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
     seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "_Body":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    @property
+    def tokens(self) -> int:
+        """The most tokens to generate per choice."""
+        for given in (self.max_completion_tokens, self.max_tokens):
+            if given is not None:
+                return given
+        return 16
 
 
 class CompletionBody(_Body):
@@ -95,6 +140,8 @@ class CompletionBody(_Body):
 
 class ChatBody(_Body):
     messages: list[dict[str, str]] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class LossBody(BaseModel):
@@ -115,6 +162,83 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": {"message": " ".join(message.split()), "code": status}}, status, headers=headers)
 
 
+# -- recipe bounds ---------------------------------------------------------------------------------------
+def check_recipe(recipe: Any, layers: int, models: int) -> None:
+    """A recipe's shape, size and numbers, checked before anything is built from it (a 400 naming the field):
+    its path steps and passthrough slice layers each at most layers * models * PATH_REPEATS (every layer of
+    every model PATH_REPEATS times), its nested recipes at most `layers`, every number finite and within
+    +-PARAM_BOUND."""
+    stack = layers * models * PATH_REPEATS
+    bounds = {"nested recipes": (layers, f"the model's {layers} layers"),
+              "data-flow path steps": (stack, f"the model's {layers} layers x {models} models x {PATH_REPEATS}"),
+              "slice layers": (stack, f"the model's {layers} layers x {models} models x {PATH_REPEATS}")}
+    counts = {"nested recipes": -1, "data-flow path steps": 0, "slice layers": 0}  # -1: the top recipe is not nested
+
+    def fail(where: str, what: str) -> None:
+        raise HTTPError(400, f"recipe{where}: {what}")
+
+    def count(what: str, n: int) -> None:
+        counts[what] += n
+        bound, why = bounds[what]
+        if counts[what] > bound:
+            fail("", f"more than {bound} {what} ({why})")
+
+    def numbers(v: Any, where: str) -> None:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v) or abs(v) > PARAM_BOUND:
+                fail(where, f"must be finite and within +-{PARAM_BOUND:g}, got {v!r}")
+        elif isinstance(v, (list, dict)):
+            for k, x in enumerate(v) if isinstance(v, list) else v.items():
+                numbers(x, f"{where}[{k!r}]" if isinstance(v, list) else f"{where}.{k}")
+
+    def mapping(v: Any, where: str) -> dict[str, Any]:
+        if v is not None and not isinstance(v, dict):
+            fail(where, f"must be a mapping, got {type(v).__name__}")
+        return v or {}
+
+    def listing(v: Any, where: str) -> list[Any]:
+        if v is not None and not isinstance(v, list):
+            fail(where, f"must be a list, got {type(v).__name__}")
+        return v or []
+
+    def model(m: Any, where: str) -> None:
+        if isinstance(m, dict):
+            walk(m, where)
+        elif m is not None and not isinstance(m, str):
+            fail(where, f"must be a model name or a recipe, got {type(m).__name__}")
+
+    def walk(r: Any, where: str) -> None:
+        count("nested recipes", 1)
+        r = mapping(r, where)
+        for key in ("merge_method", "dtype", "tokenizer_source"):
+            if r.get(key) is not None and not isinstance(r[key], str):
+                fail(f"{where}.{key}", f"must be a string, got {type(r[key]).__name__}")
+        seed = r.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            fail(f"{where}.seed", f"must be an integer, got {seed!r}")
+        numbers(mapping(r.get("parameters"), f"{where}.parameters"), f"{where}.parameters")
+        model(r.get("base_model"), f"{where}.base_model")
+        for i, m in enumerate(listing(r.get("models"), f"{where}.models")):
+            if isinstance(m, dict):
+                model(m.get("model"), f"{where}.models[{i}].model")
+                numbers(mapping(m.get("parameters"), f"{where}.models[{i}].parameters"), f"{where}.models[{i}].parameters")
+            else:
+                model(m, f"{where}.models[{i}]")
+        path = listing(r.get("path"), f"{where}.path")
+        count("data-flow path steps", len(path))
+        numbers(path, f"{where}.path")
+        for i, s in enumerate(listing(r.get("slices"), f"{where}.slices")):
+            for j, src in enumerate(listing(mapping(s, f"{where}.slices[{i}]").get("sources"), f"{where}.slices[{i}].sources")):
+                at = f"{where}.slices[{i}].sources[{j}]"
+                span = mapping(src, at).get("layer_range")
+                if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
+                    fail(f"{at}.layer_range", f"must be [first, end] layer numbers, got {span!r}")
+                count("slice layers", max(0, span[1] - span[0]))
+                numbers(mapping(src.get("parameters"), f"{at}.parameters"), f"{at}.parameters")
+
+    walk(recipe, "")
+
+
 # -- the service ---------------------------------------------------------------------------------------
 class MergeService:
     """The resident handle, the datasets and the lock; turns validated bodies into answers."""
@@ -123,9 +247,13 @@ class MergeService:
         self.handle, self.sources, self.datasets, self.name = handle, sources, datasets, name
         self.lock = threading.Lock()
         self._current: str | None = None  # the recipe now in the weights, as canonical JSON
+        config = handle.model.config
+        self.layers: int = config.num_hidden_layers
+        self.context: int | None = getattr(config, "max_position_embeddings", None)
 
     def use(self, recipe_dict: dict[str, Any]) -> None:
         """Bring the recipe's weights in (caller holds the lock). Bad recipes are 400s."""
+        check_recipe(recipe_dict, self.layers, len(self.sources))
         try:
             recipe = Recipe.from_dict(recipe_dict)
         except UserError as e:
@@ -145,74 +273,114 @@ class MergeService:
             raise HTTPError(400, f"recipe cannot be built: {type(e).__name__}: {e}") from None
         self._current = key
 
+    @contextmanager
+    def _model(self, limits: ServeConfig) -> Iterator[None]:
+        """The model to this request alone, waiting at most `request_timeout` seconds for it."""
+        if not self.lock.acquire(timeout=limits.request_timeout):
+            raise HTTPError(503, f"the model is busy: waited {limits.request_timeout:g} s", {"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def completions(self, body: CompletionBody, limits: ServeConfig) -> dict[str, Any]:
+        if body.logprobs is not None and not body.echo:
+            raise HTTPError(400, "logprobs: only with echo: true here (the prompt's log-probs); "
+                                 "log-probs of generated tokens are not supported")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        self._check(len(prompts), body.max_tokens, limits)
-        with self.lock:
+        self._check(len(prompts) * body.n, body.tokens, limits)
+        with self._model(limits):
+            usage = self._prompt_usage(prompts, body.tokens)
             self.use(body.recipe)
-            answers = self._generate(prompts, body)
+            answers = self._generate([p for p in prompts for _ in range(body.n)], body)
             echo = [echo_logprobs(self.handle, p, body.logprobs or 0) for p in prompts] if body.echo and body.logprobs is not None else None
-            usage = self._usage(prompts, answers)
         choices = []
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            c: dict[str, Any] = {"index": i, "text": p + a.text if body.echo else a.text, "finish_reason": a.finish_reason,
-                                 "logprobs": None}
-            if echo is not None:
-                c["logprobs"] = echo[i]
-            choices.append(c)
-        return self._wrap("text_completion", choices, usage)
+        for i, a in enumerate(answers):
+            p = prompts[i // body.n]
+            choices.append({"index": i, "text": p + a.text if body.echo else a.text, "finish_reason": a.finish_reason,
+                            "logprobs": None if echo is None else echo[i // body.n]})
+        return self._wrap("text_completion", choices, usage, answers)
 
     def chat(self, body: ChatBody, limits: ServeConfig) -> dict[str, Any]:
-        self._check(1, body.max_tokens, limits)
-        with self.lock:
+        if body.logprobs or body.top_logprobs is not None:
+            raise HTTPError(400, f"{'logprobs' if body.logprobs else 'top_logprobs'}: log-probs are not supported on chat completions")
+        if not getattr(self.handle.tokenizer, "chat_template", None):
+            raise HTTPError(400, "this model has no chat template: send a plain prompt to /v1/completions")
+        self._check(body.n, body.tokens, limits)
+        with self._model(limits):
+            usage = self._prompt_usage([body.messages], body.tokens)
             self.use(body.recipe)
-            answers = self._generate([body.messages], body)
-            usage = self._usage([body.messages], answers)
-        choice = {"index": 0, "message": {"role": "assistant", "content": answers[0].text}, "finish_reason": answers[0].finish_reason}
-        return self._wrap("chat.completion", [choice], usage)
+            answers = self._generate([body.messages] * body.n, body)
+        choices = [{"index": i, "message": {"role": "assistant", "content": a.text}, "finish_reason": a.finish_reason}
+                   for i, a in enumerate(answers)]
+        return self._wrap("chat.completion", choices, usage, answers)
 
-    def loss(self, body: LossBody) -> dict[str, Any]:
+    def loss(self, body: LossBody, limits: ServeConfig) -> dict[str, Any]:
         task = self.datasets.get(body.dataset)
         if task is None:
             raise HTTPError(404, f"no dataset {body.dataset!r} (datasets: {', '.join(self.datasets) or 'none'})")
         examples = task.examples[: body.limit]
-        with self.lock:
+        with self._model(limits):
             self.use(body.recipe)
             scored = self.handle.score([(task.prompt(ex), ex.reference) for ex in examples])
         per = [s.loss for s in scored]
+        if not all(math.isfinite(x) for x in per):  # JSON has no inf or nan; a client would read null
+            raise HTTPError(400, "recipe: the merged model's loss is not finite; its parameters are too large")
         return {"object": "loss", "dataset": body.dataset, "loss": sum(per) / len(per), "per_example": per,
                 "examples": len(per)}
 
     def _generate(self, prompts: list[Prompt], body: _Body) -> list[Completion]:
-        if not body.max_tokens:
+        if not body.tokens:
             return [Completion("", "length", 0)] * len(prompts)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed)
+        sampling = Sampling(body.tokens, body.temperature, body.top_p, stop, body.seed)
         try:
             return self.handle.complete(prompts, sampling)
-        except UserError as e:  # e.g. a chat request to a model without a chat template
+        except UserError as e:  # e.g. an empty prompt to a tokenizer without BOS
             raise HTTPError(400, str(e)) from None
 
     @staticmethod
     def _check(n: int, max_tokens: int, limits: ServeConfig) -> None:
         if n < 1 or n > limits.max_prompts:
-            raise HTTPError(400, f"a request takes 1 to {limits.max_prompts} prompts, got {n}")
+            raise HTTPError(400, f"a request takes 1 to {limits.max_prompts} prompts (times n), got {n}")
         if max_tokens > limits.max_tokens:
             raise HTTPError(400, f"max_tokens is at most {limits.max_tokens} here, got {max_tokens}")
 
-    def _usage(self, prompts: list[Prompt], answers: list[Completion]) -> dict[str, int]:
-        """Tokens as the model saw them: each prompt as encoded for generation (special tokens, a chat
-        through its template), each answer's generated tokens. Under the lock: the tokenizer is shared."""
-        try:
-            p = sum(len(encode_prompt(self.handle.tokenizer, x)) for x in prompts)
-        except UserError as e:  # a chat to a model without a chat template (max_tokens 0 generated nothing)
-            raise HTTPError(400, str(e)) from None
-        c = sum(a.tokens for a in answers)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    def _prompt_usage(self, prompts: list[Prompt], max_tokens: int) -> dict[str, int]:
+        """Prompt tokens as the model sees them (special tokens, a chat through its template), each prompt
+        with `max_tokens` within the model's context. Under the lock: the tokenizer is shared."""
+        total = 0
+        for i, p in enumerate(prompts):
+            n = len(encode_prompt(self.handle.tokenizer, p))
+            if self.context is not None and n + max_tokens > self.context:
+                raise HTTPError(400, f"prompt {i} is {n} tokens; with max_tokens {max_tokens} that is over the model's "
+                                     f"context of {self.context} tokens")
+            total += n
+        return {"prompt_tokens": total}
 
-    def _wrap(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    def _wrap(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int], answers: list[Completion]) -> dict[str, Any]:
+        c = sum(a.tokens for a in answers)
+        usage = {**usage, "completion_tokens": c, "total_tokens": usage["prompt_tokens"] + c}
         return {"id": f"evm-{time.time_ns()}", "object": kind, "created": int(time.time()), "model": self.name,
                 "choices": choices, "usage": usage}
+
+
+def stream(answer: dict[str, Any], include_usage: bool) -> StreamingResponse:
+    """A finished answer as OpenAI's server-sent events: a chunk per choice (its whole text and finish
+    reason), a usage chunk when asked, then [DONE]. Generation is not incremental: the chunks come at once."""
+    chat = answer["object"] == "chat.completion"
+    head = {"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": answer["created"], "model": answer["model"]}
+    chunks = [{**head, "choices": [{"index": c["index"], "delta": c["message"], "logprobs": None,
+                                    "finish_reason": c["finish_reason"]} if chat else c]} for c in answer["choices"]]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": answer["usage"]})
+    events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    return StreamingResponse(iter(events), media_type="text/event-stream")
+
+
+def answer(result: dict[str, Any], body: _Body) -> Any:
+    return stream(result, body.stream_options is not None and body.stream_options.include_usage) if body.stream else result
 
 
 def echo_logprobs(handle: Any, text: str, top: int) -> dict[str, Any]:
@@ -309,6 +477,10 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
         return _error(e.status, e.message, e.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(request: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown path, wrong method, unparsable body
+        return _error(e.status_code, str(e.detail), getattr(e, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
@@ -328,7 +500,7 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
         given = request.headers.get("authorization", "")
         if token is not None and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return _error(401, "missing or wrong bearer token")
-        client = given or (request.client.host if request.client else "?")
+        client = "token" if token is not None else (request.client.host if request.client else "?")  # never a header the client makes up
         wait = limiter.wait_for(client)
         if wait > 0:
             return _error(429, "rate limit exceeded", {"Retry-After": str(max(1, int(wait + 0.999)))})
@@ -344,16 +516,16 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
                 "sources": service.sources, "datasets": sorted(service.datasets)}
 
     @app.post("/v1/completions")
-    def completions(body: CompletionBody) -> dict[str, Any]:
-        return service.completions(body, config)
+    def completions(body: CompletionBody) -> Any:
+        return answer(service.completions(body, config), body)
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatBody) -> dict[str, Any]:
-        return service.chat(body, config)
+    def chat(body: ChatBody) -> Any:
+        return answer(service.chat(body, config), body)
 
     @app.post("/v1/loss")
     def loss(body: LossBody) -> dict[str, Any]:
-        return service.loss(body)
+        return service.loss(body, config)
 
     return BodyLimit(app, config.max_body)  # type: ignore[return-value]
 
@@ -386,7 +558,23 @@ def build(config: ServeConfig) -> Any:
 
 
 def serve(config: ServeConfig) -> None:
+    """Serve until SIGTERM or Ctrl-C: uvicorn stops taking requests and waits for those in flight; work still
+    running `shutdown_grace` seconds later is abandoned (a model call cannot be interrupted) and the process exits."""
     import uvicorn
 
+    grace = config.shutdown_grace
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            timer = threading.Timer(grace, _abandon, (grace,))
+            timer.daemon = True
+            timer.start()
+            super().handle_exit(sig, frame)
+
     app = build(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=grace)).run()
+
+
+def _abandon(grace: float) -> None:
+    print(f"evomerge serve: work still in flight {grace:g} s after the stop signal is abandoned", file=sys.stderr, flush=True)
+    os._exit(0)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -142,8 +145,8 @@ def test_loss_endpoint_equals_the_local_loss(remote, local, dataset):
 def test_chat_without_a_template_is_a_400(remote):
     h = remote(mode="chat")
     h.set_recipe(recipe(1, 1))
-    with pytest.raises(Exception, match="HTTP 400: tokenizer of .* has no chat template"):
-        h.generate([[{"role": "user", "content": "hi"}]])
+    with pytest.raises(Exception, match="HTTP 400: this model has no chat template: send a plain prompt to /v1/completions$"):
+        h.generate([[{"role": "user", "content": "hi"}]])  # and no server path in it
 
 
 def post(server, path, body, token=TOKEN, headers=None, **kw):
@@ -414,3 +417,233 @@ def test_finish_reason_and_usage_are_what_the_model_did(chatty):
         assert body["choices"][0]["message"]["content"] == tok.decode(gen, skip_special_tokens=True)
     finally:
         s.stop()
+
+
+# -- hostile clients: the stock openai client, malformed recipes, oversized work, made-up tokens, SIGTERM -----------
+def one_line_400(r: httpx.Response, needle: str) -> None:
+    msg = r.json()["error"]["message"]
+    assert (r.status_code, "\n" in msg, "Traceback" in r.text) == (400, False, False) and needle in msg, (r.status_code, r.text)
+
+
+@pytest.fixture(scope="module")
+def chat_server(chatty):
+    s = Running(build(ServeConfig(sources={"base": str(chatty[0])}, base="base", rate=1000, burst=1000)))
+    yield s
+    s.stop()
+
+
+def test_the_openai_client_streams_and_gets_n_and_max_completion_tokens(chat_server, chatty):
+    """`stream=True` yields server-sent chunks equal to the plain answer, the usage chunk when asked; `n` gives n
+    choices (distinct when sampled); `max_completion_tokens` caps generation; what is not supported is a 400."""
+    import openai
+
+    _, at, _ = chatty
+    client = openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0)
+    kw = {"model": "evomerge", "extra_body": {"recipe": BASE_ONLY}}
+    plain = client.completions.create(prompt=PROMPT, max_tokens=at + 4, **kw)
+    chunks = list(client.completions.create(prompt=PROMPT, max_tokens=at + 4, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text != ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == ["stop"] and chunks[-1].usage == plain.usage
+    assert all(c.usage is None for c in client.completions.create(prompt=PROMPT, max_tokens=3, stream=True, **kw))
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(messages=messages, max_completion_tokens=3, **kw)
+    assert chat.usage.completion_tokens <= 3 and (chat.usage.completion_tokens == 3) == (chat.choices[0].finish_reason == "length")
+    streamed = list(client.chat.completions.create(messages=messages, max_completion_tokens=3, stream=True,
+                                                   stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].delta.content for c in streamed if c.choices) == chat.choices[0].message.content
+    assert streamed[-1].usage == chat.usage
+
+    many = client.completions.create(prompt=[PROMPT, "hi there"], n=3, max_tokens=6, temperature=1.5, seed=3, **kw)
+    assert [c.index for c in many.choices] == list(range(6)) and len({c.text for c in many.choices[:3]}) > 1
+    assert many.usage.prompt_tokens == len(PROMPT) + len("hi there")  # prompts counted once, not per choice
+    greedy = client.chat.completions.create(messages=messages, n=2, max_tokens=4, **kw)
+    assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
+
+    for call, needle in [
+        (lambda: client.completions.create(prompt=PROMPT, logprobs=2, **kw), "logprobs: only with echo"),
+        (lambda: client.chat.completions.create(messages=messages, logprobs=True, **kw), "logprobs: log-probs are not supported"),
+        (lambda: client.chat.completions.create(messages=messages, top_logprobs=2, **kw), "top_logprobs"),
+        (lambda: client.completions.create(prompt=PROMPT, presence_penalty=0.5, **kw), "presence_penalty: Extra inputs"),
+        (lambda: client.completions.create(prompt=PROMPT, n=65, **kw), re.escape("1 to 64 prompts (times n), got 65")),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            call()
+    echoed = client.completions.create(prompt=PROMPT, echo=True, logprobs=1, max_tokens=0, **kw)
+    assert len(echoed.choices[0].logprobs.token_logprobs) == len(PROMPT)
+
+
+def test_a_stream_is_server_sent_events_ending_in_done(chat_server):
+    body = {"prompt": PROMPT, "max_tokens": 4, "recipe": BASE_ONLY, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", chat_server.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]" and len(events) == 4
+    assert json.loads(events[2][6:])["usage"]["completion_tokens"] == 8
+    r = httpx.post(chat_server.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+    one_line_400(r, "stream_options: only allowed when stream is true")
+
+
+DEEP = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1.0}}]}
+for _ in range(5):
+    DEEP = {"merge_method": "linear", "models": [{"model": DEEP, "name": "x", "parameters": {"weight": 1.0}}]}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"recipe": {**recipe(1, 1).to_dict(), "seed": "abc"}}, "recipe.seed: must be an integer, got 'abc'"),
+    ({"recipe": {**recipe(1, 1).to_dict(), "parameters": [1, 2]}}, "recipe.parameters: must be a mapping, got list"),
+    ({"recipe": {**recipe(1, 1).to_dict(), "slices": 7}}, "recipe.slices: must be a list, got int"),
+    ({"recipe": recipe(1e308, 1).to_dict(), "temperature": 0.8},
+     "recipe.models[0].parameters.weight: must be finite and within +-10000, got 1e+308"),
+    ({"recipe": {**recipe(1, 1).to_dict(), "parameters": {"t": [0.1, {"filter": "mlp", "value": float("inf")}]}}},
+     "recipe.parameters.t[1].value: must be finite"),
+    ({"recipe": {"merge_method": "passthrough", "path": [{"model": "a", "layer": 0}] * 100}},
+     "recipe: more than 48 data-flow path steps (the model's 4 layers x 3 models x 4)"),
+    ({"recipe": DEEP}, "recipe: more than 4 nested recipes (the model's 4 layers)"),
+    ({"recipe": {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 10**9]}]}]}},
+     "recipe: more than 48 slice layers"),
+    ({"recipe": {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a"}]}]}},
+     "recipe.slices[0].sources[0].layer_range: must be [first, end] layer numbers, got None"),
+    ({"recipe": {**recipe(1, 1).to_dict(), "base_model": 3}}, "recipe.base_model: must be a model name or a recipe, got int"),
+    ({"prompt": "x" * 300}, "prompt 0 is 300 tokens; with max_tokens 2 that is over the model's context of 256 tokens"),
+    ({"prompt": ["ok", "y" * 252], "max_tokens": 5}, "prompt 1 is 252 tokens; with max_tokens 5"),
+    ('{"prompt": "ok", "recipe": {"merge_method": "linear", "parameters": {"w": ' + "[" * 5000 + "]" * 5000 + "}}}",
+     "There was an error parsing the body"),
+])
+def test_hostile_requests_are_one_line_400s_and_the_server_still_answers(server, change, needle):
+    normal = {"prompt": "ok", "max_tokens": 2, "recipe": recipe(1, 1).to_dict()}
+    r = post(server, "/v1/completions", None, content=change if isinstance(change, str) else json.dumps({**normal, **change}),
+             headers={"Content-Type": "application/json"})
+    one_line_400(r, needle)
+    assert post(server, "/v1/completions", normal).status_code == 200
+
+
+def test_the_longest_path_a_data_flow_search_makes_is_served(server):
+    """Every slot of a data-flow space over all the host's models on (3 repeats, pinned ends: 37 steps) is within
+    the bound."""
+    import numpy as np
+
+    from evomerge.search_spaces.data_flow import DataFlow
+
+    space = DataFlow(["base", "a", "b"], 4)
+    longest = space.decode(np.concatenate([np.full(space.num_slots, 0.5), np.ones(12 * 12)]))
+    assert len(longest.path) == 37
+    r = post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2, "recipe": longest.to_dict()})
+    assert r.status_code == 200, r.text
+
+
+HOSTILE = [None, "abc", -1, 0, 1e308, float("nan"), [], {}, [1, 2], True, "x" * 300, 10**30, {"model": "a"}]
+
+
+def mutate(body: Any, rng: random.Random) -> Any:
+    """`body` with one value somewhere in it replaced by a hostile one, removed, or a key added."""
+    if isinstance(body, (dict, list)) and body and rng.random() < 0.7:
+        keys = list(body) if isinstance(body, dict) else list(range(len(body)))
+        k = rng.choice(keys)
+        out = dict(body) if isinstance(body, dict) else list(body)
+        out[k] = mutate(body[k], rng)
+        return out
+    if isinstance(body, dict) and rng.random() < 0.3:
+        return {**body, rng.choice(["extra", "n", "stream", "logprobs", "echo", "seed", "slices", "path"]): rng.choice(HOSTILE)}
+    return rng.choice(HOSTILE)
+
+
+def test_fuzz_of_mutated_requests_is_never_a_500(server):
+    """300 seeded mutations of valid completion, chat and loss requests: each answered with no 500, a 4xx a
+    one-line error, and the server still answers a normal request."""
+    rng = random.Random(0)
+    valid = [("/v1/completions", {"prompt": "ok", "max_tokens": 2, "n": 1, "echo": False, "recipe": {
+                 "merge_method": "ties", "base_model": "base", "parameters": {"density": [0.2, 0.8]},
+                 "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]}}),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "recipe": recipe(1, 1).to_dict()}),
+             ("/v1/loss", {"dataset": "sums", "limit": 1, "recipe": {"merge_method": "passthrough", "path": [
+                 {"model": "a", "layer": 0}, {"model": "b", "layer": 1, "scale": 0.5}]}})]
+    codes: dict[int, int] = {}
+    for i in range(300):
+        path, body = rng.choice(valid)
+        r = post(server, path, None, content=json.dumps(mutate(body, rng)), headers={"Content-Type": "application/json"})
+        codes[r.status_code] = codes.get(r.status_code, 0) + 1
+        assert r.status_code in (200, 400, 404, 413), (r.status_code, r.text)
+        assert r.status_code == 200 or ("\n" not in r.json()["error"]["message"] and "Traceback" not in r.text), r.text
+        if i % 100 == 99:
+            assert post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2, "recipe": recipe(1, 1).to_dict()}).status_code == 200
+    assert codes[400] > 200 and codes.get(200, 0) > 5, codes  # most mutations are bad input, some stay valid
+
+
+def test_made_up_authorization_headers_are_not_new_clients(tiny_models, monkeypatch):
+    s = Running(build(ServeConfig(sources={"base": str(tiny_models["base"])}, base="base", rate=0.5, burst=5)))
+    try:
+        codes = [httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer made-up-{i}"}).status_code for i in range(8)]
+        assert codes == [200] * 5 + [429] * 3
+    finally:
+        s.stop()
+    monkeypatch.setenv("EVOMERGE_TEST_SERVE_TOKEN", TOKEN)  # with a token, holding it is the client
+    s = Running(build(ServeConfig(sources={"base": str(tiny_models["base"])}, base="base", rate=0.5, burst=3,
+                                  token_env="EVOMERGE_TEST_SERVE_TOKEN")))
+    try:
+        codes = [httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {t}"}).status_code
+                 for t in [TOKEN] * 4 + ["made-up"]]
+        assert codes == [200] * 3 + [429, 401]
+    finally:
+        s.stop()
+
+
+def test_a_request_waits_for_the_model_at_most_request_timeout(tiny_models):
+    s = Running(build(ServeConfig(sources={"base": str(tiny_models["base"])}, base="base", request_timeout=0.3)))
+    try:
+        heavy = {"prompt": ["ok"] * 64, "max_tokens": 200, "temperature": 1.0, "recipe": BASE_ONLY}  # seconds
+        done: list = []
+        first = threading.Thread(target=lambda: done.append(httpx.post(s.url + "/v1/completions", json=heavy, timeout=60)))
+        first.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2, "recipe": BASE_ONLY}, timeout=30)
+        waited = time.monotonic() - start
+        first.join()
+        assert (r.status_code, r.json()["error"]["message"], r.headers["retry-after"]) == (503, "the model is busy: waited 0.3 s", "1")
+        assert 0.3 <= waited < 1.0 and done[0].status_code == 200
+    finally:
+        s.stop()
+
+
+def test_sigterm_exits_within_the_grace_period_with_a_request_in_flight(tiny_models):
+    """A real `serve` process: SIGTERM while a request runs ends the process within shutdown_grace (2 s) plus
+    a second, whatever the request still had to do."""
+    import signal
+
+    port = free_port()
+    code = ("from evomerge.serve import ServeConfig, serve; "
+            f"serve(ServeConfig(sources={{'base': {str(tiny_models['base'])!r}}}, base='base', port={port}, shutdown_grace=2))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": ["ok"] * 64, "max_tokens": 250, "temperature": 1.0, "recipe": BASE_ONLY}  # seconds each, one at a time
+        answered: list = []
+
+        def busy() -> None:
+            try:
+                answered.append(httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60))
+            except httpx.TransportError:  # the server went away mid-request, as it should
+                pass
+
+        for _ in range(3):
+            threading.Thread(target=busy, daemon=True).start()
+        time.sleep(1)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        took = time.monotonic() - start
+        err = proc.stderr.read()
+        assert took < 3.0 and not answered, (took, answered and answered[0].text)
+        assert "work still in flight 2 s after the stop signal is abandoned" in err and "Traceback" not in err
+    finally:
+        proc.kill()
+        proc.wait()
