@@ -394,8 +394,9 @@ def _resolve_sources(data: dict[str, Any], base_dir: Path) -> None:
             raise UserError(f"config: sources.{name}: {e}") from None
     if isinstance(data.get("base"), str):
         check_adapters(resolved, data["base"])
-    if isinstance(data.get("holdout"), dict) and isinstance(data["holdout"].get("baselines"), dict):
-        _resolve_baselines(data, base_dir, set(resolved))
+    api = isinstance(data.get("fitness"), dict) and data["fitness"].get("backend") == "api"
+    if not api and isinstance(data.get("holdout"), dict) and isinstance(data["holdout"].get("baselines"), dict):
+        _resolve_baselines(data, base_dir, set(resolved))  # (an API run's baselines name the server's models)
     data["sources"] = {name: str(r.path) for name, r in resolved.items()}
     pinned = {n: r.pinned for n, r in resolved.items() if r.pinned != str(r.path)}
     if pinned:
