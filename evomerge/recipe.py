@@ -81,7 +81,7 @@ class PathStep:
             raise UserError(f"a path step needs model, layer and optional scale, got {d!r}") from e
 
 
-_FIELDS = ("merge_method", "models", "base_model", "parameters", "slices", "path", "dtype", "tokenizer_source", "seed")
+_FIELDS = ("merge_method", "models", "base_model", "parameters", "slices", "path", "dtype", "out_dtype", "tokenizer_source", "seed")
 
 
 @dataclass
@@ -92,7 +92,8 @@ class Recipe:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     slices: list[dict[str, Any]] | None = None  # mergekit's passthrough slices, kept as given
     path: list[PathStep] | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # mergekit's: the dtype the sources are loaded and merged in
+    out_dtype: str | None = None  # the dtype written (default: dtype, else the sources')
     tokenizer_source: str | None = None
     seed: int | None = None  # for the random merge methods (DARE, DELLA)
 
@@ -131,7 +132,7 @@ class Recipe:
             d["slices"] = self.slices
         if self.path is not None:
             d["path"] = [s.to_dict() for s in self.path]
-        for key in ("dtype", "tokenizer_source", "seed"):
+        for key in ("dtype", "out_dtype", "tokenizer_source", "seed"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -154,6 +155,7 @@ class Recipe:
             slices=d.get("slices"),
             path=[PathStep.from_dict(s) for s in d["path"]] if d.get("path") is not None else None,
             dtype=d.get("dtype"),
+            out_dtype=d.get("out_dtype"),
             tokenizer_source=d.get("tokenizer_source"),
             seed=None if d.get("seed") is None else int(d["seed"]),
         )

@@ -36,5 +36,6 @@ def run_merge(config: str, out: str | None, *, force: bool = False, emit_mergeki
 
     sources = resolve_models(recipe.source_names(), Path(config).resolve().parent)
     start = time.perf_counter()
-    write_checkpoint(recipe, sources, out, force=force, allow_pickle=allow_pickle, device=device, tie_order=tie_order)
+    write_checkpoint(recipe, sources, out, force=force, allow_pickle=allow_pickle, device=device, tie_order=tie_order,
+                     compute="mergekit")
     print(f"merged {recipe.merge_method} of {len(sources)} models into {out} in {time.perf_counter() - start:.1f} s")

@@ -16,7 +16,6 @@ _UNSUPPORTED = {
     "modules": "per-module configs",
     "tokenizer": "tokenizer surgery",
     "chat_template": "chat templates",
-    "out_dtype": "a separate output dtype (use dtype)",
 }
 # methods mergekit 0.1.5 knows, of those evomerge implements
 MERGEKIT_METHODS = {

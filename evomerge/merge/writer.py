@@ -43,11 +43,13 @@ def write_checkpoint(
     allow_pickle: bool = False,
     device: str = "cpu",
     tie_order: str = "index",
+    compute: str = "float32",
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool | None = None,
 ) -> Path:
     """Merge `recipe` over `sources` (name -> checkpoint dir) and write the result at `out`. `tie_order`: which
-    equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index"."""
+    equal magnitudes a trim keeps at its threshold (evomerge.merge.sparsify); a search scores with "index".
+    `compute`: "mergekit" merges as mergekit does, in the recipe's dtype else the sources' (materializer.py)."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -57,10 +59,11 @@ def write_checkpoint(
         raise UserError(f"model {missing[0]!r} of the recipe is not among the sources ({', '.join(sources)})")
     reference = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else names[0])
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
-    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order)
+    mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order,
+                       compute=compute)
     planned, _ = mat.plan(recipe)
     ref = mat.sources[reference]
-    out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
+    out_dtype = parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
     tok_name = _tokenizer_source(recipe, reference, used)
     total = sum(_numel(ref.shape(p.inputs[0].tensor)) for p in planned)
     show = total >= PROGRESS_ELEMENTS if progress is None else progress
