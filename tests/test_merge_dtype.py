@@ -142,3 +142,26 @@ def test_float32_kernels_and_their_mergekit_export_agree(method, tie_order, bf16
         assert 0 < differ < 1e-2 * sum(t.numel() for t in ref.values())
     else:
         assert differ == 0
+
+
+OTHERS = {
+    "slerp": {"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "a"}], "parameters": {"t": 0.3}},
+    "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]},
+}
+
+
+@pytest.mark.parametrize("method", sorted(OTHERS))
+def test_other_methods_load_in_dtype_and_round_to_it(method, bf16_llama, tmp_path):
+    """Methods without mergekit's low-precision ops merge the inputs as loaded in float32 and round once to
+    `dtype` then `out_dtype`: within a few bfloat16 steps of mergekit, which computes in bfloat16."""
+    import yaml
+
+    cfg = {**OTHERS[method], "dtype": "bfloat16", "out_dtype": "float32"}
+    ref = mergekit_merge(cfg, bf16_llama, tmp_path / "mk")
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(resolve_names(cfg, bf16_llama)))
+    run_merge(str(tmp_path / "c.yml"), str(tmp_path / "ours"))
+    ours = load_checkpoint(tmp_path / "ours")
+    for k, t in ref.items():
+        assert ours[k].dtype == torch.float32 and torch.equal(ours[k], ours[k].bfloat16().float())  # rounded to bf16 first
+        err = float((ours[k] - t).abs().max() / t.abs().max())
+        assert err < 0.05, (k, err)

@@ -14,7 +14,8 @@ over its members (stackwide.py), shared by the members' merges.
 A recipe's `dtype` is mergekit's: the dtype its inputs are loaded and merged in. Merged in float32 (or with no
 `dtype`, in a search), the fused kernels compute in float32 and round once; in bfloat16 or float16, or with
 `compute="mergekit"` (`evomerge merge`: no `dtype` then means the sources' own), the task-arithmetic family
-and linear run mergekit 0.1.5's own torch operations in that dtype (methods.py), so a replay is bit for bit.
+and linear run mergekit 0.1.5's own torch operations in that dtype (methods.py), so a replay is bit for bit;
+other methods merge the inputs rounded to it in float32 and round the result to it.
 Tensors are merged in parallel over `threads` (the kernels release the GIL); on CUDA each thread copies
 and merges on a stream of its own, so one tensor's host-to-device copy overlaps another's merge. Nested
 recipes are merged first into transient sources.
@@ -125,9 +126,11 @@ class Materializer:
             merge = self._new_merge(method, planned, seed, flat)
 
             def one(p: Planned) -> torch.Tensor:
-                low = self._low(merge, p)  # mergekit's result is rounded to its compute dtype before out_dtype
-                out = torch.empty(self._shape(p), device=self.device, dtype=low or (out_dtype if direct else self.dtype))
+                low = self._low(merge, p)
+                buffer = self._buffer(method, low) if low else (out_dtype if direct else self.dtype)
+                out = torch.empty(self._shape(p), device=self.device, dtype=buffer)
                 self._merge(merge, p, out)
+                out = out if low in (None, out.dtype) else out.to(low)  # mergekit rounds to its compute dtype, then to out_dtype
                 return out if out.dtype == out_dtype else out.to(out_dtype)
 
             done = self._map(one, planned)
@@ -161,12 +164,13 @@ class Materializer:
             def one(p: Planned) -> None:
                 dest = targets[p.name]
                 low = self._low(merge, p)
-                kernel_dtype = dest.dtype == (low or self.dtype) or (not low and method.any_out_dtype and dest.dtype in (torch.float32, torch.bfloat16))
-                direct = kernel_dtype and dest.device == self.device and dest.is_contiguous()
-                out = dest.data if direct else torch.empty(self._shape(p), device=self.device, dtype=low or self.dtype)
+                buffer = self._buffer(method, low) if low else self.dtype
+                kernel_dtype = dest.dtype == buffer or (not low and method.any_out_dtype and dest.dtype in (torch.float32, torch.bfloat16))
+                direct = kernel_dtype and dest.device == self.device and dest.is_contiguous() and low in (None, buffer)
+                out = dest.data if direct else torch.empty(self._shape(p), device=self.device, dtype=buffer)
                 self._merge(merge, p, out)
                 if not direct:
-                    dest.data.copy_(out)
+                    dest.data.copy_(out if low in (None, out.dtype) else out.to(low))
 
             with torch.no_grad():
                 for _ in self._map(one, sorted(planned, key=lambda p: -_numel(self._shape(p)))):
@@ -253,6 +257,10 @@ class Materializer:
             promoted = torch.promote_types(promoted, d)
         return promoted
 
+    def _buffer(self, method: Method, low: torch.dtype) -> torch.dtype:
+        """What a merge in compute dtype `low` writes: mergekit's ops write it, other methods float32 (rounded after)."""
+        return low if method.as_mergekit else self.dtype
+
     def _stored_dtype(self, model: str, tensor: str) -> torch.dtype:
         if model in self._transient:
             return self._transient[model][tensor].dtype
@@ -267,7 +275,7 @@ class Materializer:
         for i, inp in enumerate(p.inputs):
             where = f"model {inp.model!r} at {inp.tensor}"
             params = {s.name: resolve(s, inp.scopes, inp.tensor, p.t, where) for s in method.model_params(i == p.base)}
-            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor, low), self._vector_fn(merge, p, i)))
+            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor, low, method.as_mergekit), self._vector_fn(merge, p, i)))
         shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
         stack = None
@@ -275,7 +283,7 @@ class Materializer:
             members = p.stack.members
             read = lambda j: [self._stored(x.model, x.tensor) for x in merge.by_name[members[j]].inputs]  # noqa: E731
             stack = Stack(p.stack.name, p.stack.parts, members.index(p.name), len(members), read, self.dtype, merge.shared)
-        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low))
+        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low if method.as_mergekit else None))
 
     def _has(self, model: str, tensor: str) -> bool:
         if model in self._transient:  # a nested recipe: only planned, it produces the reference's tensors
@@ -287,8 +295,11 @@ class Materializer:
         t = self._transient[model][tensor] if model in self._transient else self.sources[model].get(tensor)
         return t.to(self.device)
 
-    def _full_fn(self, model: str, tensor: str, low: torch.dtype | None):
-        return lambda: self._stored(model, tensor).to(low or self.dtype)
+    def _full_fn(self, model: str, tensor: str, low: torch.dtype | None, as_mergekit: bool):
+        """An input as loaded: in the compute dtype for mergekit's ops, else rounded to it and merged in float32."""
+        if low is None or as_mergekit:
+            return lambda: self._stored(model, tensor).to(low or self.dtype)
+        return lambda: self._stored(model, tensor).to(low).to(self.dtype)
 
     def _vector_fn(self, merge: _Merge, p: Planned, i: int):
         """Input i's task vector; a stack member's trims read the whole stack (its `unit`), as mergekit's."""

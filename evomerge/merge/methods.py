@@ -62,6 +62,7 @@ class Method:
     max_inputs: int | None = None
     random: bool = False
     any_out_dtype: bool = False  # computes in float32 and writes a bfloat16 or float32 destination itself
+    as_mergekit: bool = False  # runs mergekit's own ops in a low compute dtype (Group.dtype)
 
     def shared_params(self) -> list[ParamSpec]:
         return [p for p in self.params if not p.per_model]
@@ -129,7 +130,8 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
         merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out,
                            offset=units[0].offset, **opts)
 
-    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True)
+    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True,
+                  as_mergekit=True)
 
 
 def _gta_as_mergekit(g: Group, trim: str | None, consensus: bool) -> torch.Tensor:
@@ -273,7 +275,8 @@ def _linear(g: Group) -> None:
         g.out.copy_(acc.to(first.dtype))
 
 
-register(Method("linear", _linear, (ParamSpec("weight", float, per_model=True, base_too=True), ParamSpec("normalize", bool, True))))
+register(Method("linear", _linear, (ParamSpec("weight", float, per_model=True, base_too=True), ParamSpec("normalize", bool, True)),
+                as_mergekit=True))
 
 
 # --- slerp ----------------------------------------------------------------------------------------
