@@ -1,7 +1,7 @@
 """A merge recipe: plain data saying how one model is built from source models.
 
 The schema is mergekit's merge configuration (`merge_method`, `base_model`, `models` with per-model
-`parameters`, global `parameters`, passthrough `slices`, `dtype`, `tokenizer_source`), so a recipe that
+`parameters`, global `parameters`, passthrough `slices`, `dtype`, `out_dtype`, `tokenizer_source`), so a recipe that
 mergekit can express exports to its YAML unchanged, and extended by:
 
 - `path`: a data-flow model (Sakana's data-flow space): the forward pass runs the listed

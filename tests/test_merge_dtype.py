@@ -55,12 +55,13 @@ def _config(method: str, **extra) -> dict:
     return {"merge_method": method, "base_model": "base", "models": models, **extra}
 
 
-def _with_evomerge_draws(monkeypatch, seed: int) -> None:
+def _with_evomerge_draws(monkeypatch, seed: int) -> list[tuple[str, str]]:
     """mergekit's bernoulli trims answered by evomerge's draws for the (tensor, model) being trimmed (a model
     is named by its path, as in the config evomerge merge reads)."""
     from mergekit.merge_methods import generalized_task_arithmetic as gta
 
     pending: list[tuple[str, str]] = []
+    drawn: list[tuple[str, str]] = []
     merge_group, trim = gta.GeneralizedTaskArithmeticMerge.merge_group, gta.sparsify
 
     def grouped(self, group, /, **parameters):
@@ -69,6 +70,7 @@ def _with_evomerge_draws(monkeypatch, seed: int) -> None:
 
     def sparsified(delta, density, method, **kw):
         tensor, model = pending.pop(0)
+        drawn.append((tensor, model))
         keep = sparsify.bernoulli(density, rng.key_for(seed, tensor, model))
         with monkeypatch.context() as m:
             m.setattr(torch, "bernoulli", lambda p: keep.mask(p.reshape(-1), 0).reshape(p.shape).to(p.dtype))
@@ -76,23 +78,26 @@ def _with_evomerge_draws(monkeypatch, seed: int) -> None:
 
     monkeypatch.setattr(gta.GeneralizedTaskArithmeticMerge, "merge_group", grouped)
     monkeypatch.setattr(gta, "sparsify", sparsified)
+    return drawn
 
 
 def _assert_bit_exact(cfg: dict, paths: dict[str, Path], tmp: Path, monkeypatch) -> dict[str, torch.Tensor]:
     import yaml
 
+    drawn = None
     if cfg["merge_method"].startswith("dare"):
         cfg = {**cfg, "seed": 7}
-        _with_evomerge_draws(monkeypatch, 7)
+        drawn = _with_evomerge_draws(monkeypatch, 7)
     config = tmp / "merge.yml"
     config.write_text(yaml.safe_dump(resolve_names(cfg, paths)))
     ref = mergekit_merge({k: v for k, v in cfg.items() if k != "seed"}, paths, tmp / "mk")
+    assert drawn is None or len(drawn) == 2 * len(ref)  # every DARE trim drew evomerge's mask
     run_merge(str(config), str(tmp / "ours"))
     ours = load_checkpoint(tmp / "ours")
     assert set(ours) == set(ref)
     differ = [k for k in ref if not (ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]))]
-    assert not differ, f"{len(differ)} of {len(ref)} tensors differ, e.g. {differ[0]}: {ours[differ[0]].dtype} vs {ref[differ[0]].dtype}, " \
-                       f"max {(ours[differ[0]].double() - ref[differ[0]].double()).abs().max():.3g}"
+    assert not differ, f"{len(differ)} of {len(ref)} tensors differ, e.g. {differ[0]}: {ours[differ[0]].dtype} vs " \
+                       f"{ref[differ[0]].dtype}, max {(ours[differ[0]].double() - ref[differ[0]].double()).abs().max():.3g}"
     return ours
 
 
