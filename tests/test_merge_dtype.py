@@ -170,3 +170,20 @@ def test_other_methods_load_in_dtype_and_round_to_it(method, bf16_llama, tmp_pat
         assert ours[k].dtype == torch.float32 and torch.equal(ours[k], ours[k].bfloat16().float())  # rounded to bf16 first
         err = float((ours[k] - t).abs().max() / t.abs().max())
         assert err < 0.05, (k, err)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_live_module_gets_what_the_checkpoint_gets(dtype, bf16_llama):
+    """load_into (a search scoring a candidate) writes the same weights as materialize, in a bfloat16 module too."""
+    import transformers as T
+
+    from evomerge.merge import Materializer
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.from_dict({**_config("ties"), "dtype": dtype})
+    mat = Materializer({n: str(p) for n, p in bf16_llama.items()}, base="base", tie_order="mergekit")
+    expected = mat.materialize(recipe, dtype=torch.bfloat16)
+    module = T.AutoModelForCausalLM.from_pretrained(bf16_llama["base"], dtype=torch.bfloat16)
+    mat.load_into(recipe, module)
+    params = dict(module.named_parameters())
+    assert all(torch.equal(params[k], t) for k, t in expected.items())
