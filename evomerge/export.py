@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
 FORMATS = ("hf", "mergekit", "recipe")
+_MAGNITUDE_TRIMS = ("ties", "breadcrumbs", "breadcrumbs_ties")
 
 
 def _write_text(out: Path, text: str) -> None:
@@ -19,11 +21,30 @@ def _write_text(out: Path, text: str) -> None:
     tmp.replace(out)
 
 
+def mergekit_config(recipe: Recipe, sources: dict[str, str], base: str | None, names: dict[str, str]) -> str:
+    """`recipe` as mergekit YAML that replays what a search scored and `--format hf` writes: with no `dtype` of its
+    own, merged in float32 and written in the base's stored dtype (mergekit would otherwise merge in that dtype).
+    `names`: how the YAML names each source (a path, or a Hub ID at its commit)."""
+    from evomerge.merge.materializer import DTYPES
+    from evomerge.merge.mergekit_yaml import float32_replay, to_mergekit
+    from evomerge.merge.sources import open_sources
+
+    if recipe.dtype is None:
+        ref = base if base is not None else (recipe.base_model if isinstance(recipe.base_model, str) else recipe.source_names()[0])
+        src = open_sources({ref: sources[ref]})[ref]
+        stored = src.dtype_name(src.names()[0])
+        recipe = float32_replay(recipe, stored if stored in DTYPES else "float32")
+    text = to_mergekit(recipe, names)
+    if recipe.merge_method in _MAGNITUDE_TRIMS:
+        text = ("# equal magnitudes at a trim's threshold: the run kept the lowest indices, mergekit keeps those its "
+                "sort puts first (the weights differ only where such a tie straddles the threshold)\n") + text
+    return text
+
+
 def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: str | None = None,
                candidate: int | None = None, pareto: bool = False, first_objective: bool = False) -> list[Path]:
     """Export the chosen candidate(s); returns the paths written. `--pareto` writes one entry per front member
     into the folder `out` (candidate_<id>.yaml or candidate_<id>/)."""
-    from evomerge.merge.mergekit_yaml import to_mergekit
     from evomerge.merge.writer import write_checkpoint
     from evomerge.results import open_run
 
@@ -61,7 +82,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
         if fmt == "recipe":
             _write_text(target, recipes[i].to_yaml())
         elif fmt == "mergekit":
-            _write_text(target, to_mergekit(recipes[i], pinned))
+            _write_text(target, mergekit_config(recipes[i], sources, cfg.get("base"), pinned))
         else:  # the writer stages in a temporary folder and renames it into place
             write_checkpoint(recipes[i], sources, target, base=cfg.get("base"), pinned=pinned, identity=identity)
     return list(targets.values())

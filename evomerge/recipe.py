@@ -1,7 +1,7 @@
 """A merge recipe: plain data saying how one model is built from source models.
 
 The schema is mergekit's merge configuration (`merge_method`, `base_model`, `models` with per-model
-`parameters`, global `parameters`, passthrough `slices`, `dtype`, `tokenizer_source`), so a recipe that
+`parameters`, global `parameters`, passthrough `slices`, `dtype`, `out_dtype`, `tokenizer_source`), so a recipe that
 mergekit can express exports to its YAML unchanged, and extended by:
 
 - `path`: a data-flow model (Sakana's data-flow space): the forward pass runs the listed
@@ -81,7 +81,7 @@ class PathStep:
             raise UserError(f"a path step needs model, layer and optional scale, got {d!r}") from e
 
 
-_FIELDS = ("merge_method", "models", "base_model", "parameters", "slices", "path", "dtype", "tokenizer_source", "seed")
+_FIELDS = ("merge_method", "models", "base_model", "parameters", "slices", "path", "dtype", "out_dtype", "tokenizer_source", "seed")
 
 
 @dataclass
@@ -92,7 +92,8 @@ class Recipe:
     parameters: dict[str, ParamValue] = field(default_factory=dict)
     slices: list[dict[str, Any]] | None = None  # mergekit's passthrough slices, kept as given
     path: list[PathStep] | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # mergekit's: the dtype the sources are loaded and merged in
+    out_dtype: str | None = None  # the dtype written (default: dtype, else the sources')
     tokenizer_source: str | None = None
     seed: int | None = None  # for the random merge methods (DARE, DELLA)
 
@@ -149,7 +150,7 @@ class Recipe:
             d["slices"] = self.slices
         if self.path is not None:
             d["path"] = [s.to_dict() for s in self.path]
-        for key in ("dtype", "tokenizer_source", "seed"):
+        for key in ("dtype", "out_dtype", "tokenizer_source", "seed"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -172,6 +173,7 @@ class Recipe:
             slices=d.get("slices"),
             path=[PathStep.from_dict(s) for s in d["path"]] if d.get("path") is not None else None,
             dtype=d.get("dtype"),
+            out_dtype=d.get("out_dtype"),
             tokenizer_source=d.get("tokenizer_source"),
             seed=None if d.get("seed") is None else int(d["seed"]),
         )

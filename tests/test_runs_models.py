@@ -17,6 +17,7 @@ from evomerge.export import export_run
 from evomerge.merge import Materializer
 from evomerge.report import render
 from runs_fixtures import execute_explorer
+from tests.merge_fixtures import mergekit_merge
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,14 @@ def test_export_writes_the_chosen_candidates_merge(model_run, tiny_models, tmp_p
     (mk,) = export_run(model_run / "run", tmp_path / "c.yml", fmt="mergekit", candidate=cid)
     mk_cfg = yaml.safe_load(mk.read_text())
     assert mk_cfg["base_model"] == str(tiny_models["base"]) and mk_cfg["models"][0]["model"] == str(tiny_models["a"])
+    # mergekit-yaml replays the export (dtype float32, out_dtype the sources') bit for bit to evomerge's merge in
+    # mergekit's tie order; the run's (index) order differs only where tied magnitudes straddle a TIES threshold,
+    # as the export's comment says (here one norm vector of 39 tensors, by 7.7e-6)
+    assert (mk_cfg["dtype"], mk_cfg["out_dtype"]) == ("float32", "float32") and "# equal magnitudes" in mk.read_text()
+    replayed = mergekit_merge(mk_cfg, {}, tmp_path / "mk")
+    as_mergekit = Materializer({k: str(v) for k, v in tiny_models.items()}, base="base", tie_order="mergekit").materialize(run.recipe(cid))
+    assert set(replayed) == set(exported) and all(torch.equal(replayed[k], as_mergekit[k]) for k in exported)
+    assert len([k for k in exported if not torch.equal(replayed[k], exported[k])]) <= 1
 
 
 def test_report_shows_the_recipe_per_layer(model_run):

@@ -34,5 +34,6 @@ def run_merge(config: str, out: str | None, *, force: bool = False, emit_mergeki
     sources = resolve_models(names, Path(config).resolve().parent, base, allow_pickle=allow_pickle)
     start = time.perf_counter()
     write_checkpoint(recipe, {n: str(r.path) for n, r in sources.items()}, out, force=force, allow_pickle=allow_pickle,
-                     device=device, tie_order=tie_order, pinned={n: r.pinned for n, r in sources.items()}, strict=strict)
+                     device=device, tie_order=tie_order, pinned={n: r.pinned for n, r in sources.items()}, strict=strict,
+                     compute="mergekit")
     print(f"merged {recipe.merge_method} of {len(sources)} models into {out} in {time.perf_counter() - start:.1f} s")

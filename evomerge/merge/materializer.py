@@ -11,6 +11,11 @@ ranks, 4 bytes an entry); methods outside the task-arithmetic family
 (linear, slerp, model_stock, passthrough) hold float32 copies of one tensor's inputs while merging it.
 Methods reading whole-tensor statistics (slerp's angle, sce's variance cut...) read a stack's as sums
 over its members (stackwide.py), shared by the members' merges.
+A recipe's `dtype` is mergekit's: the dtype its inputs are loaded and merged in. Merged in float32 (or with no
+`dtype`, in a search), the fused kernels compute in float32 and round once; in bfloat16 or float16, or with
+`compute="mergekit"` (`evomerge merge`: no `dtype` then means the sources' own), the task-arithmetic family
+and linear run mergekit 0.1.5's own torch operations in that dtype (methods.py), so a replay is bit for bit;
+other methods merge the inputs rounded to it in float32 and round the result to it.
 Tensors are merged in parallel over `threads` (the kernels release the GIL); on CUDA each thread copies
 and merges on a stream of its own, so one tensor's host-to-device copy overlaps another's merge. Nested
 recipes are merged first into transient sources.
@@ -41,6 +46,7 @@ from evomerge.records import UserError
 
 SourceLike = str | Path | Mapping[str, torch.Tensor] | Source
 
+COMPUTE = ("float32", "mergekit")  # float32: the fast kernels unless a recipe's dtype is lower; mergekit: its ops always
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -65,7 +71,7 @@ class Materializer:
     `prefault`: map the sources' pages in the background from now (sources.map_pages); off for one that only
     plans. `tokenizer_source` (base, union or a source): the sources' embeddings and heads read in that
     vocabulary (evomerge.merge.vocab), with the filler rows mergekit gives each recipe (they depend on its
-    models and base_model); every recipe merged then has this tokenizer_source or none."""
+    models and base_model); every recipe merged then has this tokenizer_source or none. `compute`: see the module's docstring."""
 
     def __init__(
         self,
@@ -80,11 +86,14 @@ class Materializer:
         prefault: bool = True,
         strict: bool = False,
         tokenizer_source: str | None = None,
+        compute: str = "float32",
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
         if tie_order not in TIE_ORDERS:
             raise UserError(f"tie_order {tie_order!r} is not one of {', '.join(TIE_ORDERS)}")
+        if compute not in COMPUTE:
+            raise UserError(f"compute {compute!r} is not one of {', '.join(COMPUTE)}")
         if threads is not None and threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         self.sources = open_sources(sources, allow_pickle=allow_pickle, base=base)
@@ -109,6 +118,7 @@ class Materializer:
         self.threads = threads or default_threads()
         self.tie_order = tie_order
         self.strict = strict  # a parameter filter that matches no tensor is an error (evomerge.merge.plan)
+        self.compute = compute
         self.names = self.sources[self.reference].names()
         self._transient: dict[str, dict[str, torch.Tensor] | None] = {}  # nested recipes' results during a merge (None: planning)
         self._summaries: dict[tuple, Summary] = {}  # per task vector (or stack), kept across candidates
@@ -123,17 +133,20 @@ class Materializer:
 
     def tensors(self, recipe: Recipe, *, dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Merged tensors one at a time, so a writer holds no more than one of them."""
-        out_dtype = dtype or parse_dtype(recipe.dtype) or self.dtype
+        out_dtype = dtype or parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype) or self.dtype
         from tqdm.auto import tqdm
 
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
             direct = method.any_out_dtype and out_dtype in (torch.float32, torch.bfloat16)
-            merge = _Merge(method, planned, seed)
+            merge = self._new_merge(method, planned, seed, flat)
 
             def one(p: Planned) -> torch.Tensor:
-                out = torch.empty(self._shape(p), device=self.device, dtype=out_dtype if direct else self.dtype)
+                low = self._low(merge, p)
+                buffer = self._buffer(method, low) if low else (out_dtype if direct else self.dtype)
+                out = torch.empty(self._shape(p), device=self.device, dtype=buffer)
                 self._merge(merge, p, out)
+                out = out if low in (None, out.dtype) else out.to(low)  # mergekit rounds to its compute dtype, then to out_dtype
                 return out if out.dtype == out_dtype else out.to(out_dtype)
 
             done = self._map(one, planned)
@@ -146,7 +159,7 @@ class Materializer:
         models whose loader renames or fuses checkpoint tensors)."""
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
-            merge = _Merge(method, planned, seed)
+            merge = self._new_merge(method, planned, seed, flat)
             if targets is None:
                 targets = dict(module.named_parameters())
                 targets.update(dict(module.named_buffers()))
@@ -166,12 +179,14 @@ class Materializer:
 
             def one(p: Planned) -> None:
                 dest = targets[p.name]
-                kernel_dtype = dest.dtype == self.dtype or (method.any_out_dtype and dest.dtype in (torch.float32, torch.bfloat16))
-                direct = kernel_dtype and dest.device == self.device and dest.is_contiguous()
-                out = dest.data if direct else torch.empty(self._shape(p), device=self.device, dtype=self.dtype)
+                low = self._low(merge, p)
+                buffer = self._buffer(method, low) if low else self.dtype
+                kernel_dtype = dest.dtype == buffer or (not low and method.any_out_dtype and dest.dtype in (torch.float32, torch.bfloat16))
+                direct = kernel_dtype and dest.device == self.device and dest.is_contiguous() and low in (None, buffer)
+                out = dest.data if direct else torch.empty(self._shape(p), device=self.device, dtype=buffer)
                 self._merge(merge, p, out)
                 if not direct:
-                    dest.data.copy_(out)
+                    dest.data.copy_(out if low in (None, out.dtype) else out.to(low))
 
             with torch.no_grad():
                 for _ in self._map(one, sorted(planned, key=lambda p: -_numel(self._shape(p)))):
@@ -259,16 +274,42 @@ class Materializer:
                 for spec in method.model_params(i == p.base):  # a parameter missing anywhere: said before any merge
                     resolve(spec, inp.scopes, inp.tensor, p.t, f"model {inp.model!r} at {inp.tensor}")
 
+    def _new_merge(self, method: Method, planned: list[Planned], seed: int, recipe: Recipe) -> _Merge:
+        dtype = parse_dtype(recipe.dtype)
+        return _Merge(method, planned, seed, dtype, self.compute == "mergekit" or dtype not in (None, torch.float32))
+
+    def _low(self, merge: _Merge, p: Planned) -> torch.dtype | None:
+        """The dtype tensor p is merged in as mergekit merges it: the recipe's, else its inputs' stored dtypes
+        promoted; None for the fast float32 path."""
+        if not merge.mergekit:
+            return None
+        if merge.dtype is not None:
+            return merge.dtype
+        dtypes = [self._stored_dtype(x.model, x.tensor) for x in p.inputs]
+        promoted = dtypes[0]
+        for d in dtypes[1:]:
+            promoted = torch.promote_types(promoted, d)
+        return promoted
+
+    def _buffer(self, method: Method, low: torch.dtype) -> torch.dtype:
+        """What a merge in compute dtype `low` writes: mergekit's ops write it, other methods float32 (rounded after)."""
+        return low if method.as_mergekit else self.dtype
+
+    def _stored_dtype(self, model: str, tensor: str) -> torch.dtype:
+        if model in self._transient:
+            return self._transient[model][tensor].dtype
+        return DTYPES.get(self.sources[model].dtype_name(tensor), torch.float32)
+
     def _shape(self, p: Planned) -> tuple[int, ...]:
         return self.sources[self.reference].shape(p.inputs[0].tensor)
 
     def _merge(self, merge: _Merge, p: Planned, out: torch.Tensor) -> None:
-        method = merge.method
+        method, low = merge.method, self._low(merge, p)
         entries = []
         for i, inp in enumerate(p.inputs):
             where = f"model {inp.model!r} at {inp.tensor}"
             params = {s.name: resolve(s, inp.scopes, inp.tensor, p.t, where) for s in method.model_params(i == p.base)}
-            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor), self._vector_fn(merge, p, i)))
+            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor, low, method.as_mergekit), self._vector_fn(merge, p, i)))
         shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
         stack = None
@@ -276,7 +317,7 @@ class Materializer:
             members = p.stack.members
             read = lambda j: [self._stored(x.model, x.tensor) for x in merge.by_name[members[j]].inputs]  # noqa: E731
             stack = Stack(p.stack.name, p.stack.parts, members.index(p.name), len(members), read, self.dtype, merge.shared)
-        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack))
+        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low if method.as_mergekit else None))
 
     def _has(self, model: str, tensor: str) -> bool:
         if model in self._transient:  # a nested recipe: only planned, it produces the reference's tensors
@@ -288,8 +329,11 @@ class Materializer:
         t = self._transient[model][tensor] if model in self._transient else self.sources[model].get(tensor)
         return t.to(self.device)
 
-    def _full_fn(self, model: str, tensor: str):
-        return lambda: self._stored(model, tensor).to(self.dtype)
+    def _full_fn(self, model: str, tensor: str, low: torch.dtype | None, as_mergekit: bool):
+        """An input as loaded: in the compute dtype for mergekit's ops, else rounded to it and merged in float32."""
+        if low is None or as_mergekit:
+            return lambda: self._stored(model, tensor).to(low or self.dtype)
+        return lambda: self._stored(model, tensor).to(low).to(self.dtype)
 
     def _vector_fn(self, merge: _Merge, p: Planned, i: int):
         """Input i's task vector; a stack member's trims read the whole stack (its `unit`), as mergekit's."""
@@ -375,8 +419,9 @@ class _Merge:
     """One merge: its method, seed, plan by output name (a stack's members) and the statistics its tensors'
     merges share."""
 
-    def __init__(self, method: Method, planned: list[Planned], seed: int):
+    def __init__(self, method: Method, planned: list[Planned], seed: int, dtype: torch.dtype | None, mergekit: bool):
         self.method, self.seed = method, seed
+        self.dtype, self.mergekit = dtype, mergekit  # the recipe's dtype; whether mergekit's ops merge it
         self.by_name = {p.name: p for p in planned}
         self.shared = Shared()
 

@@ -2,6 +2,8 @@
 as a mergekit config when mergekit can express it."""
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,6 @@ _UNSUPPORTED = {
     "modules": "per-module configs",
     "tokenizer": "tokenizer surgery",
     "chat_template": "chat templates",
-    "out_dtype": "a separate output dtype (use dtype)",
 }
 # methods mergekit 0.1.5 knows, of those evomerge implements
 MERGEKIT_METHODS = {
@@ -45,6 +46,12 @@ def expressible(recipe: Recipe) -> str | None:
     if isinstance(recipe.base_model, Recipe) or any(isinstance(m.model, Recipe) for m in recipe.models):
         return "nested recipes have no mergekit form (export the inner merge first)"
     return None
+
+
+def float32_replay(recipe: Recipe, written: str) -> Recipe:
+    """A recipe merged by the float32 kernels (a search's: no `dtype` of its own) as mergekit must be told to replay
+    it: merged in float32 and written in `written` (else mergekit merges in the sources' dtype)."""
+    return recipe if recipe.dtype is not None else dataclasses.replace(recipe, dtype="float32", out_dtype=written)
 
 
 def to_mergekit(recipe: Recipe, paths: Mapping[str, str] | None = None) -> str:

@@ -41,6 +41,7 @@ class Group:
     out: torch.Tensor
     tie_order: str = "index"  # which of the equal magnitudes at a trim's threshold survive (sparsify)
     stack: Stack | None = None  # the stack this tensor is a member of: whole-tensor statistics read it whole
+    dtype: torch.dtype | None = None  # merged as mergekit does, in this dtype (entries' full() are in it); None: float32 kernels
 
     @property
     def base_index(self) -> int | None:
@@ -61,6 +62,7 @@ class Method:
     max_inputs: int | None = None
     random: bool = False
     any_out_dtype: bool = False  # computes in float32 and writes a bfloat16 or float32 destination itself
+    as_mergekit: bool = False  # runs mergekit's own ops in a low compute dtype (Group.dtype)
 
     def shared_params(self) -> list[ParamSpec]:
         return [p for p in self.params if not p.per_model]
@@ -112,6 +114,9 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
         if not entries:
             g.out.copy_(g.base.full())
             return
+        if g.dtype is not None and trim != "della" and g.stack is None:
+            g.out.copy_(_gta_as_mergekit(g, trim, consensus))
+            return
         vectors = [e.vector() for e in entries]
         weights = [e.params["weight"] for e in entries]
         opts = {"consensus": consensus, "normalize": g.shared["normalize"], "lam": g.shared["lambda"]}
@@ -125,7 +130,66 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
         merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out,
                            offset=units[0].offset, **opts)
 
-    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True)
+    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True,
+                  as_mergekit=True)
+
+
+def _gta_as_mergekit(g: Group, trim: str | None, consensus: bool) -> torch.Tensor:
+    """mergekit 0.1.5's GeneralizedTaskArithmeticMerge.merge_group, op for op in g.dtype (its rounding at each
+    step), on the same masks: its sort for magnitude trims, evomerge's draws for random ones."""
+    base = g.base.full()
+    entries = g.non_base
+    deltas = base.new_empty((len(entries), *base.shape))
+    for i, e in enumerate(entries):
+        d = e.full() - base
+        deltas[i] = d if trim is None else _sparsify_as_mergekit(d, trim, e, g)
+    weights = torch.tensor([e.params["weight"] for e in entries], dtype=deltas.dtype)
+    while deltas.dim() > weights.dim():
+        weights.unsqueeze_(-1)
+    deltas.mul_(weights)
+    if consensus:
+        sign = deltas.sign()
+        mask = sign == (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if g.shared["normalize"]:
+        mixed /= divisor
+    if g.shared["lambda"] != 1:
+        mixed *= g.shared["lambda"]
+    return base + mixed
+
+
+def _sparsify_as_mergekit(d: torch.Tensor, trim: str, e: Entry, g: Group) -> torch.Tensor:
+    """mergekit's magnitude / magnitude_outliers / bernoulli trims of delta d (sparsify.py), rescaled by L1 when asked."""
+    density, n = e.params["density"], d.numel()
+    if density >= 1:
+        return d
+    work = d.dtype
+    w = d.abs().reshape(-1).float()
+    mask = torch.zeros(n, dtype=d.dtype)
+    if trim == "magnitude":
+        if density <= 0 or n == 0:
+            return torch.zeros_like(d)
+        mask[torch.argsort(w, descending=True)[: max(1, int(density * n))]] = 1
+    elif trim == "magnitude_outliers":
+        target, top = int(density * n), int(e.params["gamma"] * n)
+        bottom = max(0, n - target - top)
+        mask[torch.sort(w, descending=False).indices[bottom : bottom + target]] = 1
+    else:  # random: torch.bernoulli works in float32 on CPU but for bfloat16
+        work = d.dtype if d.dtype == torch.bfloat16 else torch.float32
+        keep = sparsify.bernoulli(density, rng.key_for(g.seed, g.name, e.model))
+        mask = keep.mask(w, 0).to(work)
+    masked = d.to(work) * mask.reshape(d.shape)
+    if g.shared["rescale"]:
+        before, after = d.to(work).abs().sum(), masked.abs().sum()
+        if not (before < sparsify.EPS or after < sparsify.EPS):
+            masked = masked * (before / after)
+    return masked.to(d.dtype)
 
 
 DELLA_PIECE = 1 << 22  # entries per piece of whole rows (tests make it small)
@@ -197,16 +261,22 @@ for _m in (
 # --- linear ---------------------------------------------------------------------------------------
 
 def _linear(g: Group) -> None:
-    weights = [e.params["weight"] for e in g.entries]
-    out = g.out
-    out.zero_()
+    """mergekit's: a float32 sum (float64 for float64 inputs) of the inputs as loaded, rounded to their dtype."""
+    first = g.entries[0].full()
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weights = torch.tensor([e.params["weight"] for e in g.entries], dtype=dtype)
+    acc = g.out if g.out.dtype == dtype else torch.zeros_like(first, dtype=dtype)
+    acc.zero_()
     for e, w in zip(g.entries, weights):
-        out.add_(e.full(), alpha=w)
+        acc.addcmul_(e.full(), w)
     if g.shared["normalize"]:
-        out.div_(sum(weights))
+        acc.div_(weights.sum())
+    if acc is not g.out:
+        g.out.copy_(acc.to(first.dtype))
 
 
-register(Method("linear", _linear, (ParamSpec("weight", float, per_model=True, base_too=True), ParamSpec("normalize", bool, True))))
+register(Method("linear", _linear, (ParamSpec("weight", float, per_model=True, base_too=True), ParamSpec("normalize", bool, True)),
+                as_mergekit=True))
 
 
 # --- slerp ----------------------------------------------------------------------------------------

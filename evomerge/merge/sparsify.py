@@ -23,7 +23,7 @@ import torch
 from evomerge.merge import rng
 from evomerge.merge.vectors import TaskVector
 
-_EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
+EPS = 1e-7  # mergekit's tolerance below which a norm is not rescaled
 _NO_DROP = np.zeros(0, np.int64)
 _ALL = (0, 1 << 62)  # flat-index range of the tied entries kept at a bound
 _NONE = (1, 0)
@@ -155,7 +155,7 @@ def rescale(keep: Keep, vec: TaskVector) -> Keep:
 
 def rescaled(keep: Keep, kept: float, whole: float) -> Keep:
     """`keep` with the rescale factor whole / kept (L1 norms), unless either is negligible."""
-    return replace(keep, factor=whole / kept) if whole >= _EPS and kept >= _EPS else keep
+    return replace(keep, factor=whole / kept) if whole >= EPS and kept >= EPS else keep
 
 
 def row_rank(delta: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from evomerge import arch
 from evomerge.merge.materializer import Materializer, SourceLike, parse_dtype
-from evomerge.merge.mergekit_yaml import expressible, to_mergekit
+from evomerge.merge.mergekit_yaml import expressible, float32_replay, to_mergekit
 from evomerge.merge.vocab import check_source
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
@@ -44,6 +44,7 @@ def write_checkpoint(
     allow_pickle: bool = False,
     device: str = "cpu",
     tie_order: str = "index",
+    compute: str = "float32",
     max_shard_bytes: int = SHARD_BYTES,
     progress: bool | None = None,
     pinned: Mapping[str, str] | None = None,
@@ -55,7 +56,8 @@ def write_checkpoint(
     `pinned`: how the card and recipe.yaml name each source (a path or a Hub ID at its commit; default: its
     directory), so that `evomerge merge OUT/recipe.yaml` replays the merge. `strict`: a parameter filter that
     matches no tensor is an error, not a warning. `identity`: the sources' files and sha256 (a run's record,
-    evomerge/merge/identity.py), listed on the card."""
+    evomerge/merge/identity.py), listed on the card. `compute`: "mergekit" merges as mergekit does, in the
+    recipe's dtype else the sources' (materializer.py)."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
@@ -67,10 +69,10 @@ def write_checkpoint(
     used = {n: sources[n] for n in dict.fromkeys([reference, *names])}
     check_source(recipe.tokenizer_source, used)
     mat = Materializer(used, base=reference, device=device, allow_pickle=allow_pickle, tie_order=tie_order, strict=strict,
-                       tokenizer_source=recipe.tokenizer_source)
+                       tokenizer_source=recipe.tokenizer_source, compute=compute)
     planned, _ = mat.plan(recipe)
     ref = mat.sources[reference]
-    out_dtype = parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
+    out_dtype = parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype) or _stored_dtype(ref, planned[0].inputs[0].tensor)
     total = sum(_numel(ref.shape(p.inputs[0].tensor)) for p in planned)
     show = total >= PROGRESS_ELEMENTS if progress is None else progress
 
@@ -90,8 +92,9 @@ def write_checkpoint(
         replay = recipe.renamed(paths)
         (tmp / "recipe.yaml").write_text(replay.to_yaml())
         (tmp / "README.md").write_text(model_card(replay, paths, out.name, tie_order, identity))
-        if expressible(recipe) is None:
-            (tmp / "mergekit_config.yml").write_text(to_mergekit(recipe, paths))
+        if expressible(recipe) is None:  # what mergekit replays to these weights
+            replayed = recipe if compute == "mergekit" else float32_replay(recipe, str(out_dtype).removeprefix("torch."))
+            (tmp / "mergekit_config.yml").write_text(to_mergekit(replayed, paths))
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
