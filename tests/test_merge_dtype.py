@@ -135,11 +135,13 @@ def test_float32_kernels_and_their_mergekit_export_agree(method, tie_order, bf16
     recipe = Recipe.from_dict(_config(method))
     sources = {n: str(p) for n, p in bf16_llama.items()}
     write_checkpoint(recipe, sources, tmp_path / "ours", base="base", tie_order=tie_order)
-    text = mergekit_config(recipe, sources, "base")
+    text = mergekit_config(recipe, sources, "base", sources)
     cfg = yaml.safe_load(text)
     assert (cfg["dtype"], cfg["out_dtype"]) == ("float32", "bfloat16")
     ref, ours = mergekit_merge(cfg, {}, tmp_path / "mk"), load_checkpoint(tmp_path / "ours")
     assert set(ours) == set(ref) and all(ours[k].dtype == torch.bfloat16 for k in ref)
+    beside = yaml.safe_load((tmp_path / "ours" / "mergekit_config.yml").read_text())  # the checkpoint's own says so too
+    assert (beside["dtype"], beside["out_dtype"]) == ("float32", "bfloat16")
     differ = sum(int((ours[k] != ref[k]).sum()) for k in ref)
     if tie_order == "index" and method in ("ties", "breadcrumbs_ties"):  # the export says so
         assert "# equal magnitudes at a trim's threshold" in text
