@@ -634,7 +634,7 @@ def test_sigterm_exits_within_the_grace_period_with_a_request_in_flight(tiny_mod
             except httpx.TransportError:  # the server went away mid-request, as it should
                 pass
 
-        for _ in range(3):
+        for _ in range(8):  # served one at a time: more than the grace period holds, however fast the machine
             threading.Thread(target=busy, daemon=True).start()
         time.sleep(1)
         start = time.monotonic()
@@ -642,7 +642,7 @@ def test_sigterm_exits_within_the_grace_period_with_a_request_in_flight(tiny_mod
         proc.wait(timeout=10)
         took = time.monotonic() - start
         err = proc.stderr.read()
-        assert took < 3.0 and not answered, (took, answered and answered[0].text)
+        assert took < 3.0 and len(answered) < 8, took  # what finished within the grace was answered; the rest not
         assert "work still in flight 2 s after the stop signal is abandoned" in err and "Traceback" not in err
     finally:
         proc.kill()
