@@ -28,7 +28,7 @@ MAGIC = b"GGUF"
 # transformers reads it; all F32 is float32. A quantized file keeps no trace of its weights' dtype before
 # quantization: it is written in bfloat16, the dtype of the checkpoints llama.cpp's users quantize (SmolLM2,
 # Llama, Mistral, Qwen releases), at half float32's size; pass dtype="float32" for the exact dequantization.
-HALF_TYPES = ("BF16", "F16")
+HALF_TYPES = {"BF16": "bfloat16", "F16": "float16"}  # in the order transformers looks for them
 QUANTIZED_DTYPE = "bfloat16"
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -96,7 +96,7 @@ def _declared_dtype(reader) -> str:
     types = {t.tensor_type.name for t in reader.tensors}
     if not types <= {"F32", *HALF_TYPES}:
         return QUANTIZED_DTYPE
-    return next(({"BF16": "bfloat16", "F16": "float16"}[t] for t in HALF_TYPES if t in types), "float32")
+    return next((dtype for t, dtype in HALF_TYPES.items() if t in types), "float32")
 
 
 def _model_class(path: Path, reader) -> type:
