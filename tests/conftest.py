@@ -30,6 +30,20 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_zoo(tmp_path_factory):
+    """A truncated real zoo (`evomerge zoo build --real DIR --scale 0.04`: two steps per expert, 8 problems
+    scored) built once per session through the real CLI: (DIR, the finished process)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("real-zoo")
+    env = {**os.environ, "EVOMERGE_CACHE": str(root / "cache")}
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "build", "--real", str(root / "real"),
+                           "--scale", "0.04"], capture_output=True, text=True, env=env, timeout=900)
+    return root / "real", done
+
+
+@pytest.fixture(scope="session")
 def family_models(tmp_path_factory):
     """Tiny random base + experts of an architecture family (tests/arch_fixtures.py), built once per session."""
     from tests.arch_fixtures import build_family

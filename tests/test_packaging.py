@@ -19,3 +19,6 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     for package in ("fitness", "search_spaces"):  # the folders' modules, installed under evomerge
         modules = {p.name for p in (ROOT / package).glob("*.py")}
         assert modules and modules <= {Path(n).name for n in names if n.startswith(f"evomerge/{package}/")}
+    # the real zoo's card and task files ship, its weights (built in the tree by `zoo build --real`) never
+    assert "evomerge/zoo/real/data/math_fr_test.jsonl" in names and "evomerge/zoo/real/CARD.md" in names
+    assert not [n for n in names if n.startswith("evomerge/zoo/real/models/")]
