@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
+from evomerge.cache import cache_dir
 from evomerge.records import UserError
 
 # the files whose bytes make the merged weights: tensors, and the config that says how they are laid out
@@ -25,7 +26,7 @@ _CHUNK = 16 << 20
 
 
 def _cache_file() -> Path:
-    return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge") / "sha256.json"
+    return cache_dir() / "sha256.json"
 
 
 def _files(root: Path) -> list[Path]:
