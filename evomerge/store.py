@@ -203,15 +203,12 @@ class RunStore:
         if path.exists():
             raise UserError(f"{run_dir} already holds a run; resume it with `evomerge resume {run_dir}`")
         if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"--run-dir {run_dir} exists and is not a directory")
+            raise UserError(f"run directory {run_dir} exists and is not a directory")
         made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        tmp = path.with_name(STORE_FILE + ".creating")
+        lock, created = None, False
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-        tmp = path.with_name(STORE_FILE + ".creating")
-        lock = None
-        try:
             lock = RunLock.acquire(run_dir)
             if path.exists():  # another process created it meanwhile
                 raise UserError(f"{run_dir} already holds a run; resume it with `evomerge resume {run_dir}`")
@@ -233,9 +230,13 @@ class RunStore:
             finally:
                 con.close()
             tmp.rename(path)  # a half-created store never carries the real name
+            created = True
             return cls._writable(run_dir, lock)
         except (OSError, sqlite3.Error, UserError) as e:
-            tmp.unlink(missing_ok=True)
+            # what this call wrote: the store being created, or the new store that then could not be opened
+            for f in [tmp] + ([path.with_name(STORE_FILE + x) for x in ("", "-wal", "-shm")] if created else []):
+                with contextlib.suppress(OSError):  # absent, or never creatable (run_dir under a file)
+                    f.unlink()
             if lock is not None:
                 if made:  # nobody else knows this directory yet: leave no trace of it
                     (run_dir / LOCK_FILE).unlink(missing_ok=True)
