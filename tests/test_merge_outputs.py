@@ -113,3 +113,20 @@ def test_compiled_kernels_are_cached_per_user_not_in_the_package(tmp_path):
     cached = list((tmp_path / "cache" / "numba").rglob("kernels.histogram*.nbi"))
     assert cached and all(p.stat().st_mtime >= start - 1 for p in cached)
     assert {p: p.stat().st_mtime for p in package_cache.glob("kernels*.nb*")} == before
+
+
+def test_a_killed_merge_leaves_a_partial_named_after_it_which_the_next_merge_removes(workdir):
+    out = workdir / "merged"
+    cmd = [sys.executable, "-m", "evomerge.cli", "merge", str(workdir / "merge.yaml"), "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partials: list[Path] = []
+    while not partials and proc.poll() is None:
+        partials = list(workdir.glob(".merged.*.partial"))
+    proc.kill()
+    proc.wait()
+    assert partials and partials[0].exists() and not out.exists(), "the merge ended before it could be killed"
+    assert partials[0].name.startswith(f".merged.{proc.pid}@{socket.gethostname()}.")
+    done = _merge(workdir, out)
+    assert done.returncode == 0, done.stderr
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".merged.")]
