@@ -286,17 +286,17 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
             store.close()
         raise
     executor = build_executor(cfg, address=address, sources=sources)
+    raised = cfg.to_dict() if store is not None and budget else None  # stored when the resumed log has replayed
     if store is None:
         executor.start()  # workers that cannot start (bad sources, fitness) fail before the run is created
         store = RunStore.create(run_dir, cfg.to_dict(), objectives=objectives, space_names=space.names(), seed=cfg.seed,
                                 sources=sources)
-    elif budget:
-        store.set_config(cfg.to_dict())
     b = cfg.budget
     budget = Budget(evaluations=b.evaluations, wall_time=b.wall_time, cost=b.cost, cost_key=b.cost_key,
                     examples=b.examples, tokens=b.tokens)
     return Engine(store, lambda: build_optimizer(cfg, space, objectives), executor, budget=budget, decode=decoder(cfg, space),
-                  snapshot_every=cfg.snapshot_every, on_progress=on_progress, planner=build_planner(cfg))
+                  snapshot_every=cfg.snapshot_every, on_progress=on_progress, planner=build_planner(cfg),
+                  config=raised)
 
 
 def _source_identity(cfg: RunConfig, store: Any) -> dict[str, dict[str, str]] | None:

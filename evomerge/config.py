@@ -291,7 +291,7 @@ class RunConfig(_Strict):
     fitness: FitnessConfig
     budget: BudgetConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)  # numpy seeds its generators with non-negative integers only
     workdir: Path | None = None  # relative task files resolve here; set to the YAML's folder when loaded
     snapshot_every: int = Field(default=20, ge=1)  # optimizer snapshots every N tells (resume replays the rest)
     holdout: HoldoutConfig | None = None

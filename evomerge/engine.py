@@ -25,7 +25,7 @@ import numpy as np
 
 from evomerge.executors import Executor, LocalExecutor
 from evomerge.frugal import Planner
-from evomerge.records import Evaluation, Objective
+from evomerge.records import Evaluation, Objective, UserError
 from evomerge.recipe import Recipe
 from evomerge.store import RunStore
 
@@ -72,6 +72,7 @@ class Engine:
         self, store: RunStore, make_optimizer: Callable[[], Any], executor: Executor, *, budget: Budget,
         decode: Callable[[np.ndarray], Recipe] | None = None, snapshot_every: int = 20,
         on_progress: Callable[[Progress], None] | None = None, planner: Planner | None = None,
+        config: dict[str, Any] | None = None,
     ):
         self.store, self.make_optimizer, self.executor = store, make_optimizer, executor
         self.optimizer: Any = None
@@ -86,6 +87,7 @@ class Engine:
         self._best: dict[str, float] = {}
         self.planner = planner  # racing / subset + estimate (evomerge/frugal.py), or None: score everything
         self._meta: dict[int, dict[str, Any]] = {}  # candidates in flight -> their meta (scoring plans)
+        self.config = config  # a resumed run's config with a raised budget: stored once its log replayed
 
     # ---- resume ----------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -99,6 +101,8 @@ class Engine:
                 return self._replay(*snap)
         except ReplayMismatch as e:
             log.warning("evomerge: %s; replaying the whole log instead", e)
+        except UserError:  # the store itself cannot be read (a record that does not parse): replaying would not help
+            raise
         except Exception as e:  # a snapshot another library release wrote (unpickling fails, or StateMismatch)
             log.warning("evomerge: the optimizer snapshot could not be restored (%s: %s); replaying the whole log "
                         "instead", type(e).__name__, e)
@@ -136,6 +140,8 @@ class Engine:
     def run(self) -> str:
         """Run until the budget is spent, the optimizer is done, or Ctrl-C. Returns why it stopped."""
         self.restore()  # before anything is written: a store that cannot be replayed stays untouched
+        if self.config is not None:
+            self.store.set_config(self.config)
         session = self.store.begin_session()
         self._t0 = time.monotonic()
         self._elapsed_before = self.store.elapsed()

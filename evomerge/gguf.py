@@ -14,13 +14,13 @@ Cost: dequantization holds the model once in the output dtype (2 bytes/param for
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from evomerge.machine import cache_dir
 from evomerge.records import UserError
 
 MAGIC = b"GGUF"
@@ -34,8 +34,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def cache_root() -> Path:
-    root = os.environ.get("EVOMERGE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "evomerge") / "gguf"
+    return cache_dir("gguf")
+
 
 
 def checkpoint_dir(path: Path, *, dtype: str | None = None) -> Path:

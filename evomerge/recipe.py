@@ -204,6 +204,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {p} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     if not isinstance(data, dict):
         raise UserError(f"{what} {p}: expected a mapping at the top level, got {type(data).__name__}")
     return data

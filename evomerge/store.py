@@ -14,12 +14,21 @@ read, and resumed: opening one for writing marks it schema 2, since it then hold
 Read-only openings (status, export, report, notebooks) use SQLite's read-only mode and check the file
 first: a truncated or corrupted store is a one-line UserError and the file is never written.
 
+One writer at a time: a writable store holds an flock on `run.lock` beside it (RunLock), which the OS drops
+when its holder exits or is killed, so a second `run`/`resume` is refused in one line naming the holder and a
+killed run never leaves a stale lock. A write the disk refuses (full, read-only) is a one-line UserError; the
+transaction it was part of is rolled back, so the store stays resumable.
+
 Below the engine floor: imports only the ground (records, recipe).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import pickle
+import socket
 import sqlite3
 import struct
 import time
@@ -31,6 +40,7 @@ from evomerge.records import Candidate, Evaluation, Objective, UserError
 from evomerge.recipe import Recipe
 
 STORE_FILE = "run.sqlite"
+LOCK_FILE = "run.lock"
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # 1: x as JSON text
 
@@ -92,10 +102,54 @@ def _pack_x(x: Sequence[float]) -> bytes:
     return struct.pack(f"<{len(x)}d", *map(float, x))
 
 
-def _unpack_x(v: bytes | str) -> list[float]:
+def _unpack_x(v: bytes | str, record: tuple[str, int, str]) -> list[float]:
     if isinstance(v, str):  # schema 1
-        return json.loads(v)
+        return _loads(v, record)
     return list(struct.unpack(f"<{len(v) // 8}d", v))
+
+
+def _loads(text: str, record: tuple[str, Any, str]) -> Any:
+    """A stored JSON value; one that does not parse is a UserError naming its record (table, key, column)."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        table, key, column = record
+        raise UserError(f"run store record {table} {key} ({column}) is not valid JSON ({e}); the store was "
+                        "edited or damaged outside evomerge") from None
+
+
+class RunLock:
+    """An exclusive flock on `run.lock` in a run directory, released when closed or when its process ends in
+    any way (the OS drops it). The file is never deleted (unlinking a lock file lets two holders in); it names
+    the current holder for whoever is refused."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        try:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot write to run directory {run_dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process still starting"
+            os.close(fd)
+            raise UserError(f"{run_dir} is in use by another evomerge run ({holder}); wait for it to stop, "
+                            "or stop it, before running or resuming it") from None
+        return cls(fd)
+
+    def announce(self) -> None:
+        """Name this process as the holder: once the store proved usable, so a refused opening changes nothing."""
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk must not fail the run
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)
 
 
 def _check_readable(path: Path) -> None:
@@ -122,13 +176,18 @@ def _check_readable(path: Path) -> None:
         raise UserError(f"run store {path} is corrupted or truncated ({e}); it was left untouched") from None
 
 
+def _candidate(i: int, x: bytes | str, meta: str) -> Candidate:
+    return Candidate(id=i, x=_unpack_x(x, ("candidates", i, "x")), meta=_loads(meta, ("candidates", i, "meta")))
+
+
 class RunStore:
     """Durable record of one run. Create with `RunStore.create`, reopen with `RunStore.open`."""
 
-    def __init__(self, con: sqlite3.Connection, path: Path, readonly: bool):
+    def __init__(self, con: sqlite3.Connection, path: Path, readonly: bool, lock: RunLock | None = None):
         self._con = con
         self.path = path
         self.readonly = readonly
+        self._lock = lock
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
@@ -136,48 +195,106 @@ class RunStore:
         cls, run_dir: str | Path, config: dict[str, Any], *, objectives: Sequence[Objective],
         space_names: Sequence[str], seed: int | None = None, sources: dict[str, dict[str, str]] | None = None,
     ) -> RunStore:
-        """A new store in `run_dir` (created if needed); refuses a directory that already holds a run."""
+        """A new store in `run_dir` (created if needed); refuses a directory that already holds a run. A store
+        that cannot be written (full disk, read-only or unwritable place) is a UserError that leaves nothing:
+        no half-created store, and no run directory where there was none."""
+        run_dir = Path(run_dir)
         path = store_path(run_dir)
         if path.exists():
             raise UserError(f"{run_dir} already holds a run; resume it with `evomerge resume {run_dir}`")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"run directory {run_dir} exists and is not a directory")
+        made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         tmp = path.with_name(STORE_FILE + ".creating")
-        tmp.unlink(missing_ok=True)
-        con = sqlite3.connect(tmp)
-        with con:
-            con.executescript(_SCHEMA)
-            meta = {
-                "schema": str(SCHEMA_VERSION),
-                "config": _dumps(config),
-                "objectives": _dumps([[o.name, o.direction] for o in objectives]),
-                "space_names": _dumps(list(space_names)),
-                "seed": _dumps(seed),
-                "created_at": _dumps(time.time()),
-                "sources": _dumps(sources),  # each source's files and their sha256 (evomerge/merge/identity.py)
-            }
-            con.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-        con.close()
-        tmp.rename(path)  # a half-created store never carries the real name
-        return cls.open(run_dir)
+        lock, created = None, False
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock.acquire(run_dir)
+            if path.exists():  # another process created it meanwhile
+                raise UserError(f"{run_dir} already holds a run; resume it with `evomerge resume {run_dir}`")
+            tmp.unlink(missing_ok=True)
+            con = sqlite3.connect(tmp)
+            try:
+                with con:
+                    con.executescript(_SCHEMA)
+                    meta = {
+                        "schema": str(SCHEMA_VERSION),
+                        "config": _dumps(config),
+                        "objectives": _dumps([[o.name, o.direction] for o in objectives]),
+                        "space_names": _dumps(list(space_names)),
+                        "seed": _dumps(seed),
+                        "created_at": _dumps(time.time()),
+                        "sources": _dumps(sources),  # each source's files and their sha256 (evomerge/merge/identity.py)
+                    }
+                    con.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            finally:
+                con.close()
+            tmp.rename(path)  # a half-created store never carries the real name
+            created = True
+            return cls._writable(run_dir, lock)
+        except (OSError, sqlite3.Error, UserError) as e:
+            # what this call wrote: the store being created, or the new store that then could not be opened
+            for f in [tmp] + ([path.with_name(STORE_FILE + x) for x in ("", "-wal", "-shm")] if created else []):
+                with contextlib.suppress(OSError):  # absent, or never creatable (run_dir under a file)
+                    f.unlink()
+            if lock is not None:
+                if made:  # nobody else knows this directory yet: leave no trace of it
+                    (run_dir / LOCK_FILE).unlink(missing_ok=True)
+                lock.release()
+            for p in made:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"cannot create the run store in {run_dir}: {getattr(e, 'strerror', None) or e}") from None
 
     @classmethod
     def open(cls, run_dir: str | Path, *, readonly: bool = False) -> RunStore:
         path = store_path(run_dir)
         if not path.is_file():
             raise UserError(f"{run_dir} is not an evomerge run directory (no {STORE_FILE})")
-        _check_readable(path)
         if readonly:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        else:
-            con = sqlite3.connect(path, check_same_thread=False)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            with con:  # a schema 1 store gets x as bytes from now on, which an evomerge reading only 1 would misread
+            _check_readable(path)
+            return cls(sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False), path, True)
+        lock = RunLock.acquire(Path(run_dir))  # before reading: the holder may be mid-write
+        try:
+            _check_readable(path)
+            return cls._writable(Path(run_dir), lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _writable(cls, run_dir: Path, lock: RunLock) -> RunStore:
+        path = store_path(run_dir)
+        con = sqlite3.connect(path, check_same_thread=False)
+        store = cls(con, path, False, lock)
+        try:
+            with store._writing():
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=FULL")
+                # a schema 1 store gets x as bytes from now on, which an evomerge reading only 1 would misread
                 con.execute("UPDATE meta SET value=?1 WHERE key='schema' AND value != ?1", (str(SCHEMA_VERSION),))
-        return cls(con, path, readonly)
+        except UserError:
+            con.close()  # the caller releases the lock
+            raise
+        lock.announce()
+        return store
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """One transaction; a write the disk refuses is a UserError naming the store, the transaction rolled back."""
+        try:
+            with self._con:
+                yield
+        except sqlite3.OperationalError as e:
+            raise UserError(f"cannot write run store {self.path}: {e}") from None
 
     def close(self) -> None:
         self._con.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> RunStore:
         return self
@@ -188,7 +305,7 @@ class RunStore:
     # ---- run facts -----------------------------------------------------------------------------
     def _meta(self, key: str) -> Any:
         row = self._con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        return None if row is None else _loads(row[0], ("meta", key, "value"))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -215,7 +332,7 @@ class RunStore:
         # no fsync for an ask: it survives a killed process (WAL), and the next evaluation's fsync makes it
         # durable against power loss too; a lost ask is simply asked again on resume
         self._con.execute("PRAGMA synchronous=NORMAL")
-        with self._con:
+        with self._writing():
             self._con.executemany(
                 "INSERT INTO candidates VALUES (?, ?, ?, ?, ?)",
                 [(c.id, _pack_x(c.x), _dumps(c.meta), None if r is None else _dumps(r.to_dict()), now)
@@ -229,7 +346,7 @@ class RunStore:
         if not evaluations:
             return
         now = time.time()
-        with self._con:
+        with self._writing():
             seq = self._con.execute("SELECT COALESCE(MAX(seq), 0) FROM evaluations").fetchone()[0]
             rows = []
             for i, e in enumerate(evaluations, start=1):
@@ -241,25 +358,25 @@ class RunStore:
 
     def set_config(self, config: dict[str, Any]) -> None:
         """Replace the stored config (resume with a larger budget)."""
-        with self._con:
+        with self._writing():
             self._con.execute("UPDATE meta SET value=? WHERE key='config'", (_dumps(config),))
 
     def record_snapshot(self, state: Any) -> None:
         """Pickle the optimizer state as it stands after the last logged event."""
         blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._con:
+        with self._writing():
             seq = self._con.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
             self._con.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?)", (seq, blob, time.time()))
             # keep only what `resume_snapshot` may pick: the file stays small on runs of days
             self._con.execute(f"DELETE FROM snapshots WHERE event_seq < COALESCE(({_RESUMABLE}), 0)")
 
     def begin_session(self) -> int:
-        with self._con:
+        with self._writing():
             cur = self._con.execute("INSERT INTO sessions(started_at) VALUES (?)", (time.time(),))
         return int(cur.lastrowid)
 
     def end_session(self, session: int, reason: str) -> None:
-        with self._con:
+        with self._writing():
             self._con.execute("UPDATE sessions SET ended_at=?, reason=? WHERE id=?", (time.time(), reason, session))
 
     # ---- reads ---------------------------------------------------------------------------------
@@ -270,7 +387,7 @@ class RunStore:
         return None if row is None else (int(row[0]), pickle.loads(row[1]))
 
     def events(self, after: int = 0) -> list[Event]:
-        return [Event(s, k, n, json.loads(ids)) for s, k, n, ids in
+        return [Event(s, k, n, _loads(ids, ("events", s, "ids"))) for s, k, n, ids in
                 self._con.execute("SELECT seq, kind, n, ids FROM events WHERE seq > ? ORDER BY seq", (after,))]
 
     def candidates(self, ids: Iterable[int] | None = None) -> dict[int, Candidate]:
@@ -279,11 +396,11 @@ class RunStore:
         else:  # select in SQL: reading every genome to keep one costs seconds on a large run
             rows = self._con.execute("SELECT id, x, meta FROM candidates WHERE id IN (SELECT value FROM json_each(?)) "
                                      "ORDER BY id", (_dumps(sorted(set(ids))),))
-        return {i: Candidate(id=i, x=_unpack_x(x), meta=json.loads(m)) for i, x, m in rows}
+        return {i: _candidate(i, x, m) for i, x, m in rows}
 
     def candidate_meta(self) -> dict[int, dict[str, Any]]:
         """Every candidate's meta (optimizer bookkeeping, scoring plans), without reading the genomes."""
-        return {i: json.loads(m) for i, m in self._con.execute("SELECT id, meta FROM candidates ORDER BY id")}
+        return {i: _loads(m, ("candidates", i, "meta")) for i, m in self._con.execute("SELECT id, meta FROM candidates ORDER BY id")}
 
     def recipe(self, candidate_id: int) -> Recipe:
         row = self._con.execute("SELECT recipe FROM candidates WHERE id=?", (candidate_id,)).fetchone()
@@ -291,13 +408,13 @@ class RunStore:
             raise UserError(f"no candidate {candidate_id} in this run")
         if row[0] is None:
             raise UserError(f"candidate {candidate_id} has no recorded recipe")
-        return Recipe.from_dict(json.loads(row[0]))
+        return Recipe.from_dict(_loads(row[0], ("candidates", candidate_id, "recipe")))
 
     def recipes(self, ids: Iterable[int]) -> dict[int, Recipe]:
         """The recorded recipes of `ids` (candidates without one are left out), read in one query."""
         rows = self._con.execute("SELECT id, recipe FROM candidates WHERE recipe IS NOT NULL AND id IN "
                                  "(SELECT value FROM json_each(?))", (_dumps(sorted(set(ids))),))
-        return {i: Recipe.from_dict(json.loads(r)) for i, r in rows}
+        return {i: Recipe.from_dict(_loads(r, ("candidates", i, "recipe"))) for i, r in rows}
 
     def genomes(self, ids: Sequence[int], columns: Sequence[int] | None = None):
         """The genomes of `ids`, in that order, as rows of a float64 numpy matrix keeping only `columns`:
@@ -308,7 +425,7 @@ class RunStore:
         kept = {}  # one blob at a time: only the kept columns of each stay in memory
         for i, b in self._con.execute("SELECT id, x FROM candidates WHERE id IN (SELECT value FROM json_each(?))",
                                       (_dumps(sorted(set(ids))),)):
-            kept[i] = (np.frombuffer(b, dtype="<f8") if isinstance(b, bytes) else np.asarray(json.loads(b)))[cols].copy()
+            kept[i] = (np.frombuffer(b, dtype="<f8") if isinstance(b, bytes) else np.asarray(_loads(b, ("candidates", i, "x"))))[cols].copy()
         rows = [kept[i] for i in ids]
         return np.stack(rows) if rows else np.zeros((0, 0 if columns is None else len(cols)))
 
@@ -321,16 +438,17 @@ class RunStore:
         for cid, _seq, status, obj, pe, err, tim, worker, cost, _t in self._con.execute(
                 "SELECT candidate_id, seq, status, objectives, " + pe_col + ", error, timings, worker, cost, finished_at "
                 "FROM evaluations WHERE seq > ? ORDER BY seq", (after,)):
-            out.append(Evaluation(candidate_id=cid, status=status, objectives=json.loads(obj),
-                                  per_example=None if pe is None else json.loads(pe), error=err,
-                                  timings=json.loads(tim), worker=worker, cost=json.loads(cost)))
+            out.append(Evaluation(candidate_id=cid, status=status, objectives=_loads(obj, ("evaluations", cid, "objectives")),
+                                  per_example=None if pe is None else _loads(pe, ("evaluations", cid, "per_example")),
+                                  error=err, timings=_loads(tim, ("evaluations", cid, "timings")), worker=worker,
+                                  cost=_loads(cost, ("evaluations", cid, "cost"))))
         return out
 
     def in_flight(self) -> list[Candidate]:
         """Candidates asked but never evaluated (running or queued when the run stopped), in id order."""
         rows = self._con.execute(
             "SELECT id, x, meta FROM candidates WHERE id NOT IN (SELECT candidate_id FROM evaluations) ORDER BY id")
-        return [Candidate(id=i, x=_unpack_x(x), meta=json.loads(m)) for i, x, m in rows]
+        return [_candidate(i, x, m) for i, x, m in rows]
 
     def counts(self) -> dict[str, int]:
         done, failed = self._con.execute(
@@ -340,8 +458,8 @@ class RunStore:
 
     def total_cost(self) -> dict[str, float]:
         total: dict[str, float] = {}
-        for (cost,) in self._con.execute("SELECT cost FROM evaluations"):
-            for k, v in json.loads(cost).items():
+        for cid, cost in self._con.execute("SELECT candidate_id, cost FROM evaluations"):
+            for k, v in _loads(cost, ("evaluations", cid, "cost")).items():
                 total[k] = total.get(k, 0.0) + float(v)
         return total
 

@@ -11,7 +11,7 @@ import pytest
 from evomerge import open_run
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, Evaluation, Objective, UserError
-from evomerge.store import STORE_FILE, RunStore
+from evomerge.store import LOCK_FILE, STORE_FILE, RunStore
 
 OBJS = [Objective("acc", "max"), Objective("size", "min")]
 
@@ -167,7 +167,7 @@ def test_damaged_store_is_one_line_error_and_untouched(tmp_path, damage):
             opener()
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert _digest(path) == before
-    assert sorted(p.name for p in path.parent.iterdir()) == [STORE_FILE]
+    assert sorted(p.name for p in path.parent.iterdir()) == [LOCK_FILE, STORE_FILE]  # the lock: since creation
 
 
 def test_not_a_run_dir(tmp_path):

@@ -17,12 +17,20 @@ merged whole.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from evomerge.machine import cache_dir
 from evomerge.merge.rng import GOLDEN, MIX1, MIX2, TOP
+
+# compiled kernels are cached per user, not beside this file (numba's default): an installed package may be
+# read-only, and would then recompile on every first merge (~16 s for a 135M model). Read when each @njit
+# below is declared; a NUMBA_CACHE_DIR the user set wins.
+if not numba.config.CACHE_DIR:
+    numba.config.CACHE_DIR = str(cache_dir("numba"))
 
 BLOCK = 2048
 BINS = 1 << 15  # magnitude histogram: the top 16 bits of a non-negative float32 (sign bit clear)

@@ -1,16 +1,24 @@
 """Writing a merged model as a Hugging Face checkpoint, atomically.
 
 Everything is written into a temporary directory beside OUT and renamed into place at the end, so an
-interrupted or failed merge leaves no OUT (and an existing OUT untouched unless `force`). The checkpoint
+interrupted or failed merge leaves no OUT (and an existing OUT untouched unless `force`). An existing OUT is
+swapped with the new one in one step (renameat2 RENAME_EXCHANGE, where the kernel and file system have it),
+so OUT is always there, old or new. The temporary directories carry their writer's pid and host: those of a
+killed merge are removed by the next merge beside them. Files follow the user's umask. The checkpoint
 holds safetensors shards (+ index when there are several), config.json, the tokenizer and generation
 config of the chosen sources, and a model card recording the recipe and the source models.
 """
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -59,6 +67,7 @@ def write_checkpoint(
     evomerge/merge/identity.py), listed on the card. `compute`: "mergekit" merges as mergekit does, in the
     recipe's dtype else the sources' (materializer.py)."""
     out = Path(out)
+    _remove_stale(out)  # first: it may put back an OUT a killed merge had moved aside
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
     names = recipe.source_names()
@@ -77,9 +86,8 @@ def write_checkpoint(
     show = total >= PROGRESS_ELEMENTS if progress is None else progress
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = _scratch(out, ".partial")
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint should not be
         _write_shards(tmp, mat.tensors(recipe, dtype=out_dtype, progress=show), max_shard_bytes)
         _write_config(tmp, ref.config, out_dtype, recipe, planned, mat.names,
                       None if mat.tokenizer is None else len(mat.tokenizer.get_vocab()))
@@ -180,15 +188,70 @@ def _write_tokenizer(tmp: Path, tokenizer_source: str | None, tokenizer: Any, so
             shutil.copy2(src / f, tmp / f)
 
 
+def _scratch(out: Path, suffix: str) -> Path:
+    """A private directory beside OUT named after its writer, `.OUT.PID@HOST.XXXXXXXX.partial`."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}@{socket.gethostname()}.", suffix=suffix,
+                                 dir=out.parent))
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove what killed merges into OUT on this host left beside it: scratch directories whose writer is gone."""
+    named = re.compile(rf"\.{re.escape(out.name)}\.(\d+)@(.+)\.[^.]+\.(partial|old)")
+    host = socket.gethostname()
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*@*"):
+        m = named.fullmatch(p.name)
+        if m and m[2] == host and not _alive(int(m[1])):
+            if m[3] == "old" and not out.exists() and (p / "out").is_dir():
+                os.rename(p / "out", out)  # killed between moving OUT aside and the new one in: OUT comes back
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # this file system or kernel does not exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an existing OUT (with force) is swapped out, then removed."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    """Move the finished directory into place. An existing OUT (with force) is exchanged with it atomically, then
+    removed from where the new one was; without an exchange, it is moved aside first (a kill between the two
+    renames leaves OUT only in the hidden `.old` folder, from where the next merge puts it back)."""
+    # as the user's umask says: mkdtemp made the folder private, safetensors its shards, copies kept their source's
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+    if not out.exists():
+        os.rename(tmp, out)
+    elif out.is_dir() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        old = _scratch(out, ".old")
         os.rename(out, old / "out")
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _umask() -> int:

@@ -203,7 +203,8 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from evomerge.gguf import cache_root, checkpoint_dir
+    from evomerge.gguf import checkpoint_dir
+    from evomerge.machine import cache_dir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,7 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
                     "batch": BATCH, "scale": scale, "experts": {}, "scored_examples": limit}
 
     t0 = time.perf_counter()
-    gguf_file = smollm2_gguf(cache_root().parent)
+    gguf_file = smollm2_gguf(cache_dir())
     base_dir = checkpoint_dir(gguf_file)
     report["base_seconds"] = round(time.perf_counter() - t0, 1)
     scratch = Path(tempfile.mkdtemp(prefix=".zoo-build-", dir=out))
