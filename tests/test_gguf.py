@@ -75,10 +75,10 @@ def test_cached_by_path_size_and_mtime(smol, cache, tmp_path):
     assert len(entries | {entry(copy, "bfloat16")}) == 4
 
 
-def test_a_merge_of_the_gguf_checkpoint_equals_mergekit(smol, tmp_path, monkeypatch, capsys):
-    """A linear merge of the GGUF's checkpoint and a float32 variant of it: evomerge's writer equals mergekit
-    0.1.5 on the same directories, and 0.3 a + 0.7 b."""
-    _, out = smol
+def test_a_merge_naming_the_gguf_file_equals_mergekit_on_its_checkpoint(smol, tmp_path, monkeypatch, capsys):
+    """A linear merge of the .gguf file itself (a model reference, evomerge/merge/refs.py) and a float32 variant of
+    it: `evomerge merge` equals mergekit 0.1.5 on the dequantized directory, and 0.3 a + 0.7 b."""
+    path, out = smol
     a = load_file(out / "model.safetensors")
     other = tmp_path / "other"
     other.mkdir()
@@ -90,7 +90,8 @@ def test_a_merge_of_the_gguf_checkpoint_equals_mergekit(smol, tmp_path, monkeypa
     save_file(b, other / "model.safetensors", metadata={"format": "pt"})
     cfg = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": str(out), "parameters": {"weight": 0.3}}, {"model": str(other), "parameters": {"weight": 0.7}}]}
-    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    ours_cfg = {**cfg, "models": [{"model": str(path), "parameters": {"weight": 0.3}}, cfg["models"][1]]}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(ours_cfg))
     monkeypatch.setattr(sys, "argv", ["evomerge", "merge", str(tmp_path / "merge.yaml"), "-o", str(tmp_path / "merged")])
     try:
         main()
@@ -100,6 +101,25 @@ def test_a_merge_of_the_gguf_checkpoint_equals_mergekit(smol, tmp_path, monkeypa
     for k in a:
         torch.testing.assert_close(ours[k], 0.3 * a[k].float() + 0.7 * b[k], rtol=1e-6, atol=1e-7)
     assert worst_relative_error(ours, mergekit_merge(cfg, {}, tmp_path / "mk"))[0] <= 1e-6
+
+
+def test_a_run_with_a_gguf_source_is_planned_by_dry_run(smol, tmp_path, monkeypatch, capsys):
+    """`evomerge run --dry-run` over a .gguf base and expert: the memory plan of its dequantized checkpoint."""
+    path, _ = smol
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"prompt": "1+1=", "reference": "2"}) + "\n")
+    cfg = {"sources": {"base": str(path), "a": str(path)}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "ties"}}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [{"name": "t", "path": str(task), "metrics": ["teacher_exact"]}]},
+           "budget": {"evaluations": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(sys, "argv", ["evomerge", "run", str(tmp_path / "run.yaml"), "--dry-run", "--run-dir", str(tmp_path / "r")])
+    try:
+        main()
+    except SystemExit as done:
+        assert not done.code, capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "evomerge plan:" in out.out and "predicted peak RSS" in out.out and not (tmp_path / "r").exists()
 
 
 def _tiny_gguf(path, arch: str, qtype: gguf.GGMLQuantizationType | None = None):

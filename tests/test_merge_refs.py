@@ -3,7 +3,6 @@ huggingface_hub lays it, equal to the local directories; a run config naming Hub
 recipe.yaml that name them, and the recipe.yaml replays to the same weights; bad references are one line."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -124,17 +123,6 @@ def test_an_adapter_by_reference_over_the_base(hub, tiny_models, tmp_path, monke
                                        {"model": f"org/a+{adapter}", "parameters": {"weight": 0.5}}]}
     code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(tmp_path, over_other, "other.yaml")), "-o", str(tmp_path / "o"))
     assert_failed_cleanly(code, err, tmp_path / "o", "applies over org/a", "base model 'org/base'")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("evomerge.gguf") is None, reason="evomerge.gguf is not in this tree")
-def test_a_gguf_reference_is_its_dequantized_checkpoint(tmp_path):
-    from evomerge import gguf
-
-    files = sorted(Path(__file__).parent.rglob("*.gguf"))
-    if not files:
-        pytest.skip("no .gguf file to read")
-    r = resolve(str(files[0]), (tmp_path,))
-    assert r.path == Path(gguf.checkpoint_dir(files[0])) and r.pinned == str(files[0].resolve())
 
 
 def test_a_run_with_hub_sources_exports_a_card_and_recipe_that_replay(hub, tmp_path, monkeypatch, capsys):
