@@ -173,6 +173,11 @@ def test_real_mathfr_searches_the_real_zoo(tmp_path, real_zoo):
     result = table(tmp_path / "run", ["BASE", "MATH", "FR", "task arithmetic", "TIES"])
     assert set(result["rows"]["evolved best"]) == {"acc_tf/math_fr", "tok_acc/math_fr", "acc_tf/math", "acc_tf/fr"}
     assert (tmp_path / "run" / "best_model" / "chat_template.jinja").is_file()
+    out = evomerge("report", str(tmp_path / "run"), "-o", str(tmp_path / "report.html"))
+    assert out.returncode == 0 and "plotly" in (tmp_path / "report.html").read_text(), out.stderr[-2000:]
+    out = evomerge("export", str(tmp_path / "run"), "--best", "--format", "mergekit", "-o", str(tmp_path / "best.yml"))
+    exported = yaml.safe_load((tmp_path / "best.yml").read_text())
+    assert out.returncode == 0 and (exported["dtype"], exported["out_dtype"]) == ("float32", "bfloat16"), out.stderr
 
 
 def _free_port() -> int:
