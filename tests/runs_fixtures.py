@@ -253,3 +253,19 @@ def sphere_with_tokens(handle):
     from evomerge.fitness.base import FitnessResult
 
     return FitnessResult(objectives=sphere(handle), cost={"prompt_tokens": 10.0, "completion_tokens": 5.0})
+
+
+def committed(run_dir: Path) -> int:
+    """Evaluations committed to a run's store so far, read from outside the run's process (0 before it exists)."""
+    import sqlite3
+
+    from evomerge.store import STORE_FILE
+
+    try:
+        con = sqlite3.connect(f"file:{run_dir / STORE_FILE}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # not created yet
+        return 0

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from evomerge.store import LOCK_FILE, STORE_FILE, RunStore
+from runs_fixtures import committed
 
 TESTS = Path(__file__).resolve().parent
 
@@ -56,22 +57,12 @@ def _tree(root: Path) -> dict[str, bytes]:
             for p in sorted(root.rglob("*"))} if root.exists() else {}
 
 
-def _committed(run_dir: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{run_dir / STORE_FILE}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:  # not created yet
-        return 0
 
-
-def _wait_committed(run_dir: Path, n: int, proc: subprocess.Popen) -> None:
+def _waitcommitted(run_dir: Path, n: int, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 60
-    while _committed(run_dir) < n and proc.poll() is None and time.monotonic() < deadline:
+    while committed(run_dir) < n and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert _committed(run_dir) >= n, proc.poll()
+    assert committed(run_dir) >= n, proc.poll()
 
 
 @pytest.fixture
@@ -107,12 +98,12 @@ def test_a_second_run_or_resume_on_a_busy_directory_is_refused_naming_the_holder
     cfg, run_dir, env = _config(tmp_path, evaluations=40), tmp_path / "r", _env(tmp_path, sleep=0.3)
     holder = subprocess.Popen(_cli("run", cfg, "--run-dir", run_dir, "-q"), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    _wait_committed(run_dir, 3, holder)
-    before = _committed(run_dir)
+    _waitcommitted(run_dir, 3, holder)
+    before = committed(run_dir)
     line = _one_line(_run(env, "resume", run_dir, "-q"), f"pid {holder.pid} on {socket.gethostname()}, started ")
     assert "in use by another evomerge run" in line
     _one_line(_run(env, "run", cfg, "--run-dir", run_dir, "--resume", "-q"), f"pid {holder.pid}")
-    assert holder.poll() is None and _committed(run_dir) >= before  # the holder went on, untouched
+    assert holder.poll() is None and committed(run_dir) >= before  # the holder went on, untouched
     out, err = holder.communicate(timeout=120)
     assert holder.returncode == 0, err
     calls = [int(c) for c in (tmp_path / "calls").read_text().split()]
@@ -126,7 +117,7 @@ def test_the_lock_dies_with_a_killed_holder(tmp_path):
     cfg, run_dir, env = _config(tmp_path, evaluations=30), tmp_path / "r", _env(tmp_path)
     holder = subprocess.Popen(_cli("run", cfg, "--run-dir", run_dir, "-q"), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    _wait_committed(run_dir, 3, holder)
+    _waitcommitted(run_dir, 3, holder)
     holder.kill()
     holder.wait()
     done = _run(env, "resume", run_dir, "-q")  # at once: no stale lock to wait for or remove
@@ -143,12 +134,12 @@ def test_disk_full_mid_run_is_one_line_and_the_store_resumes_to_the_full_run(tmp
     run_dir = tmpfs / "r"
     proc = subprocess.Popen(_cli("run", cfg, "--run-dir", run_dir, "-q"), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_committed(run_dir, 5, proc)
+    _waitcommitted(run_dir, 5, proc)
     filler = _fill(tmpfs)
     out, err = proc.communicate(timeout=120)
     _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err),
               f"cannot write run store {run_dir / STORE_FILE}", "disk is full")
-    assert 5 <= _committed(run_dir) < 40
+    assert 5 <= committed(run_dir) < 40
     filler.unlink()
     done = _run(env, "resume", run_dir, "-q")
     assert done.returncode == 0, done.stderr

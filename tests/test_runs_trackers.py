@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ import yaml
 
 from evomerge.config import parse_config
 from evomerge.records import UserError
-from evomerge.store import STORE_FILE, RunStore
+from evomerge.store import RunStore
+from runs_fixtures import committed
 from evomerge.trackers import wandb_history, wandb_records
 
 TESTS = Path(__file__).resolve().parent
@@ -44,16 +44,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from evomerge.cli import main; main()", *args]
 
 
-def _committed(run_dir: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{run_dir / STORE_FILE}?mode=ro", uri=True, timeout=5)
-        try:
-            return con.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0
-
 
 def _logging(run_dir: Path) -> bool:
     """Both trackers have their runs, and a few evaluations are in."""
@@ -61,7 +51,7 @@ def _logging(run_dir: Path) -> bool:
         state = json.loads((run_dir / "trackers.json").read_text())
     except (OSError, ValueError):
         return False
-    return set(state) == {"0:mlflow", "1:wandb"} and _committed(run_dir) >= 5
+    return set(state) == {"0:mlflow", "1:wandb"} and committed(run_dir) >= 5
 
 
 def _wandb_history(wandb_dir: Path) -> tuple[list[dict], dict]:
@@ -99,7 +89,7 @@ def test_mlflow_and_wandb_get_every_evaluation_once_across_a_kill_and_resume(tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert _committed(run_dir) < BUDGET
+    assert committed(run_dir) < BUDGET
     state = json.loads((run_dir / "trackers.json").read_text())
     assert set(state) == {"0:mlflow", "1:wandb"}
     done = subprocess.run(_cli("resume", str(run_dir), "-q"), env=_env(tmp_path), capture_output=True, text=True,

@@ -130,7 +130,14 @@ def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, 
         lines = (json.dumps({"prompt": p, "reference": r}, ensure_ascii=False) for p, r in exs)
         (scratch / "data" / f"{task}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (scratch / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-    for entry in ("models", "data", "build.json"):
+    install(scratch, out, ("models", "data", "build.json"))
+    return report
+
+
+def install(scratch: Path, out: Path, entries: tuple[str, ...]) -> None:
+    """A finished build's entries moved from its scratch folder into `out`, replacing the previous build's, and
+    the scratch folder removed: a build that fails earlier leaves the previous zoo whole."""
+    for entry in entries:
         target = out / entry
         if target.is_dir():
             shutil.rmtree(target)
@@ -138,4 +145,3 @@ def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, 
             target.unlink()
         (scratch / entry).rename(target)
     scratch.rmdir()
-    return report

@@ -204,6 +204,7 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
     from transformers.utils import logging as hf_logging
 
     from evomerge.gguf import checkpoint_dir
+    from evomerge.zoo.build import install
     from evomerge.machine import cache_dir
 
     out = Path(out)
@@ -248,14 +249,7 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
     report["build_seconds"] = round(time.perf_counter() - t_all, 1)
     (scratch / "build.json").write_text(json.dumps(report, indent=2) + "\n")
     (scratch / "CARD.md").write_text(card(report), encoding="utf-8")
-    for entry in ("models", "data", "build.json", "CARD.md"):
-        target = out / entry
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        (scratch / entry).rename(target)
-    scratch.rmdir()
+    install(scratch, out, ("models", "data", "build.json", "CARD.md"))
     return report
 
 
