@@ -275,11 +275,6 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
         if on_plan is not None:
             on_plan(plan)
         plan.check()
-    except UserError:
-        if store is not None:
-            store.close()
-        raise
-    try:
         sources = _source_identity(cfg, store)
     except UserError:
         if store is not None:
