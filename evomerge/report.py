@@ -93,7 +93,7 @@ def render(run_dir: str | Path) -> str:
                    for k, b in info["best"].items())
     hv = "" if info["hypervolume"] is None else f"; hypervolume {figures.fmt(info['hypervolume'])}"
     summary = (f"<p>{info['evaluations']} evaluations, {info['failed']} failed, {info['in_flight']} in flight; "
-               f"Pareto front {info['pareto_size']}{hv}; last stop: {html.escape(str(info['last_stop'] or 'running or killed'))}"
+               f"Pareto front {info['pareto_size']}{hv}; {html.escape(info['state'])}"
                f"; examples scored {info['scoring']['examples']:.0f} ({info['scoring']['stopped']} stopped by racing, "
                f"{info['scoring']['estimated']} estimated)</p><ul>{best}</ul>")
     body = "".join(f"<section><h2>{html.escape(title)}</h2>{_html(content, k)}</section>"

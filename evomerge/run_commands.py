@@ -14,6 +14,7 @@ import typer
 
 from evomerge.quiet import own_output
 from evomerge.records import UserError
+from evomerge.store import RunLock
 
 
 def best_text(best: dict[str, float], failed: int, room: int) -> str:
@@ -271,7 +272,7 @@ def status_text(run_dir: Path, info: dict[str, Any]) -> str:
     from evomerge.figures import fmt
 
     lines = [f"{run_dir}: {info['evaluations']} evaluations ({info['failed']} failed), {info['in_flight']} in flight, "
-             f"last stop: {info['last_stop'] or 'running or killed'}"]
+             f"{info['state']}"]
     lines += [f"  best {name} ({b['direction']}): {fmt(b['value'])}  (candidate {b['candidate']})"
               for name, b in info["best"].items()]
     hv = "" if info["hypervolume"] is None else f"; hypervolume {fmt(info['hypervolume'])}"
@@ -301,11 +302,21 @@ def _watch(run_dir: Path, as_json: bool, every: float) -> None:
                 stamp = time.strftime("%H:%M:%S")
                 print(("\x1b[2J\x1b[H" if tty else "") + (text if as_json else f"[{stamp}] {text}"), flush=True)
                 last = text
-            if info["last_stop"] is not None:
+            if info["holder"] is None and info["sessions"]:  # no live process holds the run: it ended or died
                 return
             time.sleep(every)
     except KeyboardInterrupt:
         return
+
+
+def run_state(holder: str | None, last_stop: str | None) -> str:
+    """Running (a live process holds the run's lock), finished (its budget reached), stopped for another reason,
+    or killed (the lock is free, the last session never ended: its process died without a clean stop)."""
+    if holder is not None:
+        return f"running ({holder})"
+    if last_stop is None:
+        return "killed (no clean stop; `evomerge resume` continues it)"
+    return f"{'finished' if last_stop.startswith('budget') else 'stopped'}, last stop: {last_stop}"
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -325,7 +336,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             best[o.name] = {"value": float(row[o.name]), "candidate": int(row["id"]), "direction": o.direction}
         hv = run.hypervolume()
         sessions = run.store.sessions()
+        holder = RunLock.holder(run_dir)
         return {
+            "state": run_state(holder, sessions[-1]["reason"] if sessions else None), "holder": holder,
             **counts, "best": best, "pareto_size": int(len(run.pareto())),
             "hypervolume": None if hv is None or math.isnan(hv) else hv,
             "cost": run.store.total_cost(), "sessions": len(sessions),

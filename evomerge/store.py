@@ -141,6 +141,22 @@ class RunLock:
                             "or stop it, before running or resuming it") from None
         return cls(fd)
 
+    @staticmethod
+    def holder(run_dir: Path) -> str | None:
+        """Who holds the run directory's lock now ("pid ... on HOST, started ..."), or None when no live process
+        does. A shared flock probe, taken and dropped at once: read-only, and it never blocks the holder."""
+        try:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # no lock file: no run ever held it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process still starting"
+        finally:
+            os.close(fd)  # drops the probe's shared lock, if taken
+
     def announce(self) -> None:
         """Name this process as the holder: once the store proved usable, so a refused opening changes nothing."""
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

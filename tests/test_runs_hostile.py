@@ -113,17 +113,29 @@ def test_a_second_run_or_resume_on_a_busy_directory_is_refused_naming_the_holder
     assert "last stop: budget: evaluations" in _run(env, "status", run_dir).stdout
 
 
-def test_the_lock_dies_with_a_killed_holder(tmp_path):
-    cfg, run_dir, env = _config(tmp_path, evaluations=30), tmp_path / "r", _env(tmp_path)
+def _state(env: dict[str, str], run_dir: Path) -> str:
+    out = _run(env, "status", run_dir, "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["state"] in _run(env, "status", run_dir).stdout.splitlines()[0]
+    return info["state"]
+
+
+def test_the_lock_dies_with_a_killed_holder_and_status_tells_running_killed_and_finished(tmp_path):
+    cfg, run_dir, env = _config(tmp_path, evaluations=30), tmp_path / "r", _env(tmp_path, sleep=0.5)  # 15 s a run
     holder = subprocess.Popen(_cli("run", cfg, "--run-dir", run_dir, "-q"), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     _waitcommitted(run_dir, 3, holder)
+    assert _state(env, run_dir).startswith(f"running (pid {holder.pid} on {socket.gethostname()}, started ")
+    assert holder.poll() is None  # the status probe did not disturb the holder
     holder.kill()
     holder.wait()
-    done = _run(env, "resume", run_dir, "-q")  # at once: no stale lock to wait for or remove
+    assert _state(env, run_dir) == "killed (no clean stop; `evomerge resume` continues it)"
+    done = _run({**env, "EVOMERGE_TEST_SLEEP": "0"}, "resume", run_dir, "-q")  # at once: no stale lock to wait for or remove
     assert done.returncode == 0, done.stderr
     with RunStore.open(run_dir, readonly=True) as s:
         assert s.counts()["evaluations"] == 30 and s.sessions()[-1]["reason"] == "budget: evaluations"
+    assert _state(env, run_dir) == "finished, last stop: budget: evaluations"
 
 
 # ---- full disks, read-only and unwritable places ------------------------------------------------------
