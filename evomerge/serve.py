@@ -112,7 +112,7 @@ class _Body(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # what torch.manual_seed takes, as the CLI's seeds (>= 0)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -228,7 +228,9 @@ def check_recipe(recipe: Any, layers: int, models: int) -> None:
         count("data-flow path steps", len(path))
         numbers(path, f"{where}.path")
         for i, s in enumerate(listing(r.get("slices"), f"{where}.slices")):
-            for j, src in enumerate(listing(mapping(s, f"{where}.slices[{i}]").get("sources"), f"{where}.slices[{i}].sources")):
+            if not isinstance(s, dict):
+                fail(f"{where}.slices[{i}]", f"must be a mapping, got {type(s).__name__}")
+            for j, src in enumerate(listing(s.get("sources"), f"{where}.slices[{i}].sources")):
                 at = f"{where}.slices[{i}].sources[{j}]"
                 span = mapping(src, at).get("layer_range")
                 if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
@@ -250,6 +252,9 @@ class MergeService:
         config = handle.model.config
         self.layers: int = config.num_hidden_layers
         self.context: int | None = getattr(config, "max_position_embeddings", None)
+        # no token covers more characters than its vocabulary entry has (x2 for normalizers that merge characters):
+        # a prompt longer than this is over the context without tokenizing it (990 KB of text took 190 MB to tokenize)
+        self.max_chars = None if self.context is None else self.context * 2 * max(map(len, handle.tokenizer.get_vocab()))
 
     def use(self, recipe_dict: dict[str, Any]) -> None:
         """Bring the recipe's weights in (caller holds the lock). Bad recipes are 400s."""
@@ -351,6 +356,10 @@ class MergeService:
         with `max_tokens` within the model's context. Under the lock: the tokenizer is shared."""
         total = 0
         for i, p in enumerate(prompts):
+            chars = len(p) if isinstance(p, str) else sum(len(str(m.get("content", ""))) for m in p)
+            if self.max_chars is not None and chars > self.max_chars:
+                raise HTTPError(400, f"prompt {i} is {chars} characters, surely over the model's context of {self.context} "
+                                     f"tokens (at most {self.max_chars} characters are tokenized)")
             n = len(encode_prompt(self.handle.tokenizer, p))
             if self.context is not None and n + max_tokens > self.context:
                 raise HTTPError(400, f"prompt {i} is {n} tokens; with max_tokens {max_tokens} that is over the model's "

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 import httpx
 import pytest
@@ -531,44 +529,6 @@ def test_the_longest_path_a_data_flow_search_makes_is_served(server):
     assert len(longest.path) == 37
     r = post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2, "recipe": longest.to_dict()})
     assert r.status_code == 200, r.text
-
-
-HOSTILE = [None, "abc", -1, 0, 1e308, float("nan"), [], {}, [1, 2], True, "x" * 300, 10**30, {"model": "a"}]
-
-
-def mutate(body: Any, rng: random.Random) -> Any:
-    """`body` with one value somewhere in it replaced by a hostile one, removed, or a key added."""
-    if isinstance(body, (dict, list)) and body and rng.random() < 0.7:
-        keys = list(body) if isinstance(body, dict) else list(range(len(body)))
-        k = rng.choice(keys)
-        out = dict(body) if isinstance(body, dict) else list(body)
-        out[k] = mutate(body[k], rng)
-        return out
-    if isinstance(body, dict) and rng.random() < 0.3:
-        return {**body, rng.choice(["extra", "n", "stream", "logprobs", "echo", "seed", "slices", "path"]): rng.choice(HOSTILE)}
-    return rng.choice(HOSTILE)
-
-
-def test_fuzz_of_mutated_requests_is_never_a_500(server):
-    """300 seeded mutations of valid completion, chat and loss requests: each answered with no 500, a 4xx a
-    one-line error, and the server still answers a normal request."""
-    rng = random.Random(0)
-    valid = [("/v1/completions", {"prompt": "ok", "max_tokens": 2, "n": 1, "echo": False, "recipe": {
-                 "merge_method": "ties", "base_model": "base", "parameters": {"density": [0.2, 0.8]},
-                 "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]}}),
-             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "recipe": recipe(1, 1).to_dict()}),
-             ("/v1/loss", {"dataset": "sums", "limit": 1, "recipe": {"merge_method": "passthrough", "path": [
-                 {"model": "a", "layer": 0}, {"model": "b", "layer": 1, "scale": 0.5}]}})]
-    codes: dict[int, int] = {}
-    for i in range(300):
-        path, body = rng.choice(valid)
-        r = post(server, path, None, content=json.dumps(mutate(body, rng)), headers={"Content-Type": "application/json"})
-        codes[r.status_code] = codes.get(r.status_code, 0) + 1
-        assert r.status_code in (200, 400, 404, 413), (r.status_code, r.text)
-        assert r.status_code == 200 or ("\n" not in r.json()["error"]["message"] and "Traceback" not in r.text), r.text
-        if i % 100 == 99:
-            assert post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2, "recipe": recipe(1, 1).to_dict()}).status_code == 200
-    assert codes[400] > 200 and codes.get(200, 0) > 5, codes  # most mutations are bad input, some stay valid
 
 
 def test_made_up_authorization_headers_are_not_new_clients(tiny_models, monkeypatch):
