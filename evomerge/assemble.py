@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,8 @@ def build_space(cfg: RunConfig):
 
     accepted = _space_params(cfg.space.name)
     facts = {k: v for k, v in model_facts(cfg).items() if k in accepted}
-    return search_spaces.make(cfg.space.name, **{**facts, **cfg.space.options})
+    with options_checked(f"space {cfg.space.name!r}"):
+        return search_spaces.make(cfg.space.name, **{**facts, **cfg.space.options})
 
 
 def _space_params(name: str) -> set[str]:
@@ -132,8 +135,19 @@ def build_optimizer(cfg: RunConfig, space: Any, objectives: list[Objective]):
     if (points is not None and cfg.optimizer.start == "space" and "initial_points" not in options
             and "initial_points" in inspect.signature(optimizers.optimizer_class(cfg.optimizer.name).__init__).parameters):
         options["initial_points"] = points
-    return optimizers.make(cfg.optimizer.name, bounds=space.bounds, objectives=objectives, seed=cfg.seed, x0=x0,
-                           **options)
+    with options_checked(f"optimizer {cfg.optimizer.name!r}"):
+        return optimizers.make(cfg.optimizer.name, bounds=space.bounds, objectives=objectives, seed=cfg.seed, x0=x0,
+                               **options)
+
+
+@contextmanager
+def options_checked(what: str) -> Iterator[None]:
+    """A free-form options mapping handed to an optimizer or a space: a value of the wrong type, out of range or too
+    large to allocate is a config mistake naming the section, not a traceback from inside numpy."""
+    try:
+        yield
+    except (TypeError, ValueError, OverflowError, MemoryError) as e:
+        raise UserError(f"config: {what} options: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 def build_fitness(cfg: RunConfig):

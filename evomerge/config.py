@@ -291,7 +291,7 @@ class RunConfig(_Strict):
     fitness: FitnessConfig
     budget: BudgetConfig
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
-    seed: int = Field(default=0, ge=0)  # numpy seeds its generators with non-negative integers only
+    seed: int = Field(default=0, ge=0, lt=2**32)  # numpy's legacy seeding takes 0 to 2**32 - 1 only
     workdir: Path | None = None  # relative task files resolve here; set to the YAML's folder when loaded
     snapshot_every: int = Field(default=20, ge=1)  # optimizer snapshots every N tells (resume replays the rest)
     holdout: HoldoutConfig | None = None

@@ -327,7 +327,9 @@ def activations(cfg: Any, fitness: Any, conf: dict[str, Any], nbytes: int) -> tu
     from evomerge.fitness.handle import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(str(cfg.sources[cfg.base]))
-    batch = int(cfg.fitness.handle.get("batch_size", 16))
+    batch = cfg.fitness.handle.get("batch_size", 16)
+    if type(batch) is not int or batch < 1:
+        raise UserError(f"config: fitness.handle.batch_size must be a positive integer, got {batch!r}")
 
     def first(*keys: str, default: int = 0) -> int:  # families name these differently (GPT-2: n_embd, n_head...)
         return int(next((conf[k] for k in keys if conf.get(k)), default))

@@ -29,6 +29,18 @@ from evomerge.records import UserError
 ParamValue = Union[float, int, bool, str, list[Any]]
 
 
+
+def _mapping(v: Any, what: str) -> dict:
+    if v is not None and not isinstance(v, dict):
+        raise UserError(f"{what} must be a mapping, got {v!r}")
+    return dict(v or {})
+
+
+def _listing(v: Any, what: str) -> list:
+    if v is not None and not isinstance(v, list):
+        raise UserError(f"{what} must be a list, got {v!r}")
+    return v or []
+
 @dataclass
 class ModelRef:
     """One source in a recipe: a model name (or path), or a nested recipe, with its own parameters."""
@@ -59,7 +71,9 @@ class ModelRef:
         model = d["model"]
         if isinstance(model, dict):
             model = Recipe.from_dict(model)
-        return cls(model=model, parameters=dict(d.get("parameters") or {}), name=None if d.get("name") is None else str(d["name"]))
+        elif not isinstance(model, str):
+            raise UserError(f"a model entry's 'model' is a model name or a recipe, got {model!r}")
+        return cls(model=model, parameters=_mapping(d.get("parameters"), "a model entry's parameters"), name=None if d.get("name") is None else str(d["name"]))
 
 
 @dataclass
@@ -167,9 +181,9 @@ class Recipe:
         base = d.get("base_model")
         return cls(
             merge_method=str(d["merge_method"]),
-            models=[ModelRef.from_dict(m) for m in d.get("models") or []],
+            models=[ModelRef.from_dict(m) for m in _listing(d.get("models"), "a recipe's models")],
             base_model=Recipe.from_dict(base) if isinstance(base, dict) else base,
-            parameters=dict(d.get("parameters") or {}),
+            parameters=_mapping(d.get("parameters"), "a recipe's parameters"),
             slices=d.get("slices"),
             path=[PathStep.from_dict(s) for s in d["path"]] if d.get("path") is not None else None,
             dtype=d.get("dtype"),

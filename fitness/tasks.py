@@ -82,6 +82,8 @@ class TaskSpec:
         unknown = sorted(set(d) - set(_KEYS))
         if unknown:
             raise UserError(f"task {d['name']!r}: unknown key {unknown[0]!r}; valid keys: {', '.join(_KEYS)}")
+        if d.get("path") is not None and not isinstance(d["path"], str):
+            raise UserError(f"task {d['name']!r}: path must be a file name, got {d['path']!r}")
         spec = cls(**d)
         if spec.path is not None and base_dir is not None and not Path(spec.path).is_absolute():
             spec.path = str(Path(base_dir) / spec.path)

@@ -3,18 +3,24 @@
 line "evomerge: error: ...", with nothing written; a store cut short by a full disk resumes to the full run."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import random
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
 import yaml
 
+from evomerge.records import UserError
 from evomerge.store import LOCK_FILE, STORE_FILE, RunStore
 from runs_fixtures import committed
 
@@ -224,3 +230,68 @@ def test_a_store_record_that_does_not_parse_is_one_line_naming_it(tmp_path, tabl
     assert after.pop(STORE_FILE + "-wal", b"") == b""
     after.pop(STORE_FILE + "-shm", None)
     assert after == before
+
+
+# ---- a seeded fuzz of run configs -----------------------------------------------------------------------
+CONFIG_KEYS = ["extra", "sources", "base", "space", "optimizer", "fitness", "budget", "executor", "seed", "options", "name",
+               "path", "holdout", "workers", "evaluations", "wall_time", "cost", "snapshot_every", "tasks", "metrics",
+               "objectives", "function", "backend", "handle", "racing", "subset", "bounds", "method", ""]
+
+
+@pytest.fixture(scope="module")
+def config_fuzz(tmp_path_factory):
+    """(the project's run configs, copied with what they name by relative path, the outcome per seeded mutation):
+    2,000 mutations, each loaded and checked in this process as `evomerge run` does before it writes anything
+    (load_run_config, prepare, the memory plan's check): a UserError or a config that passes, never another
+    exception. runs/demo_lmeval.yaml is left out: lm-eval builds its task for each check (0.6 s)."""
+    from evomerge.assemble import prepare
+    from evomerge.mergekit_evolve import load_run_config
+    from fuzz_fixtures import encode, mutate
+
+    where = tmp_path_factory.mktemp("config-fuzz")
+    shutil.copytree(TESTS.parent / "runs", where / "runs", ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()
+                                                                                  and n != "lmeval_tasks"])
+    (where / "evomerge").symlink_to(TESTS.parent / "evomerge")
+    configs = sorted(p for p in (where / "runs").glob("*.yaml") if p.name != "demo_lmeval.yaml")
+    valid = {p: yaml.safe_load(p.read_text()) for p in configs}
+    rng, outcomes = random.Random(23), []
+    for i in range(2000):
+        source = rng.choice(configs)
+        data = valid[source]
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            data = mutate(data, rng, CONFIG_KEYS)
+        path = source.with_name(f"fuzz{i}.yaml")
+        try:
+            text = yaml.safe_dump(data, allow_unicode=True)
+        except RecursionError:  # PyYAML's writer recurses: deep nesting goes out as JSON, which is YAML too
+            text = json.dumps(data)
+        path.write_bytes(encode(text, rng))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                prepare(load_run_config(path))[2].check()
+            outcomes.append((path, "ok"))
+        except UserError as e:
+            outcomes.append((path, str(e)))
+        except Exception as e:  # noqa: BLE001  the finding: collected, then shown all at once
+            at = traceback.extract_tb(e.__traceback__)[-1]
+            outcomes.append((path, f"BUG {type(e).__name__} at {Path(at.filename).name}:{at.lineno}: {e}"))
+    return where, outcomes
+
+
+def test_fuzz_of_2000_mutated_run_configs_gives_no_traceback(config_fuzz):
+    _, outcomes = config_fuzz
+    bugs = [(p.name, o[:300], p.read_bytes()[:600]) for p, o in outcomes if o.startswith("BUG ")]
+    assert not bugs, bugs
+    refused = sum(o != "ok" for _, o in outcomes)
+    print(f"config fuzz: {len(outcomes)} mutations, {refused} refused with one line, {len(outcomes) - refused} valid")
+    assert refused > 1000 and len(outcomes) - refused > 50  # most break the config; some stay valid
+
+
+def test_a_sample_of_fuzzed_configs_through_the_cli_is_exit_2_one_line_nothing_written(config_fuzz, tmp_path):
+    where, outcomes = config_fuzz
+    refused = [(p, o) for p, o in outcomes if o != "ok"]
+    before = _tree(where)
+    for k, (path, message) in enumerate(random.Random(5).sample(refused, 20)):
+        out = _run(_env(tmp_path, sleep=0), "run", path, "--run-dir", where / f"r{k}", "-q")
+        assert _one_line(out) == f"evomerge: error: {message}".strip()  # the CLI says what the in-process check said
+        assert _tree(where) == before, path

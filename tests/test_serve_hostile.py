@@ -5,7 +5,6 @@ each endpoint once at its largest allowed size. A seeded fuzz of 2,000 mutated r
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import shutil
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fuzz_fixtures import encode, mutate
 from test_fitness_serve import DEEP, free_port, recipe
 
 RSS_MARGIN_MB = 64  # the bound every case is held to, over the warmed-up baseline (README's serve section)
@@ -151,8 +151,6 @@ def test_each_hostile_case_is_answered_and_leaves_the_server_answering_within_it
 
 
 # -- the fuzz --------------------------------------------------------------------------------------------------
-HOSTILE = [None, "", "abc", "\x00\u202e\ud7ff", "x" * 5000, -1, 0, 1, 2**63, -(10**30), 1e308, -1e308, math.nan, math.inf,
-           -0.0, 0.5, True, False, [], {}, [1, 2], [None], {"model": "a"}, {"filter": "mlp", "value": 0.5}]
 EXTRA = ["extra", "n", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "seed", "stop", "user", "suffix",
          "best_of", "tools", "slices", "path", "base_model", "parameters", "dtype", "tokenizer_source", "models", ""]
 RECIPES = [
@@ -179,48 +177,6 @@ def valid(rng: random.Random) -> tuple[str, dict[str, Any]]:
     ])
 
 
-def mutate(v: Any, rng: random.Random, depth: int = 0) -> Any:
-    """`v` with one node somewhere in it replaced (a type swap, a huge, negative or non-finite number, deep nesting),
-    removed, or given an extra key."""
-    if isinstance(v, (dict, list)) and v and rng.random() < 0.75:
-        out = dict(v) if isinstance(v, dict) else list(v)
-        k = rng.choice(list(out) if isinstance(out, dict) else range(len(out)))
-        roll = rng.random()
-        if roll < 0.15:
-            del out[k]
-        elif roll < 0.25 and isinstance(out, dict):
-            out[rng.choice(EXTRA)] = rng.choice(HOSTILE)
-        else:
-            out[k] = mutate(out[k], rng, depth + 1)
-        return out
-    roll = rng.random()
-    if roll < 0.1:
-        nest = rng.choice([[], {}])
-        for _ in range(rng.choice([10, 100, 400])):
-            nest = [nest] if rng.random() < 0.5 else {"k": nest}
-        return nest
-    if roll < 0.2 and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return rng.choice([v * 1e200, -v, v + 0.5, str(v), 10**rng.randint(3, 40)])
-    return rng.choice(HOSTILE)
-
-
-def encode(body: Any, rng: random.Random) -> bytes:
-    """JSON as clients send it, or as broken clients do: UTF-16, Latin-1 with non-ASCII, cut short, a flipped byte."""
-    text = json.dumps(body)  # NaN and Infinity as JavaScript literals, as Python writes them
-    roll = rng.random()
-    if roll < 0.05:
-        return text.encode("utf-16")
-    if roll < 0.10:
-        return (text[:-1] + ', "x": "caf\u00e9"}').encode("latin-1", "replace") if text.endswith("}") else text.encode("latin-1", "replace")
-    if roll < 0.14:
-        return text.encode()[: rng.randrange(len(text))]
-    if roll < 0.18:
-        raw = bytearray(text.encode())
-        raw[rng.randrange(len(raw))] = rng.randrange(256)
-        return bytes(raw)
-    return text.encode()
-
-
 def test_fuzz_of_2000_mutated_requests_is_never_a_500(served):
     """2,000 seeded mutations of valid completion, chat (streamed), loss and recipe bodies: no 500, every non-200 the
     one-line {"error": {"message", "code"}} shape, and the server answers normally within its memory bound after."""
@@ -229,8 +185,8 @@ def test_fuzz_of_2000_mutated_requests_is_never_a_500(served):
     for i in range(2000):
         path, body = valid(rng)
         for _ in range(rng.choice([1, 1, 2, 3])):
-            body = mutate(body, rng)
-        r = served.post(path, encode(body, rng))
+            body = mutate(body, rng, EXTRA)
+        r = served.post(path, encode(json.dumps(body), rng))
         codes[r.status_code] = codes.get(r.status_code, 0) + 1
         assert r.status_code in (200, 400, 404, 413), (i, r.status_code, r.text[:500])
         if r.status_code != 200:

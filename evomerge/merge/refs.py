@@ -14,6 +14,7 @@ be pinned (`pinned`) and a source's identity recorded.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -71,8 +72,9 @@ def resolve(ref: str, dirs: Sequence[str | Path], *, allow_pickle: bool = False)
 def _local(ref: str, dirs: Sequence[str | Path]) -> Path | None:
     p = Path(ref).expanduser()
     for candidate in [p] if p.is_absolute() else [Path(d) / p for d in dirs]:
-        if candidate.exists():
-            return candidate.resolve()
+        with contextlib.suppress(OSError):  # a name too long for the file system names no file: try the Hub's form
+            if candidate.exists():
+                return candidate.resolve()
     return None
 
 
