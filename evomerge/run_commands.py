@@ -199,6 +199,10 @@ def register(app: typer.Typer) -> None:
         from evomerge.holdout import finish_run
         from evomerge.trackers import tracking
 
+        holder = RunLock.holder(run_dir)
+        if holder is not None:  # its own end writes holdout.json and the export: a table now would race and go stale
+            raise UserError(f"{run_dir} is still being searched ({holder}); the run scores its held-out table when "
+                            "it ends: wait for it, or stop it first")
         with tracking(run_dir) as feed:
             with own_output(verbose):
                 result = finish_run(run_dir, progress=not quiet)

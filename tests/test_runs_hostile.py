@@ -295,3 +295,29 @@ def test_a_sample_of_fuzzed_configs_through_the_cli_is_exit_2_one_line_nothing_w
         out = _run(_env(tmp_path, sleep=0), "run", path, "--run-dir", where / f"r{k}", "-q")
         assert _one_line(out) == f"evomerge: error: {message}".strip()  # the CLI says what the in-process check said
         assert _tree(where) == before, path
+
+
+def test_export_reads_a_live_run_whole_and_holdout_waits_for_its_end(tmp_path, tiny_models):
+    """`export` reads a consistent snapshot of a run still going (SQLite WAL readers need no lock) and writes its
+    output whole; `holdout` on it is one line naming the holder, nothing written (the run scores its own table at
+    its end); the live run goes on untouched to its budget."""
+    cfg = {"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "ties"}}, "optimizer": {"name": "random"},
+           "fitness": {"tasks": [{"name": "t", "path": str(tmp_path / "t.jsonl"), "metrics": ["teacher_exact"]}]},
+           "budget": {"evaluations": 80}, "seed": 3}
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "reference": str(2 * a)}) + "\n" for a in range(3)))
+    path, run_dir, env = tmp_path / "run.yaml", tmp_path / "r", _env(tmp_path)
+    path.write_text(yaml.safe_dump(cfg))
+    holder = subprocess.Popen(_cli("run", path, "--run-dir", run_dir, "-q"), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    _waitcommitted(run_dir, 3, holder)
+    before = _tree(run_dir)
+    _one_line(_run(env, "holdout", run_dir), f"is still being searched (pid {holder.pid} on ")
+    out = _run(env, "export", run_dir, "--best", "-o", tmp_path / "best")
+    assert out.returncode == 0, out.stderr
+    assert {p.name for p in (tmp_path / "best").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    assert holder.poll() is None and not (run_dir / "holdout.json").exists()
+    assert set(_tree(run_dir)) == set(before)  # the readers added no file to the live run
+    assert holder.wait(timeout=120) == 0, holder.stderr.read()[-2000:]
+    assert committed(run_dir) == 80 and _state(env, run_dir) == "finished, last stop: budget: evaluations"
