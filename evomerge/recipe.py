@@ -29,7 +29,6 @@ from evomerge.records import UserError
 ParamValue = Union[float, int, bool, str, list[Any]]
 
 
-
 def _mapping(v: Any, what: str) -> dict:
     if v is not None and not isinstance(v, dict):
         raise UserError(f"{what} must be a mapping, got {v!r}")
@@ -40,6 +39,7 @@ def _listing(v: Any, what: str) -> list:
     if v is not None and not isinstance(v, list):
         raise UserError(f"{what} must be a list, got {v!r}")
     return v or []
+
 
 @dataclass
 class ModelRef:
@@ -73,7 +73,8 @@ class ModelRef:
             model = Recipe.from_dict(model)
         elif not isinstance(model, str):
             raise UserError(f"a model entry's 'model' is a model name or a recipe, got {model!r}")
-        return cls(model=model, parameters=_mapping(d.get("parameters"), "a model entry's parameters"), name=None if d.get("name") is None else str(d["name"]))
+        return cls(model=model, parameters=_mapping(d.get("parameters"), "a model entry's parameters"),
+                   name=None if d.get("name") is None else str(d["name"]))
 
 
 @dataclass
