@@ -297,7 +297,7 @@ def test_a_sample_of_fuzzed_configs_through_the_cli_is_exit_2_one_line_nothing_w
         assert _tree(where) == before, path
 
 
-def test_export_reads_a_live_run_whole_and_holdout_waits_for_its_end(tmp_path, tiny_models):
+def test_export_reads_a_live_run_whole_and_holdout_on_it_is_refused(tmp_path, tiny_models):
     """`export` reads a consistent snapshot of a run still going (SQLite WAL readers need no lock) and writes its
     output whole; `holdout` on it is one line naming the holder, nothing written (the run scores its own table at
     its end); the live run goes on untouched to its budget."""
