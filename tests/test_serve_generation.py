@@ -115,6 +115,18 @@ def test_a_client_that_hangs_up_frees_the_model(tiny_models, stream):
         s.stop()
 
 
+def healthy(proc: subprocess.Popen, port: int) -> None:
+    """Wait for a real `evomerge serve` process to answer /health."""
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 def test_sigterm_stops_a_generation_in_flight_and_exits(tiny_models):
     """A real `evomerge serve` process with the CLI's limits: SIGTERM during a streamed generation of minutes
     (and with requests waiting for the model) ends the stream with a 503 event, refuses the waiting requests
@@ -124,14 +136,7 @@ def test_sigterm_stops_a_generation_in_flight_and_exits(tiny_models):
                              "--port", str(port), "--request-timeout", "50", "--compute-timeout", "100",
                              "--shutdown-grace", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        healthy(proc, port)
         heavy = {**HEAVY, "prompt": ["ok"] * 64}  # the CLI's default of 64 prompts a request: tens of seconds
         waiting: list[httpx.Response] = []
         waiters = [threading.Thread(target=lambda: waiting.append(
@@ -163,3 +168,38 @@ def test_serve_time_limits_must_be_positive(flag, value, tmp_path):
     done = subprocess.run([sys.executable, "-m", "evomerge.cli", "serve", "--model", f"base={tmp_path}", flag, value],
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (2, f"evomerge: error: {flag} must be a positive number of seconds, got {value}\n")
+
+
+def test_sigterm_abandons_a_loss_still_running_after_the_grace(tiny_models, tmp_path):
+    """A loss is not cut per token: SIGTERM while one runs over 40,000 examples (far more than the 1 s grace)
+    ends the real `evomerge serve` process with the one-line notice, the loss never answered."""
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a}? " * 8, "reference": str(2 * a)}) + "\n"
+                            for a in range(40_000)))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "serve", "--model", f"base={tiny_models['base']}",
+                             "--dataset", f"big={data}", "--port", str(port), "--shutdown-grace", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        healthy(proc, port)
+        answered: list[httpx.Response] = []
+
+        def loss() -> None:
+            try:
+                answered.append(httpx.post(f"http://127.0.0.1:{port}/v1/loss", json={"dataset": "big", "recipe": BASE_ONLY},
+                                           timeout=120))
+            except httpx.TransportError:  # the process went away mid-request, as it should
+                pass
+
+        t = threading.Thread(target=loss, daemon=True)
+        t.start()
+        time.sleep(1)  # the loss holds the model
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        t.join(30)
+        err = proc.stderr.read()
+        assert not answered and "work still in flight 1 s after the stop signal is abandoned" in err, err
+        assert "Traceback" not in err, err
+    finally:
+        proc.kill()
+        proc.wait()
