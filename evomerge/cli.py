@@ -133,14 +133,26 @@ def serve(
     max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body, bytes."),
     rate: float = typer.Option(50.0, "--rate", help="Requests per second per client, sustained."),
     burst: int = typer.Option(200, "--burst", help="Requests per client at once before the rate applies."),
+    request_timeout: float = typer.Option(60.0, "--request-timeout", metavar="SECONDS",
+                                          help="Longest wait of a request for the model, then 503."),
+    compute_timeout: float = typer.Option(120.0, "--compute-timeout", metavar="SECONDS",
+                                          help="Longest a request holds the model, then 504; generation is checked at every token."),
+    shutdown_grace: float = typer.Option(5.0, "--shutdown-grace", metavar="SECONDS",
+                                         help="After SIGTERM, generation stops at its next token; work still running "
+                                              "this long after (a merge, a loss) is abandoned."),
 ) -> None:
     """Merge-as-a-service: keep the models resident, answer recipes with completions or a loss."""
     from evomerge.serve import ServeConfig
     from evomerge.serve import serve as run_server
 
+    for flag, seconds in (("--request-timeout", request_timeout), ("--compute-timeout", compute_timeout),
+                          ("--shutdown-grace", shutdown_grace)):
+        if not 0 < seconds < float("inf"):  # nan too
+            raise UserError(f"{flag} must be a positive number of seconds, got {seconds:g}")
     sources = _pairs(model, "--model")
     run_server(ServeConfig(sources=sources, base=base or next(iter(sources)), datasets=_pairs(dataset, "--dataset"),
-                           host=host, port=port, token_env=token_env, max_body=max_body, rate=rate, burst=burst))
+                           host=host, port=port, token_env=token_env, max_body=max_body, rate=rate, burst=burst,
+                           request_timeout=request_timeout, compute_timeout=compute_timeout, shutdown_grace=shutdown_grace))
 
 
 @app.command("search-options")

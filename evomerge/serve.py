@@ -16,18 +16,24 @@ Bounded work: a request holds at most `max_prompts` prompts (times `n`) of at mo
 minus `max_tokens` tokens each; a recipe's data-flow path steps and passthrough slice layers are each at
 most the model's depth x the models on the host x PATH_REPEATS, its nested recipes at most the model's
 depth, every number in it finite and within +-PARAM_BOUND (so sampling never sees inf or nan from the
-weights); a request waits at most `request_timeout` seconds for the model (then 503); SIGTERM stops
-within `shutdown_grace` seconds, abandoning work still in flight.
+weights); a request waits at most `request_timeout` seconds for the model (then 503) and holds it at most
+`compute_timeout` seconds (then 504). Generation checks that limit, its client and the server's stop at
+every token (an O(1) check per decoding step), so the model is freed within one token step of the limit, of
+the client going away, or of SIGTERM (then 503); a merge, an echo's or a loss's forward passes are not cut
+(the bounds above size them). Work still running `shutdown_grace` seconds after SIGTERM is abandoned.
 
-OpenAI options: `stream` (server-sent events: one chunk per choice with its whole text, a usage chunk when
-`stream_options.include_usage`, then `[DONE]`), `n`, `max_completion_tokens`, and `logprobs` on completions
-with `echo`; other log-prob requests are a 400 naming the field, unknown fields a 400.
+OpenAI options: `stream` (server-sent events as the tokens come: per choice its text in pieces no later
+token can change, the last with its finish reason; a usage chunk when `stream_options.include_usage`; then
+`[DONE]`; an error after the stream began, such as the compute limit, is a last `{"error": ...}` event),
+`n`, `max_completion_tokens`, and `logprobs` on completions with `echo`; other log-prob requests are a 400
+naming the field, unknown fields a 400.
 
 One resident HF model answers one request at a time (a lock); a request whose recipe equals the last
 one reuses the weights already in place.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -36,7 +42,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +51,13 @@ from typing import Any, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
-from evomerge.fitness.handle import Completion, Prompt, Sampling, encode_prompt
+from evomerge.fitness.handle import Completion, Prompt, Sampling, encode_prompt, truncate_at_stop
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PATH_REPEATS = 4  # a data-flow path or passthrough stack: at most layers x models x this (the data-flow space's r = 3, pinned ends)
@@ -72,6 +79,7 @@ class ServeConfig:
     max_prompts: int = 64  # prompts per completion request
     batch_size: int = 16
     request_timeout: float = 60.0  # seconds a request may wait for the model (then 503)
+    compute_timeout: float = 120.0  # seconds a request may hold the model (then 504), checked at every generated token
     shutdown_grace: float = 5.0  # seconds after SIGTERM before in-flight work is abandoned and the process exits
 
     def token(self) -> str | None:
@@ -159,7 +167,75 @@ class HTTPError(Exception):
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": " ".join(message.split()), "code": status}}, status, headers=headers)
+    return JSONResponse(_error_body(status, message), status, headers=headers)
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": " ".join(message.split()), "code": status}}
+
+
+class Job:
+    """One request's work: its deadline (set once it holds the model), whether its client went away, the
+    server's stop, and where a stream's choices go as they are made (`emit`, None when not streaming)."""
+
+    def __init__(self, stopping: threading.Event, chat: bool = False,
+                 emit: Callable[[tuple[str, Any]], None] | None = None) -> None:
+        self.stopping, self.chat, self.emit = stopping, chat, emit
+        self.cancelled = threading.Event()
+        self.deadline, self.limit = math.inf, math.inf
+        self.id, self.created = f"evm-{time.time_ns()}", int(time.time())
+
+    def start(self, limit: float) -> None:
+        self.deadline, self.limit = time.monotonic() + limit, limit
+        self.check()
+
+    def check(self) -> None:
+        """Raise when the work must stop: O(1), called at every generated token."""
+        if self.stopping.is_set():
+            raise HTTPError(503, "the server is shutting down", {"Retry-After": "1"})
+        if self.cancelled.is_set():
+            raise HTTPError(499, "the client went away")  # never seen: nobody is left to read it
+        if time.monotonic() > self.deadline:
+            raise HTTPError(504, f"generation stopped at the compute limit of {self.limit:g} s")
+
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Any = None) -> None:
+        """A piece of a streamed choice (OpenAI's chunk choice for chat or completions)."""
+        if self.emit is not None:
+            self.emit(("choice", {"index": index, "delta": {"role": "assistant", "content": text}, "logprobs": None,
+                                  "finish_reason": finish_reason} if self.chat else
+                       {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}))
+
+
+class Deltas:
+    """Each choice's text as its tokens come, handed out in pieces no later token can change: short of a
+    partial character or a possible stop string's start, and cut at a stop string. Decoding a choice's
+    tokens so far costs O(its length) a step (at most max_tokens), next to a forward pass of the model."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], choices: int) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.tokens: list[list[int]] = [[] for _ in range(choices)]
+        self.sent, self.ended = [""] * choices, [False] * choices
+
+    def step(self, rows: list[int], tokens: list[int]) -> Iterator[tuple[int, str]]:
+        for i, t in zip(rows, tokens):
+            if self.ended[i]:
+                continue
+            self.ended[i] = t == self.tokenizer.eos_token_id
+            self.tokens[i].append(t)
+            text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+            safe = truncate_at_stop(text, self.stop)
+            if len(safe) < len(text):
+                self.ended[i] = True
+            else:
+                safe = text[: len(text) - self.hold].rstrip("\ufffd")  # a stop string may start in the held tail
+            if len(safe) > len(self.sent[i]) and safe.startswith(self.sent[i]):
+                yield i, safe[len(self.sent[i]):]
+                self.sent[i] = safe
+
+    def rest(self, i: int, final: str) -> str:
+        """What of the finished text was not handed out yet."""
+        return final[len(self.sent[i]):]
 
 
 # -- recipe bounds ---------------------------------------------------------------------------------------
@@ -248,6 +324,7 @@ class MergeService:
     def __init__(self, handle: Any, sources: list[str], datasets: dict[str, Any], name: str = "evomerge") -> None:
         self.handle, self.sources, self.datasets, self.name = handle, sources, datasets, name
         self.lock = threading.Lock()
+        self.stopping = threading.Event()  # set on SIGTERM: generation in flight stops at its next token
         self._current: str | None = None  # the recipe now in the weights, as canonical JSON
         config = handle.model.config
         self.layers: int = config.num_hidden_layers
@@ -278,54 +355,62 @@ class MergeService:
             raise HTTPError(400, f"recipe cannot be built: {type(e).__name__}: {e}") from None
         self._current = key
 
+    def job(self, chat: bool = False, emit: Callable[[tuple[str, Any]], None] | None = None) -> Job:
+        return Job(self.stopping, chat, emit)
+
     @contextmanager
-    def _model(self, limits: ServeConfig) -> Iterator[None]:
-        """The model to this request alone, waiting at most `request_timeout` seconds for it."""
+    def _model(self, limits: ServeConfig, job: Job) -> Iterator[None]:
+        """The model to this request alone, waiting at most `request_timeout` seconds for it, then holding it
+        until the job's `compute_timeout` deadline at most."""
         if not self.lock.acquire(timeout=limits.request_timeout):
             raise HTTPError(503, f"the model is busy: waited {limits.request_timeout:g} s", {"Retry-After": "1"})
         try:
+            job.start(limits.compute_timeout)
             yield
         finally:
             self.lock.release()
 
-    def completions(self, body: CompletionBody, limits: ServeConfig) -> dict[str, Any]:
+    def completions(self, body: CompletionBody, limits: ServeConfig, job: Job) -> dict[str, Any]:
         if body.logprobs is not None and not body.echo:
             raise HTTPError(400, "logprobs: only with echo: true here (the prompt's log-probs); "
                                  "log-probs of generated tokens are not supported")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self._check(len(prompts) * body.n, body.tokens, limits)
-        with self._model(limits):
+        with self._model(limits, job):
             usage = self._prompt_usage(prompts, body.tokens)
             self.use(body.recipe)
-            answers = self._generate([p for p in prompts for _ in range(body.n)], body)
             echo = [echo_logprobs(self.handle, p, body.logprobs or 0) for p in prompts] if body.echo and body.logprobs is not None else None
+            if body.echo:  # a stream's first piece of each choice is its prompt
+                for i in range(len(prompts) * body.n):
+                    job.choice(i, prompts[i // body.n], None, None if echo is None else echo[i // body.n])
+            answers = self._generate([p for p in prompts for _ in range(body.n)], body, job)
         choices = []
         for i, a in enumerate(answers):
             p = prompts[i // body.n]
             choices.append({"index": i, "text": p + a.text if body.echo else a.text, "finish_reason": a.finish_reason,
                             "logprobs": None if echo is None else echo[i // body.n]})
-        return self._wrap("text_completion", choices, usage, answers)
+        return self._wrap("text_completion", choices, usage, answers, job)
 
-    def chat(self, body: ChatBody, limits: ServeConfig) -> dict[str, Any]:
+    def chat(self, body: ChatBody, limits: ServeConfig, job: Job) -> dict[str, Any]:
         if body.logprobs or body.top_logprobs is not None:
             raise HTTPError(400, f"{'logprobs' if body.logprobs else 'top_logprobs'}: log-probs are not supported on chat completions")
         if not getattr(self.handle.tokenizer, "chat_template", None):
             raise HTTPError(400, "this model has no chat template: send a plain prompt to /v1/completions")
         self._check(body.n, body.tokens, limits)
-        with self._model(limits):
+        with self._model(limits, job):
             usage = self._prompt_usage([body.messages], body.tokens)
             self.use(body.recipe)
-            answers = self._generate([body.messages] * body.n, body)
+            answers = self._generate([body.messages] * body.n, body, job)
         choices = [{"index": i, "message": {"role": "assistant", "content": a.text}, "finish_reason": a.finish_reason}
                    for i, a in enumerate(answers)]
-        return self._wrap("chat.completion", choices, usage, answers)
+        return self._wrap("chat.completion", choices, usage, answers, job)
 
     def loss(self, body: LossBody, limits: ServeConfig) -> dict[str, Any]:
         task = self.datasets.get(body.dataset)
         if task is None:
             raise HTTPError(404, f"no dataset {body.dataset!r} (datasets: {', '.join(self.datasets) or 'none'})")
         examples = task.examples[: body.limit]
-        with self._model(limits):
+        with self._model(limits, self.job()):
             self.use(body.recipe)
             scored = self.handle.score([(task.prompt(ex), ex.reference) for ex in examples])
         per = [s.loss for s in scored]
@@ -334,15 +419,28 @@ class MergeService:
         return {"object": "loss", "dataset": body.dataset, "loss": sum(per) / len(per), "per_example": per,
                 "examples": len(per)}
 
-    def _generate(self, prompts: list[Prompt], body: _Body) -> list[Completion]:
+    def _generate(self, prompts: list[Prompt], body: _Body, job: Job) -> list[Completion]:
+        """The answers, the job checked at every token; a stream gets each choice's text as it grows."""
+        deltas = None
         if not body.tokens:
-            return [Completion("", "length", 0)] * len(prompts)
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        sampling = Sampling(body.tokens, body.temperature, body.top_p, stop, body.seed)
-        try:
-            return self.handle.complete(prompts, sampling)
-        except UserError as e:  # e.g. an empty prompt to a tokenizer without BOS
-            raise HTTPError(400, str(e)) from None
+            answers = [Completion("", "length", 0)] * len(prompts)
+        else:
+            stop = [body.stop] if isinstance(body.stop, str) else body.stop
+            sampling = Sampling(body.tokens, body.temperature, body.top_p, stop, body.seed)
+            deltas = Deltas(self.handle.tokenizer, sampling.stop, len(prompts)) if job.emit is not None else None
+
+            def step(rows: list[int], tokens: list[int]) -> None:
+                job.check()
+                for i, text in deltas.step(rows, tokens) if deltas is not None else ():
+                    job.choice(i, text, None)
+
+            try:
+                answers = self.handle.complete(prompts, sampling, step=step)
+            except UserError as e:  # e.g. an empty prompt to a tokenizer without BOS
+                raise HTTPError(400, str(e)) from None
+        for i, a in enumerate(answers):
+            job.choice(i, a.text if deltas is None else deltas.rest(i, a.text), a.finish_reason)
+        return answers
 
     @staticmethod
     def _check(n: int, max_tokens: int, limits: ServeConfig) -> None:
@@ -367,29 +465,73 @@ class MergeService:
             total += n
         return {"prompt_tokens": total}
 
-    def _wrap(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int], answers: list[Completion]) -> dict[str, Any]:
+    def _wrap(self, kind: str, choices: list[dict[str, Any]], usage: dict[str, int], answers: list[Completion],
+              job: Job) -> dict[str, Any]:
         c = sum(a.tokens for a in answers)
         usage = {**usage, "completion_tokens": c, "total_tokens": usage["prompt_tokens"] + c}
-        return {"id": f"evm-{time.time_ns()}", "object": kind, "created": int(time.time()), "model": self.name,
-                "choices": choices, "usage": usage}
+        return {"id": job.id, "object": kind, "created": job.created, "model": self.name, "choices": choices, "usage": usage}
 
 
-def stream(answer: dict[str, Any], include_usage: bool) -> StreamingResponse:
-    """A finished answer as OpenAI's server-sent events: a chunk per choice (its whole text and finish
-    reason), a usage chunk when asked, then [DONE]. Generation is not incremental: the chunks come at once."""
-    chat = answer["object"] == "chat.completion"
-    head = {"id": answer["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": answer["created"], "model": answer["model"]}
-    chunks = [{**head, "choices": [{"index": c["index"], "delta": c["message"], "logprobs": None,
-                                    "finish_reason": c["finish_reason"]} if chat else c]} for c in answer["choices"]]
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": answer["usage"]})
-    events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
-    return StreamingResponse(iter(events), media_type="text/event-stream")
+async def respond(request: Request, body: _Body, work: Callable[[Job], dict[str, Any]], service: MergeService) -> Any:
+    """`work` run in a worker thread as a job cancelled when the client goes away. A stream begins with the
+    first choice piece (so a refusal before it is still a plain 4xx/5xx), then server-sent events as they come."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    job = service.job(isinstance(body, ChatBody), (lambda e: loop.call_soon_threadsafe(events.put_nowait, e)) if body.stream else None)
+    watcher = asyncio.create_task(_watch(request, job))
+    if not body.stream:
+        try:
+            return await run_in_threadpool(work, job)
+        finally:
+            watcher.cancel()
+
+    def run() -> None:
+        try:
+            job.emit(("done", work(job)))
+        except Exception as e:  # an HTTPError, or a bug (500)
+            job.emit(("error", e))
+
+    runner = asyncio.create_task(run_in_threadpool(run))
+    first = await events.get()
+    if first[0] == "error":
+        watcher.cancel()
+        raise first[1]
+    head = {"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+            "created": job.created, "model": service.name}
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(_sse(first, events, job, head, include_usage, (watcher, runner)), media_type="text/event-stream")
 
 
-def answer(result: dict[str, Any], body: _Body) -> Any:
-    return stream(result, body.stream_options is not None and body.stream_options.include_usage) if body.stream else result
+async def _sse(event: tuple[str, Any], events: asyncio.Queue, job: Job, head: dict[str, Any], include_usage: bool,
+               tasks: tuple[asyncio.Task, asyncio.Task]) -> AsyncIterator[str]:
+    """OpenAI's server-sent events: a chunk per choice piece, the usage chunk when asked, then [DONE]; an error
+    after the stream began is a last `{"error": ...}` event (the openai client raises it). `tasks` (the
+    disconnect watcher, the worker) are held here: the loop keeps only weak references to tasks."""
+    try:
+        while True:
+            kind, value = event
+            if kind == "choice":
+                yield f"data: {json.dumps({**head, 'choices': [value]})}\n\n"
+            elif kind == "done":
+                if include_usage:
+                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': value['usage']})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                e = value if isinstance(value, HTTPError) else HTTPError(500, f"internal error ({type(value).__name__})")
+                yield f"data: {json.dumps(_error_body(e.status, e.message))}\n\n"
+                return
+            event = await events.get()
+    finally:
+        job.cancelled.set()  # finished, or the client left mid-stream: either way nothing more to make
+        tasks[0].cancel()
+
+
+async def _watch(request: Request, job: Job) -> None:
+    """Cancel the job when its client disconnects (the body is read by now: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
 
 
 def echo_logprobs(handle: Any, text: str, top: int) -> dict[str, Any]:
@@ -525,12 +667,12 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
                 "sources": service.sources, "datasets": sorted(service.datasets)}
 
     @app.post("/v1/completions")
-    def completions(body: CompletionBody) -> Any:
-        return answer(service.completions(body, config), body)
+    async def completions(body: CompletionBody, request: Request) -> Any:
+        return await respond(request, body, lambda job: service.completions(body, config, job), service)
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatBody) -> Any:
-        return answer(service.chat(body, config), body)
+    async def chat(body: ChatBody, request: Request) -> Any:
+        return await respond(request, body, lambda job: service.chat(body, config, job), service)
 
     @app.post("/v1/loss")
     def loss(body: LossBody) -> dict[str, Any]:
@@ -541,6 +683,12 @@ def create_app(service: MergeService, config: ServeConfig, token: str | None) ->
 
 def build(config: ServeConfig) -> Any:
     """Everything validated and loaded: the ASGI app, ready for uvicorn."""
+    service, token = load(config)
+    return create_app(service, config, token)
+
+
+def load(config: ServeConfig) -> tuple[MergeService, str | None]:
+    """The service with its models and datasets loaded, and the bearer token; the config validated first."""
     from evomerge.merge import Materializer
     from evomerge.merge.refs import check_adapters, resolve
     from evomerge.merge.sources import ADAPTER_CONFIG
@@ -562,25 +710,27 @@ def build(config: ServeConfig) -> Any:
     device = resolve_device("auto")  # the materializer writes where the model lives
     handle = HFHandle(sources[config.base], Materializer(sources, base=config.base, device=device),
                       batch_size=config.batch_size, device=str(device))
-    service = MergeService(handle, list(config.sources), datasets)
-    return create_app(service, config, token)
+    return MergeService(handle, list(config.sources), datasets), token
 
 
 def serve(config: ServeConfig) -> None:
-    """Serve until SIGTERM or Ctrl-C: uvicorn stops taking requests and waits for those in flight; work still
-    running `shutdown_grace` seconds later is abandoned (a model call cannot be interrupted) and the process exits."""
+    """Serve until SIGTERM or Ctrl-C: uvicorn stops taking requests, generation in flight stops at its next
+    token (503), requests waiting for the model are refused; work still running `shutdown_grace` seconds later
+    (a merge, a loss) is abandoned and the process exits."""
     import uvicorn
 
     grace = config.shutdown_grace
+    service, token = load(config)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            service.stopping.set()
             timer = threading.Timer(grace, _abandon, (grace,))
             timer.daemon = True
             timer.start()
             super().handle_exit(sig, frame)
 
-    app = build(config)
+    app = create_app(service, config, token)
     Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=grace)).run()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -143,8 +143,11 @@ class HFHandle:
         return [c.text for c in self.complete(prompts, sampling)]
 
     @torch.no_grad()
-    def complete(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[Completion]:
-        """`generate`, with each answer's finish reason and token count (what `evomerge serve` reports)."""
+    def complete(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling(), *,
+                 step: Callable[[list[int], list[int]], None] | None = None) -> list[Completion]:
+        """`generate`, with each answer's finish reason and token count (what `evomerge serve` reports).
+        `step`, when given, is called after every decoding step with the batch's prompt indices and the token
+        each just got (a finished row gets padding); what it raises stops generation and leaves here."""
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         if not all(ids):
             raise UserError("generation needs a non-empty prompt (this tokenizer adds no BOS)")
@@ -163,7 +166,7 @@ class HFHandle:
                 mask[row, width - len(ids[i]):] = 1
             gen = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=pad, eos_token_id=eos, **sample,
+                pad_token_id=pad, eos_token_id=eos, streamer=None if step is None else _Steps(batch, step), **sample,
             )
             for row, i in enumerate(batch):
                 out[i] = self._completion(gen[row, width:].tolist(), sampling.stop)
@@ -225,6 +228,21 @@ class HFHandle:
         """Indices grouped into batches of similar length (less padding), covering every sequence once."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         return [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+
+
+class _Steps:
+    """transformers' streamer protocol (put, end) as a per-step call: `generate` puts the prompts (2-D) first,
+    then each step's new tokens (1-D, one per row)."""
+
+    def __init__(self, rows: list[int], step: Callable[[list[int], list[int]], None]) -> None:
+        self.rows, self.step = rows, step
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() == 1:
+            self.step(self.rows, tokens.tolist())
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass

@@ -442,7 +442,8 @@ def test_the_openai_client_streams_and_gets_n_and_max_completion_tokens(chat_ser
     chunks = list(client.completions.create(prompt=PROMPT, max_tokens=at + 4, stream=True,
                                             stream_options={"include_usage": True}, **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text != ""
-    assert [c.choices[0].finish_reason for c in chunks if c.choices] == ["stop"] and chunks[-1].usage == plain.usage
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]  # token by token: tests/test_serve_generation.py
+    assert reasons[-1] == "stop" and set(reasons[:-1]) == {None} and chunks[-1].usage == plain.usage
     assert all(c.usage is None for c in client.completions.create(prompt=PROMPT, max_tokens=3, stream=True, **kw))
 
     messages = [{"role": "user", "content": "hi"}]
@@ -477,8 +478,9 @@ def test_a_stream_is_server_sent_events_ending_in_done(chat_server):
     with httpx.stream("POST", chat_server.url + "/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
-    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]" and len(events) == 4
-    assert json.loads(events[2][6:])["usage"]["completion_tokens"] == 8
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    finished = [c["index"] for e in events[:-2] for c in json.loads(e[6:])["choices"] if c["finish_reason"]]
+    assert sorted(finished) == [0, 1] and json.loads(events[-2][6:])["usage"]["completion_tokens"] == 8
     r = httpx.post(chat_server.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
     one_line_400(r, "stream_options: only allowed when stream is true")
 
@@ -565,45 +567,3 @@ def test_a_request_waits_for_the_model_at_most_request_timeout(tiny_models):
         assert 0.3 <= waited < 1.0 and done[0].status_code == 200
     finally:
         s.stop()
-
-
-def test_sigterm_exits_within_the_grace_period_with_a_request_in_flight(tiny_models):
-    """A real `serve` process: SIGTERM while a request runs ends the process within shutdown_grace (2 s) plus
-    a second, whatever the request still had to do."""
-    import signal
-
-    port = free_port()
-    code = ("from evomerge.serve import ServeConfig, serve; "
-            f"serve(ServeConfig(sources={{'base': {str(tiny_models['base'])!r}}}, base='base', port={port}, shutdown_grace=2))")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "no start"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        body = {"prompt": ["ok"] * 64, "max_tokens": 250, "temperature": 1.0, "recipe": BASE_ONLY}  # seconds each, one at a time
-        answered: list = []
-
-        def busy() -> None:
-            try:
-                answered.append(httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60))
-            except httpx.TransportError:  # the server went away mid-request, as it should
-                pass
-
-        for _ in range(8):  # served one at a time: more than the grace period holds, however fast the machine
-            threading.Thread(target=busy, daemon=True).start()
-        time.sleep(1)
-        start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-        took = time.monotonic() - start
-        err = proc.stderr.read()
-        assert took < 3.0 and len(answered) < 8, took  # what finished within the grace was answered; the rest not
-        assert "work still in flight 2 s after the stop signal is abandoned" in err and "Traceback" not in err
-    finally:
-        proc.kill()
-        proc.wait()
