@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -47,3 +48,20 @@ def test_fetch_offline_a_missing_source_is_one_line_naming_it(hub, tmp_path, mon
     assert code == 2 and out == "", (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "sources.x: model 'org/absent'" in lines[0] and "not in the HF cache" in lines[0], err
+
+
+def test_ray_cluster_yaml_passes_rays_validation_with_excludes_pins_and_apart_setups():
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = prepare_config(yaml.safe_load((ROOT / "ray_cluster.yaml").read_text()))  # Ray's defaults, as `ray up` fills them
+    validate_config(cfg)  # Ray's schema and node-type checks; raises on a bad file
+    assert {"**/.venv*", ".git", "/runs/*/", "**/__pycache__"} <= set(cfg["rsync_exclude"]), cfg["rsync_exclude"]
+    assert cfg["file_mounts"] == {"/home/ubuntu/evomerge": "."}  # the code only; models come through each node's HF cache
+    head, gpu = cfg["head_setup_commands"], cfg["available_node_types"]["gpu_worker"]["worker_setup_commands"]
+    pin = f'"ray[default]=={ray.__version__}"'  # every node gets the Ray that launched the cluster
+    assert any(pin in c for c in head) and any(pin in c for c in gpu), (head, gpu)
+    assert not any("vllm" in c for c in head), head  # the CPU head installs no vLLM
+    tested = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"][0]
+    assert any('".[vllm]"' in c and f'"{tested.replace(">=", "==")}"' in c for c in gpu), (tested, gpu)  # the vLLM tested
+    assert any("evomerge fetch" in c for c in gpu), gpu
