@@ -155,6 +155,23 @@ def serve(
                            request_timeout=request_timeout, compute_timeout=compute_timeout, shutdown_grace=shutdown_grace))
 
 
+@app.command("fetch")
+def fetch(config: str = typer.Argument(..., help="A run config (YAML).")) -> None:
+    """Bring every source of CONFIG into this machine's HF cache (with HF_HUB_OFFLINE=1: check they are there),
+    one line per source with its revision and content digest; a cluster node runs it in its setup."""
+    import hashlib
+    import json
+
+    from evomerge.config import load_config
+    from evomerge.merge import identity
+
+    cfg = load_config(config)  # resolving a Hub ID downloads it, or names the missing source in one line
+    models = {**cfg.sources, **(cfg.holdout.sources if cfg.holdout else {})}
+    for name, path in models.items():
+        digest = hashlib.sha256(json.dumps(identity.fingerprint(path), sort_keys=True).encode()).hexdigest()
+        print(f"{name}: {cfg.source_refs.get(name, path)}  sha256 {digest[:16]}  ({path})")
+
+
 @app.command("search-options")
 def search_options() -> None:
     """List the optimizers and search spaces, each with its options and defaults."""
