@@ -142,6 +142,7 @@ class RayExecutor:
             return
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            _probe(self._address)
             try:
                 # quiet: Ray's own start-up lines are not the run's output
                 ray.init(address=self._address, log_to_driver=False, **{"logging_level": logging.WARNING, **self._init_options})
@@ -268,6 +269,30 @@ class RayExecutor:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
+
+PROBE_S = 10.0  # ray.init retries an unreachable GCS for minutes with no bound a caller can set
+
+
+def _probe(address: str | None) -> None:
+    """A named cluster address must answer a TCP connect within PROBE_S, or the run is refused in one line.
+    None (a Ray of its own) and "auto" (Ray finds its cluster, or says at once there is none) need no probe."""
+    if address in (None, "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address!r}: expected HOST:PORT of a Ray head (its GCS, 6379 by default) or 'auto'")
+    deadline, why = time.monotonic() + PROBE_S, ""
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=max(0.1, deadline - time.monotonic())).close()
+            return
+        except OSError as e:  # refused answers at once: a head may be starting, so ask again until the deadline
+            why = e.strerror or type(e).__name__
+            time.sleep(0.5)
+    raise UserError(f"cannot reach the Ray cluster at {address!r}: nothing answered on {host}:{port} within "
+                    f"{PROBE_S:g} s ({why}); is `ray start --head` running there, and the port open?")
 
 
 def _summary(e: BaseException) -> str:
