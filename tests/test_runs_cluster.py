@@ -1,4 +1,5 @@
-"""Cluster faults said in evomerge's words (issue 22): an --address where no Ray head answers is refused in one
+"""Cluster faults said in evomerge's words (issue 22): workers that cannot be placed, and an --address where no Ray
+head answers, are one line each, never a silent wait. The address case: refused in one
 line, bounded by the executor's TCP probe, instead of Ray's minutes of "Failed to connect to GCS" warnings."""
 from __future__ import annotations
 
@@ -69,3 +70,4 @@ def test_no_worker_that_fits_is_one_line_not_a_wait(ray_local, tmp_path):
         _on_session_ray(tmp_path, workers=1, cpus=8)
     msg = str(e.value)
     assert msg.startswith("1 worker (ray-0) not placed after 20 s") and "no worker is placed" in msg and "\n" not in msg
+
