@@ -222,7 +222,7 @@ def build_executor(cfg: RunConfig, *, address: str | None = None, sources: dict[
         return LocalExecutor(factory)
     return RayExecutor(factory, workers=ex.workers, cpus_per_worker=ex.cpus_per_worker,
                        gpus_per_worker=ex.gpus_per_worker, address=address or ex.address, max_retries=ex.max_retries,
-                       init_options={"runtime_env": ex.runtime_env} if ex.runtime_env else None)
+                       placement_grace=ex.placement_grace, init_options={"runtime_env": ex.runtime_env} if ex.runtime_env else None)
 
 
 def prepare(cfg: RunConfig, *, address: str | None = None):

@@ -210,6 +210,7 @@ class ExecutorConfig(_Strict):
     gpus_per_worker: float = Field(default=0.0, ge=0)
     address: str | None = None  # Ray: None starts a local Ray, "auto" joins the running cluster
     max_retries: int = Field(default=2, ge=0)
+    placement_grace: float = Field(default=60.0, gt=0)  # seconds a Ray worker may wait to be placed before it is said
     runtime_env: dict[str, Any] | None = None  # Ray runtime_env when evomerge starts or joins Ray (env_vars, working_dir, pip)
 
 

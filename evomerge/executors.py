@@ -4,9 +4,12 @@
 - `RayExecutor`: one Ray actor per worker, each holding its own resources (a GPU where asked); the
   worker (sources, materializer, fitness) is built once per actor and stays resident. A free actor gets
   the next candidate at once (no generation barrier). An actor that dies mid-evaluation is replaced and
-  its candidate retried up to `max_retries` times, then recorded as failed. An actor that dies while
-  loading (its factory raised, or it was killed, e.g. out of memory) is never respawned: at start the
-  run is refused; later its slot is retired with one warning, and the run ends when no worker is left.
+  its candidate retried up to `max_retries` times, then recorded as failed; a replacement gets candidates
+  only once it is placed and loaded. A worker not placed within `placement_grace` seconds is said in one
+  line and the run goes on with those placed (it joins when capacity returns), or stops when none is.
+  An actor that dies while loading (its factory raised, or it was killed, e.g. out of memory) is never
+  respawned: at start the run is refused; later its slot is retired with one warning, and the run ends
+  when no worker is left.
 
 This is the only module that imports ray.
 
@@ -41,8 +44,55 @@ class Executor(Protocol):
     def start(self) -> None: ...
     def idle(self) -> int: ...
     def submit(self, candidate: Candidate) -> None: ...
-    def wait(self, timeout: float | None = None) -> list[Evaluation]: ...
-    def pending(self) -> list[int]: ...
+    def wait(self, timeout: float | None = None) -> list[Evaluation]:
+        import ray
+
+        out: list[Evaluation] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not out and (self._running or (self._placing and self._retry)):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._placing:  # poll the evaluations in turn with the workers being placed
+                left = min(1.0, left) if left is not None else 1.0
+            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=left) if self._running else ([], [])
+            if self._placing:
+                self._settle(time.monotonic())
+            if not ready:
+                self._dispatch_retries()
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                continue
+            ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
+            for ref in ready:
+                slot, cand, attempt = self._running.pop(ref)
+                try:
+                    out.append(Evaluation.from_dict(ray.get(ref)))
+                    self._idle.append(slot)
+                except ray.exceptions.RayActorError as e:
+                    # the process died (OOM, kill, node lost) mid-evaluation: a new actor takes the slot once it is
+                    # placed and loaded; the candidate is retried on the next free worker
+                    self._actors[slot] = self._spawn(slot)
+                    self.replaced += 1
+                    retry = attempt <= self.max_retries
+                    log.warning("evomerge: worker ray-%d on node %s lost evaluating candidate %d (%s); a replacement is "
+                                "being placed; candidate %d %s", slot, self._nodes.get(slot, "?"), cand.id, _cause(e), cand.id,
+                                f"retried (attempt {attempt + 1})" if retry else "recorded as failed")
+                    if retry:
+                        self._retry.append((cand, attempt + 1))
+                    else:
+                        out.append(Evaluation.failure(
+                            cand.id, f"worker died {attempt} times evaluating it: {_cause(e)}",
+                            worker=f"ray-{slot}"))
+                except ray.exceptions.RayError as e:  # the worker raised despite its contract: a failure
+                    self._idle.append(slot)
+                    out.append(Evaluation.failure(cand.id, _summary(e), worker=f"ray-{slot}"))
+            self._dispatch_retries()
+        return out
+
+    def _dispatch_retries(self) -> None:
+        while self._retry and self._idle:
+            cand, attempt = self._retry.popleft()
+            self._dispatch(cand, attempt)
+
     def shutdown(self) -> None: ...
 
 
@@ -117,7 +167,7 @@ class RayExecutor:
     def __init__(
         self, make_worker: WorkerFactory, *, workers: int = 1, cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0, address: str | None = None, max_retries: int = 2,
-        init_options: dict[str, Any] | None = None,
+        placement_grace: float = 60.0, init_options: dict[str, Any] | None = None,
     ):
         if workers < 1:
             raise UserError(f"executor.workers must be >= 1, got {workers}")
@@ -126,6 +176,7 @@ class RayExecutor:
         self._cpus, self._gpus = cpus_per_worker, gpus_per_worker
         self._address = address
         self.max_retries = max_retries
+        self.grace = placement_grace
         self._init_options = init_options or {}
         self._owns_ray = False
         self._actors: list[Any] = []  # None: a retired slot (its worker died while loading)
@@ -133,6 +184,8 @@ class RayExecutor:
         self._idle: deque[int] = deque()
         self._running: dict[Any, tuple[int, Candidate, int]] = {}  # ref -> (slot, candidate, attempt)
         self._retry: deque[tuple[Candidate, int]] = deque()
+        self._placing: dict[Any, tuple[int, float, bool]] = {}  # loaded ref -> (slot, since, shortfall said)
+        self._nodes: dict[int, str] = {}  # slot -> the node its worker loaded on, for the lines that name it
         self.replaced = 0  # actors replaced after dying: for status and tests
 
     def start(self) -> None:
@@ -142,6 +195,7 @@ class RayExecutor:
             return
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            _probe(self._address)
             try:
                 # quiet: Ray's own start-up lines are not the run's output
                 ray.init(address=self._address, log_to_driver=False, **{"logging_level": logging.WARNING, **self._init_options})
@@ -153,14 +207,14 @@ class RayExecutor:
         self._remote = ray.remote(_Actor)
         self._loaded = [None] * self.workers
         self._actors = [self._spawn(i) for i in range(self.workers)]
-        waiting = {ref: slot for slot, ref in enumerate(self._loaded)}
-        while waiting:  # the first worker that cannot load (bad sources, out of memory) ends the start, clearly
-            (ref,), _ = ray.wait(list(waiting), num_returns=1)
-            why = self._load_failure(waiting.pop(ref))
-            if why is not None:
+        while self._placing:  # the first worker that cannot load (bad sources, out of memory) ends the start, clearly
+            try:
+                self._settle(time.monotonic() + self.grace, starting=True)
+            except UserError:
                 self.shutdown()
-                raise UserError(why)
-        self._idle = deque(range(self.workers))
+                raise
+            if not self._placing or all(said for _, _, said in self._placing.values()):
+                break
 
     def _check_fits(self, have: dict[str, float]) -> None:
         """All workers' reservations within this Ray's CPUs and GPUs: an actor that cannot be placed waits for
@@ -176,7 +230,56 @@ class RayExecutor:
         actor = self._remote.options(num_cpus=self._cpus, num_gpus=self._gpus, max_restarts=0).remote(
             self._make_worker, f"ray-{slot}")
         self._loaded[slot] = actor.info.remote()  # an actor runs its calls in order: this one follows the load
+        self._placing[self._loaded[slot]] = (slot, time.monotonic(), False)
         return actor
+
+    def _settle(self, until: float, starting: bool = False) -> None:
+        """Waits until `until` for workers being placed: a loaded one joins the idle ones, one that died loading
+        ends the start (or is retired later); one still unplaced after the grace period is said once, and stays
+        pending so that it joins when capacity returns. No worker placed at all ends the run in one line."""
+        import ray
+
+        refs = list(self._placing)
+        if refs:
+            next_due = min(since for _, since, said in self._placing.values() if not said) + self.grace \
+                if any(not said for *_, said in self._placing.values()) else until
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(until, next_due) - time.monotonic()),
+                                fetch_local=False)
+            for ref in ready:
+                slot, _, said = self._placing.pop(ref)
+                why = self._load_failure(slot)
+                if why is not None:
+                    if starting:
+                        raise UserError(why)
+                    self._retire(slot, why)
+                    continue
+                self._idle.append(slot)
+                self._nodes[slot] = ray.get(ref)["node"][:8]
+                if said or not starting:
+                    log.warning("evomerge: worker ray-%d placed on node %s; %d worker%s working", slot,
+                                self._nodes[slot], self.alive(), "s" * (self.alive() > 1))
+        now = time.monotonic()
+        late = [(ref, slot) for ref, (slot, since, said) in self._placing.items() if not said and now - since >= self.grace]
+        if not late:
+            return
+        for ref, slot in late:
+            self._placing[ref] = (slot, self._placing[ref][1], True)
+        alive = self.alive()
+        free = ray.available_resources()
+        need = f"{self._cpus:g} CPU" + (f" + {self._gpus:g} GPU" if self._gpus else "")
+        what = (f"{len(self._placing)} worker{'s' * (len(self._placing) > 1)} "
+                f"({', '.join(f'ray-{s}' for s, *_ in self._placing.values())}) not placed after {self.grace:g} s: the "
+                f"cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs free, each worker needs {need}")
+        if not alive:
+            raise UserError(f"{what}; no worker is placed: add nodes, or lower executor.workers or "
+                            "executor.cpus_per_worker/gpus_per_worker")
+        log.warning("evomerge: %s; going on with %d worker%s, the rest join when capacity returns", what, alive,
+                    "s" * (alive > 1))
+
+    def alive(self) -> int:
+        """Workers placed and loaded, ready or busy."""
+        placing = {slot for slot, *_ in self._placing.values()}
+        return sum(a is not None and i not in placing for i, a in enumerate(self._actors))
 
     def _load_failure(self, slot: int) -> str | None:
         """Why the worker in `slot` died before it finished loading; None once it has loaded (waits for that)."""
@@ -262,12 +365,36 @@ class RayExecutor:
                     ray.kill(a)
             except Exception:  # already dead: nothing to release
                 pass
-        self._actors, self._running = [], {}
+        self._actors, self._running, self._placing = [], {}, {}
         self._idle.clear()
         self._retry.clear()
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
+
+PROBE_S = 10.0  # ray.init retries an unreachable GCS for minutes with no bound a caller can set
+
+
+def _probe(address: str | None) -> None:
+    """A named cluster address must answer a TCP connect within PROBE_S, or the run is refused in one line.
+    None (a Ray of its own) and "auto" (Ray finds its cluster, or says at once there is none) need no probe."""
+    if address in (None, "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address!r}: expected HOST:PORT of a Ray head (its GCS, 6379 by default) or 'auto'")
+    deadline, why = time.monotonic() + PROBE_S, ""
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=max(0.1, deadline - time.monotonic())).close()
+            return
+        except OSError as e:  # refused answers at once: a head may be starting, so ask again until the deadline
+            why = e.strerror or type(e).__name__
+            time.sleep(0.5)
+    raise UserError(f"cannot reach the Ray cluster at {address!r}: nothing answered on {host}:{port} within "
+                    f"{PROBE_S:g} s ({why}); is `ray start --head` running there, and the port open?")
 
 
 def _summary(e: BaseException) -> str:
