@@ -1,0 +1,63 @@
+"""Operators beyond mergekit 0.1.5 (issue 28), each against fusion-bench 0.2.33's own functions driven with
+our tensors. fusion-bench's package imports a training stack; its algorithm modules need only torch, so the
+wheel (pip download --no-deps, cached per user) is unpacked and those modules are loaded from its files."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.merge.materializer import Materializer
+from evomerge.recipe import Recipe
+from tests.merge_fixtures import load_checkpoint, worst_relative_error
+
+FB = "fusion_bench-0.2.33-py3-none-any.whl"
+
+
+def _load(root: Path, module: str):
+    spec = importlib.util.spec_from_file_location(module, root / (module.replace(".", "/") + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[module] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def fusion_bench():
+    cache = Path.home() / ".cache" / "evomerge" / "fusion-bench"
+    if not (cache / FB).exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "fusion-bench==0.2.33", "--no-deps", "-q", "-d", str(cache)], check=True)
+    src = cache / "src"
+    if not src.exists():
+        zipfile.ZipFile(cache / FB).extractall(src)
+    _load(src, "fusion_bench.utils.type")
+    return _load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils")
+
+
+def _task_vectors(paths: dict, weights: tuple[float, ...]) -> tuple[dict, list[dict]]:
+    base = load_checkpoint(paths["base"])
+    experts = [load_checkpoint(paths[m]) for m in ("a", "b")]
+    return base, [{k: (e[k].float() - v.float()) * w for k, v in base.items()} for e, w in zip(experts, weights)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tsv_m_equals_fusion_bench(family, family_models, fusion_bench):
+    """Merged weights equal base + lambda * fusion-bench's TSV-M of the weighted task vectors (matrices by
+    SVD, the rest by their mean), and the matrices' merged deltas agree on their own scale too."""
+    paths, weights, lam = family_models(family), (0.7, 1.3), 0.8
+    cfg = {"merge_method": "tsv_m", "base_model": "base", "parameters": {"lambda": lam}, "dtype": "float32",
+           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(("a", "b"), weights)]}
+    ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
+    base, tvs = _task_vectors(paths, weights)
+    ref = fusion_bench.compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu")
+    err, where = worst_relative_error(ours, {k: base[k].float() + lam * ref[k] for k in base})
+    assert err < 1e-5, (err, where)
+    matrices = [k for k in base if base[k].dim() == 2]
+    err, where = worst_relative_error({k: ours[k].float() - base[k].float() for k in matrices}, {k: lam * ref[k] for k in matrices})
+    assert err < 1e-5, (err, where)
+    assert len(matrices) < len(base)
