@@ -10,10 +10,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from evomerge.merge.materializer import Materializer
 from evomerge.recipe import Recipe
+from evomerge.search_spaces.layer_weights import LayerWeights
+from tests.test_merge_cli import assert_failed_cleanly, run_cli, workdir, write_config  # noqa: F401
 from tests.merge_fixtures import load_checkpoint, worst_relative_error
 
 FB = "fusion_bench-0.2.33-py3-none-any.whl"
@@ -61,3 +64,26 @@ def test_tsv_m_equals_fusion_bench(family, family_models, fusion_bench):
     err, where = worst_relative_error({k: ours[k].float() - base[k].float() for k in matrices}, {k: lam * ref[k] for k in matrices})
     assert err < 1e-5, (err, where)
     assert len(matrices) < len(base)
+
+
+def test_tsv_m_in_evomerge_merge_and_its_errors(workdir, monkeypatch, capsys):  # noqa: F811
+    """The YAML reads evomerge's own method; a bad parameter or a missing base fails in one line, before any merge."""
+    cfg = {"merge_method": "tsv_m", "base_model": "base", "dtype": "float32",
+           "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 0.5}}]}
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, cfg)), "-o", str(workdir / "m"))
+    assert code == 0, err
+    ours = Materializer({m: workdir / m for m in ("base", "a", "b")}, base="base").materialize(Recipe.from_dict(cfg))
+    written = load_checkpoint(workdir / "m")
+    assert all(torch.equal(written[k], ours[k]) for k in ours)
+    for bad, needle in (({**cfg, "parameters": {"lambda": "lots"}}, "lambda"), ({**cfg, "base_model": None}, "tsv_m needs a base_model")):
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
+        assert_failed_cleanly(code, err, workdir / "bad", needle)
+
+
+def test_tsv_m_searched_in_the_layer_weights_space(tiny_models):
+    space = LayerWeights(sources=["a", "b"], base="base", num_layers=4, method="tsv_m", granularity=2)
+    recipe = space.decode(space.initial())
+    assert recipe.merge_method == "tsv_m" and set(recipe.models[0].parameters) == {"weight"}
+    merged = Materializer(tiny_models, base="base").materialize(recipe)
+    assert np.allclose(space.encode(recipe), space.initial())
+    assert all(torch.isfinite(v).all() for v in merged.values())
