@@ -1,13 +1,18 @@
 """Operators beyond mergekit 0.1.5 (issue 28), each against fusion-bench 0.2.33's own functions driven with
 our tensors. fusion-bench's package imports a training stack; its algorithm modules need only torch, so the
-wheel (pip download --no-deps, cached per user) is unpacked and those modules are loaded from its files."""
+wheel (pip download --no-deps, cached per user) is unpacked and those modules are loaded from its files
+(tall_mask/utils.py imports the package for helpers generate_task_masks does not use: that function alone).
+It has no PCB-Merging nor LiNeS."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import numpy as np
@@ -39,7 +44,11 @@ def fusion_bench():
     if not src.exists():
         zipfile.ZipFile(cache / FB).extractall(src)
     _load(src, "fusion_bench.utils.type")
-    return _load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils")
+    tall = ast.parse((src / "fusion_bench/method/tall_mask/utils.py").read_text())
+    space: dict = {"torch": torch, "Optional": Optional}
+    exec(compile(ast.Module([f for f in tall.body if getattr(f, "name", "") == "generate_task_masks"], []), "tall_mask/utils.py", "exec"), space)
+    return SimpleNamespace(tsvm=_load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils"),
+                           generate_task_masks=space["generate_task_masks"])
 
 
 def _task_vectors(paths: dict, weights: tuple[float, ...]) -> tuple[dict, list[dict]]:
@@ -57,7 +66,7 @@ def test_tsv_m_equals_fusion_bench(family, family_models, fusion_bench):
            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(("a", "b"), weights)]}
     ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
     base, tvs = _task_vectors(paths, weights)
-    ref = fusion_bench.compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu")
+    ref = fusion_bench.tsvm.compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu")
     err, where = worst_relative_error(ours, {k: base[k].float() + lam * ref[k] for k in base})
     assert err < 1e-5, (err, where)
     matrices = [k for k in base if base[k].dim() == 2]
@@ -75,15 +84,39 @@ def test_tsv_m_in_evomerge_merge_and_its_errors(workdir, monkeypatch, capsys):  
     ours = Materializer({m: workdir / m for m in ("base", "a", "b")}, base="base").materialize(Recipe.from_dict(cfg))
     written = load_checkpoint(workdir / "m")
     assert all(torch.equal(written[k], ours[k]) for k in ours)
-    for bad, needle in (({**cfg, "parameters": {"lambda": "lots"}}, "lambda"), ({**cfg, "base_model": None}, "tsv_m needs a base_model")):
+    for bad, needle in (({**cfg, "parameters": {"lambda": "lots"}}, "lambda"), ({**cfg, "base_model": None}, "tsv_m needs a base_model"),
+                        ({**cfg, "merge_method": "tall_consensus", "parameters": {"tall_mask_lambda": -0.1}}, "parameter 'tall_mask_lambda' for the recipe must be >= 0, got -0.1")):
         code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
         assert_failed_cleanly(code, err, workdir / "bad", needle)
 
 
-def test_tsv_m_searched_in_the_layer_weights_space(tiny_models):
-    space = LayerWeights(sources=["a", "b"], base="base", num_layers=4, method="tsv_m", granularity=2)
+@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus"])
+def test_searched_in_the_layer_weights_space(method, tiny_models):
+    space = LayerWeights(sources=["a", "b"], base="base", num_layers=4, method=method, granularity=2)
     recipe = space.decode(space.initial())
-    assert recipe.merge_method == "tsv_m" and set(recipe.models[0].parameters) == {"weight"}
+    assert recipe.merge_method == method and set(recipe.models[0].parameters) == {"weight"}
     merged = Materializer(tiny_models, base="base").materialize(recipe)
     assert np.allclose(space.encode(recipe), space.initial())
     assert all(torch.isfinite(v).all() for v in merged.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tall_consensus_equals_fusion_bench_masks(family, family_models, fusion_bench):
+    """Consensus merging from fusion-bench's TALL masks (generate_task_masks on the flat weights, counted >= k
+    as its construct_consensus_mask counts them) equals ours, each tensor."""
+    paths, weights, lam, tall_lambda = family_models(family), (1.0, 0.8), 0.9, 0.4
+    cfg = {"merge_method": "tall_consensus", "base_model": "base", "dtype": "float32",
+           "parameters": {"lambda": lam, "tall_mask_lambda": tall_lambda, "k": 2},
+           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(("a", "b"), weights)]}
+    ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
+    base, tvs = _task_vectors(paths, weights)
+    kept = 0
+    for k, v in base.items():
+        ptm = v.float().reshape(-1)
+        tv = torch.stack([t[k].reshape(-1) for t in tvs])
+        masks = fusion_bench.generate_task_masks(tv, ptm + tv, ptm, tall_mask_lambda=tall_lambda)
+        consensus = masks.float().sum(0) >= 2
+        ref = ptm + lam * (ptm + tv.sum(0) - ptm) * consensus
+        assert torch.equal(ours[k].reshape(-1), ref), k
+        kept += consensus.float().mean().item() / len(base)
+    assert 0.05 < kept < 0.95, kept  # the masks keep some and drop some

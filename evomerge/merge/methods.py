@@ -407,3 +407,25 @@ def _tsv_m(g: Group) -> None:
 
 register(Method("tsv_m", _tsv_m, (ParamSpec("weight", float, 1.0, per_model=True), ParamSpec("lambda", float, 1.0)),
                 needs_base=True))
+
+
+# --- tall_consensus: TALL masks and consensus merging (Wang et al. 2024; evomerge's own) ----------
+
+def _tall_consensus(g: Group) -> None:
+    """Task arithmetic kept only where at least `k` tasks own the parameter: task t owns it when its vector
+    outweighs the others' sum there, |theta_t - theta_0| > tall_mask_lambda * |theta_0 + tau_mt - theta_t|
+    (tau_mt the weighted sum; tall_masks' generate_task_masks, computed on the weights as it is)."""
+    assert g.base is not None
+    base = g.base.full().float()
+    vectors = [e.vector().delta * e.params["weight"] for e in g.non_base]
+    tunes = [base + v for v in vectors]
+    multi = base + sum(vectors, torch.zeros_like(base))
+    owners = sum(((base - t).abs() > (multi - t).abs() * g.shared["tall_mask_lambda"]).float() for t in tunes)
+    merged = base + g.shared["lambda"] * (multi - base) * (owners >= g.shared["k"])
+    g.out.copy_(merged.to(g.out.dtype))
+
+
+register(Method("tall_consensus", _tall_consensus,
+                (ParamSpec("weight", float, 1.0, per_model=True), ParamSpec("lambda", float, 1.0),
+                 ParamSpec("tall_mask_lambda", float, 0.4, bounds=NON_NEGATIVE), ParamSpec("k", int, 2, bounds=NON_NEGATIVE)),
+                needs_base=True))
