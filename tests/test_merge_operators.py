@@ -17,6 +17,7 @@ from typing import Optional
 import pytest
 import numpy as np
 import torch
+import yaml
 
 from evomerge.merge.materializer import Materializer
 from evomerge.recipe import Recipe
@@ -120,3 +121,25 @@ def test_tall_consensus_equals_fusion_bench_masks(family, family_models, fusion_
         assert torch.equal(ours[k].reshape(-1), ref), k
         kept += consensus.float().mean().item() / len(base)
     assert 0.05 < kept < 0.95, kept  # the masks keep some and drop some
+
+
+def _merge_real(models: dict[str, Path], method: str, out: Path) -> dict[str, torch.Tensor]:
+    """`evomerge merge` of the real experts (bfloat16) with an operator, in a subprocess like a user's."""
+    cfg = {"merge_method": method, "base_model": str(models["base"]), "dtype": "bfloat16",
+           "models": [{"model": str(models[m]), "parameters": {"weight": w}} for m, w in (("math", 0.6), ("fr", 0.4))]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(out / "merge.yaml"), "-o", str(out / "m")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return load_checkpoint(out / "m")
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus"])
+def test_operators_merge_the_real_test_bed(method, real_zoo, tmp_path):
+    out, built = real_zoo
+    assert built.returncode == 0, built.stderr[-2000:]
+    models = {m: out / "models" / m for m in ("base", "math", "fr")}
+    merged, base = _merge_real(models, method, tmp_path), load_checkpoint(models["base"])
+    assert set(merged) == set(base) and all(merged[k].dtype == torch.bfloat16 and torch.isfinite(merged[k]).all() for k in merged)
+    assert sum(not torch.equal(merged[k], base[k]) for k in merged) > 100  # a real merge, not the base copied
