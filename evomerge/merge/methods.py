@@ -369,3 +369,63 @@ def _passthrough(g: Group) -> None:
 # offset (evomerge's, added after scale): how a data-flow path scales a norm that multiplies by 1 + w (arch.fold_scope)
 register(Method("passthrough", _passthrough, (ParamSpec("scale", float, None, per_model=True, base_too=True),
                                               ParamSpec("offset", float, None, per_model=True, base_too=True)), max_inputs=1))
+
+
+# --- tsv_m: task singular vectors merging (Gargiulo et al. 2025; evomerge's own) ------------------
+
+def tsv_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """The TSV-M merge of task vectors, as fusion-bench 0.2.33's compute_and_sum_svd_mem_reduction: a
+    matrix keeps each task's top 1/T singular triplets, the concatenated bases are whitened (their polar
+    factors) and recombined with the kept singular values; anything not 2-D is the tasks' mean.
+    Cost per m x n matrix (k = min(m, n)), T tasks: T + 2 SVDs, O((T + 2) m n k) flops, about (2T + 4) float32
+    m x n buffers held at once; at 7B that is about 7e9 x 4096 x (T + 2) flops over the model and, for the
+    32000 x 4096 embedding with T = 2, some 4 GB (estimates from the shapes, not measured).
+    """
+    if deltas[0].dim() != 2:
+        return torch.stack(deltas).mean(0)
+    rank = int(min(deltas[0].shape) / len(deltas))
+    svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+    u = torch.zeros_like(svds[0][0])
+    s = torch.zeros_like(svds[0][1])
+    vh = torch.zeros_like(svds[0][2])
+    for i, (ui, si, vhi) in enumerate(svds):
+        cols = slice(i * rank, (i + 1) * rank)
+        u[:, cols], s[cols], vh[cols, :] = ui[:, :rank], si[:rank], vhi[:rank, :]
+    uu, _, uvh = torch.linalg.svd(u, full_matrices=False)
+    vu, _, vvh = torch.linalg.svd(vh, full_matrices=False)
+    return torch.linalg.multi_dot((uu, uvh, torch.diag(s), vu, vvh))
+
+
+def _tsv_m(g: Group) -> None:
+    assert g.base is not None
+    base = g.base.full()
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    deltas = [e.vector().delta.to(dtype) * e.params["weight"] for e in g.non_base]
+    merged = tsv_merge(deltas) if deltas else torch.zeros_like(base, dtype=dtype)
+    g.out.copy_((base.to(dtype) + g.shared["lambda"] * merged).to(g.out.dtype))
+
+
+register(Method("tsv_m", _tsv_m, (ParamSpec("weight", float, 1.0, per_model=True), ParamSpec("lambda", float, 1.0)),
+                needs_base=True))
+
+
+# --- tall_consensus: TALL masks and consensus merging (Wang et al. 2024; evomerge's own) ----------
+
+def _tall_consensus(g: Group) -> None:
+    """Task arithmetic kept only where at least `k` tasks own the parameter: task t owns it when its vector
+    outweighs the others' sum there, |theta_t - theta_0| > tall_mask_lambda * |theta_0 + tau_mt - theta_t|
+    (tau_mt the weighted sum; tall_masks' generate_task_masks, computed on the weights as it is)."""
+    assert g.base is not None
+    base = g.base.full().float()
+    vectors = [e.vector().delta * e.params["weight"] for e in g.non_base]
+    tunes = [base + v for v in vectors]
+    multi = base + sum(vectors, torch.zeros_like(base))
+    owners = sum(((base - t).abs() > (multi - t).abs() * g.shared["tall_mask_lambda"]).float() for t in tunes)
+    merged = base + g.shared["lambda"] * (multi - base) * (owners >= g.shared["k"])
+    g.out.copy_(merged.to(g.out.dtype))
+
+
+register(Method("tall_consensus", _tall_consensus,
+                (ParamSpec("weight", float, 1.0, per_model=True), ParamSpec("lambda", float, 1.0),
+                 ParamSpec("tall_mask_lambda", float, 0.4, bounds=NON_NEGATIVE), ParamSpec("k", int, 2, bounds=NON_NEGATIVE)),
+                needs_base=True))

@@ -1,0 +1,145 @@
+"""Operators beyond mergekit 0.1.5 (issue 28), each against fusion-bench 0.2.33's own functions driven with
+our tensors. fusion-bench's package imports a training stack; its algorithm modules need only torch, so the
+wheel (pip download --no-deps, cached per user) is unpacked and those modules are loaded from its files
+(tall_mask/utils.py imports the package for helpers generate_task_masks does not use: that function alone).
+It has no PCB-Merging nor LiNeS."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+import numpy as np
+import torch
+import yaml
+
+from evomerge.merge.materializer import Materializer
+from evomerge.recipe import Recipe
+from evomerge.search_spaces.layer_weights import LayerWeights
+from tests.test_merge_cli import assert_failed_cleanly, run_cli, workdir, write_config  # noqa: F401
+from tests.merge_fixtures import load_checkpoint, worst_relative_error
+
+FB = "fusion_bench-0.2.33-py3-none-any.whl"
+
+
+def _load(root: Path, module: str):
+    spec = importlib.util.spec_from_file_location(module, root / (module.replace(".", "/") + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[module] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def fusion_bench():
+    cache = Path.home() / ".cache" / "evomerge" / "fusion-bench"
+    if not (cache / FB).exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "fusion-bench==0.2.33", "--no-deps", "-q", "-d", str(cache)], check=True)
+    src = cache / "src"
+    if not src.exists():
+        zipfile.ZipFile(cache / FB).extractall(src)
+    _load(src, "fusion_bench.utils.type")
+    tall = ast.parse((src / "fusion_bench/method/tall_mask/utils.py").read_text())
+    space: dict = {"torch": torch, "Optional": Optional}
+    exec(compile(ast.Module([f for f in tall.body if getattr(f, "name", "") == "generate_task_masks"], []), "tall_mask/utils.py", "exec"), space)
+    return SimpleNamespace(tsvm=_load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils"),
+                           generate_task_masks=space["generate_task_masks"])
+
+
+def _task_vectors(paths: dict, weights: tuple[float, ...]) -> tuple[dict, list[dict]]:
+    base = load_checkpoint(paths["base"])
+    experts = [load_checkpoint(paths[m]) for m in ("a", "b")]
+    return base, [{k: (e[k].float() - v.float()) * w for k, v in base.items()} for e, w in zip(experts, weights)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tsv_m_equals_fusion_bench(family, family_models, fusion_bench):
+    """Merged weights equal base + lambda * fusion-bench's TSV-M of the weighted task vectors (matrices by
+    SVD, the rest by their mean), and the matrices' merged deltas agree on their own scale too."""
+    paths, weights, lam = family_models(family), (0.7, 1.3), 0.8
+    cfg = {"merge_method": "tsv_m", "base_model": "base", "parameters": {"lambda": lam}, "dtype": "float32",
+           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(("a", "b"), weights)]}
+    ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
+    base, tvs = _task_vectors(paths, weights)
+    ref = fusion_bench.tsvm.compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu")
+    err, where = worst_relative_error(ours, {k: base[k].float() + lam * ref[k] for k in base})
+    assert err < 1e-5, (err, where)
+    matrices = [k for k in base if base[k].dim() == 2]
+    err, where = worst_relative_error({k: ours[k].float() - base[k].float() for k in matrices}, {k: lam * ref[k] for k in matrices})
+    assert err < 1e-5, (err, where)
+    assert len(matrices) < len(base)
+
+
+def test_tsv_m_in_evomerge_merge_and_its_errors(workdir, monkeypatch, capsys):  # noqa: F811
+    """The YAML reads evomerge's own method; a bad parameter or a missing base fails in one line, before any merge."""
+    cfg = {"merge_method": "tsv_m", "base_model": "base", "dtype": "float32",
+           "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b", "parameters": {"weight": 0.5}}]}
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, cfg)), "-o", str(workdir / "m"))
+    assert code == 0, err
+    ours = Materializer({m: workdir / m for m in ("base", "a", "b")}, base="base").materialize(Recipe.from_dict(cfg))
+    written = load_checkpoint(workdir / "m")
+    assert all(torch.equal(written[k], ours[k]) for k in ours)
+    for bad, needle in (({**cfg, "parameters": {"lambda": "lots"}}, "lambda"), ({**cfg, "base_model": None}, "tsv_m needs a base_model"),
+                        ({**cfg, "merge_method": "tall_consensus", "parameters": {"tall_mask_lambda": -0.1}}, "parameter 'tall_mask_lambda' for the recipe must be >= 0, got -0.1")):
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
+        assert_failed_cleanly(code, err, workdir / "bad", needle)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus"])
+def test_searched_in_the_layer_weights_space(method, tiny_models):
+    space = LayerWeights(sources=["a", "b"], base="base", num_layers=4, method=method, granularity=2)
+    recipe = space.decode(space.initial())
+    assert recipe.merge_method == method and set(recipe.models[0].parameters) == {"weight"}
+    merged = Materializer(tiny_models, base="base").materialize(recipe)
+    assert np.allclose(space.encode(recipe), space.initial())
+    assert all(torch.isfinite(v).all() for v in merged.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tall_consensus_equals_fusion_bench_masks(family, family_models, fusion_bench):
+    """Consensus merging from fusion-bench's TALL masks (generate_task_masks on the flat weights, counted >= k
+    as its construct_consensus_mask counts them) equals ours, each tensor."""
+    paths, weights, lam, tall_lambda = family_models(family), (1.0, 0.8), 0.9, 0.4
+    cfg = {"merge_method": "tall_consensus", "base_model": "base", "dtype": "float32",
+           "parameters": {"lambda": lam, "tall_mask_lambda": tall_lambda, "k": 2},
+           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(("a", "b"), weights)]}
+    ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
+    base, tvs = _task_vectors(paths, weights)
+    kept = 0
+    for k, v in base.items():
+        ptm = v.float().reshape(-1)
+        tv = torch.stack([t[k].reshape(-1) for t in tvs])
+        masks = fusion_bench.generate_task_masks(tv, ptm + tv, ptm, tall_mask_lambda=tall_lambda)
+        consensus = masks.float().sum(0) >= 2
+        ref = ptm + lam * (ptm + tv.sum(0) - ptm) * consensus
+        assert torch.equal(ours[k].reshape(-1), ref), k
+        kept += consensus.float().mean().item() / len(base)
+    assert 0.05 < kept < 0.95, kept  # the masks keep some and drop some
+
+
+def _merge_real(models: dict[str, Path], method: str, out: Path) -> dict[str, torch.Tensor]:
+    """`evomerge merge` of the real experts (bfloat16) with an operator, in a subprocess like a user's."""
+    cfg = {"merge_method": method, "base_model": str(models["base"]), "dtype": "bfloat16",
+           "models": [{"model": str(models[m]), "parameters": {"weight": w}} for m, w in (("math", 0.6), ("fr", 0.4))]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "merge.yaml").write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(out / "merge.yaml"), "-o", str(out / "m")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return load_checkpoint(out / "m")
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus"])
+def test_operators_merge_the_real_test_bed(method, real_zoo, tmp_path):
+    out, built = real_zoo
+    assert built.returncode == 0, built.stderr[-2000:]
+    models = {m: out / "models" / m for m in ("base", "math", "fr")}
+    merged, base = _merge_real(models, method, tmp_path), load_checkpoint(models["base"])
+    assert set(merged) == set(base) and all(merged[k].dtype == torch.bfloat16 and torch.isfinite(merged[k]).all() for k in merged)
+    assert sum(not torch.equal(merged[k], base[k]) for k in merged) > 100  # a real merge, not the base copied
