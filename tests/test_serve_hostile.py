@@ -150,6 +150,43 @@ def test_each_hostile_case_is_answered_and_leaves_the_server_answering_within_it
     still_fine(served, name)
 
 
+
+def test_the_stock_openai_client_gets_what_it_asks_or_a_400_naming_it(served):
+    """The issue's openai-client cases against the real process, each followed by a normal request and the RSS bound."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.port}/v1", api_key="unused", max_retries=0)
+    extra = {"recipe": NORMAL["recipe"]}
+    pieces = list(client.completions.create(model="evomerge", prompt="ok", max_tokens=6, stream=True, extra_body=extra))
+    plain = client.completions.create(model="evomerge", prompt="ok", max_tokens=6, extra_body=extra).choices[0].text
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == plain and len(pieces) >= 2
+    still_fine(served, "stream=True")
+    assert len(client.completions.create(model="evomerge", prompt="ok", max_tokens=2, n=3, extra_body=extra).choices) == 3
+    still_fine(served, "n=3")
+    chat = client.chat.completions.create(model="evomerge", messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=3, extra_body=extra)
+    assert chat.usage.completion_tokens <= 3
+    still_fine(served, "max_completion_tokens")
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="evomerge", prompt="ok", max_tokens=2, logprobs=2, extra_body=extra)
+    still_fine(served, "logprobs without echo")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_mid_generation_leaves_the_server_within_its_bound(served, stream):
+    from test_serve_generation import raw_request
+
+    sock = raw_request(served.port, {**LARGEST, "max_tokens": 100, "stream": stream})
+    if stream:
+        seen = b""
+        while b"data: " not in seen:
+            seen += sock.recv(4096)
+    else:
+        time.sleep(0.5)
+    sock.close()
+    still_fine(served, f"hang-up (stream={stream})")
+
+
 # -- the fuzz --------------------------------------------------------------------------------------------------
 EXTRA = ["extra", "n", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "seed", "stop", "user", "suffix",
          "best_of", "tools", "slices", "path", "base_model", "parameters", "dtype", "tokenizer_source", "models", ""]
