@@ -65,3 +65,5 @@ def test_ray_cluster_yaml_passes_rays_validation_with_excludes_pins_and_apart_se
     tested = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"][0]
     assert any('".[vllm]"' in c and f'"{tested.replace(">=", "==")}"' in c for c in gpu), (tested, gpu)  # the vLLM tested
     assert any("evomerge fetch" in c for c in gpu), gpu
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0 and types["gpu_worker"]["resources"]["GPU"] >= 1

@@ -131,20 +131,6 @@ def test_corrupted_store_every_command_fails_cleanly_and_touches_nothing(finishe
     assert not (tmp_path / "x.html").exists() and not (tmp_path / "o.yaml").exists()
 
 
-def test_ray_cluster_yaml_is_a_valid_launcher_config():
-    from pathlib import Path
-
-    pytest.importorskip("ray")
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "ray_cluster.yaml").read_text())
-    validate_config(prepare_config(cfg))  # raises on a schema error
-    types = cfg["available_node_types"]
-    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0
-    assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
-    assert any("evomerge[vllm]" in c or ".[vllm]" in c for c in cfg["setup_commands"])
-
-
 def test_resume_with_a_larger_budget_continues_as_if_planned(finished_run, tmp_path, capsys):
     from evomerge import open_run
 
