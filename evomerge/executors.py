@@ -44,55 +44,8 @@ class Executor(Protocol):
     def start(self) -> None: ...
     def idle(self) -> int: ...
     def submit(self, candidate: Candidate) -> None: ...
-    def wait(self, timeout: float | None = None) -> list[Evaluation]:
-        import ray
-
-        out: list[Evaluation] = []
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not out and (self._running or (self._placing and self._retry)):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if self._placing:  # poll the evaluations in turn with the workers being placed
-                left = min(1.0, left) if left is not None else 1.0
-            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=left) if self._running else ([], [])
-            if self._placing:
-                self._settle(time.monotonic())
-            if not ready:
-                self._dispatch_retries()
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                continue
-            ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
-            for ref in ready:
-                slot, cand, attempt = self._running.pop(ref)
-                try:
-                    out.append(Evaluation.from_dict(ray.get(ref)))
-                    self._idle.append(slot)
-                except ray.exceptions.RayActorError as e:
-                    # the process died (OOM, kill, node lost) mid-evaluation: a new actor takes the slot once it is
-                    # placed and loaded; the candidate is retried on the next free worker
-                    self._actors[slot] = self._spawn(slot)
-                    self.replaced += 1
-                    retry = attempt <= self.max_retries
-                    log.warning("evomerge: worker ray-%d on node %s lost evaluating candidate %d (%s); a replacement is "
-                                "being placed; candidate %d %s", slot, self._nodes.get(slot, "?"), cand.id, _cause(e), cand.id,
-                                f"retried (attempt {attempt + 1})" if retry else "recorded as failed")
-                    if retry:
-                        self._retry.append((cand, attempt + 1))
-                    else:
-                        out.append(Evaluation.failure(
-                            cand.id, f"worker died {attempt} times evaluating it: {_cause(e)}",
-                            worker=f"ray-{slot}"))
-                except ray.exceptions.RayError as e:  # the worker raised despite its contract: a failure
-                    self._idle.append(slot)
-                    out.append(Evaluation.failure(cand.id, _summary(e), worker=f"ray-{slot}"))
-            self._dispatch_retries()
-        return out
-
-    def _dispatch_retries(self) -> None:
-        while self._retry and self._idle:
-            cand, attempt = self._retry.popleft()
-            self._dispatch(cand, attempt)
-
+    def pending(self) -> list[int]: ...
+    def wait(self, timeout: float | None = None) -> list[Evaluation]: ...
     def shutdown(self) -> None: ...
 
 
@@ -321,11 +274,18 @@ class RayExecutor:
 
         out: list[Evaluation] = []
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not out and self._running:
+        while not out and (self._running or (self._placing and self._retry)):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=left)
+            if self._placing:  # poll the evaluations in turn with the workers being placed
+                left = min(1.0, left) if left is not None else 1.0
+            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=left) if self._running else ([], [])
+            if self._placing:
+                self._settle(time.monotonic())
             if not ready:
-                break
+                self._dispatch_retries()
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                continue
             ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
             for ref in ready:
                 slot, cand, attempt = self._running.pop(ref)
@@ -333,16 +293,15 @@ class RayExecutor:
                     out.append(Evaluation.from_dict(ray.get(ref)))
                     self._idle.append(slot)
                 except ray.exceptions.RayActorError as e:
-                    why = self._load_failure(slot)  # at once: the actor is dead
-                    if why is not None:  # a replacement that could not load: not the candidate's fault
-                        self._retry.appendleft((cand, attempt))
-                        self._retire(slot, why)
-                        continue
-                    # the process died (OOM, kill, node lost) mid-evaluation: replace the actor, retry the candidate
+                    # the process died (OOM, kill, node lost) mid-evaluation: a new actor takes the slot once it is
+                    # placed and loaded; the candidate is retried on the next free worker
                     self._actors[slot] = self._spawn(slot)
                     self.replaced += 1
-                    self._idle.append(slot)
-                    if attempt <= self.max_retries:
+                    retry = attempt <= self.max_retries
+                    log.warning("evomerge: worker ray-%d on node %s lost evaluating candidate %d (%s); a replacement is "
+                                "being placed; candidate %d %s", slot, self._nodes.get(slot, "?"), cand.id, _cause(e), cand.id,
+                                f"retried (attempt {attempt + 1})" if retry else "recorded as failed")
+                    if retry:
                         self._retry.append((cand, attempt + 1))
                     else:
                         out.append(Evaluation.failure(
@@ -351,10 +310,13 @@ class RayExecutor:
                 except ray.exceptions.RayError as e:  # the worker raised despite its contract: a failure
                     self._idle.append(slot)
                     out.append(Evaluation.failure(cand.id, _summary(e), worker=f"ray-{slot}"))
-            while self._retry and self._idle:
-                cand, attempt = self._retry.popleft()
-                self._dispatch(cand, attempt)
+            self._dispatch_retries()
         return out
+
+    def _dispatch_retries(self) -> None:
+        while self._retry and self._idle:
+            cand, attempt = self._retry.popleft()
+            self._dispatch(cand, attempt)
 
     def shutdown(self) -> None:
         import ray
