@@ -103,9 +103,13 @@ class _Actor:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         self.node = ctx.get_node_id()
         self.name = f"{name}@{socket.gethostname()}/{self.node[:8]}:{os.getpid()}"
-        self.worker = make_worker()
+        self._make_worker = make_worker  # loaded by `load`, so that placed and loaded can be told apart
 
-    def info(self) -> dict[str, Any]:
+    def placed(self) -> str:
+        return self.node
+
+    def load(self) -> dict[str, Any]:
+        self.worker = self._make_worker()
         return {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "node": self.node}
 
     def evaluate(self, candidate: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +138,7 @@ class RayExecutor:
         self._owns_ray = False
         self._actors: list[Any] = []  # None: a retired slot (its worker died while loading)
         self._loaded: list[Any] = []  # per slot: a reference that resolves once its worker has loaded
+        self._placed: list[Any] = []  # per slot: a reference that resolves once its actor has a node
         self._idle: deque[int] = deque()
         self._running: dict[Any, tuple[int, Candidate, int]] = {}  # ref -> (slot, candidate, attempt)
         self._retry: deque[tuple[Candidate, int]] = deque()
@@ -158,7 +163,7 @@ class RayExecutor:
             if self._address is None:  # a Ray of this machine alone: no node will join, what it lacks never comes
                 self._check_fits(ray.cluster_resources())
         self._remote = ray.remote(_Actor)
-        self._loaded = [None] * self.workers
+        self._loaded, self._placed = [None] * self.workers, [None] * self.workers
         self._actors = [self._spawn(i) for i in range(self.workers)]
         while self._placing:  # the first worker that cannot load (bad sources, out of memory) ends the start, clearly
             try:
@@ -182,7 +187,10 @@ class RayExecutor:
     def _spawn(self, slot: int):
         actor = self._remote.options(num_cpus=self._cpus, num_gpus=self._gpus, max_restarts=0).remote(
             self._make_worker, f"ray-{slot}")
-        self._loaded[slot] = actor.info.remote()  # an actor runs its calls in order: this one follows the load
+        # an actor runs its calls in order: `placed` answers once it has its node, `load` once its worker is built;
+        # only the first is held to the grace period (loading a large model may take longer)
+        self._placed[slot] = actor.placed.remote()
+        self._loaded[slot] = actor.load.remote()
         self._placing[self._loaded[slot]] = (slot, time.monotonic(), False)
         return actor
 
@@ -194,8 +202,8 @@ class RayExecutor:
 
         refs = list(self._placing)
         if refs:
-            next_due = min(since for _, since, said in self._placing.values() if not said) + self.grace \
-                if any(not said for *_, said in self._placing.values()) else until
+            unplaced = [since for slot, since, said in self._placing.values() if not said and not self._has_node(slot)]
+            next_due = min(unplaced) + self.grace if unplaced else until
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(until, next_due) - time.monotonic()),
                                 fetch_local=False)
             for ref in ready:
@@ -212,7 +220,8 @@ class RayExecutor:
                     log.warning("evomerge: worker ray-%d placed on node %s; %d worker%s working", slot,
                                 self._nodes[slot], self.alive(), "s" * (self.alive() > 1))
         now = time.monotonic()
-        late = [(ref, slot) for ref, (slot, since, said) in self._placing.items() if not said and now - since >= self.grace]
+        late = [(ref, slot) for ref, (slot, since, said) in self._placing.items()
+                if not said and now - since >= self.grace and not self._has_node(slot)]
         if not late:
             return
         for ref, slot in late:
@@ -229,6 +238,11 @@ class RayExecutor:
         log.warning("evomerge: %s; going on with %d worker%s, the rest join when capacity returns", what, alive,
                     "s" * (alive > 1))
 
+    def _has_node(self, slot: int) -> bool:
+        import ray
+
+        return bool(ray.wait([self._placed[slot]], timeout=0, fetch_local=False)[0])
+
     def alive(self) -> int:
         """Workers placed and loaded, ready or busy."""
         placing = {slot for slot, *_ in self._placing.values()}
@@ -242,6 +256,9 @@ class RayExecutor:
             ray.get(self._loaded[slot])
         except ray.exceptions.RayActorError as e:
             return f"worker ray-{slot} died while loading: {_cause(e)}"
+        except ray.exceptions.RayTaskError as e:  # its factory raised: the actor, of no use, is let go
+            ray.kill(self._actors[slot])
+            return f"worker ray-{slot} died while loading: {_raised(e)}"
         return None
 
     def _retire(self, slot: int, why: str) -> None:
@@ -274,6 +291,7 @@ class RayExecutor:
 
         out: list[Evaluation] = []
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._dispatch_retries()  # a retry and a free worker may meet with nothing else to wait for
         while not out and (self._running or (self._placing and self._retry)):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self._placing:  # poll the evaluations in turn with the workers being placed
@@ -364,10 +382,15 @@ def _summary(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def _raised(e: BaseException) -> str:
+    """The exception a remote call raised, in one line: 'evomerge.records.UserError: x' -> 'UserError: x'."""
+    return re.sub(r"^(\w+\.)+(?=\w+: )", "", _summary(e))
+
+
 def _cause(e: BaseException) -> str:
     """Why an actor died, in one line: the exception its constructor raised, or its process's end."""
     if getattr(e, "actor_init_failed", False):
-        return re.sub(r"^(\w+\.)+(?=\w+: )", "", _summary(e))  # 'evomerge.records.UserError: x' -> 'UserError: x'
+        return _raised(e)
     pid = re.search(r"\bpid: (\d+)", str(e))
     return (f"its process{f' (pid {pid.group(1)})' if pid else ''} was killed or exited; on a node short of memory "
             "the kernel's OOM killer does this (`evomerge run --dry-run CONFIG` shows the memory plan)")

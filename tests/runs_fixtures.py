@@ -40,6 +40,20 @@ def sphere_dies_once(handle) -> dict[str, float]:
     return sphere(handle)
 
 
+def hangs_once_off_the_head(handle) -> dict[str, float]:
+    """The first evaluation on a node other than $EVOMERGE_TEST_HEAD writes that node's id to
+    $EVOMERGE_TEST_MARKER and hangs (the test removes the node under it); every other takes 0.3 s."""
+    import ray
+
+    marker, node = Path(os.environ["EVOMERGE_TEST_MARKER"]), ray.get_runtime_context().get_node_id()
+    if node != os.environ["EVOMERGE_TEST_HEAD"] and not marker.exists():
+        marker.with_suffix(".tmp").write_text(node)
+        marker.with_suffix(".tmp").rename(marker)
+        time.sleep(120)
+    time.sleep(0.3)
+    return sphere(handle)
+
+
 def explodes_on_odd(handle) -> dict[str, float]:
     """A fitness that raises for some candidates: the run must record failures and go on."""
     if handle.candidate_id % 2:
@@ -121,6 +135,65 @@ def two_node_run(run_dir: str) -> None:
     evals = RunStore.open(run_dir, readonly=True).evaluations()
     print(json.dumps({"reason": reason, "killed": killed, "replaced": engine.executor.replaced,
                       "evals": [[e.candidate_id, e.status, e.worker] for e in evals]}))
+    cluster.shutdown()
+
+
+def node_lost_without_spare_capacity(run_dir: str) -> None:
+    """Run in a fresh process: a two-node `ray.cluster_utils.Cluster` (one CPU each), two one-CPU workers; the
+    worker node is removed mid-evaluation, so its replacement cannot be placed; a node joins 8 s later. Prints
+    what the test checks, as JSON: the run's evaluations and evomerge's own log lines."""
+    import json
+    import logging
+    import subprocess
+    import sys
+    import threading
+
+    from ray.cluster_utils import Cluster
+
+    from evomerge.assemble import open_engine
+    from evomerge.config import parse_config
+    from evomerge.store import RunStore
+
+    here = Path(__file__).resolve().parent
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker_node = cluster.add_node(num_cpus=1)
+    marker = Path(os.environ["EVOMERGE_TEST_MARKER"])
+    env = {"PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
+           "EVOMERGE_TEST_MARKER": str(marker), "EVOMERGE_TEST_HEAD": cluster.head_node.node_id, "OMP_NUM_THREADS": "1"}
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("evomerge").addHandler(handler)
+    events: list[str] = []
+    joined: list[subprocess.Popen] = []
+
+    def lose_then_add() -> None:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if marker.exists():
+            cluster.remove_node(worker_node, allow_graceful=False)
+            events.append("removed")
+            time.sleep(8)  # a node joins as `ray start` joins one (Cluster.add_node fails off the main thread)
+            joined.append(subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--address", cluster.address,
+                                            "--num-cpus", "1", "--block"], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, env={**os.environ, **env}))
+            events.append("joined")
+
+    threading.Thread(target=lose_then_add, daemon=True).start()
+    cfg = {"space": {"bounds": [[0, 1]] * 2}, "optimizer": {"name": "random"},
+           "fitness": {"function": "runs_fixtures:hangs_once_off_the_head", "objectives": [{"name": "score"}]},
+           "budget": {"evaluations": 100}, "seed": 1,
+           "executor": {"kind": "ray", "workers": 2, "cpus_per_worker": 1, "placement_grace": 3,
+                        "runtime_env": {"env_vars": env}}}
+    engine = open_engine(parse_config(cfg), run_dir, resume=False, address=cluster.address)
+    reason = engine.run()
+    evals = RunStore.open(run_dir, readonly=True).evaluations()
+    print(json.dumps({"reason": reason, "events": events, "lines": lines, "lost_node": marker.read_text(),
+                      "evals": [[e.candidate_id, e.status, e.worker] for e in evals]}))
+    for p in joined:
+        p.terminate()
+        p.wait(timeout=60)
     cluster.shutdown()
 
 

@@ -110,6 +110,36 @@ def test_two_node_cluster_actor_killed_mid_evaluation(tmp_path):
     assert len({w.split("/")[1].split(":")[0] for _, w in evals.values()}) >= 2
 
 
+
+def test_a_node_lost_without_spare_capacity_is_said_and_its_slot_refilled_when_a_node_joins(tmp_path):
+    """The worker node goes mid-evaluation with no spare CPU: its candidate is retried on the worker left, the
+    replacement that cannot be placed is one line after the grace period and the run goes on (it never hangs); a
+    node joining later takes the slot (one line), and evaluations run there. Every evaluation is ok, none twice."""
+    import json
+    import subprocess
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
+           "EVOMERGE_TEST_MARKER": str(tmp_path / "lost")}
+    proc = subprocess.run([sys.executable, "-c", "import runs_fixtures; "
+                           f"runs_fixtures.node_lost_without_spare_capacity({str(tmp_path / 'run')!r})"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["reason"] == "budget: evaluations" and out["events"] == ["removed", "joined"]
+    assert sorted(c for c, _, _ in out["evals"]) == list(range(100)) and all(s == "ok" for _, s, _ in out["evals"])
+    lost, short, refilled = out["lines"]
+    assert f"on node {out['lost_node'][:8]} lost evaluating candidate" in lost and "retried (attempt 2)" in lost
+    assert "1 worker (ray-1) not placed after 3 s" in short and "going on with 1 worker" in short
+    assert refilled.startswith("evomerge: worker ray-1 placed on node") and "2 workers working" in refilled
+    new_node = refilled.split("placed on node ")[1].split(";")[0]
+    nodes = Counter(w.split("/")[1].split(":")[0] for _, _, w in out["evals"])
+    assert new_node != out["lost_node"][:8] and nodes[new_node] >= 1  # the refilled slot evaluated
+
+
 def test_ctrl_c_lets_ray_workers_finish_their_candidates(ray_local, tmp_path):
     import _thread
 
