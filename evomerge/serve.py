@@ -542,6 +542,8 @@ def echo_logprobs(handle: Any, text: str, top: int) -> dict[str, Any]:
     tok = handle.tokenizer
     enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if not ids:  # nothing to score (an empty prompt to a tokenizer without BOS)
+        raise HTTPError(400, "echo with logprobs: the prompt is empty")
     with torch.no_grad():
         logits = handle.model(input_ids=torch.tensor([ids], device=handle.device)).logits[0].float()
     logp = torch.log_softmax(logits, -1)
