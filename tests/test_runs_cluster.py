@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_more_workers_than_fit_run_on_those_placed_saying_so(ray_local, tmp_path
         assert engine.run() == "budget: evaluations"
     assert len(engine.store.evaluations()) == 6 and all(e.ok for e in engine.store.evaluations())
     said = [r.getMessage() for r in caplog.records if "not placed" in r.getMessage()]
-    assert said == [said[0]] and said[0].startswith("evomerge: 1 worker (ray-2) not placed after 20 s: the cluster has ")
+    # which of the three Ray leaves unplaced is its own choice
+    assert said == [said[0]] and re.match(r"evomerge: 1 worker \(ray-\d\) not placed after 20 s: the cluster has ", said[0])
     assert "each worker needs 2 CPU" in said[0] and "going on with 2 workers" in said[0]
     engine.store.close()
 
