@@ -4,7 +4,8 @@ module group and each source model, a merge `weight` and (for sparsifying method
 Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
 `method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
 task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
-the whole model), `modules` (a subset of the architecture's module groups — attention, mlp, norms, and
+the whole model), `knots` (k >= 2 instead of granularity: each value is a piecewise-linear curve over depth through
+k knots at evenly spaced layers, so a 30-layer model is searched in k values per expert rather than 30), `modules` (a subset of the architecture's module groups — attention, mlp, norms, and
 for mixtures of experts experts, router... — plus embeddings: each gets its own values; the rest of the
 tensors share a default group), `normalize` (sets the recipe's `normalize` when given),
 `negative_weights` (weights range over [-weight_max, weight_max] instead of [0, weight_max]),
@@ -47,6 +48,7 @@ class LayerWeights(SearchSpace):
         base: str | None = None,
         method: str = "ties",
         granularity: int = 1,
+        knots: int | None = None,
         modules: Sequence[str] = (),
         normalize: bool | None = None,
         negative_weights: bool = False,
@@ -87,6 +89,13 @@ class LayerWeights(SearchSpace):
         n_groups = 1 if granularity == 0 else math.ceil(self.num_layers / granularity)
         size = self.num_layers if granularity == 0 else granularity
         self.groups = [(g * size, min(self.num_layers, (g + 1) * size)) for g in range(n_groups)]
+        self.knots: list[int] | None = None  # layers the curve passes through (whole layers: decode(encode(r)) == r)
+        if knots is not None:
+            if not isinstance(knots, int) or not 2 <= knots <= self.num_layers:
+                raise UserError(f"knots must be an integer from 2 to num_layers ({self.num_layers}), got {knots!r}")
+            self.knots = [round(v) for v in np.linspace(0, self.num_layers - 1, knots)]
+            self.groups = [(k, k + 1) for k in self.knots]
+            n_groups = knots
         ranges = {"weight": (-weight_max if negative_weights else 0.0, weight_max), "density": (lo_d, hi_d)}
         starts = {"weight": initial_weight, "density": initial_density}
         # slots: (group index or None for embeddings, module, source, param), in genome order
@@ -103,6 +112,8 @@ class LayerWeights(SearchSpace):
     def _name(self, g: int | None, module: str, source: str, param: str) -> str:
         if g is None:
             where = "non_layer"
+        elif self.knots is not None:
+            where = f"knot_layer_{self.knots[g]}"
         elif len(self.groups) == 1:
             where = "all_layers"
         else:
@@ -113,6 +124,8 @@ class LayerWeights(SearchSpace):
     # a module's value over the layers: scalar for one group, else one entry per layer
     def _layer_value(self, x: np.ndarray, module: str, source: str, param: str) -> float | list[float]:
         values = [float(x[self._index[(g, module, source, param)]]) for g in range(len(self.groups))]
+        if self.knots is not None:
+            return np.interp(np.arange(self.num_layers), self.knots, values).tolist()
         if len(values) == 1:
             return values[0]
         return [values[g] for g, (lo, hi) in enumerate(self.groups) for _ in range(lo, hi)]

@@ -14,6 +14,7 @@ CASES = {
     "lw-dare-groups-modules": ("layer_weights", {**PS, "method": "dare_ties", "granularity": 3, "modules": ["attention", "mlp", "embeddings"]}),
     "lw-linear-whole-negative": ("layer_weights", {"sources": ["a", "b"], "num_layers": 4, "method": "linear", "granularity": 0, "negative_weights": True, "normalize": True}),
     "lw-della": ("layer_weights", {**PS, "method": "della", "granularity": 2}),
+    "lw-knots-modules": ("layer_weights", {**PS, "num_layers": 7, "knots": 3, "modules": ["mlp"]}),
     "swap": ("layer_swap", {"sources": ["a", "b", "c"], "num_layers": 6}),
     "swap-transition": ("layer_swap", {"sources": ["a", "b"], "num_layers": 8, "transition": 2}),
     "dfs": ("data_flow", {"sources": ["a", "b"], "num_layers": 3, "repeats": 3}),
@@ -74,6 +75,14 @@ def test_layer_weights_groups_become_exact_per_layer_gradients():
     # groups {0,1}, {2,3}, {4}: genome order group > source > weight/density
     assert a["weight"] == pytest.approx([0.10, 0.10, 0.14, 0.14, 0.18])
     assert a["density"] == pytest.approx([0.11, 0.11, 0.15, 0.15, 0.19])
+
+
+def test_layer_weights_knots_are_a_piecewise_linear_curve_over_depth():
+    s = search_spaces.make("layer_weights", sources=["a"], base="base", num_layers=7, knots=3)
+    assert s.dim == 6 and s.names()[:2] == ["knot_layer_0.default.a.weight", "knot_layer_0.default.a.density"]
+    r = s.decode([0.1, 0.2, 0.4, 0.5, 1.0, 0.5])  # knots at layers 0, 3, 6
+    assert r.models[0].parameters["weight"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0])
+    assert r.models[0].parameters["density"] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5])
 
 
 def test_layer_weights_modules_become_filters_and_linear_has_no_density():
@@ -177,6 +186,7 @@ def test_hybrid_rejects_an_unused_part():
         ("layer_weights", {**PS, "method": "magic"}, "dare_ties"),
         ("layer_weights", {**PS, "modules": ["ffn"]}, "attention"),
         ("layer_weights", {**PS, "colour": 1}, "granularity"),
+        ("layer_weights", {**PS, "knots": 5}, "knots"),
         ("layer_weights", {"sources": ["a"]}, "num_layers"),
         ("layer_swap", {"sources": ["a"], "num_layers": 2}, "at least 2"),
         ("sparsity_scaling", {"sources": ["a"], "base": "b", "search": "gamma"}, "alpha"),
