@@ -71,8 +71,11 @@ class SpaceConfig(_Strict):
         return self
 
 
+FRONT_OPTIMIZERS = ("nsga2",)  # they search a front over every objective
+
+
 class OptimizerConfig(_Strict):
-    name: str = "cmaes"
+    name: str | None = None  # default: nsga2 when the fitness scores several tasks (a front), else cmaes
     options: dict[str, Any] = Field(default_factory=dict)
     start: Literal["space", "none"] = "space"  # start from the space's initial point, or let the optimizer pick
 
@@ -156,6 +159,14 @@ class FitnessConfig(_Strict):
             if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
                 raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
         return handle
+
+    def task_count(self) -> int:
+        """Tasks scored as objectives of their own (lm-eval tasks with `weights` make one weighted score)."""
+        if self.tasks is not None:
+            return len(self.tasks)
+        if self.lm_eval is not None and self.lm_eval.weights is None:
+            return len(self.lm_eval.tasks)
+        return 1
 
     @model_validator(mode="after")
     def _one_kind(self) -> FitnessConfig:
@@ -296,6 +307,7 @@ class RunConfig(_Strict):
     workdir: Path | None = None  # relative task files resolve here; set to the YAML's folder when loaded
     snapshot_every: int = Field(default=20, ge=1)  # optimizer snapshots every N tells (resume replays the rest)
     holdout: HoldoutConfig | None = None
+    best: Literal["first", "knee"] | None = None  # the run's best: on the first objective, or the front's knee
     trackers: list[TrackerConfig] = Field(default_factory=list)  # e.g. [{kind: mlflow, uri: sqlite:///mlflow.db}]
 
     @model_validator(mode="after")
@@ -314,6 +326,16 @@ class RunConfig(_Strict):
                              f"{', '.join(self.sources)})")
         if self.tokenizer_source is not None and self.fitness.backend == "vllm":
             raise ValueError("tokenizer_source needs fitness.backend hf (the vLLM handle reads the base's vocabulary)")
+        return self
+
+    @model_validator(mode="after")
+    def _defaults(self) -> RunConfig:
+        """Several tasks are several skills: by default the search keeps a front and the best is its knee, rather
+        than the first task's best, which may have lost the others (issue 24: a real MATH + FR merge)."""
+        if self.optimizer.name is None:
+            self.optimizer.name = "nsga2" if self.fitness.task_count() > 1 else "cmaes"
+        if self.best is None:
+            self.best = "knee" if self.optimizer.name in FRONT_OPTIMIZERS else "first"
         return self
 
     @model_validator(mode="after")

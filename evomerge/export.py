@@ -42,7 +42,7 @@ def mergekit_config(recipe: Recipe, sources: dict[str, str], base: str | None, n
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: str | None = None,
-               candidate: int | None = None, pareto: bool = False, first_objective: bool = False) -> list[Path]:
+               candidate: int | None = None, pareto: bool = False) -> list[Path]:
     """Export the chosen candidate(s); returns the paths written. `--pareto` writes one entry per front member
     into the folder `out` (candidate_<id>.yaml or candidate_<id>/)."""
     from evomerge.merge.writer import write_checkpoint
@@ -60,7 +60,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
         elif candidate is not None:
             ids = [int(candidate)]
         else:
-            ids = [int(run.best(None if first_objective else best)["id"])]
+            ids = [int(run.best(best)["id"])]
         recipes = {i: run.recipe(i) for i in ids}
         cfg = run.config
         identity = run.store.sources

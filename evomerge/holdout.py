@@ -2,7 +2,7 @@
 
 Configured by the run config's `holdout:` section. With `tasks`, each baseline recipe, the best recipe of
 each `compare` search (evomerge/comparisons.py: the same budget spent another way) and the best candidate's
-recipe (best on the run's first objective) are scored on those tasks through the run's own model handle (HF,
+recipe (the run's best: on its first objective, or the knee of its front) are scored on those tasks through the run's own model handle (HF,
 vLLM or an API), so every row is measured the same way; with `function`, the user's `module:function` gets
 the best candidate's genome and returns its own rows. The numbers and each tuned row's evaluations are
 printed as a table, written to `holdout.json` in the run directory, and the best model is exported to
@@ -36,7 +36,7 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
     try:
         cfg = parse_config(run.config)
         best = run.best(None)
-        best_id = int(best["id"])
+        best_id, rule = int(best["id"]), run.best_rule()
         best_recipe = run.recipe(best_id) if cfg.space.name is not None else None  # plain boxes have no recipe
         best_x = list(run.store.candidates({best_id})[best_id].x)
         searches = {BEST: searched(run.store, cfg.budget.model_dump(exclude_none=True))}
@@ -78,7 +78,7 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
         for name, recipe in _progress(recipes.items(), progress):
             handle.set_recipe(recipe)
             rows[name] = dict(fitness.evaluate(handle).objectives)
-    result = {"rows": rows, "best": best_id, "seed": cfg.seed, "percent": h.percent,
+    result = {"rows": rows, "best": best_id, "best_rule": rule, "seed": cfg.seed, "percent": h.percent,
               "searches": {row: searches[row] for row in rows if row in searches}, "wall_time": cfg.budget.wall_time}
     tmp = run_dir / (RESULT_FILE + ".partial")
     tmp.write_text(json.dumps(result, indent=2))
@@ -117,7 +117,8 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
     columns = list(dict.fromkeys(c for r in rows.values() for c in r))
     percent = bool(result.get("percent", True))
     cuts = [row for row, s in searches.items() if s["cut"]]
-    table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']})",
+    rule = f": {result['best_rule']}" if "best_rule" in result else ""
+    table = Table(title=f"{title} (run seed {result['seed']}, best candidate {result['best']}{rule})",
                   caption="CUT BY THE WALL-TIME CAP: " + ", ".join(cuts) if cuts else None)
     table.add_column("model")
     for c in columns:
@@ -209,6 +210,6 @@ def finish_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any] 
         if target.exists():
             print(f"best model already exported at {target}")
         else:
-            export_run(run_dir, target, fmt="hf", first_objective=True)
+            export_run(run_dir, target, fmt="hf")
             print(f"exported the best model (candidate {result['best']}) to {target}")
     return result

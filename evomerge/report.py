@@ -70,7 +70,7 @@ def sections(run) -> list[tuple[str, Any]]:
                   figures.parallel_figure(ok.set_index("id").loc[rows].reset_index(), run.store.genomes(rows, dims),
                                           [names[k] for k in dims], objs)))
     recipe = run.store.recipes([best]).get(best)
-    parts.append((f"Best candidate {best} on {objs[0].name}: its recipe per layer",
+    parts.append((f"Best candidate {best} ({run.best_rule()}): its recipe per layer",
                   figures.heatmap_figure(*figures.candidate_grid(recipe, names, list(run.store.genomes([best])[0])))))
     if recipe is not None:
         parts.append(("Its recipe", f"<pre>{html.escape(recipe.to_yaml())}</pre>"))

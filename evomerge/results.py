@@ -57,6 +57,17 @@ def hypervolume(values: np.ndarray, ref: np.ndarray) -> float:
     return float(total)
 
 
+def knee(values: np.ndarray) -> int:
+    """Index of the knee of the front of `values` (larger is better): the front member with the largest sum of
+    its objectives each scaled to [0, 1] over the front, so every objective counts alike whatever its units;
+    the first in row order on a tie. For two skills it is the most balanced merge on the front."""
+    front = np.flatnonzero(nondominated(values))
+    vals = values[front]
+    lo, span = vals.min(axis=0), np.ptp(vals, axis=0)
+    scaled = np.where(span > 0, (vals - lo) / np.where(span > 0, span, 1.0), 1.0)
+    return int(front[np.argmax(scaled.sum(axis=1))])
+
+
 class Run:
     """A run directory seen as tables. Columns of `frame()`: id, status, one per objective, error, worker,
     seconds, then the genome as `x.<name>` columns."""
@@ -121,14 +132,24 @@ class Run:
         return self._with_genomes(ok[nondominated(self.signed(ok))] if len(ok) else ok)
 
     def best(self, objective: str | None = None, genomes: bool = True):
-        """The row of the best successful evaluation on `objective` (default: the first objective); without its
-        `x.<name>` columns with `genomes=False` (a frame of 19,210 columns costs seconds to build)."""
-        obj = self._objective(objective)
+        """The row of the best successful evaluation on `objective`; by default the run's own best (its config's
+        `best`: the first objective, or the knee of the front). Without its `x.<name>` columns with
+        `genomes=False` (a frame of 19,210 columns costs seconds to build)."""
         ok = self._ok()
         if not len(ok):
             raise UserError(f"{self.run_dir} has no successful evaluation yet")
-        row = ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]
+        if objective is None and self.config.get("best") == "knee":
+            row = ok.iloc[[knee(self.signed(ok))]]
+        else:
+            obj = self._objective(objective)
+            row = ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]
         return (self._with_genomes(row) if genomes else row).iloc[0]
+
+    def best_rule(self) -> str:
+        """How `best()` picks by default, in words."""
+        if self.config.get("best") == "knee":
+            return "the knee of the front over " + ", ".join(o.name for o in self.objectives)
+        return f"best on {self.objectives[0].name}"
 
     def _objective(self, name: str | None) -> Objective:
         objs = self.objectives

@@ -243,7 +243,7 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
         run_dir: Path = typer.Argument(..., help="A run directory."),
-        best: bool = typer.Option(False, "--best", help="Export the best candidate (on --objective, default the first)."),
+        best: bool = typer.Option(False, "--best", help="Export the best candidate (on --objective; default the run's best: the first objective, or the front's knee)."),
         objective: Optional[str] = typer.Option(None, "--objective", help="The objective --best ranks by."),
         candidate: Optional[int] = typer.Option(None, "--candidate", help="Export this candidate id."),
         pareto: bool = typer.Option(False, "--pareto", help="Export every candidate of the Pareto front (one folder each)."),
@@ -256,7 +256,7 @@ def register(app: typer.Typer) -> None:
         if best + (candidate is not None) + pareto != 1:
             raise UserError("choose exactly one of --best [--objective NAME], --candidate ID, --pareto")
         written = export_run(run_dir, out, fmt=fmt, best=objective if best else None, candidate=candidate,
-                             pareto=pareto, first_objective=best and objective is None)
+                             pareto=pareto)
         for w in written:
             print(f"wrote {w}")
 

@@ -100,3 +100,34 @@ def test_pareto_explorer_notebook_clicks_picks_shows_and_exports(model_run, tmp_
     assert f"wrote {exported}" in text and yaml.safe_load(exported.read_text()) == run.recipe(picked).to_dict()
     plots = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(plots) == 5  # history, front, hypervolume, parallel coordinates, heatmap
+
+
+def test_two_tasks_default_to_a_front_whose_knee_is_the_best_held_out_and_exported(tiny_models, tmp_path):
+    """Two skills: with no optimizer named, the run searches a front (NSGA-II) and its best, what the held-out
+    table scores and the export writes, is the front's knee, not the first task's best."""
+    for name, n in (("t1", 3), ("t2", 4)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"{i}*{n}=", "reference": str(i * n)}) + "\n"
+                                                        for i in range(3)))
+    tasks = [{"name": t, "path": f"{t}.jsonl", "metrics": ["token_accuracy"]} for t in ("t1", "t2")]
+    cfg = {"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
+           "space": {"name": "layer_weights", "options": {"method": "task_arithmetic", "granularity": 0}},
+           "optimizer": {"options": {"popsize": 4}}, "fitness": {"tasks": tasks, "handle": {"batch_size": 4}},
+           "budget": {"evaluations": 8}, "seed": 0, "holdout": {"tasks": tasks, "export": "best_model"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_config(tmp_path / "run.yaml")
+    assert (loaded.optimizer.name, loaded.best) == ("nsga2", "knee")
+    engine = open_engine(loaded, tmp_path / "run", resume=False)
+    assert engine.run() == "budget: evaluations"
+    engine.store.close()
+    from evomerge.holdout import finish_run
+    from evomerge.results import knee
+
+    result = finish_run(tmp_path / "run", progress=False)
+    run = open_run(tmp_path / "run")
+    ok = run.frame(genomes=False)
+    want = int(ok.iloc[knee(run.signed(ok))].id)
+    assert int(run.best()["id"]) == want == result["best"] and result["best_rule"].startswith("the knee of the front")
+    assert run.best_rule() == "the knee of the front over tok_acc/t1, tok_acc/t2"
+    exported = load_file(tmp_path / "run" / "best_model" / "model.safetensors")
+    expected = Materializer({k: str(v) for k, v in tiny_models.items()}, base="base").materialize(run.recipe(want))
+    assert all(torch.equal(exported[k], t.to(exported[k].dtype)) for k, t in expected.items())

@@ -137,6 +137,27 @@ def test_reader_frame_pareto_best(tmp_path):
     run.close()
 
 
+def test_the_knee_is_the_most_balanced_member_of_the_front(tmp_path):
+    import numpy as np
+
+    from evomerge.results import knee
+
+    # a real MATH + FR merge search's shape: one expert's best, the other's, a balanced merge, a dominated one
+    vals = np.array([[0.30, 0.11], [0.02, 0.22], [0.20, 0.18], [0.0, 0.0], [0.19, 0.17]])
+    assert knee(vals) == 2
+    assert knee(vals[:1]) == 0 and knee(np.array([[1.0, 5.0], [1.0, 5.0]])) == 0  # one point; a tie: the first
+    # the run's best follows its config: the first objective by default, the knee with best: knee
+    store = RunStore.create(tmp_path / "run", {"best": "knee"}, objectives=[Objective("math", "max"), Objective("fr", "max")],
+                            space_names=["w"], seed=0)
+    store.record_ask(5, [Candidate(i, [0.1 * i], {}) for i in range(5)], [None] * 5)
+    store.record_evaluations([Evaluation(i, objectives={"math": m, "fr": f}) for i, (m, f) in enumerate(vals)])
+    store.close()
+    run = open_run(tmp_path / "run")
+    assert int(run.best()["id"]) == 2 and int(run.best("math")["id"]) == 0 and int(run.best("fr")["id"]) == 1
+    assert run.best_rule() == "the knee of the front over math, fr"
+    run.close()
+
+
 def test_create_refuses_existing_run(tmp_path):
     store, _, _ = _filled(tmp_path)
     store.close()
