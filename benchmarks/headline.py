@@ -3,6 +3,7 @@
     python benchmarks/headline.py                          # the demo on the shipped zoo, seeds 0 1 2
     python benchmarks/headline.py --zoo runs/zoo_seed1     # the same on another zoo (`evomerge zoo build --seed 1`)
     python benchmarks/headline.py --claim digits           # runs/digits_m2n2.yaml (M2N2, the user's own fitness)
+    python benchmarks/headline.py --claim real --jobs 2    # runs/real.yaml: two real experts (zoo build --real)
 
 Each seed is `evomerge run CONFIG --seed N` in WORK/seedN (default runs/headline/<artifact name>/; a killed
 benchmark resumes its runs, a finished seed is read back). Writes the per-seed held-out rows, each tuned row's
@@ -35,6 +36,9 @@ CLAIMS = {
     "demo": {"config": "demo.yaml", "columns": {"acc_tf/math_j": "J math (target)",
                                                  "acc_tf/lang_j": "J instructions (LANG's task)"}},
     "digits": {"config": "digits_m2n2.yaml", "columns": {"test_acc": "all ten digits"}},
+    # two real experts of SmolLM2-135M-Instruct: the claim is that the merge keeps both skills at once
+    "real": {"config": "real.yaml", "zoo": "evomerge/zoo/real", "columns": {"acc_tf/math": "MATH (sums)", "acc_tf/fr": "FR (numbers in French)"},
+             "experts": {"acc_tf/math": "MATH", "acc_tf/fr": "FR"}},
 }
 
 
@@ -97,6 +101,14 @@ def summarise(tables: list[dict]) -> dict:
                 for c in cols} for r, cols in rows.items()}
 
 
+def kept(result: dict) -> dict:
+    """Per expert's task: the evolved best's held-out score over that expert's own, per seed, with the lowest."""
+    per_seed = [{c: t["rows"][list(t["rows"])[-1]][c] / t["rows"][expert][c] if t["rows"][expert][c] else None
+                 for c, expert in CLAIMS[result["claim"]]["experts"].items()} for t in result["runs"]]
+    lows = {c: min((s[c] for s in per_seed if s[c] is not None), default=None) for c in per_seed[0]}
+    return {"per_seed": per_seed, "min": lows, "all_at_least": min((v for v in lows.values() if v is not None), default=None)}
+
+
 def markdown(result: dict) -> str:
     """The claim's table: per row and column, mean [min-max] over the seeds in %, and each tuned row's evaluations."""
     columns = CLAIMS[result["claim"]]["columns"]
@@ -116,8 +128,13 @@ def markdown(result: dict) -> str:
         cut = any(f and f["cut"] for f in found)
         n = "" if not evals else "-".join(map(str, sorted(evals))) + (" (cut by wall time)" if cut else "")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {n} |")
-    target = next(iter(columns))
     *others, evolved = result["summary"]  # the evolved best is the table's last row
+    if "experts" in CLAIMS[result["claim"]]:
+        k = result["summary_kept"]
+        parts = [f"{CLAIMS[result['claim']]['experts'][c]}'s {100 * v:.0f}%" for c, v in k["min"].items() if v is not None]
+        return "\n".join(lines + ["", f"{evolved} keeps, at its lowest over the seeds, {' and '.join(parts)} of "
+                                       "each expert's own held-out score on that expert's task."])
+    target = next(iter(columns))
     rival = max(others, key=lambda r: result["summary"][r][target]["mean"])
     margins = [t["rows"][evolved][target] - max(t["rows"][r][target] for r in others) for t in result["runs"]]
     lines += ["", f"{evolved} minus the best other row of the same seed on {columns[target]}: "
@@ -145,13 +162,13 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:  # seeds side by side: each run is one process of one thread
         tables = list(pool.map(lambda s: run_seed(config, work / f"seed{s}", s), args.seeds))
     cfg = yaml.safe_load(config.read_text())
-    zoo = args.zoo or ROOT / "evomerge" / "zoo"
+    zoo = args.zoo or ROOT / CLAIMS[args.claim].get("zoo", "evomerge/zoo")
     build = zoo / "build.json"
     result = {
         "benchmark": "headline", "claim": args.claim, "artifact": name,
         "config": f"runs/{CLAIMS[args.claim]['config']}",
         "zoo": str(zoo.resolve().relative_to(ROOT)) if zoo.resolve().is_relative_to(ROOT) else str(zoo),
-        "zoo_build": json.loads(build.read_text()) if args.claim == "demo" and build.is_file() else None,
+        "zoo_build": json.loads(build.read_text()) if args.claim != "digits" and build.is_file() else None,
         "budget": cfg["budget"], "limit": args.limit, "seeds": args.seeds,
         "runs": [{"seed": s, "best": t["best"], "rows": t["rows"], "search": t["search"],
                   "searches": t.get("searches", {})} for s, t in zip(args.seeds, tables)],
@@ -159,6 +176,8 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),  # of this call: ~0 when every seed was read back
         "machine": memstat.machine(), "versions": memstat.versions(ROOT),
     }
+    if "experts" in CLAIMS[args.claim]:
+        result["summary_kept"] = kept(result)
     out = Path(args.out) if args.out else RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
