@@ -184,6 +184,7 @@ class Job:
         self.cancelled = threading.Event()
         self.deadline, self.limit = math.inf, math.inf
         self.id, self.created = f"evm-{time.time_ns()}", int(time.time())
+        self.began: set[int] = set()  # streamed chat choices whose first piece (the one naming the role) went out
 
     def start(self, limit: float) -> None:
         self.deadline, self.limit = time.monotonic() + limit, limit
@@ -200,10 +201,13 @@ class Job:
 
     def choice(self, index: int, text: str, finish_reason: str | None, logprobs: Any = None) -> None:
         """A piece of a streamed choice (OpenAI's chunk choice for chat or completions)."""
-        if self.emit is not None:
-            self.emit(("choice", {"index": index, "delta": {"role": "assistant", "content": text}, "logprobs": None,
-                                  "finish_reason": finish_reason} if self.chat else
-                       {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}))
+        if self.emit is None:
+            return
+        if self.chat:  # as OpenAI streams: the role in a choice's first delta only
+            delta = {"content": text} if index in self.began else {"role": "assistant", "content": text}
+            self.began.add(index)
+        self.emit(("choice", {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason} if self.chat else
+                   {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}))
 
 
 class Deltas:

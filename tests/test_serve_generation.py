@@ -57,8 +57,14 @@ def test_a_stream_comes_token_by_token_and_equals_the_plain_answer(stream_server
 
     messages = [{"role": "user", "content": "say something long"}]
     chat = client.chat.completions.create(messages=messages, max_tokens=12, n=2, **kw)
-    streamed = pieces(client.chat.completions.create(messages=messages, max_tokens=12, n=2, stream=True,
-                                                     stream_options={"include_usage": True}, **kw), chat=True)
+    chunks = list(client.chat.completions.create(messages=messages, max_tokens=12, n=2, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    streamed = pieces(chunks, chat=True)
+    roles = {}  # as OpenAI streams: each choice names its role in its first delta only
+    for c in chunks:
+        for ch in c.choices:
+            roles.setdefault(ch.index, []).append(ch.delta.role)
+    assert all(r[0] == "assistant" and not any(r[1:]) for r in roles.values()) and len(roles) == 2, roles
     assert {i: "".join(p) for i, p in streamed.items()} == {c.index: c.message.content for c in chat.choices}
     assert all(len([x for x in p if x]) >= 2 for p in streamed.values()), streamed
 
