@@ -77,10 +77,12 @@ def _real_zoo(directory: str, scale: float, threads: int, given: dict[str, bool]
         raise UserError(f"{directory} exists and is not a directory")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from evomerge.quiet import own_output
     from evomerge.zoo.real import build
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                  TimeElapsedColumn()) as bar:
+    # own_output: transformers' GGUF dequantizing bar would draw over ours
+    with own_output(), Progress(TextColumn("{task.description}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn()) as bar:
         task = bar.add_task("dequantizing the base", total=None)
 
         def advance(expert: str, steps: int, planned: int) -> None:
