@@ -145,6 +145,25 @@ class Run:
             row = ok.loc[[(ok[obj.name] * obj.sign()).idxmax()]]
         return (self._with_genomes(row) if genomes else row).iloc[0]
 
+    def best_history(self) -> list[int | None]:
+        """The run's best candidate by its own rule (`best()`) after each evaluation in commit order, None before
+        the first success: what a user stopping the run there would have got (the learning curves' x axis)."""
+        df, ok = self.frame(genomes=False), self._ok()
+        vals, ids = self.signed(ok), ok.id.to_numpy()
+        at = {row: k for k, row in enumerate(ok.index)}
+        by_knee = self.config.get("best") == "knee"
+        seen: list[int] = []
+        out: list[int | None] = []
+        for row in df.index:
+            if row in at:
+                seen.append(at[row])
+            if not seen:
+                out.append(None)
+                continue
+            v = vals[seen]
+            out.append(int(ids[seen[knee(v) if by_knee else int(np.argmax(v[:, 0]))]]))
+        return out
+
     def best_rule(self) -> str:
         """How `best()` picks by default, in words."""
         if self.config.get("best") == "knee":

@@ -155,6 +155,7 @@ def test_the_knee_is_the_most_balanced_member_of_the_front(tmp_path):
     run = open_run(tmp_path / "run")
     assert int(run.best()["id"]) == 2 and int(run.best("math")["id"]) == 0 and int(run.best("fr")["id"]) == 1
     assert run.best_rule() == "the knee of the front over math, fr"
+    assert run.best_history() == [0, 0, 2, 2, 2]  # (0.3, 0.11); two extremes tie: the first; then the knee
     run.close()
 
 

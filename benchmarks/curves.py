@@ -1,0 +1,126 @@
+"""Learning curves of a headline benchmark's searches: the held-out score of the best so far against evaluations
+and against examples scored, for every search of every seed (the evolved run and each `compare` row).
+
+    python benchmarks/curves.py --claim real      # after `headline.py --claim real`: its runs, read back
+    python benchmarks/curves.py                   # the demo's (runs/headline/headline)
+
+The best so far is each run's own best (its config's `best`: the first objective, or the front's knee) after each
+evaluation (evomerge.results.Run.best_history); each distinct one is scored once on the run's held-out tasks
+through one model handle, so a curve costs a held-out scoring per change of the best, not per evaluation.
+Writes benchmarks/results/curves_<headline artifact>.json: per run its points (evaluations, examples scored,
+candidate, held-out values), and per row and column the mean over seeds at each evaluation count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import memstat  # noqa: E402
+from headline import CLAIMS, RESULTS, RUNS, artifact_name  # noqa: E402
+
+EVOLVED = "evolved best"
+
+
+def searches(seed_dir: Path) -> dict[str, Path]:
+    """The run directories of one seed: the evolved run itself and each compare row's search."""
+    from evomerge.comparisons import compare_dir
+
+    return {EVOLVED: seed_dir, **{row: compare_dir(seed_dir, row) for row in config(seed_dir).holdout.compare}}
+
+
+def config(seed_dir: Path):
+    from evomerge.config import parse_config
+    from evomerge.store import RunStore
+
+    with RunStore.open(seed_dir, readonly=True) as store:
+        return parse_config(store.config)
+
+
+def curve(run_dir: Path, score) -> tuple[list[dict], int]:
+    """One point per change of the run's best: when it changed (evaluations, examples scored) and its held-out
+    values; and the run's evaluations."""
+    from evomerge import open_run
+
+    run = open_run(run_dir)
+    try:
+        history = run.best_history()
+        examples, total = [], 0.0
+        for e in run.store.evaluations(per_example=False):
+            total += e.cost.get("examples", 0.0)
+            examples.append(total)
+        points, last = [], None
+        for n, cid in enumerate(history, start=1):
+            if cid is not None and cid != last:
+                points.append({"evaluations": n, "examples": examples[n - 1], "candidate": cid,
+                               "heldout": score(run.recipe(cid))})
+                last = cid
+        return points, len(history)
+    finally:
+        run.close()
+
+
+def scorer(seed_dir: Path):
+    """Held-out scoring of a recipe through the run's own handle and holdout tasks (as holdout.py scores rows)."""
+    from evomerge.assemble import build_handle
+    from evomerge.fitness.suite import TaskFitness
+
+    cfg = config(seed_dir)
+    fitness = TaskFitness.from_config(cfg.holdout.tasks, base_dir=cfg.workdir)
+    handle = build_handle(cfg)
+
+    def score(recipe) -> dict[str, float]:
+        handle.set_recipe(recipe)
+        return dict(fitness.evaluate(handle).objectives)
+
+    return score
+
+
+def at(points: list[dict], n: int, column: str) -> float | None:
+    """The held-out value of the best so far after n evaluations (None before the first success)."""
+    known = [p for p in points if p["evaluations"] <= n]
+    return known[-1]["heldout"][column] if known else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--claim", choices=sorted(CLAIMS), default="demo")
+    p.add_argument("--zoo", type=Path, help="as given to headline.py")
+    p.add_argument("--work", type=Path, help="the headline runs (default runs/headline/<artifact name>)")
+    p.add_argument("--out", type=Path, help="artifact path (default benchmarks/results/curves_<artifact name>.json)")
+    args = p.parse_args()
+    name = artifact_name(args.claim, args.zoo)
+    work = (args.work or RUNS / "headline" / name).resolve()
+    seeds = sorted(work.glob("seed*"), key=lambda d: int(d.name[4:]))
+    if not seeds:
+        sys.exit(f"no seed runs in {work}: run benchmarks/headline.py --claim {args.claim} first")
+    t0 = time.perf_counter()
+    runs = []
+    for seed_dir in seeds:
+        score = scorer(seed_dir)
+        for row, run_dir in searches(seed_dir).items():
+            points, done = curve(run_dir, score)
+            runs.append({"seed": int(seed_dir.name[4:]), "row": row, "evaluations": done, "points": points})
+            print(f"seed {runs[-1]['seed']} {row}: {len(runs[-1]['points'])} bests scored", flush=True)
+    columns = list(CLAIMS[args.claim]["columns"])
+    budget = max(r["evaluations"] for r in runs)
+    marks = sorted({n for n in (10, 20, 30, 50, 100, 200, 300) if n <= budget} | {budget})
+    mean = {}
+    for row in dict.fromkeys(r["row"] for r in runs):
+        mine = [r for r in runs if r["row"] == row]
+        mean[row] = {c: {str(n): (sum(v) / len(v) if (v := [x for r in mine if (x := at(r["points"], n, c)) is not None])
+                                  else None) for n in marks} for c in columns}
+    result = {"benchmark": "curves", "claim": args.claim, "headline": name, "columns": columns, "marks": marks,
+              "runs": runs, "mean": mean, "seconds": round(time.perf_counter() - t0, 1),
+              "machine": memstat.machine(), "versions": memstat.versions(ROOT)}
+    out = args.out or RESULTS / f"curves_{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"artifact": str(out), "mean": mean}))
+
+
+if __name__ == "__main__":
+    main()
