@@ -63,6 +63,9 @@ class Progress:
     examples: float = 0.0  # examples scored so far
 
 
+FAIL_FAST = 10  # evaluations failing in a row with none ever succeeding: a broken set-up, not a bad region
+
+
 class ReplayMismatch(RuntimeError):
     """The optimizer, replayed from the store, asked for other candidates than it did originally."""
 
@@ -147,6 +150,7 @@ class Engine:
         self._elapsed_before = self.store.elapsed()
         counts = self.store.counts()
         self._done, self._failed = counts["evaluations"], counts["failed"]
+        self._succeeded, self._failing = self._done > self._failed, []  # errors in a row, while nothing succeeded
         self._examples, self._tokens = spent(self.store.total_cost())
         self._done_at_start = self._done
         interrupts = 0
@@ -199,6 +203,9 @@ class Engine:
             return "budget: tokens"
         if getattr(self.optimizer, "done", False):
             return "optimizer done"
+        if len(self._failing) >= FAIL_FAST:
+            return (f"failing: the first {len(self._failing)} evaluations all failed, the first with: "
+                    + " ".join(self._failing[0].split())[:300])
         return None
 
     def _fill(self) -> None:
@@ -241,6 +248,8 @@ class Engine:
         self._done += len(evals)
         self._failed += sum(not e.ok for e in evals)
         for m, e in zip(metas, evals):
+            self._succeeded = self._succeeded or e.ok
+            self._failing = [] if self._succeeded else [*self._failing, e.error or "a non-finite objective"]
             self._update_best(e)
             examples, tokens = spent(e.cost)
             self._examples += examples

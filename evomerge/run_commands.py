@@ -96,6 +96,8 @@ def _drive(engine, quiet: bool) -> str:
         print(cut_message("this run", {"evaluations": counts["evaluations"], "budget": total}, engine.budget.wall_time))
     if reason == "interrupted":
         raise SystemExit(130)  # click (non-standalone) would swallow typer.Exit's code
+    if reason.startswith("failing"):
+        raise SystemExit(1)  # the line above names the error; `resume` tries again once it is fixed
     return reason
 
 

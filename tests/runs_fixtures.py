@@ -342,3 +342,9 @@ def committed(run_dir: Path) -> int:
             con.close()
     except sqlite3.OperationalError:  # not created yet
         return 0
+
+
+def reads_a_missing_file(handle) -> dict[str, float]:
+    """A user's fitness broken from the start: every evaluation raises the same error."""
+    with open("no-such-dev.jsonl") as f:
+        return {"score": float(len(f.read()))}

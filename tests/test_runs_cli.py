@@ -278,3 +278,13 @@ def test_a_space_whose_recipes_cannot_merge_is_one_line_before_the_run(tmp_path,
     code, _, err = _cli(capsys, "run", str(_write(tmp_path, cfg)), "--run-dir", str(tmp_path / "run"), "-q")
     _one_line_error(code, err, "missing required parameter 'weight' for model 'base'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_only_fails_stops_in_one_line_naming_the_error(tmp_path, capsys):
+    cfg = _box(fitness={"function": "runs_fixtures:reads_a_missing_file", "objectives": [{"name": "score"}]},
+               optimizer={"name": "random"}, budget={"evaluations": 200})
+    code, out, err = _cli(capsys, "run", str(_write(tmp_path, cfg)), "--run-dir", str(tmp_path / "r"), "-q")
+    assert code == 1 and not err.strip(), err
+    (line,) = [x for x in out.splitlines() if x.startswith("evomerge: stopped")]
+    assert line.startswith("evomerge: stopped (failing: the first 10 evaluations all failed, the first with: ")
+    assert "no-such-dev.jsonl" in line and "10 evaluations, 10 failed" in line

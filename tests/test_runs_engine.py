@@ -197,3 +197,31 @@ def test_the_end_of_a_run_closes_the_worker_handle(tmp_path):
                     budget=Budget(evaluations=2))
     assert engine.run() == "budget: evaluations"
     assert (handle.recipes, handle.closed) == (2, 1)
+
+
+class Broken:
+    """A fitness broken from the start (a missing file, a wrong endpoint): every evaluation fails the same way."""
+
+    def __init__(self, after: int | None = None):
+        self.after, self.calls = after, 0
+
+    def evaluate(self, c: Candidate) -> Evaluation:
+        self.calls += 1
+        if self.after is not None and self.calls <= self.after:
+            return Scorer().evaluate(c)
+        return Evaluation.failure(c.id, "FileNotFoundError: [Errno 2] No such file or directory: 'dev.jsonl'")
+
+
+def test_a_run_whose_evaluations_all_fail_stops_after_ten_naming_the_error(tmp_path):
+    from evomerge.engine import FAIL_FAST
+
+    engine = _engine(tmp_path / "run", Budget(evaluations=100), scorer=Broken())
+    reason = engine.run()
+    assert reason == (f"failing: the first {FAIL_FAST} evaluations all failed, the first with: FileNotFoundError: "
+                      "[Errno 2] No such file or directory: 'dev.jsonl'")
+    assert engine.store.counts()["evaluations"] == FAIL_FAST
+    engine.store.close()
+    # once one evaluation has succeeded, failures are the search's business (a bad region), never a stop
+    engine = _engine(tmp_path / "mixed", Budget(evaluations=30), scorer=Broken(after=1))
+    assert engine.run() == "budget: evaluations" and engine.store.counts()["failed"] == 29
+    engine.store.close()
