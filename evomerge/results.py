@@ -58,14 +58,15 @@ def hypervolume(values: np.ndarray, ref: np.ndarray) -> float:
 
 
 def knee(values: np.ndarray) -> int:
-    """Index of the knee of the front of `values` (larger is better): the front member with the largest sum of
-    its objectives each scaled to [0, 1] over the front, so every objective counts alike whatever its units;
-    the first in row order on a tie. For two skills it is the most balanced merge on the front."""
+    """Index of the knee of the front of `values` (larger is better): each objective scaled to [0, 1] between
+    its worst and best value in `values`, the front member whose smallest scaled objective is largest (the
+    largest sum breaks a tie, then row order). For two skills it is the merge that keeps the most of its weaker
+    skill; a sum of the scaled objectives instead would pick an extreme of a concave front."""
     front = np.flatnonzero(nondominated(values))
-    vals = values[front]
-    lo, span = vals.min(axis=0), np.ptp(vals, axis=0)
-    scaled = np.where(span > 0, (vals - lo) / np.where(span > 0, span, 1.0), 1.0)
-    return int(front[np.argmax(scaled.sum(axis=1))])
+    lo, span = values.min(axis=0), np.ptp(values, axis=0)
+    scaled = np.where(span > 0, (values[front] - lo) / np.where(span > 0, span, 1.0), 1.0)
+    order = np.lexsort((-scaled.sum(axis=1), -scaled.min(axis=1)))  # stable: row order breaks the last ties
+    return int(front[order[0]])
 
 
 class Run:

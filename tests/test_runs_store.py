@@ -145,6 +145,8 @@ def test_the_knee_is_the_most_balanced_member_of_the_front(tmp_path):
     # a real MATH + FR merge search's shape: one expert's best, the other's, a balanced merge, a dominated one
     vals = np.array([[0.30, 0.11], [0.02, 0.22], [0.20, 0.18], [0.0, 0.0], [0.19, 0.17]])
     assert knee(vals) == 2
+    # a concave front (seed 0 of headline_real's search): a sum of scaled objectives would pick an extreme
+    assert knee(np.array([[0.46, 0.0], [0.06, 0.34], [0.18, 0.22], [0.38, 0.02], [0.0, 0.2]])) == 2
     assert knee(vals[:1]) == 0 and knee(np.array([[1.0, 5.0], [1.0, 5.0]])) == 0  # one point; a tie: the first
     # the run's best follows its config: the first objective by default, the knee with best: knee
     store = RunStore.create(tmp_path / "run", {"best": "knee"}, objectives=[Objective("math", "max"), Objective("fr", "max")],
