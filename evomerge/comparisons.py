@@ -7,7 +7,9 @@ how many evaluations a search did and whether its wall-time cap, rather than its
 """
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,17 @@ def compare_config(cfg: RunConfig, row: str) -> RunConfig:
         if part is not None:
             data[key] = part.model_dump(mode="json", exclude_none=True)
     return parse_config(data)
+
+
+def _what(sub: RunConfig, cfg: RunConfig) -> str:
+    """What the row's search does differently from the run's, in words."""
+    parts = []
+    if sub.optimizer != cfg.optimizer:
+        parts.append(f"optimizer {sub.optimizer.name}")
+    if sub.space != cfg.space:
+        parts.append(f"space {sub.space.name or 'box'} {json.dumps(sub.space.options)}" if sub.space.options else
+                     f"space {sub.space.name or 'box'}")
+    return ", ".join(parts) + ", the run's fitness, budget and seed"
 
 
 def searched(store: Any, budget: dict[str, Any]) -> dict[str, Any]:
@@ -72,11 +85,18 @@ def run_comparison(cfg: RunConfig, run_dir: Path, row: str, *, progress: bool = 
         if progress:
             from rich.progress import Progress
 
+            # a line each side of the bar: a log (no terminal) shows no bar, and a long search must not look hung
+            done = engine.store.counts()["evaluations"]
+            print(f"evomerge: searching for the row {row!r} ({_what(sub, cfg)}; {sub.budget.evaluations or '?'} "
+                  f"evaluations{f', {done} done before' if done else ''}) in {target}", flush=True)
+            t0 = time.monotonic()
             with Progress(transient=True) as bar:
                 task = bar.add_task(f"search for {row}", total=sub.budget.evaluations,
                                     completed=engine.store.counts()["evaluations"])
                 engine.on_progress = lambda p: bar.update(task, completed=p.done)
                 reason = engine.run()
+            print(f"evomerge: row {row!r}: {engine.store.counts()['evaluations']} evaluations, "
+                  f"{time.monotonic() - t0:.0f} s ({reason})", flush=True)
         else:
             reason = engine.run()
     finally:

@@ -79,8 +79,13 @@ def test_every_ready_run_is_valid_and_tested_here():
 @needs_zoo
 def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
     cfg = reduced("demo", tmp_path, evaluations=3)
-    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"))  # not a terminal: as in a log
     assert out.returncode == 0, out.stderr[-2000:]
+    # a log shows no progress bar: each comparison search says when it starts and ends
+    for row, what in (("random search", "optimizer random"), ("global TIES", 'space layer_weights {"method": "ties", '
+                                                                            '"granularity": 0')):
+        assert f"evomerge: searching for the row '{row}' ({what}" in out.stdout
+        assert re.search(rf"evomerge: row '{row}': 3 evaluations, \d+ s \(budget: evaluations\)", out.stdout)
     finished(tmp_path / "run", 3)
     result = table(tmp_path / "run", ["BASE", "MATH", "LANG", "linear average", "task arithmetic", "TIES",
                                       "random search", "global TIES"])
