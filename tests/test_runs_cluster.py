@@ -161,7 +161,8 @@ def test_a_node_then_the_head_lost_are_evomerges_lines_only_and_a_new_head_resum
         lost = [ln for ln in lines if "lost the Ray cluster" in ln]
         assert lost == [lines[-1]] and f"at {address} " in lost[0] and "marked as ended by a lost cluster" in lost[0]
         assert lost[0].endswith(f"evomerge resume {run} --address {address}"), lost[0]
-        assert any("lost evaluating candidate" in ln for ln in lines), out  # the node's loss, in evomerge's words
+        node_lost = [ln for ln in lines if "lost evaluating candidate" in ln]  # the node's loss, in evomerge's words
+        assert node_lost and "(its node was lost)" in node_lost[0] and "OOM" not in node_lost[0], out
         assert (run / "ray.log").is_file()
         state = run_status(run)["state"]
         assert state.startswith("ended by a lost cluster") and address.split(":")[1] in state, state
@@ -184,3 +185,16 @@ def test_a_node_then_the_head_lost_are_evomerges_lines_only_and_a_new_head_resum
     assert p.returncode == 0, p.stderr
     resumed, uninterrupted = _by_candidate(run), _by_candidate(local)
     assert sorted(resumed) == list(range(100)) and resumed == uninterrupted
+
+
+@pytest.mark.parametrize("command", ["run", "resume"])
+@pytest.mark.parametrize("grace", ["0", "-1", "nan", "inf"])
+def test_a_placement_grace_that_is_no_time_is_one_line(tmp_path, monkeypatch, capsys, command, grace):
+    from tests.test_merge_cli import run_cli
+
+    cfg = _write(tmp_path, _box(executor={"kind": "ray", "workers": 1}))
+    target = [str(cfg), "--run-dir", str(tmp_path / "run")] if command == "run" else [str(tmp_path / "run")]
+    code, out, err = run_cli(monkeypatch, capsys, command, *target, "--placement-grace", grace)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"--placement-grace must be a number of seconds > 0, got {float(grace)}" in lines[0], err
+    assert not (tmp_path / "run").exists()
