@@ -247,10 +247,10 @@ class RayExecutor:
                     continue
                 self._load_fails.pop(slot, None)
                 self._idle.append(slot)
-                self._nodes[slot] = ray.get(ref)["node"][:8]
+                self._nodes[slot] = ray.get(ref)["node"]
                 if said or not starting:
                     log.warning("evomerge: worker ray-%d placed on node %s; %d worker%s working", slot,
-                                self._nodes[slot], self.alive(), "s" * (self.alive() > 1))
+                                self._nodes[slot][:8], self.alive(), "s" * (self.alive() > 1))
         now = time.monotonic()
         late = [(ref, slot) for ref, (slot, since, said) in self._placing.items()
                 if not said and now - since >= self.grace and not self._has_node(slot)]
@@ -358,17 +358,18 @@ class RayExecutor:
                         raise ClusterLost(self._gcs) from None
                     # the process died (OOM, kill, node lost) mid-evaluation: a new actor takes the slot once it is
                     # placed and loaded; the candidate is retried on the next free worker
+                    cause = "its node was lost" if _node_gone(self._nodes.get(slot)) else _cause(e)
                     self._actors[slot] = self._spawn(slot)
                     self.replaced += 1
                     retry = attempt <= self.max_retries
                     log.warning("evomerge: worker ray-%d on node %s lost evaluating candidate %d (%s); a replacement is "
-                                "being placed; candidate %d %s", slot, self._nodes.get(slot, "?"), cand.id, _cause(e), cand.id,
+                                "being placed; candidate %d %s", slot, self._nodes.get(slot, "?")[:8], cand.id, cause, cand.id,
                                 f"retried (attempt {attempt + 1})" if retry else "recorded as failed")
                     if retry:
                         self._retry.append((cand, attempt + 1))
                     else:
                         out.append(Evaluation.failure(
-                            cand.id, f"worker died {attempt} times evaluating it: {_cause(e)}",
+                            cand.id, f"worker died {attempt} times evaluating it: {cause}",
                             worker=f"ray-{slot}"))
                 except ray.exceptions.RayError as e:  # the worker raised despite its contract: a failure
                     self._idle.append(slot)
@@ -406,6 +407,17 @@ class ClusterLost(Exception):
 
 
 HEAD_LOST_S = 5.0  # a head silent this long is lost (Ray's driver would wait 60 s, then abort in C++)
+
+
+def _node_gone(node_id: str | None) -> bool:
+    """Whether a node is lost, by Ray's node table (which may say so seconds late) or its raylet's port not
+    answering: an actor's error alone reads the same for a killed process and a node that went away."""
+    import ray
+
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if node is None:
+        return False
+    return not node["Alive"] or not _answers(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
 
 
 def _answers(hostport: str) -> bool:

@@ -101,8 +101,13 @@ class _RayStart:
 
 
 def _cluster(cpus_head: int, cpus_node: int) -> tuple[str, _RayStart, _RayStart]:
+    """A head and a node; the head's temp dir of its own, so its address file (ray_current_cluster, which a bare
+    `ray.init()` joins) stays out of /tmp/ray, where it would outlive the cluster. Short: Ray's socket paths."""
+    import tempfile
+
     port = _free_port()
-    head = _RayStart("--head", f"--port={port}", f"--num-cpus={cpus_head}", "--include-dashboard=false")
+    head = _RayStart("--head", f"--port={port}", f"--num-cpus={cpus_head}", "--include-dashboard=false",
+                     f"--temp-dir={tempfile.mkdtemp(prefix='evr', dir='/tmp')}")
     node = _RayStart(f"--address=127.0.0.1:{port}", f"--num-cpus={cpus_node}")
     return f"127.0.0.1:{port}", head, node
 
