@@ -263,7 +263,8 @@ class RayExecutor:
         need = f"{self._cpus:g} CPU" + (f" + {self._gpus:g} GPU" if self._gpus else "")
         what = (f"{len(self._placing)} worker{'s' * (len(self._placing) > 1)} "
                 f"({', '.join(f'ray-{s}' for s, *_ in self._placing.values())}) not placed after {self.grace:g} s: the "
-                f"cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs free, each worker needs {need}")
+                f"cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs free, each worker needs {need}"
+                f"{_pending_nodes(ray.get_runtime_context().gcs_address)}")
         if not alive:
             raise UserError(f"{what}; no worker is placed: add nodes, or lower executor.workers or "
                             "executor.cpus_per_worker/gpus_per_worker")
@@ -407,6 +408,23 @@ class ClusterLost(Exception):
 
 
 HEAD_LOST_S = 5.0  # a head silent this long is lost (Ray's driver would wait 60 s, then abort in C++)
+
+
+def _pending_nodes(gcs: str) -> str:
+    """What Ray's autoscaler says it is bringing (launches asked for, nodes starting, and what each waits for), as a
+    clause of the shortfall line; "" on a cluster without an autoscaler, or when it brings nothing."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(gcs, timeout=5)
+    except Exception:  # no autoscaler state to read (a cluster started by hand): the shortfall alone
+        return ""
+    parts = [f"{x.count} {x.ray_node_type_name} ({x.instance_type_name}) "
+             + (f"launch failed: {x.details}" if x.state.name == "FAILED" else "being launched")
+             for x in status.pending_launches]
+    parts += [f"{n.ray_node_type_name} {n.ip_address or n.instance_id} {n.details or n.node_status or 'starting'}"
+              for n in status.pending_nodes]
+    return f"; the autoscaler has pending: {', '.join(parts)}" if parts else ""
 
 
 def _node_gone(node_id: str | None) -> bool:
