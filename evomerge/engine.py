@@ -171,6 +171,9 @@ class Engine:
                         self.stop_reason = self._budget_reason()
                     if self.stop_reason is None:
                         self._fill()
+                    if not self.executor.pending() and self.stop_reason is None and self.executor.idle() <= 0:
+                        self._record(self.executor.wait(timeout=1.0))  # every worker is being replaced: not done
+                        continue
                     if not self.executor.pending():
                         if self.stop_reason is None and self._ask_starved:
                             raise RuntimeError("the optimizer returned no candidate while none is being evaluated")

@@ -335,13 +335,13 @@ class RayExecutor:
         out: list[Evaluation] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         self._dispatch_retries()  # a retry and a free worker may meet with nothing else to wait for
-        while not out and (self._running or (self._placing and self._retry)):
+        while not out and (self._running or (self._placing and (self._retry or not self._idle))):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self._placing:  # poll the evaluations in turn with the workers being placed
                 left = min(1.0, left) if left is not None else 1.0
             ready, _ = ray.wait(list(self._running), num_returns=1, timeout=left) if self._running else ([], [])
-            if self._placing:
-                self._settle(time.monotonic())
+            if self._placing:  # with nothing running, the workers being placed are what is waited on
+                self._settle(time.monotonic() + (0.0 if self._running else left))
             if not ready:
                 self._dispatch_retries()
                 if deadline is not None and time.monotonic() >= deadline:
