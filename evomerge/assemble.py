@@ -253,9 +253,11 @@ def prepare(cfg: RunConfig, *, address: str | None = None):
 
 
 def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, address: str | None = None,
-                budget: dict[str, Any] | None = None, on_progress: Any = None, on_plan: Any = None):
+                budget: dict[str, Any] | None = None, on_progress: Any = None, on_plan: Any = None,
+                placement_grace: float | None = None):
     """An Engine over `run_dir`: a new run from `cfg`, or (resume) the stored run, whose config must match
-    `cfg` when one is given; `budget` entries (evaluations, wall_time, cost) raise a resumed run's limits.
+    `cfg` when one is given; `budget` entries (evaluations, wall_time, cost) raise a resumed run's limits;
+    `placement_grace` (--placement-grace) overrides executor.placement_grace for this session.
     Everything is validated and built before the store is created or written; a run whose memory plan does
     not fit this machine is refused (`on_plan` sees the plan first)."""
     from evomerge.engine import Budget, Engine
@@ -295,6 +297,8 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
             store.close()
         raise
     executor = build_executor(cfg, address=address, sources=sources)
+    if placement_grace is not None and hasattr(executor, "grace"):
+        executor.grace = placement_grace
     raised = cfg.to_dict() if store is not None and budget else None  # stored when the resumed log has replayed
     if store is None:
         executor.start()  # workers that cannot start (bad sources, fitness) fail before the run is created

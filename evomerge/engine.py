@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,7 +30,7 @@ from evomerge.executors import Executor, LocalExecutor
 from evomerge.frugal import Planner
 from evomerge.records import Evaluation, Objective, UserError
 from evomerge.recipe import Recipe
-from evomerge.store import RunStore
+from evomerge.store import LOST_CLUSTER, RunStore
 
 log = logging.getLogger("evomerge")
 
@@ -91,6 +94,7 @@ class Engine:
         self.planner = planner  # racing / subset + estimate (evomerge/frugal.py), or None: score everything
         self._meta: dict[int, dict[str, Any]] = {}  # candidates in flight -> their meta (scoring plans)
         self.config = config  # a resumed run's config with a raised budget: stored once its log replayed
+        self._lost_lock = threading.Lock()
 
     # ---- resume ----------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -146,6 +150,8 @@ class Engine:
         if self.config is not None:
             self.store.set_config(self.config)
         session = self.store.begin_session()
+        if hasattr(self.executor, "on_lost"):  # a cluster executor: its head may vanish under the run
+            self.executor.on_lost = lambda gcs, address: self._cluster_lost(session, gcs, address)
         self._t0 = time.monotonic()
         self._elapsed_before = self.store.elapsed()
         counts = self.store.counts()
@@ -169,6 +175,9 @@ class Engine:
                         self.stop_reason = self._budget_reason()
                     if self.stop_reason is None:
                         self._fill()
+                    if not self.executor.pending() and self.stop_reason is None and self.executor.idle() <= 0:
+                        self._record(self.executor.wait(timeout=1.0))  # every worker is being replaced: not done
+                        continue
                     if not self.executor.pending():
                         if self.stop_reason is None and self._ask_starved:
                             raise RuntimeError("the optimizer returned no candidate while none is being evaluated")
@@ -188,6 +197,18 @@ class Engine:
             finally:
                 self.executor.shutdown()
         return self.stop_reason
+
+    def _cluster_lost(self, session: int, gcs: str, address: str | None) -> None:
+        """The cluster's head stopped answering: Ray's driver would freeze for a minute, then abort in C++. The
+        session is marked as ended by a lost cluster (on a connection of its own: this is the executor's watchdog
+        thread), one line says how to resume, and the process ends; what was in flight is re-run by the resume."""
+        with self._lost_lock:  # a second caller waits here for the exit
+            self.store.end_session_apart(session, f"{LOST_CLUSTER}: the Ray head at {gcs} stopped answering")
+            resume = f"evomerge resume {self.store.path.parent}" + (f" --address {address}" if address else "")
+            where = address if address and address != "auto" else gcs
+            print(f"evomerge: lost the Ray cluster at {where} (its head stopped answering); the session is marked as "
+                  f"ended by a lost cluster; start the cluster again, then: {resume}", file=sys.stderr, flush=True)
+            os._exit(3)
 
     def _budget_reason(self) -> str | None:
         b = self.budget

@@ -7,9 +7,11 @@
   its candidate retried up to `max_retries` times, then recorded as failed; a replacement gets candidates
   only once it is placed and loaded. A worker not placed within `placement_grace` seconds is said in one
   line and the run goes on with those placed (it joins when capacity returns), or stops when none is.
-  An actor that dies while loading (its factory raised, or it was killed, e.g. out of memory) is never
-  respawned: at start the run is refused; later its slot is retired with one warning, and the run ends
-  when no worker is left.
+  An actor that dies while loading (its factory raised, or it was killed, e.g. out of memory): at start the
+  run is refused; later (a node that cannot load) its slot is placed again, up to `load_tries` times in a
+  row, then given up with one line; the run ends when no worker is left. A cluster whose head (GCS) stops
+  answering for HEAD_LOST_S is handed to `on_lost` (the engine's), before Ray's driver aborts in C++ a
+  minute later.
 
 This is the only module that imports ray.
 
@@ -22,10 +24,12 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
+from evomerge.quiet import route_ray_loggers
 from evomerge.records import Candidate, Evaluation, UserError
 
 log = logging.getLogger("evomerge")
@@ -124,7 +128,7 @@ class RayExecutor:
     def __init__(
         self, make_worker: WorkerFactory, *, workers: int = 1, cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0, address: str | None = None, max_retries: int = 2,
-        placement_grace: float = 60.0, init_options: dict[str, Any] | None = None,
+        placement_grace: float = 60.0, load_tries: int = 3, init_options: dict[str, Any] | None = None,
     ):
         if workers < 1:
             raise UserError(f"executor.workers must be >= 1, got {workers}")
@@ -134,6 +138,11 @@ class RayExecutor:
         self._address = address
         self.max_retries = max_retries
         self.grace = placement_grace
+        self.load_tries = load_tries
+        # told (head's GCS address, the address the run joined by) when the head is lost; may not return
+        self.on_lost: Callable[[str, str | None], None] | None = None
+        self._watchdog: threading.Event | None = None  # set to stop it
+        self._load_fails: dict[int, int] = {}  # slot -> loads failed in a row since it last loaded
         self._init_options = init_options or {}
         self._owns_ray = False
         self._actors: list[Any] = []  # None: a retired slot (its worker died while loading)
@@ -160,6 +169,8 @@ class RayExecutor:
             except ConnectionError as e:
                 raise UserError(f"cannot join the Ray cluster at {self._address!r}: {e}") from None
             self._owns_ray = True
+            route_ray_loggers()
+            self._watch_head(ray.get_runtime_context().gcs_address)
             if self._address is None:  # a Ray of this machine alone: no node will join, what it lacks never comes
                 self._check_fits(ray.cluster_resources())
         self._remote = ray.remote(_Actor)
@@ -173,6 +184,26 @@ class RayExecutor:
                 raise
             if not self._placing or all(said for _, _, said in self._placing.values()):
                 break
+
+    def _watch_head(self, gcs: str) -> None:
+        """A thread probing the head's GCS port every second: one silent for HEAD_LOST_S is a lost cluster."""
+        self._gcs, stop = gcs, threading.Event()
+        self._watchdog = stop
+
+        def watch() -> None:
+            answered = time.monotonic()
+            while not stop.wait(1.0):
+                if _answers(gcs):
+                    answered = time.monotonic()
+                elif time.monotonic() - answered >= HEAD_LOST_S:
+                    self._lost()
+                    return
+
+        threading.Thread(target=watch, name="evomerge-head-watchdog", daemon=True).start()
+
+    def _lost(self) -> None:
+        if self.on_lost is not None:
+            self.on_lost(self._gcs, self._address)
 
     def _check_fits(self, have: dict[str, float]) -> None:
         """All workers' reservations within this Ray's CPUs and GPUs: an actor that cannot be placed waits for
@@ -212,13 +243,14 @@ class RayExecutor:
                 if why is not None:
                     if starting:
                         raise UserError(why)
-                    self._retire(slot, why)
+                    self._load_failed(slot, why)
                     continue
+                self._load_fails.pop(slot, None)
                 self._idle.append(slot)
-                self._nodes[slot] = ray.get(ref)["node"][:8]
+                self._nodes[slot] = ray.get(ref)["node"]
                 if said or not starting:
                     log.warning("evomerge: worker ray-%d placed on node %s; %d worker%s working", slot,
-                                self._nodes[slot], self.alive(), "s" * (self.alive() > 1))
+                                self._nodes[slot][:8], self.alive(), "s" * (self.alive() > 1))
         now = time.monotonic()
         late = [(ref, slot) for ref, (slot, since, said) in self._placing.items()
                 if not said and now - since >= self.grace and not self._has_node(slot)]
@@ -231,7 +263,8 @@ class RayExecutor:
         need = f"{self._cpus:g} CPU" + (f" + {self._gpus:g} GPU" if self._gpus else "")
         what = (f"{len(self._placing)} worker{'s' * (len(self._placing) > 1)} "
                 f"({', '.join(f'ray-{s}' for s, *_ in self._placing.values())}) not placed after {self.grace:g} s: the "
-                f"cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs free, each worker needs {need}")
+                f"cluster has {free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs free, each worker needs {need}"
+                f"{_pending_nodes(ray.get_runtime_context().gcs_address)}")
         if not alive:
             raise UserError(f"{what}; no worker is placed: add nodes, or lower executor.workers or "
                             "executor.cpus_per_worker/gpus_per_worker")
@@ -260,6 +293,16 @@ class RayExecutor:
             ray.kill(self._actors[slot])
             return f"worker ray-{slot} died while loading: {_raised(e)}"
         return None
+
+    def _load_failed(self, slot: int, why: str) -> None:
+        """A worker that could not load on its node (its sources, its memory) is placed again, maybe elsewhere, up
+        to `load_tries` times in a row; then its slot is given up."""
+        fails = self._load_fails[slot] = self._load_fails.get(slot, 0) + 1
+        if fails >= self.load_tries:
+            self._retire(slot, f"{why}; {fails} loads in a row failed, slot ray-{slot} given up")
+            return
+        self._actors[slot] = self._spawn(slot)
+        log.warning("evomerge: %s; placing it again (try %d of %d)", why, fails + 1, self.load_tries)
 
     def _retire(self, slot: int, why: str) -> None:
         """A worker that cannot load would die again on every respawn: drop its slot and say so, once."""
@@ -292,13 +335,13 @@ class RayExecutor:
         out: list[Evaluation] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         self._dispatch_retries()  # a retry and a free worker may meet with nothing else to wait for
-        while not out and (self._running or (self._placing and self._retry)):
+        while not out and (self._running or (self._placing and (self._retry or not self._idle))):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self._placing:  # poll the evaluations in turn with the workers being placed
                 left = min(1.0, left) if left is not None else 1.0
             ready, _ = ray.wait(list(self._running), num_returns=1, timeout=left) if self._running else ([], [])
-            if self._placing:
-                self._settle(time.monotonic())
+            if self._placing:  # with nothing running, the workers being placed are what is waited on
+                self._settle(time.monotonic() + (0.0 if self._running else left))
             if not ready:
                 self._dispatch_retries()
                 if deadline is not None and time.monotonic() >= deadline:
@@ -311,19 +354,23 @@ class RayExecutor:
                     out.append(Evaluation.from_dict(ray.get(ref)))
                     self._idle.append(slot)
                 except ray.exceptions.RayActorError as e:
+                    if self._watchdog is not None and not _answers(self._gcs):  # the head itself is gone
+                        self._lost()
+                        raise ClusterLost(self._gcs) from None
                     # the process died (OOM, kill, node lost) mid-evaluation: a new actor takes the slot once it is
                     # placed and loaded; the candidate is retried on the next free worker
+                    cause = "its node was lost" if _node_gone(self._nodes.get(slot)) else _cause(e)
                     self._actors[slot] = self._spawn(slot)
                     self.replaced += 1
                     retry = attempt <= self.max_retries
                     log.warning("evomerge: worker ray-%d on node %s lost evaluating candidate %d (%s); a replacement is "
-                                "being placed; candidate %d %s", slot, self._nodes.get(slot, "?"), cand.id, _cause(e), cand.id,
+                                "being placed; candidate %d %s", slot, self._nodes.get(slot, "?")[:8], cand.id, cause, cand.id,
                                 f"retried (attempt {attempt + 1})" if retry else "recorded as failed")
                     if retry:
                         self._retry.append((cand, attempt + 1))
                     else:
                         out.append(Evaluation.failure(
-                            cand.id, f"worker died {attempt} times evaluating it: {_cause(e)}",
+                            cand.id, f"worker died {attempt} times evaluating it: {cause}",
                             worker=f"ray-{slot}"))
                 except ray.exceptions.RayError as e:  # the worker raised despite its contract: a failure
                     self._idle.append(slot)
@@ -339,6 +386,9 @@ class RayExecutor:
     def shutdown(self) -> None:
         import ray
 
+        if self._watchdog is not None:
+            self._watchdog.set()
+            self._watchdog = None
         for a in self._actors:
             try:
                 if a is not None:
@@ -351,6 +401,50 @@ class RayExecutor:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
+
+class ClusterLost(Exception):
+    """The Ray head stopped answering: `on_lost` has been told."""
+
+
+HEAD_LOST_S = 5.0  # a head silent this long is lost (Ray's driver would wait 60 s, then abort in C++)
+
+
+def _pending_nodes(gcs: str) -> str:
+    """What Ray's autoscaler says it is bringing (launches asked for, nodes starting, and what each waits for), as a
+    clause of the shortfall line; "" on a cluster without an autoscaler, or when it brings nothing."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(gcs, timeout=5)
+    except Exception:  # no autoscaler state to read (a cluster started by hand): the shortfall alone
+        return ""
+    parts = [f"{x.count} {x.ray_node_type_name} ({x.instance_type_name}) "
+             + (f"launch failed: {x.details}" if x.state.name == "FAILED" else "being launched")
+             for x in status.pending_launches]
+    parts += [f"{n.ray_node_type_name} {n.ip_address or n.instance_id} {n.details or n.node_status or 'starting'}"
+              for n in status.pending_nodes]
+    return f"; the autoscaler has pending: {', '.join(parts)}" if parts else ""
+
+
+def _node_gone(node_id: str | None) -> bool:
+    """Whether a node is lost, by Ray's node table (which may say so seconds late) or its raylet's port not
+    answering: an actor's error alone reads the same for a killed process and a node that went away."""
+    import ray
+
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if node is None:
+        return False
+    return not node["Alive"] or not _answers(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+
+
+def _answers(hostport: str) -> bool:
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
 
 
 PROBE_S = 10.0  # ray.init retries an unreachable GCS for minutes with no bound a caller can set
@@ -388,9 +482,16 @@ def _raised(e: BaseException) -> str:
 
 
 def _cause(e: BaseException) -> str:
-    """Why an actor died, in one line: the exception its constructor raised, or its process's end."""
+    """Why an actor died, in one line, from Ray's error: the exception its constructor raised, its node lost, Ray's
+    memory monitor, or its process ending (which the kernel's OOM killer may have done)."""
     if getattr(e, "actor_init_failed", False):
         return _raised(e)
-    pid = re.search(r"\bpid: (\d+)", str(e))
+    text = str(e)
+    if re.search(r"node (it was running on )?(is|has) (dead|died)|node has died|node .*(was )?(removed|terminated)", text, re.I):
+        return "its node was lost"
+    dump = "(`evomerge run --dry-run CONFIG` shows the memory plan)"
+    if re.search(r"out of memory|OUT_OF_MEMORY|memory monitor|low on memory", text, re.I):
+        return f"Ray's memory monitor killed it: its node ran low on memory {dump}"
+    pid = re.search(r"\bpid: (\d+)", text)
     return (f"its process{f' (pid {pid.group(1)})' if pid else ''} was killed or exited; on a node short of memory "
-            "the kernel's OOM killer does this (`evomerge run --dry-run CONFIG` shows the memory plan)")
+            f"the kernel's OOM killer does this {dump}")

@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import typer
 
-from evomerge.quiet import own_output
+from evomerge.quiet import own_output, ray_output
 from evomerge.records import UserError
-from evomerge.store import RunLock
+from evomerge.store import LOST_CLUSTER, RunLock
 
 
 def best_text(best: dict[str, float], failed: int, room: int) -> str:
@@ -129,6 +129,12 @@ def _default_run_dir(config: Path) -> Path:
     return target
 
 
+def _grace(seconds: float | None) -> float | None:
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"--placement-grace must be a number of seconds > 0, got {seconds}")
+    return seconds
+
+
 def _show_plan(plan) -> None:
     """The first lines of a run that loads models: its memory plan, per worker and on this node."""
     if plan.loads:
@@ -146,7 +152,8 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="Search seed instead of the config's (repeat a search over seeds)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print the memory plan per worker and per node; load nothing, write nothing."),
-        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
+        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
+        placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
     ) -> None:
         """Start a search (or continue one with --resume)."""
         from evomerge.assemble import open_engine, prepare
@@ -169,8 +176,11 @@ def register(app: typer.Typer) -> None:
             plan.check()
             return
         target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
-        with own_output(verbose):
-            engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan)
+        on_ray = address is not None or cfg.executor.kind == "ray"
+        with own_output(verbose), ray_output(on_ray and not verbose) as settle:
+            engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan,
+                                 placement_grace=_grace(placement_grace))
+            settle(target)
             _tracked(target, engine, quiet)
 
     @app.command("resume")
@@ -181,14 +191,22 @@ def register(app: typer.Typer) -> None:
         wall_time: Optional[str] = typer.Option(None, "--wall-time", help="Raise the wall-time budget (90s, 30m, 6h, 2d)."),
         cost: Optional[float] = typer.Option(None, "--cost", help="Raise the cost budget."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
+        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
+        placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
     ) -> None:
         """Continue a stopped or killed run: replay its store, re-run only what was in flight."""
         from evomerge.assemble import open_engine
+        from evomerge.store import RunStore, is_run_dir
 
         budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
-        with own_output(verbose):
-            engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan)
+        on_ray = address is not None
+        if is_run_dir(run_dir):
+            with RunStore.open(run_dir, readonly=True) as stored:
+                on_ray = on_ray or stored.config.get("executor", {}).get("kind") == "ray"
+        with own_output(verbose), ray_output(on_ray and not verbose) as settle:
+            engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan,
+                                 placement_grace=_grace(placement_grace))
+            settle(run_dir)
             _tracked(run_dir, engine, quiet)
 
     @app.command("holdout")
@@ -316,12 +334,14 @@ def _watch(run_dir: Path, as_json: bool, every: float) -> None:
 
 
 def run_state(holder: str | None, last_stop: str | None) -> str:
-    """Running (a live process holds the run's lock), finished (its budget reached), stopped for another reason,
-    or killed (the lock is free, the last session never ended: its process died without a clean stop)."""
+    """Running (a live process holds the run's lock), finished (its budget reached), ended by a lost cluster,
+    stopped for another reason, or killed (the lock is free, the last session never ended: its process died without a clean stop)."""
     if holder is not None:
         return f"running ({holder})"
     if last_stop is None:
         return "killed (no clean stop; `evomerge resume` continues it)"
+    if last_stop.startswith(LOST_CLUSTER):
+        return f"ended by a lost cluster ({last_stop}); `evomerge resume` on a running cluster continues it"
     return f"{'finished' if last_stop.startswith('budget') else 'stopped'}, last stop: {last_stop}"
 
 

@@ -66,6 +66,7 @@ _ELAPSED = """SELECT COALESCE(SUM(COALESCE(s.ended_at, (
         AND e.finished_at < COALESCE((SELECT MIN(n.started_at) FROM sessions n WHERE n.id > s.id), 1e300)),
     s.started_at) - s.started_at), 0)
 FROM sessions s"""
+LOST_CLUSTER = "cluster lost"  # how a session the Ray head vanished under ends (its reason's first words)
 _TABLES = ("meta", "candidates", "evaluations", "events", "snapshots", "sessions")
 
 
@@ -394,6 +395,16 @@ class RunStore:
     def end_session(self, session: int, reason: str) -> None:
         with self._writing():
             self._con.execute("UPDATE sessions SET ended_at=?, reason=? WHERE id=?", (time.time(), reason, session))
+
+    def end_session_apart(self, session: int, reason: str) -> None:
+        """`end_session` from another thread, on a connection of its own: the store's may be inside a transaction
+        of the main thread, which this commit must not take along half-done."""
+        con = sqlite3.connect(self.path, timeout=30)
+        try:
+            with con:
+                con.execute("UPDATE sessions SET ended_at=?, reason=? WHERE id=?", (time.time(), reason, session))
+        finally:
+            con.close()
 
     # ---- reads ---------------------------------------------------------------------------------
     def resume_snapshot(self) -> tuple[int, Any] | None:

@@ -57,7 +57,8 @@ def test_ray_cluster_yaml_passes_rays_validation_with_excludes_pins_and_apart_se
     cfg = prepare_config(yaml.safe_load((ROOT / "ray_cluster.yaml").read_text()))  # Ray's defaults, as `ray up` fills them
     validate_config(cfg)  # Ray's schema and node-type checks; raises on a bad file
     assert {"**/.venv*", ".git", "/runs/*/", "**/__pycache__"} <= set(cfg["rsync_exclude"]), cfg["rsync_exclude"]
-    assert cfg["file_mounts"] == {"/home/ubuntu/evomerge": "."}  # the code only; models come through each node's HF cache
+    # the code and the shipped lm-eval tasks only; models come through each node's HF cache
+    assert cfg["file_mounts"] == {"/home/ubuntu/evomerge": ".", "/home/ubuntu/evomerge/runs/lmeval_tasks": "./runs/lmeval_tasks"}
     head, gpu = cfg["head_setup_commands"], cfg["available_node_types"]["gpu_worker"]["worker_setup_commands"]
     pin = f'"ray[default]=={ray.__version__}"'  # every node gets the Ray that launched the cluster
     assert any(pin in c for c in head) and any(pin in c for c in gpu), (head, gpu)
@@ -67,3 +68,14 @@ def test_ray_cluster_yaml_passes_rays_validation_with_excludes_pins_and_apart_se
     assert any("evomerge fetch" in c for c in gpu), gpu
     types = cfg["available_node_types"]
     assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0 and types["gpu_worker"]["resources"]["GPU"] >= 1
+
+
+def test_every_folder_the_repo_ships_under_runs_reaches_the_nodes():
+    """rsync_exclude's "/runs/*/" keeps run directories home, and with them any folder of runs/: each one the repo
+    ships (lm-eval task files) must come by a file mount of its own, where that anchored exclude does not apply."""
+    cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    assert "/runs/*/" in cfg["rsync_exclude"]
+    shipped = {p.parent.name for p in (ROOT / "runs").glob("*/*") if p.is_file() and not (p.parent / "run.sqlite").exists()}
+    assert "lmeval_tasks" in shipped
+    mounted = {src.removeprefix("./runs/") for dst, src in cfg["file_mounts"].items() if src.startswith("./runs/")}
+    assert shipped <= mounted and all(cfg["file_mounts"][f"/home/ubuntu/evomerge/runs/{d}"] == f"./runs/{d}" for d in shipped)
