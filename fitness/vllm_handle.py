@@ -7,8 +7,9 @@ through the page cache with every other process on the machine. For each candida
 plain dict of a few hundred bytes, crosses the process boundary (`collective_rpc`); each worker streams
 the merged tensors, one at a time, into its own weight-reload entry point: the model's `load_weights`
 wrapped so that the post-load processing (the CPU build's GEMM weight prepacking, quantization) runs
-again. With tensor parallelism each rank merges every tensor and vLLM's weight loaders keep that rank's
-shard (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them).
+again. With tensor parallelism each rank merges only the entries of each tensor its weight loaders keep,
+learnt from the loaders once per engine (`evomerge_kept_spans`); the rest of the tensor it hands them is left
+unset (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them).
 The prefix cache is then reset, since its KV blocks were computed with the previous weights.
 
 The recipe is checked in this process first (a plan over the memory-mapped sources, headers only), so a
@@ -67,8 +68,8 @@ class WeightPushExtension:
         return self.evomerge_pushes
 
     def evomerge_kept_spans(self) -> dict[str, tuple[tuple[int, int], ...]]:
-        """Checkpoint tensor name -> the flat spans of it this rank's weight loaders keep (tensors kept whole are
-        left out), read from the loaders themselves: every tensor is loaded once as its entries' indices, whose
+        """Checkpoint tensor name -> the flat spans of it this rank's weight loaders keep (tensors kept whole, or
+        copied where no copy is seen, are left out), read from the loaders themselves: every tensor is loaded once as its entries' indices, whose
         copies into the parameters are recorded instead of made (the weights are left unset: a push follows)."""
         source = self.evomerge_materializer.sources[self.evomerge_materializer.reference]
         names = source.names()

