@@ -8,6 +8,8 @@
 #   hf_swap  HF in-place swap vs reload per candidate on the GPU (benchmarks/scoring_speed.py --device cuda)
 #   memory   device bytes per parameter: bf16 scoring model, materializer after load and at its peak; swap times
 #   vllm     recipe push into a running vLLM engine (skipped, with the reason, where unsupported or not installed)
+#   vllm_tp  with two or more GPUs: the push at tensor-parallel sizes 1 and 2, each rank merging its shard only
+#            (benchmarks/vllm_tp.py: seconds and bytes per rank per candidate)
 # Each step has its own time limit inside an overall deadline; a failed step is reported and the others still run.
 # Everything goes to $OUT (default ./gpu_check_out): one log and one JSON per step, summary.txt (also printed).
 set -euo pipefail
@@ -105,12 +107,17 @@ fi
 wait "$VLLM_SETUP" || true
 if [[ "$(cat "$OUT/setup_vllm.rc" 2>/dev/null)" == 0 ]]; then
   step vllm 150 "$VENVS/vllm/bin/python" "${CHECK[@]}" vllm
+  if (($(nvidia-smi -L 2>/dev/null | grep -c '^GPU') >= 2)); then
+    step vllm_tp 240 "$VENVS/vllm/bin/python" benchmarks/vllm_tp.py --models "$CACHE/vllm-tp" --out "$OUT/vllm_tp.json"
+  else
+    say "vllm_tp: SKIPPED (fewer than two GPUs)"
+  fi
 else
   say "vllm: SKIPPED (vllm could not be installed: $(tail -n 1 "$OUT/setup_vllm.log" 2>/dev/null | cut -c1-200))"
 fi
 
 # --- summary ------------------------------------------------------------------------------------------------
-for f in parity memory hf_swap vllm; do
+for f in parity memory hf_swap vllm vllm_tp; do
   [[ -s "$OUT/$f.json" ]] && say "$f.json: $(tr -d '\n' <"$OUT/$f.json" | cut -c1-1200)"
 done
 say "total: $(($(date +%s) - START)) s"

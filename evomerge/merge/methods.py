@@ -42,6 +42,10 @@ class Group:
     tie_order: str = "index"  # which of the equal magnitudes at a trim's threshold survive (sparsify)
     stack: Stack | None = None  # the stack this tensor is a member of: whole-tensor statistics read it whole
     dtype: torch.dtype | None = None  # merged as mergekit does, in this dtype (entries' full() are in it); None: float32 kernels
+    # flat [start, end) ranges of `out` that are wanted (a tensor-parallel rank's shard); None: all of it. A method
+    # that merges only these sets `merged_spans`; the others merge the whole tensor (the spans then equal too)
+    spans: tuple[tuple[int, int], ...] | None = None
+    merged_spans: bool = False
 
     @property
     def base_index(self) -> int | None:
@@ -127,11 +131,24 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
         keeps = [_keep(trim, u, e, g) for u, e in zip(units, entries)]
         if trim == "della":  # a stack member's ranks run along its expert's stacked rows
             keeps = [replace(k, rank=u.rank(u.index), rank_start=u.offset) if k.kind == "della" else k for k, u in zip(keeps, units)]
+        elif g.spans is not None:  # the trims' cuts and draws are by flat index: each span merges as within the whole
+            _gta_spans(g, vectors, keeps, weights, units[0].offset, opts)
+            return
         merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out,
                            offset=units[0].offset, **opts)
 
     return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True,
                   as_mergekit=True)
+
+
+def _gta_spans(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Keep], weights: list[float], offset: int,
+               opts: dict[str, Any]) -> None:
+    """The task-arithmetic merge of g.spans only, with the trims found on the whole tensor (its summaries)."""
+    flats, out = [v.flat() for v in vectors], g.out.reshape(-1)
+    for s, e in g.spans:
+        merge_task_vectors(flats[0][0][s:e], [m[s:e] for _, m in flats], keeps, weights, out=out[s:e],
+                           offset=offset + s, **opts)
+    g.merged_spans = True
 
 
 def _gta_as_mergekit(g: Group, trim: str | None, consensus: bool) -> torch.Tensor:
