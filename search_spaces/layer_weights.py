@@ -3,7 +3,7 @@ module group and each source model, a merge `weight` and (for sparsifying method
 
 Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
 `method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
-task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
+task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus, pcb (its density: the paper's pcb_ratio)), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
 the whole model), `knots` (k >= 2 instead of granularity: each value is a piecewise-linear curve over depth through
 k knots at evenly spaced layers, so a 30-layer model is searched in k values per expert rather than 30), `modules` (a subset of the architecture's module groups — attention, mlp, norms, and
 for mixtures of experts experts, router... — plus embeddings: each gets its own values; the rest of the
@@ -34,7 +34,7 @@ from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
 from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
-METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus")
+METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb")
 WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus")
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 EMBEDDINGS, DEFAULT = "embeddings", "default"
