@@ -196,3 +196,36 @@ def test_footprint_counts_the_operators_own_buffers():
     sizes = {m: _merge_buffers(LayerWeights(sources=["a", "b"], base="base", num_layers=2, method=m), 2, base, {}, False, threads=1).private
              for m in ("task_arithmetic", "tsv_m", "pcb")}
     assert sizes["tsv_m"] == 64_000_000 and sizes["pcb"] == 48_000_000 and sizes["task_arithmetic"] < 2_000_000, sizes
+
+
+def test_lines_scales_each_layers_task_vector_by_start_plus_slope_over_depth(tiny_models):
+    """LiNeS (not in fusion-bench 0.2.33; the paper's lambda_l = alpha + beta * l / (L - 1)): task arithmetic of
+    one expert through the space puts base + lambda_l * tau in layer l, tensor for tensor; two values per expert
+    and parameter, and decode(encode(r)) == r."""
+    import json
+
+    layers = json.loads((tiny_models["base"] / "config.json").read_text())["num_hidden_layers"]
+    space = LayerWeights(sources=["a"], base="base", num_layers=layers, method="task_arithmetic", lines=True)
+    assert space.names() == ["lines_start.default.a.weight", "lines_slope.default.a.weight"] and space.bounds.tolist() == [[0, 1], [-1, 1]]
+    alpha, beta = 0.2, 0.5
+    recipe = space.decode([alpha, beta])
+    assert space.decode(space.encode(recipe)) == recipe and np.allclose(space.encode(recipe), [alpha, beta])
+    merged = Materializer(tiny_models, base="base").materialize(recipe)
+    base, expert = load_checkpoint(tiny_models["base"]), load_checkpoint(tiny_models["a"])
+    for layer in range(layers):
+        scale = alpha + beta * layer / (layers - 1)
+        names = [k for k in base if f"layers.{layer}." in k]
+        assert names and all(torch.allclose(merged[k].float(), base[k].float() + scale * (expert[k].float() - base[k].float()), atol=1e-6) for k in names)
+    with pytest.raises(Exception, match="lines takes the place of knots"):
+        LayerWeights(sources=["a"], base="base", num_layers=4, lines=True, knots=2)
+    ties = LayerWeights(sources=["a", "b"], base="base", num_layers=4, lines=True)
+    assert ties.dim == 8 and ties.decode(ties.encode(ties.decode(ties.initial()))) == ties.decode(ties.initial())
+
+
+def test_lines_round_trips_any_point():
+    space = LayerWeights(sources=["a", "b"], base="base", num_layers=9, lines=True, modules=["mlp"])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        r = space.decode(rng.uniform(space.bounds[:, 0], space.bounds[:, 1]))
+        assert space.decode(space.encode(r)) == r
+        assert all(0 <= v <= 1 for m in r.models for e in m.parameters["weight"] for v in e["value"])
