@@ -3,9 +3,11 @@ module group and each source model, a merge `weight` and (for sparsifying method
 
 Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
 `method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
-task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
+task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus, pcb (its density: the paper's pcb_ratio)), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
 the whole model), `knots` (k >= 2 instead of granularity: each value is a piecewise-linear curve over depth through
-k knots at evenly spaced layers, so a 30-layer model is searched in k values per expert rather than 30), `modules` (a subset of the architecture's module groups — attention, mlp, norms, and
+k knots at evenly spaced layers, so a 30-layer model is searched in k values per expert rather than 30), `lines`
+(LiNeS, Wang et al. 2024: each value is start + slope x l / (L - 1) over the layers l, two values per expert and
+parameter, its end clipped to the parameter's range; the slope ranges over +-(the range's width)), `modules` (a subset of the architecture's module groups — attention, mlp, norms, and
 for mixtures of experts experts, router... — plus embeddings: each gets its own values; the rest of the
 tensors share a default group), `normalize` (sets the recipe's `normalize` when given),
 `negative_weights` (weights range over [-weight_max, weight_max] instead of [0, weight_max]),
@@ -34,7 +36,7 @@ from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
 from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
-METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus")
+METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb")
 WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus")
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 EMBEDDINGS, DEFAULT = "embeddings", "default"
@@ -49,6 +51,7 @@ class LayerWeights(SearchSpace):
         method: str = "ties",
         granularity: int = 1,
         knots: int | None = None,
+        lines: bool = False,
         modules: Sequence[str] = (),
         normalize: bool | None = None,
         negative_weights: bool = False,
@@ -96,7 +99,12 @@ class LayerWeights(SearchSpace):
             self.knots = [round(v) for v in np.linspace(0, self.num_layers - 1, knots)]
             self.groups = [(k, k + 1) for k in self.knots]
             n_groups = knots
-        ranges = {"weight": (-weight_max if negative_weights else 0.0, weight_max), "density": (lo_d, hi_d)}
+        self.lines = bool(lines)
+        if self.lines:  # LiNeS: a start at layer 0 and a slope to the last layer, the knots 0 and L-1 re-parametrised
+            if knots is not None or self.num_layers < 2:
+                raise UserError("lines takes the place of knots and needs num_layers >= 2")
+            self.knots, self.groups, n_groups = [0, self.num_layers - 1], [(0, 1), (1, 2)], 2
+        self.ranges = {"weight": (-weight_max if negative_weights else 0.0, weight_max), "density": (lo_d, hi_d)}
         starts = {"weight": initial_weight, "density": initial_density}
         # slots: (group index or None for embeddings, module, source, param), in genome order
         self._slots: list[tuple[int | None, str, str, str]] = []
@@ -105,13 +113,20 @@ class LayerWeights(SearchSpace):
         for g in range(n_groups):
             self._slots += [(g, m, s, p) for m in self.layer_modules for s in self.sources for p in self.params]
         self._names = [self._name(*slot) for slot in self._slots]
-        self.bounds = np.array([ranges[p] for *_, p in self._slots], dtype=float)
-        self._initial = np.clip([starts[p] for *_, p in self._slots], self.bounds[:, 0], self.bounds[:, 1])
+        self.bounds = np.array([self._slope_range(p) if g == 1 and self.lines else self.ranges[p] for g, _, _, p in self._slots], dtype=float)
+        self._initial = np.clip([0.0 if g == 1 and self.lines else starts[p] for g, _, _, p in self._slots],
+                                self.bounds[:, 0], self.bounds[:, 1])
         self._index = {slot: i for i, slot in enumerate(self._slots)}
+
+    def _slope_range(self, param: str) -> tuple[float, float]:
+        lo, hi = self.ranges[param]
+        return lo - hi, hi - lo
 
     def _name(self, g: int | None, module: str, source: str, param: str) -> str:
         if g is None:
             where = "non_layer"
+        elif self.lines:
+            where = ("lines_start", "lines_slope")[g]
         elif self.knots is not None:
             where = f"knot_layer_{self.knots[g]}"
         elif len(self.groups) == 1:
@@ -124,6 +139,9 @@ class LayerWeights(SearchSpace):
     # a module's value over the layers: scalar for one group, else one entry per layer
     def _layer_value(self, x: np.ndarray, module: str, source: str, param: str) -> float | list[float]:
         values = [float(x[self._index[(g, module, source, param)]]) for g in range(len(self.groups))]
+        if self.lines:  # LiNeS: start + slope * l / (L - 1); its end kept inside the range keeps every layer inside
+            end = float(np.clip(values[0] + values[1], *self.ranges[param]))
+            return np.interp(np.arange(self.num_layers), self.knots, [values[0], end]).tolist()
         if self.knots is not None:
             return np.interp(np.arange(self.num_layers), self.knots, values).tolist()
         if len(values) == 1:
@@ -189,5 +207,15 @@ class LayerWeights(SearchSpace):
             return
         if not isinstance(value, list) or len(value) != self.num_layers:
             raise UserError(f"recipe: {source}.{param} should list {self.num_layers} per-layer values, got {value!r}")
+        if self.lines:
+            start, end = float(value[0]), float(value[-1])
+            slope = end - start
+            for _ in range(4):  # the nearby float slope whose sum gives back the end exactly: decode(encode(r)) == r
+                if start + slope == end:
+                    break
+                slope = float(np.nextafter(slope, math.copysign(math.inf, end - (start + slope))))
+            x[self._index[(0, module, source, param)]] = start
+            x[self._index[(1, module, source, param)]] = slope
+            return
         for g, (lo, _) in enumerate(self.groups):
             x[self._index[(g, module, source, param)]] = float(value[lo])

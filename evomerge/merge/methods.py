@@ -15,7 +15,7 @@ import torch
 
 from evomerge.merge import gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
-from evomerge.merge.params import NON_NEGATIVE, UNIT, ParamSpec
+from evomerge.merge.params import NON_NEGATIVE, UNIT, Interval, ParamSpec
 from evomerge.merge.stackwide import Stack
 from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
@@ -445,4 +445,55 @@ def _tall_consensus(g: Group) -> None:
 register(Method("tall_consensus", _tall_consensus,
                 (ParamSpec("weight", float, 1.0, per_model=True), ParamSpec("lambda", float, 1.0),
                  ParamSpec("tall_mask_lambda", float, 0.4, bounds=NON_NEGATIVE), ParamSpec("k", int, 2, bounds=NON_NEGATIVE)),
+                needs_base=True))
+
+
+# --- pcb: parameter competition balancing (Du et al. 2024; evomerge's own) -------------------------
+
+def _clamp_rows(x: torch.Tensor, low: list[float], high: float) -> torch.Tensor:
+    """Each row clamped between its values at ranks int(d * low_i) and int(d * (1 - high) - 1) in sorted
+    order, as the reference's clamp (a selection, not its sort; a low fraction per row)."""
+    d = x.shape[1]
+    lo = torch.stack([torch.kthvalue(r, int(d * f) + 1).values for r, f in zip(x, low)])
+    hi = torch.kthvalue(x, max(int(d * (1 - high) - 1), 0) + 1, dim=1).values
+    return torch.clamp(x, lo[:, None], hi[:, None])
+
+
+def _min_max(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to [0, 1]; a constant row (the reference's 0/0) is 0, so it contributes nothing."""
+    lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), 0)
+
+
+def pcb_merge(tvs: torch.Tensor, keep: list[float], clamp_ratio: float) -> torch.Tensor:
+    """PCB-Merging of the task vectors (rows), as the authors' PCB_merge: each entry's balance is its own
+    importance within its task (exp(n x min-max(|tau|)^2)) times its agreement with the others
+    (tanh(tau x sum tau)); a task keeps its `keep` fraction of highest balances, rescaled to [0, 1], and
+    the merge is the balance-weighted mean of the outlier-clamped vectors (clamp_ratio off each end of |tau|).
+    Holds about six n x d float32 buffers per tensor."""
+    n = tvs.shape[0]
+    mag = _clamp_rows(tvs.abs(), [clamp_ratio] * n, clamp_ratio)
+    balance = torch.exp(n * _min_max(mag).square_()).mul_(torch.tanh(tvs * tvs.sum(0)))
+    scale = _min_max(_clamp_rows(balance, [1 - k for k in keep], 0.0))
+    return (tvs.sign().mul_(mag).mul_(scale)).sum(0).div_(scale.sum(0).clamp_(min=1e-12))
+
+
+def _pcb(g: Group) -> None:
+    assert g.base is not None
+    base = g.base.full()
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    if not g.non_base:
+        g.out.copy_(base)
+        return
+    tvs = torch.stack([e.vector().delta.to(dtype).reshape(-1) * e.params["weight"] for e in g.non_base])
+    merged = pcb_merge(tvs, [e.params["density"] for e in g.non_base], g.shared["clamp_ratio"]).reshape(base.shape)
+    g.out.copy_((base.to(dtype) + g.shared["lambda"] * merged).to(g.out.dtype))
+
+
+# density: the fraction of each task's entries kept (the paper's pcb_ratio); clamp_ratio: its outlier clamp
+register(Method("pcb", _pcb, (ParamSpec("weight", float, 1.0, per_model=True),
+                              ParamSpec("density", float, 0.1, per_model=True, bounds=Interval(0.0, 1.0, open_low=True)),
+                              ParamSpec("lambda", float, 1.0),
+                              ParamSpec("clamp_ratio", float, 0.0001, bounds=Interval(0.0, 0.25))),
                 needs_base=True))
