@@ -1,11 +1,13 @@
 """Operators beyond mergekit 0.1.5 (issue 28), each against fusion-bench 0.2.33's own functions driven with
 our tensors. fusion-bench's package imports a training stack; its algorithm modules need only torch, so the
 wheel (pip download --no-deps, cached per user) is unpacked and those modules are loaded from its files
-(tall_mask/utils.py imports the package for helpers generate_task_masks does not use: that function alone).
+(tall_mask/utils.py, fisher_merging.py and regmean.py import the package for what their merging functions do not
+use: those functions alone).
 It has no PCB-Merging nor LiNeS."""
 from __future__ import annotations
 
 import ast
+import json
 import importlib.util
 import subprocess
 import sys
@@ -17,8 +19,10 @@ from typing import Optional
 import pytest
 import numpy as np
 import torch
+import transformers
 import yaml
 
+from evomerge.merge import calibration
 from evomerge.merge.materializer import Materializer
 from evomerge.recipe import Recipe
 from evomerge.search_spaces.layer_weights import LayerWeights
@@ -48,8 +52,12 @@ def fusion_bench():
     tall = ast.parse((src / "fusion_bench/method/tall_mask/utils.py").read_text())
     space: dict = {"torch": torch, "Optional": Optional}
     exec(compile(ast.Module([f for f in tall.body if getattr(f, "name", "") == "generate_task_masks"], []), "tall_mask/utils.py", "exec"), space)
-    return SimpleNamespace(tsvm=_load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils"),
-                           generate_task_masks=space["generate_task_masks"])
+    for module, names in (("fisher_merging/fisher_merging.py", ("get_param_squared_gradients", "get_models_fisher_norm", "merging_with_fisher_weights")),
+                          ("regmean/regmean.py", ("reduce_non_diagonal_elements", "merging_with_regmean_weights"))):
+        tree = ast.parse((src / "fusion_bench/method" / module).read_text())
+        space.update(Dict=dict, List=list, Tensor=torch.Tensor, nn=torch.nn)
+        exec(compile(ast.Module([f for f in tree.body if getattr(f, "name", "") in names], []), module, "exec"), space)
+    return SimpleNamespace(tsvm=_load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils"), **space)
 
 
 def _task_vectors(paths: dict, weights: tuple[float, ...]) -> tuple[dict, list[dict]]:
@@ -143,3 +151,95 @@ def test_operators_merge_the_real_test_bed(method, real_zoo, tmp_path):
     merged, base = _merge_real(models, method, tmp_path), load_checkpoint(models["base"])
     assert set(merged) == set(base) and all(merged[k].dtype == torch.bfloat16 and torch.isfinite(merged[k]).all() for k in merged)
     assert sum(not torch.equal(merged[k], base[k]) for k in merged) > 100  # a real merge, not the base copied
+
+
+# --- data-aware merges: fisher, regmean (evomerge/merge/calibration.py) ------------------------------
+
+CALIBRATION = ["The cat sat on the mat while the dog slept by the fire, and nobody minded the rain outside.",
+               "Two plus two is four; four times three is twelve, and twelve less five leaves seven apples.",
+               "Le chat est noir et le chien est blanc; ils dorment ensemble au soleil du matin.",
+               "def f(x):\n    return [y * 2 for y in range(x) if y % 3 == 0]  # multiples of three, doubled"]
+
+
+@pytest.fixture
+def calibration_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in CALIBRATION))
+    return path
+
+
+def _fisher_by_fusion_bench(path: Path, fb) -> dict[str, torch.Tensor]:
+    """fusion-bench's squared gradients of each example's LM loss (get_param_squared_gradients), averaged."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    names = [n for n, _ in model.named_parameters()]
+    total: dict[str, torch.Tensor] = {}
+    for text in CALIBRATION:
+        ids = tok(text, return_tensors="pt").input_ids
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for k, v in fb.get_param_squared_gradients(model, names).items():
+            total[k] = total.get(k, 0) + v
+    return {k: v / len(CALIBRATION) for k, v in total.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fisher_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
+    """Fisher-weighted averaging equals fusion-bench's merging_with_fisher_weights (normalize_fisher_weight off,
+    the weights as its scaling coefficients, epsilon as its minimal_fisher_weight) fed the Fishers its own
+    get_param_squared_gradients gives per calibration example."""
+    paths, weights, eps = family_models(family), (0.7, 1.3), 1e-8
+    cfg = {"merge_method": "fisher", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "epsilon": eps},
+           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(("a", "b"), weights)]}
+    ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
+    fishers = [_fisher_by_fusion_bench(paths[m], fusion_bench) for m in ("a", "b")]
+    params = {k: [load_checkpoint(paths[m])[k].float() for m in ("a", "b")] for k in ours}
+    ref = fusion_bench.merging_with_fisher_weights(params, fishers, torch.tensor(weights), normalize_fisher_weight=False,
+                                                   minimal_fisher_weight=eps)
+    err, where = worst_relative_error(ours, ref)
+    assert err < 1e-5, (err, where)
+    moved = [k for k in ours if not torch.allclose(ours[k], (weights[0] * params[k][0] + weights[1] * params[k][1]) / sum(weights))]
+    assert len(moved) > len(ours) // 2  # the Fisher weighs, not the plain average
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_regmean_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
+    """RegMean equals fusion-bench's merging_with_regmean_weights fed our Gram matrices (linear weights solved,
+    the rest averaged), both solving in float64 from the same float32 weights and statistics (its torch.inverse
+    in float32 alone drifts 1.5e-5 from the float64 answer on these Grams); the head's Gram matrix is the final
+    hidden states' h^T h / tokens, computed apart."""
+    paths, alpha = family_models(family), 0.6
+    cfg = {"merge_method": "regmean", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "alpha": alpha},
+           "models": [{"model": m} for m in ("a", "b")]}
+    ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
+    stats = [calibration.statistics(str(paths[m]), str(calibration_set)) for m in ("a", "b")]
+    grams = [{k.removeprefix(calibration.GRAM): s.get_tensor(k) for k in s.keys() if k.startswith(calibration.GRAM)} for s in stats]
+    params = {k: [load_checkpoint(paths[m])[k].double() for m in ("a", "b")] for k in ours}
+    ref = fusion_bench.merging_with_regmean_weights(params, [{k: v.double() for k, v in g.items()} for g in grams],
+                                                    reduce_non_diagonal_ratio=alpha)
+    err, where = worst_relative_error(ours, ref)
+    assert err < 1e-5, (err, where)
+    solved = [k for k in ours if k.removesuffix(".weight") in grams[0]]
+    assert len(solved) >= 7 and len(solved) < len(ours)
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["a"], dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(paths["a"])
+    with torch.no_grad():
+        h = torch.cat([model(input_ids=tok(t, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states[-1][0]
+                       for t in CALIBRATION])
+    assert torch.allclose(grams[0]["lm_head"], h.T @ h / len(h), rtol=1e-4, atol=1e-6)
+
+
+def test_data_aware_errors_in_evomerge_merge(workdir, monkeypatch, capsys, tmp_path):  # noqa: F811
+    """A bad alpha, a missing or malformed calibration set: one line naming it, nothing written."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"text": "fine"}\n{"txt": 1}\n')
+    cfg = {"merge_method": "regmean", "dtype": "float32", "models": [{"model": "a"}, {"model": "b"}]}
+    for bad, needle in (({**cfg, "parameters": {"calibration": str(bad_rows), "alpha": 1.5}}, "parameter 'alpha' for the recipe must be in [0, 1], got 1.5"),
+                        (cfg, "missing required parameter 'calibration'"),
+                        ({**cfg, "parameters": {"calibration": str(tmp_path / "none.jsonl")}}, "none.jsonl: no such file"),
+                        ({**cfg, "parameters": {"calibration": str(bad_rows)}}, "bad.jsonl line 2: expected"),
+                        ({**cfg, "merge_method": "fisher", "parameters": {"calibration": str(bad_rows), "epsilon": 0}}, "parameter 'epsilon'")):
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
+        assert_failed_cleanly(code, err, workdir / "bad", needle)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from evomerge.merge import gta, rng, sparsify
+from evomerge.merge import calibration, gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
-from evomerge.merge.params import NON_NEGATIVE, UNIT, ParamSpec
+from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, ParamSpec
 from evomerge.merge.stackwide import Stack
 from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
@@ -29,6 +30,7 @@ class Entry:
     params: dict[str, Any]
     full: Callable[[], torch.Tensor]  # this input's tensor in the compute dtype (may be shared: never modify it)
     vector: Callable[[], TaskVector]  # its delta from the group's base, with statistics kept across candidates
+    path: Path | None = None  # its checkpoint (data-aware methods read its calibration statistics)
 
 
 @dataclass
@@ -429,3 +431,50 @@ register(Method("tall_consensus", _tall_consensus,
                 (ParamSpec("weight", float, 1.0, per_model=True), ParamSpec("lambda", float, 1.0),
                  ParamSpec("tall_mask_lambda", float, 0.4, bounds=NON_NEGATIVE), ParamSpec("k", int, 2, bounds=NON_NEGATIVE)),
                 needs_base=True))
+
+
+# --- fisher, regmean: data-aware merges from calibration statistics (evomerge/merge/calibration.py) ----
+
+def _statistic(g: Group, e: Entry, key: str) -> torch.Tensor | None:
+    if e.path is None:
+        raise UserError(f"{g.name}: model {e.model!r} is not a checkpoint on disk; {key.rstrip(':')} statistics need one")
+    stats = calibration.statistics(str(e.path), str(g.shared["calibration"]))
+    name = key + (g.name if key == calibration.FISHER else g.name.removesuffix(".weight"))
+    return stats.get_tensor(name) if name in stats.keys() else None
+
+
+def _fisher(g: Group) -> None:
+    """Fisher-weighted averaging (Matena & Raffel 2022): sum_i w_i (F_i + eps) theta_i / sum_i w_i (F_i + eps),
+    F_i model i's diagonal Fisher on the calibration set (fusion-bench 0.2.33's merging_with_fisher_weights
+    with normalize_fisher_weight off). A tensor without a Fisher (a buffer) is the weighted average."""
+    num = torch.zeros(g.out.shape)
+    den = torch.zeros(g.out.shape)
+    for e in g.entries:
+        f = _statistic(g, e, calibration.FISHER)
+        w = e.params["weight"] * ((f.float() if f is not None else 0.0) + g.shared["epsilon"])
+        num += w * e.full().float()
+        den += w
+    g.out.copy_((num / den).to(g.out.dtype))
+
+
+register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=POSITIVE),
+                                    ParamSpec("calibration", str), ParamSpec("epsilon", float, 1e-6, bounds=POSITIVE)),
+                min_inputs=2, any_out_dtype=True))
+
+
+def _regmean(g: Group) -> None:
+    """RegMean (Jin et al. 2023): a linear layer's weight W = (sum_i G_i')^-1 sum_i G_i' W_i^T (transposed back),
+    G_i its inputs' Gram matrix in model i with the off-diagonal entries scaled by alpha; every other tensor is
+    the models' mean, as the paper and fusion-bench 0.2.33's merging_with_regmean_weights do."""
+    grams = [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries]
+    if any(x is None for x in grams) or g.out.dim() != 2:
+        g.out.copy_(torch.stack([e.full().float() for e in g.entries]).mean(0).to(g.out.dtype))
+        return
+    alpha = g.shared["alpha"]  # solved in float64: a Gram sum's condition number reaches 1e5 on few tokens
+    scaled = [x.double() * alpha + torch.diag(torch.diagonal(x.double())) * (1 - alpha) for x in grams]
+    rhs = sum(x @ e.full().double().T for x, e in zip(scaled, g.entries))
+    g.out.copy_(torch.linalg.solve(sum(scaled), rhs).T.to(g.out.dtype))
+
+
+register(Method("regmean", _regmean, (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT)),
+                min_inputs=2, any_out_dtype=True))
