@@ -57,7 +57,11 @@ def fusion_bench():
         tree = ast.parse((src / "fusion_bench/method" / module).read_text())
         space.update(Dict=dict, List=list, Tensor=torch.Tensor, nn=torch.nn)
         exec(compile(ast.Module([f for f in tree.body if getattr(f, "name", "") in names], []), module, "exec"), space)
-    return SimpleNamespace(tsvm=_load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils"), **space)
+    plus = ast.parse((src / "fusion_bench/method/regmean_plusplus/regmean_plusplus.py").read_text())
+    space_plus = {"torch": torch, "Tensor": torch.Tensor, "List": list}
+    exec(compile(ast.Module([f for f in plus.body if isinstance(f, ast.FunctionDef)], []), "regmean_plusplus.py", "exec"), space_plus)
+    return SimpleNamespace(tsvm=_load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils"),
+                           plus=SimpleNamespace(**space_plus), **space)
 
 
 def _task_vectors(paths: dict, weights: tuple[float, ...]) -> tuple[dict, list[dict]]:
@@ -243,3 +247,40 @@ def test_data_aware_errors_in_evomerge_merge(workdir, monkeypatch, capsys, tmp_p
                         ({**cfg, "merge_method": "fisher", "parameters": {"calibration": str(bad_rows), "epsilon": 0}}, "parameter 'epsilon'")):
         code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
         assert_failed_cleanly(code, err, workdir / "bad", needle)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_regmean_plus_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
+    """RegMean++: fusion-bench's RegMeanAlgorithmPlusPlus needs its model pool and CLIP wrappers, so its math is
+    checked in two parts. (1) Layer l's Gram matrices for model a are those of our merged model with layer l
+    replaced by a's own: its inputs come from the merged layers < l (hooks on that model, computed apart);
+    (2) the merged weights equal fusion-bench's regmean_plusplus merging_with_regmean_weights fed those Grams
+    (float64, as in the RegMean test). And they differ from plain RegMean's."""
+    paths, alpha = family_models(family), 0.8
+    cfg = {"merge_method": "regmean_plus", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "alpha": alpha},
+           "models": [{"model": m} for m in ("a", "b")]}
+    ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
+    stats = calibration.statistics_plus((str(paths["a"]), str(paths["b"])), str(calibration_set), alpha)
+    grams = [{k.split(":", 2)[2]: stats.get_tensor(k).double() for k in stats.keys() if k.startswith(f"{calibration.GRAM}{i}:")} for i in (0, 1)]
+    params = {k: [load_checkpoint(paths[m])[k].double() for m in ("a", "b")] for k in ours}
+    ref = fusion_bench.plus.merging_with_regmean_weights(params, grams, reduce_non_diagonal_ratio=alpha)
+    err, where = worst_relative_error(ours, ref)
+    assert err < 1e-5, (err, where)
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["a"], dtype=torch.float32).eval()
+    model.load_state_dict({k: v for k, v in ours.items()}, strict=False)
+    own = load_checkpoint(paths["a"])
+    tok = transformers.AutoTokenizer.from_pretrained(paths["a"])
+    layer = 1
+    with torch.no_grad():
+        for k, v in own.items():
+            if k.startswith(f"model.layers.{layer}."):
+                model.get_parameter(k).copy_(v.float())
+        seen = []
+        hook = model.model.layers[layer].mlp.down_proj.register_forward_hook(lambda _m, i, _o: seen.append(i[0][0]))
+        for t in CALIBRATION:
+            model(input_ids=tok(t, return_tensors="pt").input_ids)
+        hook.remove()
+    x = torch.cat(seen).double()
+    assert torch.allclose(grams[0][f"model.layers.{layer}.mlp.down_proj"], x.T @ x / len(x), rtol=1e-4, atol=1e-7)
+    plain = Materializer(paths).materialize(Recipe.from_dict({**cfg, "merge_method": "regmean"}))
+    assert not torch.allclose(plain[f"model.layers.{layer}.mlp.down_proj.weight"], ours[f"model.layers.{layer}.mlp.down_proj.weight"])

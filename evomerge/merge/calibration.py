@@ -61,41 +61,155 @@ def statistics_path(source: str | Path, calibration: str | Path) -> Path:
     return cache_dir("calibration", f"{ident}-{calib}.safetensors")
 
 
-def compute(source: str | Path, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Fisher and Gram statistics of the checkpoint at `source` over `texts`, in float32."""
+def _load(source: str | Path):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(source)
-    grams: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
+    return model, transformers.AutoTokenizer.from_pretrained(source)
 
-    def hook(name: str):
+
+def _token_ids(tok, texts: list[str]) -> list[torch.Tensor]:
+    ids = [tok(t, return_tensors="pt").input_ids for t in texts]
+    short = next((t for t, i in zip(texts, ids) if i.shape[1] < 2), None)
+    if short is not None:
+        raise UserError(f"calibration example {short[:40]!r} is under 2 tokens: it has no LM loss")
+    return ids
+
+
+class _Grams:
+    """X^T X / tokens of the inputs of the given linear modules, accumulated over forward passes."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
         def record(_module, inputs, _output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            grams[name] = grams[name] + x.T @ x if name in grams else x.T @ x
-            tokens[name] = tokens.get(name, 0) + x.shape[0]
+            self.sums[name] = self.sums[name] + x.T @ x if name in self.sums else x.T @ x
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {n: g / self.tokens[n] for n, g in self.sums.items()}
+
+
+def _linears(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Module]:
+    return {prefix + n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def compute(source: str | Path, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Fisher and Gram statistics of the checkpoint at `source` over `texts`, in float32."""
+    model, tok = _load(source)
+    grams = _Grams(_linears(model))
     params = dict(model.named_parameters())
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     try:
-        for text in texts:
-            ids = tok(text, return_tensors="pt").input_ids
-            if ids.shape[1] < 2:
-                raise UserError(f"calibration example {text[:40]!r} is under 2 tokens: it has no LM loss")
+        for ids in _token_ids(tok, texts):
             model.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids).loss.backward()
             for n, p in params.items():
                 if p.grad is not None:
                     fisher[n].addcmul_(p.grad, p.grad)
     finally:
-        for h in handles:
-            h.remove()
-    out = {FISHER + n: f / len(texts) for n, f in fisher.items()}
-    out.update({GRAM + n: g / tokens[n] for n, g in grams.items()})
+        out = {GRAM + n: g for n, g in grams.close().items()}
+    out.update({FISHER + n: f / len(texts) for n, f in fisher.items()})
     return out
+
+
+def regmean_solve(grams: list[torch.Tensor], weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """RegMean's merged linear weight (out x in): (sum_i G_i')^-1 sum_i G_i' W_i^T transposed back, G_i' the Gram
+    matrix with its off-diagonal entries scaled by alpha; solved in float64 (a Gram sum's condition number
+    reaches 1e5 on few tokens)."""
+    scaled = [x.double() * alpha + torch.diag(torch.diagonal(x.double())) * (1 - alpha) for x in grams]
+    rhs = sum(x @ w.double().T for x, w in zip(scaled, weights))
+    return torch.linalg.solve(sum(scaled), rhs).T
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    n = model.config.num_hidden_layers
+    found = next(((name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+    if found is None:
+        raise UserError(f"regmean_plus: no list of {n} decoder layers in {type(model).__name__}")
+    return found
+
+
+def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str, torch.Tensor]:
+    """RegMean++ (Nguyen et al. 2025) Gram matrices, `gram:<i>:<module>` for source i: layer l's inputs come from
+    the merged model's own layers < l (merged by RegMean as they go; every tensor outside the decoder layers
+    is the sources' mean), the inside of layer l from source i's own layer l, as fusion-bench 0.2.33's
+    RegMeanAlgorithmPlusPlus. Cost: per layer one forward per source truncated after that layer (L^2 / 2 layer
+    passes per source), every source's weights in memory."""
+    models = [_load(s)[0] for s in sources]
+    merged, tok = _load(sources[0])
+    ids = _token_ids(tok, texts)
+    prefix, layers = _layers(merged)
+    own = [dict(_layers(m)[1].named_parameters()) for m in models]
+    with torch.no_grad():
+        for name, p in merged.named_parameters():
+            if not name.startswith(prefix + "."):
+                p.copy_(torch.stack([dict(m.named_parameters())[name] for m in models]).mean(0))
+    out: dict[str, torch.Tensor] = {}
+
+    def run(grams: _Grams, stop_at: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+        handle = stop_at.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if stop_at is not None else None
+        try:
+            for x in ids:
+                try:
+                    merged(input_ids=x)
+                except _Stop:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+        return grams.close()
+
+    with torch.no_grad():
+        for l, layer in enumerate(layers):
+            params = dict(layer.named_parameters())
+            per_source = []
+            for i in range(len(models)):
+                for n, p in params.items():
+                    p.copy_(own[i][f"{l}.{n}"])
+                per_source.append(run(_Grams(_linears(layer, f"{prefix}.{l}.")), layer))
+            for n, p in params.items():
+                module = f"{prefix}.{l}.{n.removesuffix('.weight')}"
+                weights = [own[i][f"{l}.{n}"] for i in range(len(models))]
+                if n.endswith(".weight") and module in per_source[0]:
+                    p.copy_(regmean_solve([g[module] for g in per_source], weights, alpha))
+                else:
+                    p.copy_(torch.stack(weights).mean(0))
+            out.update({f"{GRAM}{i}:{m}": g for i, grams in enumerate(per_source) for m, g in grams.items()})
+        outside = {n: m for n, m in _linears(merged).items() if not n.startswith(prefix + ".")}
+        head = run(_Grams(outside), None)  # the same inputs for every source: their merged stack's
+        out.update({f"{GRAM}{i}:{m}": g.clone() for i in range(len(models)) for m, g in head.items()})
+    return out
+
+
+def _write(path: Path, stats: dict[str, torch.Tensor], **metadata: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)  # whole or absent: concurrent workers never read half a file
+
+
+@lru_cache(maxsize=16)
+def statistics_plus(sources: tuple[str, ...], calibration: str, alpha: float):
+    """RegMean++'s Gram matrices for these sources in this order (they depend on every source and on alpha), computed
+    and written on first use, keyed by the sources' identities; an open safe_open handle."""
+    texts = read_examples(calibration)
+    key = hashlib.sha256(json.dumps([[str(statistics_path(s, calibration)) for s in sources], alpha]).encode()).hexdigest()[:24]
+    path = cache_dir("calibration", f"plus-{key}.safetensors")
+    if not path.is_file():
+        _write(path, compute_plus(list(sources), texts, alpha), sources=json.dumps(sources), alpha=str(alpha))
+    return safe_open(str(path), framework="pt")
 
 
 @lru_cache(maxsize=64)
@@ -105,9 +219,5 @@ def statistics(source: str, calibration: str):
     texts = read_examples(calibration)
     path = statistics_path(source, calibration)
     if not path.is_file():
-        stats = compute(source, texts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp), metadata={"source": str(source)})
-        tmp.replace(path)  # whole or absent: concurrent workers never read half a file
+        _write(path, compute(source, texts), source=str(source))
     return safe_open(str(path), framework="pt")

@@ -462,19 +462,30 @@ register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=Tr
                 min_inputs=2, any_out_dtype=True))
 
 
+def _regmean_with(g: Group, grams: list[torch.Tensor | None]) -> None:
+    if any(x is None for x in grams) or g.out.dim() != 2:
+        g.out.copy_(torch.stack([e.full().float() for e in g.entries]).mean(0).to(g.out.dtype))
+        return
+    g.out.copy_(calibration.regmean_solve(grams, [e.full() for e in g.entries], g.shared["alpha"]).to(g.out.dtype))
+
+
 def _regmean(g: Group) -> None:
     """RegMean (Jin et al. 2023): a linear layer's weight W = (sum_i G_i')^-1 sum_i G_i' W_i^T (transposed back),
     G_i its inputs' Gram matrix in model i with the off-diagonal entries scaled by alpha; every other tensor is
     the models' mean, as the paper and fusion-bench 0.2.33's merging_with_regmean_weights do."""
-    grams = [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries]
-    if any(x is None for x in grams) or g.out.dim() != 2:
-        g.out.copy_(torch.stack([e.full().float() for e in g.entries]).mean(0).to(g.out.dtype))
-        return
-    alpha = g.shared["alpha"]  # solved in float64: a Gram sum's condition number reaches 1e5 on few tokens
-    scaled = [x.double() * alpha + torch.diag(torch.diagonal(x.double())) * (1 - alpha) for x in grams]
-    rhs = sum(x @ e.full().double().T for x, e in zip(scaled, g.entries))
-    g.out.copy_(torch.linalg.solve(sum(scaled), rhs).T.to(g.out.dtype))
+    _regmean_with(g, [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries])
 
 
-register(Method("regmean", _regmean, (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT)),
-                min_inputs=2, any_out_dtype=True))
+def _regmean_plus(g: Group) -> None:
+    """RegMean++: RegMean whose Gram matrices for layer l are taken on the merged model's own layers < l
+    (calibration.compute_plus). They depend on alpha: a recipe gives regmean_plus one alpha for every tensor."""
+    if any(e.path is None for e in g.entries):
+        raise UserError(f"{g.name}: regmean_plus needs every model as a checkpoint on disk")
+    stats = calibration.statistics_plus(tuple(str(e.path) for e in g.entries), str(g.shared["calibration"]), g.shared["alpha"])
+    keys = [f"{calibration.GRAM}{i}:{g.name.removesuffix('.weight')}" for i in range(len(g.entries))]
+    _regmean_with(g, [stats.get_tensor(k) if g.name.endswith(".weight") and k in stats.keys() else None for k in keys])
+
+
+for _name, _fn in (("regmean", _regmean), ("regmean_plus", _regmean_plus)):
+    register(Method(_name, _fn, (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT)),
+                    min_inputs=2, any_out_dtype=True))
