@@ -1,9 +1,9 @@
-"""The data-aware merges (fisher, regmean) on the real-model test bed (issue 28): SmolLM2-135M's MATH and FR experts
+"""The data-aware merges (fisher, regmean, regmean_plus) on the real-model test bed (issue 28): SmolLM2-135M's MATH and FR experts
 merged from calibration statistics, with the time to compute those statistics and the held-out scores.
 
 Calibration set: the first N examples of each expert's dev file (MATH, FR; never a test example), each as its chat
-turn (prompt, answer, end of turn). Statistics are computed into a fresh EVOMERGE_CACHE (timed per model), the
-merges run through `evomerge merge` (bfloat16, as the test bed's checkpoints), and each merged model is scored
+turn (prompt, answer, end of turn). Statistics are computed into a fresh EVOMERGE_CACHE (timed per model; regmean_plus's,
+which depend on both experts, inside its merge's time), the merges run through `evomerge merge` (bfloat16, as the test bed's checkpoints), and each merged model is scored
 by teacher-forced exact match on the test files (MATH, FR, MATH_FR), as the real zoo's card scores the experts.
 
     python benchmarks/data_aware_real.py [--zoo /work/realzoo] [--per-task 32] [--limit 200] [--out FILE]
@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 TESTS = ["math_test", "fr_test", "math_fr_test"]
-METHODS = {"fisher": {"parameters": {}, "weights": {"math": 1.0, "fr": 1.0}}, "regmean": {"parameters": {"alpha": 0.9}, "weights": None}}
+METHODS = {"fisher": {"parameters": {}, "weights": {"math": 1.0, "fr": 1.0}}, "regmean": {"parameters": {"alpha": 0.9}, "weights": None},
+           "regmean_plus": {"parameters": {"alpha": 0.9}, "weights": None}}
 
 
 def calibration_set(zoo: Path, per_task: int, out: Path) -> Path:

@@ -25,6 +25,7 @@ import yaml
 from evomerge.merge import calibration
 from evomerge.merge.materializer import Materializer
 from evomerge.recipe import Recipe
+from evomerge.records import UserError
 from evomerge.search_spaces.layer_weights import LayerWeights
 from tests.test_merge_cli import assert_failed_cleanly, run_cli, workdir, write_config  # noqa: F401
 from tests.merge_fixtures import load_checkpoint, worst_relative_error
@@ -284,3 +285,17 @@ def test_regmean_plus_equals_fusion_bench(family, family_models, fusion_bench, c
     assert torch.allclose(grams[0][f"model.layers.{layer}.mlp.down_proj"], x.T @ x / len(x), rtol=1e-4, atol=1e-7)
     plain = Materializer(paths).materialize(Recipe.from_dict({**cfg, "merge_method": "regmean"}))
     assert not torch.allclose(plain[f"model.layers.{layer}.mlp.down_proj.weight"], ours[f"model.layers.{layer}.mlp.down_proj.weight"])
+
+
+def test_fisher_searched_in_the_layer_weights_space(tiny_models, calibration_set):
+    """fisher's weights per layer and expert are a layer-weights genome (no base needed); its calibration set
+    is an option of the space, required with fisher and refused without it."""
+    space = LayerWeights(sources=["a", "b"], num_layers=4, method="fisher", granularity=2, calibration=str(calibration_set))
+    recipe = space.decode(space.initial())
+    assert recipe.merge_method == "fisher" and recipe.parameters == {"calibration": str(calibration_set)}
+    merged = Materializer(tiny_models).materialize(recipe)
+    assert np.allclose(space.encode(recipe), space.initial())
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    for kwargs in ({"method": "fisher"}, {"method": "ties", "base": "base", "calibration": str(calibration_set)}):
+        with pytest.raises(UserError, match="`calibration` .* goes with method fisher"):
+            LayerWeights(sources=["a", "b"], num_layers=4, **kwargs)

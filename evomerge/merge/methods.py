@@ -447,6 +447,8 @@ def _fisher(g: Group) -> None:
     """Fisher-weighted averaging (Matena & Raffel 2022): sum_i w_i (F_i + eps) theta_i / sum_i w_i (F_i + eps),
     F_i model i's diagonal Fisher on the calibration set (fusion-bench 0.2.33's merging_with_fisher_weights
     with normalize_fisher_weight off). A tensor without a Fisher (a buffer) is the weighted average."""
+    if not any(e.params["weight"] for e in g.entries):
+        raise UserError(f"{g.name}: fisher needs a weight above 0 for at least one model")
     num = torch.zeros(g.out.shape)
     den = torch.zeros(g.out.shape)
     for e in g.entries:
@@ -457,7 +459,7 @@ def _fisher(g: Group) -> None:
     g.out.copy_((num / den).to(g.out.dtype))
 
 
-register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=POSITIVE),
+register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=NON_NEGATIVE),
                                     ParamSpec("calibration", str), ParamSpec("epsilon", float, 1e-6, bounds=POSITIVE)),
                 min_inputs=2, any_out_dtype=True))
 
