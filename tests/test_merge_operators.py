@@ -299,3 +299,13 @@ def test_fisher_searched_in_the_layer_weights_space(tiny_models, calibration_set
     for kwargs in ({"method": "fisher"}, {"method": "ties", "base": "base", "calibration": str(calibration_set)}):
         with pytest.raises(UserError, match="`calibration` .* goes with method fisher"):
             LayerWeights(sources=["a", "b"], num_layers=4, **kwargs)
+
+
+def test_readme_states_the_statistics_cost():
+    """README's data-aware cost figures are the arithmetic from Llama-2-7B/70B's shapes (layers, hidden, MLP, parameters)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, layers, hidden, mlp, params in (("7B", 32, 4096, 11008, 6.738e9), ("70B", 80, 8192, 28672, 68.977e9)):
+        grams = 4 * (layers * (6 * hidden ** 2 + mlp ** 2) + hidden ** 2)
+        assert f"{name}: {params * 4 / 1e9:.1f} GB" in readme
+        assert f"{name}: {grams / 1e9:.1f} GB" in readme
+        assert f"{grams / params:.2f}" in readme
