@@ -461,7 +461,7 @@ def _fisher(g: Group) -> None:
 
 register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=NON_NEGATIVE),
                                     ParamSpec("calibration", str), ParamSpec("epsilon", float, 1e-6, bounds=POSITIVE)),
-                min_inputs=2, any_out_dtype=True))
+                min_inputs=2))
 
 
 def _regmean_with(g: Group, grams: list[torch.Tensor | None]) -> None:
@@ -490,4 +490,4 @@ def _regmean_plus(g: Group) -> None:
 
 for _name, _fn in (("regmean", _regmean), ("regmean_plus", _regmean_plus)):
     register(Method(_name, _fn, (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT)),
-                    min_inputs=2, any_out_dtype=True))
+                    min_inputs=2))
