@@ -309,3 +309,20 @@ def test_readme_states_the_statistics_cost():
         assert f"{name}: {params * 4 / 1e9:.1f} GB" in readme
         assert f"{name}: {grams / 1e9:.1f} GB" in readme
         assert f"{grams / params:.2f}" in readme
+
+
+def test_statistics_keyed_by_source_identity_and_calibration(tiny_models, calibration_set, tmp_path):
+    """The statistics file is named by the source's content and the calibration file's: a copy of the checkpoint
+    elsewhere shares it, an edited set or another checkpoint at the same path does not."""
+    import shutil
+
+    path = calibration.statistics_path(tiny_models["a"], calibration_set)
+    calibration.statistics(str(tiny_models["a"]), str(calibration_set))
+    assert path.is_file() and path.parent == tmp_path / "cache" / "calibration"
+    copy = shutil.copytree(tiny_models["a"], tmp_path / "copy")
+    assert calibration.statistics_path(copy, calibration_set) == path
+    shutil.copy(tiny_models["b"] / "model.safetensors", copy / "model.safetensors")
+    assert calibration.statistics_path(copy, calibration_set) != path
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(calibration_set.read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert calibration.statistics_path(tiny_models["a"], edited) != path
