@@ -145,32 +145,37 @@ def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str
     """RegMean++ (Nguyen et al. 2025) Gram matrices, `gram:<i>:<module>` for source i: layer l's inputs come from
     the merged model's own layers < l (merged by RegMean as they go; every tensor outside the decoder layers
     is the sources' mean), the inside of layer l from source i's own layer l, as fusion-bench 0.2.33's
-    RegMeanAlgorithmPlusPlus. Cost: per layer one forward per source truncated after that layer (L^2 / 2 layer
-    passes per source), every source's weights in memory."""
+    RegMeanAlgorithmPlusPlus. The examples' hidden states are carried from layer to layer, as fusion-bench
+    carries them: one pass per layer per source, every source's weights and the examples' hidden states in memory."""
     models = [_load(s)[0] for s in sources]
     merged, tok = _load(sources[0])
-    ids = _token_ids(tok, texts)
     prefix, layers = _layers(merged)
     own = [dict(_layers(m)[1].named_parameters()) for m in models]
     with torch.no_grad():
         for name, p in merged.named_parameters():
             if not name.startswith(prefix + "."):
                 p.copy_(torch.stack([dict(m.named_parameters())[name] for m in models]).mean(0))
+    calls = []  # each example's call of layer 0 (hidden states, then the layer's other arguments)
+
+    def first(_module, args, kwargs):
+        calls.append((args, kwargs))
+        raise _Stop()
+
+    handle = layers[0].register_forward_pre_hook(first, with_kwargs=True)
+    ids = _token_ids(tok, texts)
+    with torch.no_grad():
+        for x in ids:
+            try:
+                merged(input_ids=x, use_cache=False)  # a cache in the captured arguments would grow with every call
+            except _Stop:
+                pass
+    handle.remove()
+
+    def forward(layer: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        h = layer(*args, **kwargs)
+        return h[0] if isinstance(h, tuple) else h
+
     out: dict[str, torch.Tensor] = {}
-
-    def run(grams: _Grams, stop_at: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-        handle = stop_at.register_forward_hook(lambda *_: (_ for _ in ()).throw(_Stop())) if stop_at is not None else None
-        try:
-            for x in ids:
-                try:
-                    merged(input_ids=x)
-                except _Stop:
-                    pass
-        finally:
-            if handle is not None:
-                handle.remove()
-        return grams.close()
-
     with torch.no_grad():
         for l, layer in enumerate(layers):
             params = dict(layer.named_parameters())
@@ -178,7 +183,10 @@ def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str
             for i in range(len(models)):
                 for n, p in params.items():
                     p.copy_(own[i][f"{l}.{n}"])
-                per_source.append(run(_Grams(_linears(layer, f"{prefix}.{l}.")), layer))
+                grams = _Grams(_linears(layer, f"{prefix}.{l}."))
+                for args, kwargs in calls:
+                    forward(layer, args, kwargs)
+                per_source.append(grams.close())
             for n, p in params.items():
                 module = f"{prefix}.{l}.{n.removesuffix('.weight')}"
                 weights = [own[i][f"{l}.{n}"] for i in range(len(models))]
@@ -187,10 +195,20 @@ def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str
                 else:
                     p.copy_(torch.stack(weights).mean(0))
             out.update({f"{GRAM}{i}:{m}": g for i, grams in enumerate(per_source) for m, g in grams.items()})
-        outside = {n: m for n, m in _linears(merged).items() if not n.startswith(prefix + ".")}
-        head = run(_Grams(outside), None)  # the same inputs for every source: their merged stack's
+            calls = [_with_hidden(args, kwargs, forward(layer, args, kwargs)) for args, kwargs in calls]
+        grams = _Grams({n: m for n, m in _linears(merged).items() if not n.startswith(prefix + ".")})
+        for x in ids:
+            merged(input_ids=x)  # the head's inputs are the same for every source: their merged stack's
+        head = grams.close()
         out.update({f"{GRAM}{i}:{m}": g.clone() for i in range(len(models)) for m, g in head.items()})
     return out
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    """A layer call's arguments with its hidden states replaced by `h` (the previous layer's output)."""
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
 
 
 def _write(path: Path, stats: dict[str, torch.Tensor], **metadata: str) -> None:
