@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from evomerge.merge.identity import fingerprint
 from evomerge.records import UserError
 
 FISHER, GRAM = "fisher:", "gram:"  # key prefixes: fisher:<parameter>, gram:<linear module>
+_COMPUTING = threading.Lock()  # a merge's threads ask at once: one computes, the rest then read its file
 
 
 def read_examples(path: str | Path) -> list[str]:
@@ -225,8 +227,9 @@ def statistics_plus(sources: tuple[str, ...], calibration: str, alpha: float):
     texts = read_examples(calibration)
     key = hashlib.sha256(json.dumps([[str(statistics_path(s, calibration)) for s in sources], alpha]).encode()).hexdigest()[:24]
     path = cache_dir("calibration", f"plus-{key}.safetensors")
-    if not path.is_file():
-        _write(path, compute_plus(list(sources), texts, alpha), sources=json.dumps(sources), alpha=str(alpha))
+    with _COMPUTING:
+        if not path.is_file():
+            _write(path, compute_plus(list(sources), texts, alpha), sources=json.dumps(sources), alpha=str(alpha))
     return safe_open(str(path), framework="pt")
 
 
@@ -236,6 +239,7 @@ def statistics(source: str, calibration: str):
     (one per process: every tensor of a merge reads it)."""
     texts = read_examples(calibration)
     path = statistics_path(source, calibration)
-    if not path.is_file():
-        _write(path, compute(source, texts), source=str(source))
+    with _COMPUTING:
+        if not path.is_file():
+            _write(path, compute(source, texts), source=str(source))
     return safe_open(str(path), framework="pt")
