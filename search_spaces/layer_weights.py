@@ -3,7 +3,8 @@ module group and each source model, a merge `weight` and (for sparsifying method
 
 Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
 `method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
-task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus, pcb (its density: the paper's pcb_ratio)), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
+task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus, pcb (its density: the paper's pcb_ratio), fisher),
+`calibration` (fisher's calibration JSONL, evomerge/merge/calibration.py; required with it), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
 the whole model), `knots` (k >= 2 instead of granularity: each value is a piecewise-linear curve over depth through
 k knots at evenly spaced layers, so a 30-layer model is searched in k values per expert rather than 30), `lines`
 (LiNeS, Wang et al. 2024: each value is start + slope x l / (L - 1) over the layers l, two values per expert and
@@ -36,8 +37,9 @@ from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
 from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
-METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb")
-WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus")
+METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb", "fisher")
+WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus", "fisher")
+NO_BASE = ("linear", "fisher")
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 EMBEDDINGS, DEFAULT = "embeddings", "default"
 
@@ -62,13 +64,17 @@ class LayerWeights(SearchSpace):
         initial_density: float = 0.5,
         architecture: str = "llama",
         tied_embeddings: bool = False,
+        calibration: str | None = None,
     ) -> None:
         if method not in METHODS:
             raise UserError(f"unknown merge method {method!r} for layer_weights; valid: {', '.join(METHODS)}")
         self.sources = check_sources(sources)
         self.num_layers = check_layers(num_layers)
-        if base is None and method != "linear":
+        if base is None and method not in NO_BASE:
             raise UserError(f"method {method!r} needs a base model: set `base`")
+        if (method == "fisher") != (calibration is not None):
+            raise UserError("layer_weights: `calibration` (a JSONL file) goes with method fisher, and only with it")
+        self.calibration = calibration
         if base in self.sources:
             raise UserError(f"base {base!r} is also listed as a source")
         family = arch.family(architecture)
@@ -170,7 +176,8 @@ class LayerWeights(SearchSpace):
             merge_method=self.method,
             models=models,
             base_model=self.base,
-            parameters={} if self.normalize is None else {"normalize": bool(self.normalize)},
+            parameters={**({} if self.normalize is None else {"normalize": bool(self.normalize)}),
+                        **({} if self.calibration is None else {"calibration": self.calibration})},
             seed=self.merge_seed if self.method in RANDOM else None,
         )
 

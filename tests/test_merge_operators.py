@@ -1,11 +1,12 @@
 """Operators beyond mergekit 0.1.5 (issue 28), each against fusion-bench 0.2.33's own functions driven with
 our tensors. fusion-bench's package imports a training stack; its algorithm modules need only torch, so the
 wheel (pip download --no-deps, cached per user) is unpacked and those modules are loaded from its files
-(tall_mask/utils.py imports the package for helpers generate_task_masks does not use: that function alone).
-It has no PCB-Merging nor LiNeS: PCB is checked against the paper's steps."""
+(tall_mask/utils.py, fisher_merging.py and regmean.py import the package for what their merging functions do not
+use: those functions alone). It has no PCB-Merging nor LiNeS: PCB is checked against the paper's steps."""
 from __future__ import annotations
 
 import ast
+import json
 import importlib.util
 import subprocess
 import sys
@@ -17,10 +18,13 @@ from typing import Optional
 import pytest
 import numpy as np
 import torch
+import transformers
 import yaml
 
+from evomerge.merge import calibration
 from evomerge.merge.materializer import Materializer
 from evomerge.recipe import Recipe
+from evomerge.records import UserError
 from evomerge.search_spaces.layer_weights import LayerWeights
 from tests.test_merge_cli import assert_failed_cleanly, run_cli, workdir, write_config  # noqa: F401
 from tests.merge_fixtures import load_checkpoint, worst_relative_error
@@ -48,8 +52,16 @@ def fusion_bench():
     tall = ast.parse((src / "fusion_bench/method/tall_mask/utils.py").read_text())
     space: dict = {"torch": torch, "Optional": Optional}
     exec(compile(ast.Module([f for f in tall.body if getattr(f, "name", "") == "generate_task_masks"], []), "tall_mask/utils.py", "exec"), space)
+    for module, names in (("fisher_merging/fisher_merging.py", ("get_param_squared_gradients", "get_models_fisher_norm", "merging_with_fisher_weights")),
+                          ("regmean/regmean.py", ("reduce_non_diagonal_elements", "merging_with_regmean_weights"))):
+        tree = ast.parse((src / "fusion_bench/method" / module).read_text())
+        space.update(Dict=dict, List=list, Tensor=torch.Tensor, nn=torch.nn)
+        exec(compile(ast.Module([f for f in tree.body if getattr(f, "name", "") in names], []), module, "exec"), space)
+    plus = ast.parse((src / "fusion_bench/method/regmean_plusplus/regmean_plusplus.py").read_text())
+    space_plus = {"torch": torch, "Tensor": torch.Tensor, "List": list}
+    exec(compile(ast.Module([f for f in plus.body if isinstance(f, ast.FunctionDef)], []), "regmean_plusplus.py", "exec"), space_plus)
     return SimpleNamespace(tsvm=_load(src, "fusion_bench.method.task_singular_vector.utils.TSVM_utils"),
-                           generate_task_masks=space["generate_task_masks"])
+                           plus=SimpleNamespace(**space_plus), **space)
 
 
 def _task_vectors(paths: dict, weights: tuple[float, ...]) -> tuple[dict, list[dict]]:
@@ -183,6 +195,96 @@ def test_pcb_parameters_checked_before_any_merge(workdir, monkeypatch, capsys): 
     for bad, needle in (({**cfg, "parameters": {"clamp_ratio": 0.4}}, "parameter 'clamp_ratio' for the recipe must be in [0, 0.25], got 0.4"),
                         ({**cfg, "models": [{"model": "a", "parameters": {"density": 0}}, {"model": "b"}]}, "parameter 'density'"),
                         ({**cfg, "base_model": None}, "pcb needs a base_model")):
+
+
+# --- data-aware merges: fisher, regmean (evomerge/merge/calibration.py) ------------------------------
+
+CALIBRATION = ["The cat sat on the mat while the dog slept by the fire, and nobody minded the rain outside.",
+               "Two plus two is four; four times three is twelve, and twelve less five leaves seven apples.",
+               "Le chat est noir et le chien est blanc; ils dorment ensemble au soleil du matin.",
+               "def f(x):\n    return [y * 2 for y in range(x) if y % 3 == 0]  # multiples of three, doubled"]
+
+
+@pytest.fixture
+def calibration_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in CALIBRATION))
+    return path
+
+
+def _fisher_by_fusion_bench(path: Path, fb) -> dict[str, torch.Tensor]:
+    """fusion-bench's squared gradients of each example's LM loss (get_param_squared_gradients), averaged."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    names = [n for n, _ in model.named_parameters()]
+    total: dict[str, torch.Tensor] = {}
+    for text in CALIBRATION:
+        ids = tok(text, return_tensors="pt").input_ids
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for k, v in fb.get_param_squared_gradients(model, names).items():
+            total[k] = total.get(k, 0) + v
+    return {k: v / len(CALIBRATION) for k, v in total.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fisher_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
+    """Fisher-weighted averaging equals fusion-bench's merging_with_fisher_weights (normalize_fisher_weight off,
+    the weights as its scaling coefficients, epsilon as its minimal_fisher_weight) fed the Fishers its own
+    get_param_squared_gradients gives per calibration example."""
+    paths, weights, eps = family_models(family), (0.7, 1.3), 1e-8
+    cfg = {"merge_method": "fisher", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "epsilon": eps},
+           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(("a", "b"), weights)]}
+    ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
+    fishers = [_fisher_by_fusion_bench(paths[m], fusion_bench) for m in ("a", "b")]
+    params = {k: [load_checkpoint(paths[m])[k].float() for m in ("a", "b")] for k in ours}
+    ref = fusion_bench.merging_with_fisher_weights(params, fishers, torch.tensor(weights), normalize_fisher_weight=False,
+                                                   minimal_fisher_weight=eps)
+    err, where = worst_relative_error(ours, ref)
+    assert err < 1e-5, (err, where)
+    moved = [k for k in ours if not torch.allclose(ours[k], (weights[0] * params[k][0] + weights[1] * params[k][1]) / sum(weights))]
+    assert len(moved) > len(ours) // 2  # the Fisher weighs, not the plain average
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_regmean_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
+    """RegMean equals fusion-bench's merging_with_regmean_weights fed our Gram matrices (linear weights solved,
+    the rest averaged), both solving in float64 from the same float32 weights and statistics (its torch.inverse
+    in float32 alone drifts 1.5e-5 from the float64 answer on these Grams); the head's Gram matrix is the final
+    hidden states' h^T h / tokens, computed apart."""
+    paths, alpha = family_models(family), 0.6
+    cfg = {"merge_method": "regmean", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "alpha": alpha},
+           "models": [{"model": m} for m in ("a", "b")]}
+    ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
+    stats = [calibration.statistics(str(paths[m]), str(calibration_set)) for m in ("a", "b")]
+    grams = [{k.removeprefix(calibration.GRAM): s.get_tensor(k) for k in s.keys() if k.startswith(calibration.GRAM)} for s in stats]
+    params = {k: [load_checkpoint(paths[m])[k].double() for m in ("a", "b")] for k in ours}
+    ref = fusion_bench.merging_with_regmean_weights(params, [{k: v.double() for k, v in g.items()} for g in grams],
+                                                    reduce_non_diagonal_ratio=alpha)
+    err, where = worst_relative_error(ours, ref)
+    assert err < 1e-5, (err, where)
+    solved = [k for k in ours if k.removesuffix(".weight") in grams[0]]
+    assert len(solved) >= 7 and len(solved) < len(ours)
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["a"], dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(paths["a"])
+    with torch.no_grad():
+        h = torch.cat([model(input_ids=tok(t, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states[-1][0]
+                       for t in CALIBRATION])
+    assert torch.allclose(grams[0]["lm_head"], h.T @ h / len(h), rtol=1e-4, atol=1e-6)
+
+
+def test_data_aware_errors_in_evomerge_merge(workdir, monkeypatch, capsys, tmp_path):  # noqa: F811
+    """A bad alpha, a missing or malformed calibration set: one line naming it, nothing written."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"text": "fine"}\n{"txt": 1}\n')
+    cfg = {"merge_method": "regmean", "dtype": "float32", "models": [{"model": "a"}, {"model": "b"}]}
+    for bad, needle in (({**cfg, "parameters": {"calibration": str(bad_rows), "alpha": 1.5}}, "parameter 'alpha' for the recipe must be in [0, 1], got 1.5"),
+                        (cfg, "missing required parameter 'calibration'"),
+                        ({**cfg, "parameters": {"calibration": str(tmp_path / "none.jsonl")}}, "none.jsonl: no such file"),
+                        ({**cfg, "parameters": {"calibration": str(bad_rows)}}, "bad.jsonl line 2: expected"),
+                        ({**cfg, "merge_method": "fisher", "parameters": {"calibration": str(bad_rows), "epsilon": 0}}, "parameter 'epsilon'")):
         code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
         assert_failed_cleanly(code, err, workdir / "bad", needle)
 
@@ -229,3 +331,81 @@ def test_lines_round_trips_any_point():
         r = space.decode(rng.uniform(space.bounds[:, 0], space.bounds[:, 1]))
         assert space.decode(space.encode(r)) == r
         assert all(0 <= v <= 1 for m in r.models for e in m.parameters["weight"] for v in e["value"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_regmean_plus_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
+    """RegMean++: fusion-bench's RegMeanAlgorithmPlusPlus needs its model pool and CLIP wrappers, so its math is
+    checked in two parts. (1) Layer l's Gram matrices for model a are those of our merged model with layer l
+    replaced by a's own: its inputs come from the merged layers < l (hooks on that model, computed apart);
+    (2) the merged weights equal fusion-bench's regmean_plusplus merging_with_regmean_weights fed those Grams
+    (float64, as in the RegMean test). And they differ from plain RegMean's."""
+    paths, alpha = family_models(family), 0.8
+    cfg = {"merge_method": "regmean_plus", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "alpha": alpha},
+           "models": [{"model": m} for m in ("a", "b")]}
+    ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
+    stats = calibration.statistics_plus((str(paths["a"]), str(paths["b"])), str(calibration_set), alpha)
+    grams = [{k.split(":", 2)[2]: stats.get_tensor(k).double() for k in stats.keys() if k.startswith(f"{calibration.GRAM}{i}:")} for i in (0, 1)]
+    params = {k: [load_checkpoint(paths[m])[k].double() for m in ("a", "b")] for k in ours}
+    ref = fusion_bench.plus.merging_with_regmean_weights(params, grams, reduce_non_diagonal_ratio=alpha)
+    err, where = worst_relative_error(ours, ref)
+    assert err < 1e-5, (err, where)
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["a"], dtype=torch.float32).eval()
+    model.load_state_dict({k: v for k, v in ours.items()}, strict=False)
+    own = load_checkpoint(paths["a"])
+    tok = transformers.AutoTokenizer.from_pretrained(paths["a"])
+    layer = 1
+    with torch.no_grad():
+        for k, v in own.items():
+            if k.startswith(f"model.layers.{layer}."):
+                model.get_parameter(k).copy_(v.float())
+        seen = []
+        hook = model.model.layers[layer].mlp.down_proj.register_forward_hook(lambda _m, i, _o: seen.append(i[0][0]))
+        for t in CALIBRATION:
+            model(input_ids=tok(t, return_tensors="pt").input_ids)
+        hook.remove()
+    x = torch.cat(seen).double()
+    assert torch.allclose(grams[0][f"model.layers.{layer}.mlp.down_proj"], x.T @ x / len(x), rtol=1e-4, atol=1e-7)
+    plain = Materializer(paths).materialize(Recipe.from_dict({**cfg, "merge_method": "regmean"}))
+    assert not torch.allclose(plain[f"model.layers.{layer}.mlp.down_proj.weight"], ours[f"model.layers.{layer}.mlp.down_proj.weight"])
+
+
+def test_fisher_searched_in_the_layer_weights_space(tiny_models, calibration_set):
+    """fisher's weights per layer and expert are a layer-weights genome (no base needed); its calibration set
+    is an option of the space, required with fisher and refused without it."""
+    space = LayerWeights(sources=["a", "b"], num_layers=4, method="fisher", granularity=2, calibration=str(calibration_set))
+    recipe = space.decode(space.initial())
+    assert recipe.merge_method == "fisher" and recipe.parameters == {"calibration": str(calibration_set)}
+    merged = Materializer(tiny_models).materialize(recipe)
+    assert np.allclose(space.encode(recipe), space.initial())
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    for kwargs in ({"method": "fisher"}, {"method": "ties", "base": "base", "calibration": str(calibration_set)}):
+        with pytest.raises(UserError, match="`calibration` .* goes with method fisher"):
+            LayerWeights(sources=["a", "b"], num_layers=4, **kwargs)
+
+
+def test_readme_states_the_statistics_cost():
+    """README's data-aware cost figures are the arithmetic from Llama-2-7B/70B's shapes (layers, hidden, MLP, parameters)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, layers, hidden, mlp, params in (("7B", 32, 4096, 11008, 6.738e9), ("70B", 80, 8192, 28672, 68.977e9)):
+        grams = 4 * (layers * (6 * hidden ** 2 + mlp ** 2) + hidden ** 2)
+        assert f"{name}: {params * 4 / 1e9:.1f} GB" in readme
+        assert f"{name}: {grams / 1e9:.1f} GB" in readme
+        assert f"{grams / params:.2f}" in readme
+
+
+def test_statistics_keyed_by_source_identity_and_calibration(tiny_models, calibration_set, tmp_path):
+    """The statistics file is named by the source's content and the calibration file's: a copy of the checkpoint
+    elsewhere shares it, an edited set or another checkpoint at the same path does not."""
+    import shutil
+
+    path = calibration.statistics_path(tiny_models["a"], calibration_set)
+    calibration.statistics(str(tiny_models["a"]), str(calibration_set))
+    assert path.is_file() and path.parent == tmp_path / "cache" / "calibration"
+    copy = shutil.copytree(tiny_models["a"], tmp_path / "copy")
+    assert calibration.statistics_path(copy, calibration_set) == path
+    shutil.copy(tiny_models["b"] / "model.safetensors", copy / "model.safetensors")
+    assert calibration.statistics_path(copy, calibration_set) != path
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(calibration_set.read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert calibration.statistics_path(tiny_models["a"], edited) != path

@@ -314,7 +314,8 @@ class Materializer:
         for i, inp in enumerate(p.inputs):
             where = f"model {inp.model!r} at {inp.tensor}"
             params = {s.name: resolve(s, inp.scopes, inp.tensor, p.t, where) for s in method.model_params(i == p.base)}
-            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor, low, method.as_mergekit), self._vector_fn(merge, p, i)))
+            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor, low, method.as_mergekit), self._vector_fn(merge, p, i),
+                                 self.sources[inp.model].path if inp.model in self.sources else None))
         shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
         base = entries[p.base] if p.base is not None else None
         stack = None

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from evomerge.merge import gta, rng, sparsify
+from evomerge.merge import calibration, gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
-from evomerge.merge.params import NON_NEGATIVE, UNIT, Interval, ParamSpec
+from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, Interval, ParamSpec
 from evomerge.merge.stackwide import Stack
 from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
@@ -29,6 +30,7 @@ class Entry:
     params: dict[str, Any]
     full: Callable[[], torch.Tensor]  # this input's tensor in the compute dtype (may be shared: never modify it)
     vector: Callable[[], TaskVector]  # its delta from the group's base, with statistics kept across candidates
+    path: Path | None = None  # its checkpoint (data-aware methods read its calibration statistics)
 
 
 @dataclass
@@ -497,3 +499,63 @@ register(Method("pcb", _pcb, (ParamSpec("weight", float, 1.0, per_model=True),
                               ParamSpec("lambda", float, 1.0),
                               ParamSpec("clamp_ratio", float, 0.0001, bounds=Interval(0.0, 0.25))),
                 needs_base=True))
+
+
+# --- fisher, regmean: data-aware merges from calibration statistics (evomerge/merge/calibration.py) ----
+
+def _statistic(g: Group, e: Entry, key: str) -> torch.Tensor | None:
+    if e.path is None:
+        raise UserError(f"{g.name}: model {e.model!r} is not a checkpoint on disk; {key.rstrip(':')} statistics need one")
+    stats = calibration.statistics(str(e.path), str(g.shared["calibration"]))
+    name = key + (g.name if key == calibration.FISHER else g.name.removesuffix(".weight"))
+    return stats.get_tensor(name) if name in stats.keys() else None
+
+
+def _fisher(g: Group) -> None:
+    """Fisher-weighted averaging (Matena & Raffel 2022): sum_i w_i (F_i + eps) theta_i / sum_i w_i (F_i + eps),
+    F_i model i's diagonal Fisher on the calibration set (fusion-bench 0.2.33's merging_with_fisher_weights
+    with normalize_fisher_weight off). A tensor without a Fisher (a buffer) is the weighted average."""
+    if not any(e.params["weight"] for e in g.entries):
+        raise UserError(f"{g.name}: fisher needs a weight above 0 for at least one model")
+    num = torch.zeros(g.out.shape)
+    den = torch.zeros(g.out.shape)
+    for e in g.entries:
+        f = _statistic(g, e, calibration.FISHER)
+        w = e.params["weight"] * ((f.float() if f is not None else 0.0) + g.shared["epsilon"])
+        num += w * e.full().float()
+        den += w
+    g.out.copy_((num / den).to(g.out.dtype))
+
+
+register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=NON_NEGATIVE),
+                                    ParamSpec("calibration", str), ParamSpec("epsilon", float, 1e-6, bounds=POSITIVE)),
+                min_inputs=2))
+
+
+def _regmean_with(g: Group, grams: list[torch.Tensor | None]) -> None:
+    if any(x is None for x in grams) or g.out.dim() != 2:
+        g.out.copy_(torch.stack([e.full().float() for e in g.entries]).mean(0).to(g.out.dtype))
+        return
+    g.out.copy_(calibration.regmean_solve(grams, [e.full() for e in g.entries], g.shared["alpha"]).to(g.out.dtype))
+
+
+def _regmean(g: Group) -> None:
+    """RegMean (Jin et al. 2023): a linear layer's weight W = (sum_i G_i')^-1 sum_i G_i' W_i^T (transposed back),
+    G_i its inputs' Gram matrix in model i with the off-diagonal entries scaled by alpha; every other tensor is
+    the models' mean, as the paper and fusion-bench 0.2.33's merging_with_regmean_weights do."""
+    _regmean_with(g, [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries])
+
+
+def _regmean_plus(g: Group) -> None:
+    """RegMean++: RegMean whose Gram matrices for layer l are taken on the merged model's own layers < l
+    (calibration.compute_plus). They depend on alpha: a recipe gives regmean_plus one alpha for every tensor."""
+    if any(e.path is None for e in g.entries):
+        raise UserError(f"{g.name}: regmean_plus needs every model as a checkpoint on disk")
+    stats = calibration.statistics_plus(tuple(str(e.path) for e in g.entries), str(g.shared["calibration"]), g.shared["alpha"])
+    keys = [f"{calibration.GRAM}{i}:{g.name.removesuffix('.weight')}" for i in range(len(g.entries))]
+    _regmean_with(g, [stats.get_tensor(k) if g.name.endswith(".weight") and k in stats.keys() else None for k in keys])
+
+
+for _name, _fn in (("regmean", _regmean), ("regmean_plus", _regmean_plus)):
+    register(Method(_name, _fn, (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT)),
+                    min_inputs=2))
