@@ -114,3 +114,12 @@ def test_map_on_the_zoo_finishes_with_a_front_and_resumes_after_sigkill_to_the_s
     assert out.returncode == 0, out.stderr[-2000:]
     assert "replaying the whole log" not in out.stderr
     assert _history(run_dir) == (ref_evals, ref_events)
+
+
+@needs_zoo
+def test_a_bad_map_option_in_a_run_config_is_one_line_and_writes_nothing(tmp_path):
+    cfg = reduced("demo_pareto", tmp_path, evaluations=4, holdout=None, optimizer={"name": "map", "options": {"initial": 3}})
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q")
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "initial must be an integer >= " in out.stderr, out.stderr
+    assert not (tmp_path / "run" / "run.sqlite").exists()
