@@ -71,7 +71,7 @@ class SpaceConfig(_Strict):
         return self
 
 
-FRONT_OPTIMIZERS = ("nsga2",)  # they search a front over every objective
+FRONT_OPTIMIZERS = ("nsga2", "map")  # they search a front over every objective
 
 
 class OptimizerConfig(_Strict):

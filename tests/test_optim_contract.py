@@ -24,9 +24,10 @@ CONFIGS = {
     "optuna-nsga2": ("optuna", {"sampler": "nsga2"}),
     "nevergrad-de": ("nevergrad", {"optimizer": "TwoPointsDE", "num_workers": 4}),
     "nevergrad-1+1": ("nevergrad", {"optimizer": "OnePlusOne", "num_workers": 4}),
+    "map": ("map", {}),
 }
 LEARNERS = [k for k in CONFIGS if k != "random"]
-MULTI = ["nsga2", "optuna-tpe", "optuna-nsga2"]
+MULTI = ["nsga2", "optuna-tpe", "optuna-nsga2", "map"]
 
 
 def build(key, objectives=SPHERE_OBJ, bounds=SPHERE_BOUNDS, seed=0):
@@ -152,7 +153,7 @@ def test_generational_optimizers_wait_for_the_generation(key):
     assert len(opt.ask(5)) == 5
 
 
-@pytest.mark.parametrize("key", ["random", "cmaes", "nsga2", "m2n2", "optuna-tpe", "nevergrad-de"])
+@pytest.mark.parametrize("key", ["random", "cmaes", "nsga2", "m2n2", "optuna-tpe", "nevergrad-de", "map"])
 def test_x0_is_used(key):
     x0 = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
     name, options = CONFIGS[key]

@@ -77,11 +77,12 @@ _SKILL = {"function": "runs_fixtures:logged_skill_examples", "objectives": [{"na
     ({"name": "optuna", "options": {"sampler": "cmaes", "sampler_options": {"popsize": 6}}}, None),
     ({"name": "optuna", "options": {"sampler": "nsga2", "sampler_options": {"population_size": 6}}}, None),
     ({"name": "nevergrad", "options": {"optimizer": "TwoPointsDE", "num_workers": 4}}, None),
+    ({"name": "map", "options": {"initial": 10, "batch": 3}}, None),
     # racing and anchor state (thresholds, strata, the plans of candidates in flight) restored exactly
     ({"name": "cmaes", "options": {"popsize": 6}}, {**_SKILL, "racing": {"chunk": 50}}),
     ({"name": "random"}, {**_SKILL, "subset": {"anchors": 20, "warmup": 4, "refit_every": 3, "full_every": 4}}),
 ], ids=["cmaes", "random", "nsga2", "m2n2", "optuna-tpe", "optuna-cmaes", "optuna-nsga2", "nevergrad-de",
-        "cmaes-racing", "random-subset"])
+        "map", "cmaes-racing", "random-subset"])
 def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, optimizer, fitness):
     cfg = _config(tmp_path, optimizer, fitness)
     ref_calls, calls = tmp_path / "ref_calls", tmp_path / "calls"

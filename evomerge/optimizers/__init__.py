@@ -19,6 +19,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "m2n2": ("evomerge.optimizers.m2n2", "M2N2"),
     "optuna": ("evomerge.optimizers.optuna", "OptunaSampler"),
     "nevergrad": ("evomerge.optimizers.nevergrad", "Nevergrad"),
+    "map": ("evomerge.optimizers.map", "MAP"),
 }
 
 
