@@ -157,46 +157,6 @@ def test_operators_merge_the_real_test_bed(method, real_zoo, tmp_path):
     assert sum(not torch.equal(merged[k], base[k]) for k in merged) > 100  # a real merge, not the base copied
 
 
-def _pcb_by_the_paper(tvs: torch.Tensor, ratio: float, clamp: float = 0.0001) -> torch.Tensor:
-    """PCB-Merging written from the paper's steps with full sorts (Du et al. 2024, its published PCB_merge is
-    not packaged: this is the independent oracle, the authors' file having been compared once by hand)."""
-    n, d = tvs.shape
-    srt = tvs.abs().sort(dim=1).values
-    mag = tvs.abs().clamp(srt[:, int(d * clamp)][:, None], srt[:, int(d * (1 - clamp) - 1)][:, None])
-    unit = lambda x: (x - x.min(1, keepdim=True).values) / (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)  # noqa: E731
-    balance = torch.exp(n * unit(mag) ** 2) * torch.tanh(tvs * tvs.sum(0))
-    floor = balance.sort(dim=1).values[:, int(d * (1 - ratio))][:, None]
-    scale = unit(torch.maximum(balance, floor))
-    return (torch.sign(tvs) * mag * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_pcb_equals_the_paper(family, family_models):
-    """Each tensor is base + lambda x PCB of the weighted task vectors, flattened (the paper flattens the
-    whole model; evomerge merges tensor by tensor, as it does TIES)."""
-    paths, weights, lam, ratio = family_models(family), (0.7, 1.3), 0.9, 0.2
-    cfg = {"merge_method": "pcb", "base_model": "base", "dtype": "float32", "parameters": {"lambda": lam},
-           "models": [{"model": m, "parameters": {"weight": w, "density": ratio}} for m, w in zip(("a", "b"), weights)]}
-    ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
-    base, tvs = _task_vectors(paths, weights)
-    ref = {k: v.float() + lam * _pcb_by_the_paper(torch.stack([t[k].reshape(-1) for t in tvs]), ratio).reshape(v.shape)
-           for k, v in base.items() if v.numel() > 1}
-    err, where = worst_relative_error({k: ours[k] for k in ref}, ref)
-    assert err < 1e-5, (err, where)
-    assert sum(not torch.equal(ours[k], base[k].float()) for k in ref) == len(ref)
-
-
-def test_pcb_parameters_checked_before_any_merge(workdir, monkeypatch, capsys):  # noqa: F811
-    cfg = {"merge_method": "pcb", "base_model": "base", "dtype": "float32",
-           "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.3}}, {"model": "b", "parameters": {"weight": 0.5}}]}
-    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, cfg)), "-o", str(workdir / "m"))
-    assert code == 0, err
-    assert all(torch.isfinite(v).all() for v in load_checkpoint(workdir / "m").values())
-    for bad, needle in (({**cfg, "parameters": {"clamp_ratio": 0.4}}, "parameter 'clamp_ratio' for the recipe must be in [0, 0.25], got 0.4"),
-                        ({**cfg, "models": [{"model": "a", "parameters": {"density": 0}}, {"model": "b"}]}, "parameter 'density'"),
-                        ({**cfg, "base_model": None}, "pcb needs a base_model")):
-
-
 # --- data-aware merges: fisher, regmean (evomerge/merge/calibration.py) ------------------------------
 
 CALIBRATION = ["The cat sat on the mat while the dog slept by the fire, and nobody minded the rain outside.",
@@ -289,50 +249,6 @@ def test_data_aware_errors_in_evomerge_merge(workdir, monkeypatch, capsys, tmp_p
         assert_failed_cleanly(code, err, workdir / "bad", needle)
 
 
-def test_footprint_counts_the_operators_own_buffers():
-    """tsv_m and pcb hold more float32 copies of a tensor than a linear merge: the plan says so (per
-    thread, the largest tensor, 2 experts: 64 B per entry for tsv_m, 48 for pcb; task arithmetic merges in blocks)."""
-    from evomerge.footprint import Checkpoint, _merge_buffers
-
-    base = Checkpoint(bytes=8_000_000, sizes=[1_000_000, 1_000])
-    sizes = {m: _merge_buffers(LayerWeights(sources=["a", "b"], base="base", num_layers=2, method=m), 2, base, {}, False, threads=1).private
-             for m in ("task_arithmetic", "tsv_m", "pcb")}
-    assert sizes["tsv_m"] == 64_000_000 and sizes["pcb"] == 48_000_000 and sizes["task_arithmetic"] < 2_000_000, sizes
-
-
-def test_lines_scales_each_layers_task_vector_by_start_plus_slope_over_depth(tiny_models):
-    """LiNeS (not in fusion-bench 0.2.33; the paper's lambda_l = alpha + beta * l / (L - 1)): task arithmetic of
-    one expert through the space puts base + lambda_l * tau in layer l, tensor for tensor; two values per expert
-    and parameter, and decode(encode(r)) == r."""
-    import json
-
-    layers = json.loads((tiny_models["base"] / "config.json").read_text())["num_hidden_layers"]
-    space = LayerWeights(sources=["a"], base="base", num_layers=layers, method="task_arithmetic", lines=True)
-    assert space.names() == ["lines_start.default.a.weight", "lines_slope.default.a.weight"] and space.bounds.tolist() == [[0, 1], [-1, 1]]
-    alpha, beta = 0.2, 0.5
-    recipe = space.decode([alpha, beta])
-    assert space.decode(space.encode(recipe)) == recipe and np.allclose(space.encode(recipe), [alpha, beta])
-    merged = Materializer(tiny_models, base="base").materialize(recipe)
-    base, expert = load_checkpoint(tiny_models["base"]), load_checkpoint(tiny_models["a"])
-    for layer in range(layers):
-        scale = alpha + beta * layer / (layers - 1)
-        names = [k for k in base if f"layers.{layer}." in k]
-        assert names and all(torch.allclose(merged[k].float(), base[k].float() + scale * (expert[k].float() - base[k].float()), atol=1e-6) for k in names)
-    with pytest.raises(Exception, match="lines takes the place of knots"):
-        LayerWeights(sources=["a"], base="base", num_layers=4, lines=True, knots=2)
-    ties = LayerWeights(sources=["a", "b"], base="base", num_layers=4, lines=True)
-    assert ties.dim == 8 and ties.decode(ties.encode(ties.decode(ties.initial()))) == ties.decode(ties.initial())
-
-
-def test_lines_round_trips_any_point():
-    space = LayerWeights(sources=["a", "b"], base="base", num_layers=9, lines=True, modules=["mlp"])
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        r = space.decode(rng.uniform(space.bounds[:, 0], space.bounds[:, 1]))
-        assert space.decode(space.encode(r)) == r
-        assert all(0 <= v <= 1 for m in r.models for e in m.parameters["weight"] for v in e["value"])
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_regmean_plus_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
     """RegMean++: fusion-bench's RegMeanAlgorithmPlusPlus needs its model pool and CLIP wrappers, so its math is
@@ -409,3 +325,89 @@ def test_statistics_keyed_by_source_identity_and_calibration(tiny_models, calibr
     edited = tmp_path / "edited.jsonl"
     edited.write_text(calibration_set.read_text() + json.dumps({"text": "one more"}) + "\n")
     assert calibration.statistics_path(tiny_models["a"], edited) != path
+
+
+def _pcb_by_the_paper(tvs: torch.Tensor, ratio: float, clamp: float = 0.0001) -> torch.Tensor:
+    """PCB-Merging written from the paper's steps with full sorts (Du et al. 2024, its published PCB_merge is
+    not packaged: this is the independent oracle, the authors' file having been compared once by hand)."""
+    n, d = tvs.shape
+    srt = tvs.abs().sort(dim=1).values
+    mag = tvs.abs().clamp(srt[:, int(d * clamp)][:, None], srt[:, int(d * (1 - clamp) - 1)][:, None])
+    unit = lambda x: (x - x.min(1, keepdim=True).values) / (x.max(1, keepdim=True).values - x.min(1, keepdim=True).values)  # noqa: E731
+    balance = torch.exp(n * unit(mag) ** 2) * torch.tanh(tvs * tvs.sum(0))
+    floor = balance.sort(dim=1).values[:, int(d * (1 - ratio))][:, None]
+    scale = unit(torch.maximum(balance, floor))
+    return (torch.sign(tvs) * mag * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_pcb_equals_the_paper(family, family_models):
+    """Each tensor is base + lambda x PCB of the weighted task vectors, flattened (the paper flattens the
+    whole model; evomerge merges tensor by tensor, as it does TIES)."""
+    paths, weights, lam, ratio = family_models(family), (0.7, 1.3), 0.9, 0.2
+    cfg = {"merge_method": "pcb", "base_model": "base", "dtype": "float32", "parameters": {"lambda": lam},
+           "models": [{"model": m, "parameters": {"weight": w, "density": ratio}} for m, w in zip(("a", "b"), weights)]}
+    ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
+    base, tvs = _task_vectors(paths, weights)
+    ref = {k: v.float() + lam * _pcb_by_the_paper(torch.stack([t[k].reshape(-1) for t in tvs]), ratio).reshape(v.shape)
+           for k, v in base.items() if v.numel() > 1}
+    err, where = worst_relative_error({k: ours[k] for k in ref}, ref)
+    assert err < 1e-5, (err, where)
+    assert sum(not torch.equal(ours[k], base[k].float()) for k in ref) == len(ref)
+
+
+def test_pcb_parameters_checked_before_any_merge(workdir, monkeypatch, capsys):  # noqa: F811
+    cfg = {"merge_method": "pcb", "base_model": "base", "dtype": "float32",
+           "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.3}}, {"model": "b", "parameters": {"weight": 0.5}}]}
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, cfg)), "-o", str(workdir / "m"))
+    assert code == 0, err
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(workdir / "m").values())
+    for bad, needle in (({**cfg, "parameters": {"clamp_ratio": 0.4}}, "parameter 'clamp_ratio' for the recipe must be in [0, 0.25], got 0.4"),
+                        ({**cfg, "models": [{"model": "a", "parameters": {"density": 0}}, {"model": "b"}]}, "parameter 'density'"),
+                        ({**cfg, "base_model": None}, "pcb needs a base_model")):
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
+        assert_failed_cleanly(code, err, workdir / "bad", needle)
+
+
+def test_footprint_counts_the_operators_own_buffers():
+    """tsv_m and pcb hold more float32 copies of a tensor than a linear merge: the plan says so (per
+    thread, the largest tensor, 2 experts: 64 B per entry for tsv_m, 48 for pcb; task arithmetic merges in blocks)."""
+    from evomerge.footprint import Checkpoint, _merge_buffers
+
+    base = Checkpoint(bytes=8_000_000, sizes=[1_000_000, 1_000])
+    sizes = {m: _merge_buffers(LayerWeights(sources=["a", "b"], base="base", num_layers=2, method=m), 2, base, {}, False, threads=1).private
+             for m in ("task_arithmetic", "tsv_m", "pcb")}
+    assert sizes["tsv_m"] == 64_000_000 and sizes["pcb"] == 48_000_000 and sizes["task_arithmetic"] < 2_000_000, sizes
+
+
+def test_lines_scales_each_layers_task_vector_by_start_plus_slope_over_depth(tiny_models):
+    """LiNeS (not in fusion-bench 0.2.33; the paper's lambda_l = alpha + beta * l / (L - 1)): task arithmetic of
+    one expert through the space puts base + lambda_l * tau in layer l, tensor for tensor; two values per expert
+    and parameter, and decode(encode(r)) == r."""
+    import json
+
+    layers = json.loads((tiny_models["base"] / "config.json").read_text())["num_hidden_layers"]
+    space = LayerWeights(sources=["a"], base="base", num_layers=layers, method="task_arithmetic", lines=True)
+    assert space.names() == ["lines_start.default.a.weight", "lines_slope.default.a.weight"] and space.bounds.tolist() == [[0, 1], [-1, 1]]
+    alpha, beta = 0.2, 0.5
+    recipe = space.decode([alpha, beta])
+    assert space.decode(space.encode(recipe)) == recipe and np.allclose(space.encode(recipe), [alpha, beta])
+    merged = Materializer(tiny_models, base="base").materialize(recipe)
+    base, expert = load_checkpoint(tiny_models["base"]), load_checkpoint(tiny_models["a"])
+    for layer in range(layers):
+        scale = alpha + beta * layer / (layers - 1)
+        names = [k for k in base if f"layers.{layer}." in k]
+        assert names and all(torch.allclose(merged[k].float(), base[k].float() + scale * (expert[k].float() - base[k].float()), atol=1e-6) for k in names)
+    with pytest.raises(Exception, match="lines takes the place of knots"):
+        LayerWeights(sources=["a"], base="base", num_layers=4, lines=True, knots=2)
+    ties = LayerWeights(sources=["a", "b"], base="base", num_layers=4, lines=True)
+    assert ties.dim == 8 and ties.decode(ties.encode(ties.decode(ties.initial()))) == ties.decode(ties.initial())
+
+
+def test_lines_round_trips_any_point():
+    space = LayerWeights(sources=["a", "b"], base="base", num_layers=9, lines=True, modules=["mlp"])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        r = space.decode(rng.uniform(space.bounds[:, 0], space.bounds[:, 1]))
+        assert space.decode(space.encode(r)) == r
+        assert all(0 <= v <= 1 for m in r.models for e in m.parameters["weight"] for v in e["value"])
