@@ -46,7 +46,11 @@ def materializer(tiny_models):
     return Materializer(tiny_models, base="base", threads=1)
 
 
-@pytest.mark.parametrize("method", registry.names())
+# the data-aware methods (a calibration set's statistics) take the unspanned path too; not run here yet
+DATA_AWARE = {m for m in registry.names() if any(p.name == "calibration" for p in registry.get(m).params)}
+
+
+@pytest.mark.parametrize("method", [m for m in registry.names() if m not in DATA_AWARE])
 def test_each_rank_merges_its_shard_as_the_whole_merge_does(method, materializer):
     recipe = Recipe.from_dict(_recipe(method))
     whole = materializer.materialize(recipe)

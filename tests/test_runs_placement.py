@@ -233,7 +233,7 @@ def test_a_worker_that_dies_while_loading_fails_the_start_once(ray_local, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_a_replacement_that_cannot_load_is_retired_once_not_respawned(ray_local, tmp_path, caplog):
+def test_a_replacement_that_cannot_load_is_placed_again_and_said(ray_local, tmp_path, caplog):
     from placement_fixtures import mark
 
     mark().unlink(missing_ok=True)
@@ -242,17 +242,11 @@ def test_a_replacement_that_cannot_load_is_retired_once_not_respawned(ray_local,
     with caplog.at_level(logging.WARNING, logger="evomerge"):
         assert engine.run() == "budget: evaluations"
     evals = engine.store.evaluations()
-    assert len(evals) == 10 and all(e.ok for e in evals)  # candidate 1 was retried on the worker left
+    assert len(evals) == 10 and all(e.ok for e in evals)  # candidate 1 was retried
     assert all(e.objectives["gpu_hidden"] == 1.0 for e in evals)  # no GPU reserved: none visible
     warnings = [r.getMessage() for r in caplog.records if "died while loading" in r.getMessage()]
-    assert len(warnings) == 1 and "going on with 1 worker" in warnings[0] and "was killed or exited" in warnings[0]
-    assert engine.executor.replaced == 1
-    engine.store.close()
-
-    mark().unlink()  # with a single worker, the run ends with that one line
-    engine = open_engine(parse_config(_ray_cfg("exits_once_marked", 1)), tmp_path / "run1", resume=False)
-    with pytest.raises(UserError, match=r"^worker ray-0 died while loading: .*; no worker is left$"):
-        engine.run()
+    # the load failure is one line, and the slot is placed again (a bounded number of tries)
+    assert len(warnings) == 1 and "was killed or exited" in warnings[0] and "placing it again (try 2 of 3)" in warnings[0]
     engine.store.close()
     mark().unlink()
 
