@@ -156,7 +156,8 @@ class Engine:
         self._elapsed_before = self.store.elapsed()
         counts = self.store.counts()
         self._done, self._failed = counts["evaluations"], counts["failed"]
-        self._succeeded, self._failing = self._done > self._failed, []  # errors in a row, while nothing succeeded
+        # failures in a row while nothing ever succeeded, and the first one's error
+        self._succeeded, self._failing, self._first_error = self._done > self._failed, 0, ""
         self._examples, self._tokens = spent(self.store.total_cost())
         self._done_at_start = self._done
         interrupts = 0
@@ -224,9 +225,9 @@ class Engine:
             return "budget: tokens"
         if getattr(self.optimizer, "done", False):
             return "optimizer done"
-        if len(self._failing) >= FAIL_FAST:
-            return (f"failing: the first {len(self._failing)} evaluations all failed, the first with: "
-                    + " ".join(self._failing[0].split())[:300])
+        if self._failing >= FAIL_FAST:
+            return (f"failing: the first {self._failing} evaluations all failed, the first with: "
+                    + " ".join(self._first_error.split())[:300])
         return None
 
     def _fill(self) -> None:
@@ -270,7 +271,9 @@ class Engine:
         self._failed += sum(not e.ok for e in evals)
         for m, e in zip(metas, evals):
             self._succeeded = self._succeeded or e.ok
-            self._failing = [] if self._succeeded else [*self._failing, e.error or "a non-finite objective"]
+            if not self._succeeded:
+                self._first_error = self._first_error or e.error or "a non-finite objective"
+                self._failing += 1
             self._update_best(e)
             examples, tokens = spent(e.cost)
             self._examples += examples
