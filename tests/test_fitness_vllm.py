@@ -48,6 +48,8 @@ CANDIDATES = [
     Recipe(merge_method="ties", base_model="base",
            models=[ModelRef("a", {"weight": 0.3, "density": 0.5}), ModelRef("b", {"weight": 1.0, "density": 0.7})]),
 ]
+DARE = Recipe(merge_method="dare_linear", base_model="base",  # rescaled (mergekit's default for DARE)
+              models=[ModelRef("a", {"weight": 0.6, "density": 0.5}), ModelRef("b", {"weight": 0.8, "density": 0.6})])
 
 
 @pytest.fixture(scope="session")
@@ -126,9 +128,11 @@ def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
     (a NUMA node per rank) would refuse; each rank merges the recipe in its own process and its loaders keep the
     rank's shard (column- and row-parallel layers, vocab-parallel embedding and head); greedy output and per-token
     log-probabilities equal HF's. Each rank merges only the shard its loaders keep (learnt from the loaders once):
-    the bytes it merges per candidate are half a whole merge's, within 5% (the norms are kept whole by every rank)."""
+    the bytes it merges per candidate are half a whole merge's, within 5% (the norms are kept whole by every rank).
+    DARE's rescale needs L1 norms of whole tensors: each rank sums its share and the ranks add theirs, so the
+    bytes its kernels read, that pass included, are half a whole merge's too."""
     from evomerge.fitness.vllm_handle import VLLMHandle
-    from evomerge.merge import Materializer
+    from evomerge.merge import Materializer, gta
 
     handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
                         block_size=32, tensor_parallel_size=2)
@@ -137,21 +141,23 @@ def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
     try:
         ranks = handle.identity()
         assert len({pid for pid, _ in ranks}) == 2
-        for recipe in CANDIDATES:
+        for recipe in [*CANDIDATES, DARE]:
             before = handle.llm.collective_rpc("evomerge_merged_bytes")
             handle.set_recipe(recipe)
-            merged = [b - a for a, b in zip(before, handle.llm.collective_rpc("evomerge_merged_bytes"))]
-            counted = whole.merged_bytes.read
+            merged = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, handle.llm.collective_rpc("evomerge_merged_bytes"))]
+            counted, read = whole.merged_bytes.read, gta.traffic.read
             whole.materialize(recipe)
-            full = whole.merged_bytes.read - counted
-            assert all(abs(m - full / 2) <= 0.05 * full / 2 for m in merged), (merged, full)
+            full, full_read = whole.merged_bytes.read - counted, gta.traffic.read - read
+            assert all(abs(m - full / 2) <= 0.05 * full / 2 for m, _ in merged), (merged, full)
+            if recipe is DARE:  # its rescale's L1 pass too: each rank over its share, the sums exchanged
+                assert all(abs(r - full_read / 2) <= 0.05 * full_read / 2 for _, r in merged), (merged, full_read)
             hf.set_recipe(recipe)
             got = handle.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
             assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"TP 2 and HF disagree after {recipe.merge_method}"
             for got, want in zip(handle.score(pairs, eos=True), hf.score(pairs, eos=True)):
                 assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-3)
                 assert got.greedy == want.greedy
-        assert [n for _, n in handle.identity()] == [len(CANDIDATES)] * 2
+        assert [n for _, n in handle.identity()] == [len(CANDIDATES) + 1] * 2
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # only the engine's processes read it
     finally:
         handle.close()

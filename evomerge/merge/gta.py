@@ -68,24 +68,30 @@ def merge_task_vectors(
     lam: float,
     out: torch.Tensor,
     offset: int = 0,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> None:
     """out <- base + lam * merged task vectors (models - base); flat views of equal length, `offset` the
-    flat index of their first entry in the whole tensor (for a tensor merged in pieces)."""
+    flat index of their first entry in the whole tensor (for a tensor merged in pieces). `spans`: only these
+    ascending [start, end) ranges of them (a tensor-parallel shard), in one pass."""
     live = [(m.reshape(-1), k, w) for m, k, w in zip(models, keeps, weights) if k.kind != "none"]
     base, out = base.reshape(-1), out.reshape(-1)
+    spans = [(0, base.numel())] if spans is None else list(spans)
     if not live:  # nothing survives: a plain sum adds zero, an election finds no agreeing entry
-        out.copy_(base)
+        for s, e in spans:
+            out[s:e].copy_(base[s:e])
         return
     scale = lam
     if not consensus and normalize:
         divisor = sum(weights)  # mergekit: entries trimmed to nothing still count in a plain sum's divisor
         scale = lam / (divisor if abs(divisor) >= 1e-8 else 1.0)
-    traffic.add(_bytes(base, *(m for m, _, _ in live)), _bytes(out))
+    share = sum(e - s for s, e in spans) / max(1, base.numel())
+    traffic.add(int(_bytes(base, *(m for m, _, _ in live)) * share), int(_bytes(out) * share))
     dtypes = {m.dtype for m, _, _ in live}
     if len(dtypes) == 1 and _fused_ok(base, out, *(m for m, _, _ in live)):
-        _fused(base, out, live, consensus, normalize, scale, offset)
+        _fused(base, out, live, consensus, normalize, scale, offset, spans)
     else:
-        _chunked(base, out, live, consensus, normalize, scale, offset)
+        for s, e in spans:
+            _chunked(base[s:e], out[s:e], [(m[s:e], k, w) for m, k, w in live], consensus, normalize, scale, offset + s)
 
 
 def kept_l1(base: torch.Tensor, model: torch.Tensor, keep: Keep, offset: int = 0) -> tuple[float, float]:
@@ -95,7 +101,7 @@ def kept_l1(base: torch.Tensor, model: torch.Tensor, keep: Keep, offset: int = 0
     if _fused_ok(base, model):
         from evomerge.merge import kernels
 
-        kept, whole = kernels.kept_l1(_np(base), _np(model), offset, *_params(keep))
+        kept, whole = kernels.kept_l1(_np(base), _np(model), offset, *_params(keep, offset))
         return float(kept), float(whole)
     kept = whole = 0.0
     for s in range(0, base.numel(), CHUNK):
@@ -206,18 +212,19 @@ def nth_equal(base: torch.Tensor, model: torch.Tensor, value: float, nth: int) -
 _NO_RANK = np.zeros(0, np.float32)
 
 
-def _params(k: Keep) -> tuple:
-    """One trim's kernel parameters: mode, lo, hi, bounds, key, thr, p_lo, p_span, rank, drop."""
+def _params(k: Keep, offset: int) -> tuple:
+    """One trim's kernel parameters: mode, lo, hi, bounds, key, thr, p_lo, p_span, rank, drop (the kernels read
+    the ranks from the piece's first entry, flat index `offset`)."""
     from evomerge.merge.rng import threshold
 
-    rank = _NO_RANK if k.rank is None else k.rank.numpy()
+    rank = _NO_RANK if k.rank is None else k.rank[offset - k.rank_start :].numpy()
     bounds = np.array([*k.lo_range, *k.hi_range], np.int64)
     return _MODES[k.kind], k.lo, k.hi, bounds, k.key, threshold(k.p), k.p_lo, k.p_span, rank, k.drop
 
 
-def _arrays(keeps: Sequence[Keep]) -> tuple:
+def _arrays(keeps: Sequence[Keep], offset: int) -> tuple:
     """The kernel's per-vector trim parameters: numpy arrays of scalars and bounds, tuples of rank and drop."""
-    params = [_params(k) for k in keeps]
+    params = [_params(k, offset) for k in keeps]
 
     def col(i: int, dtype) -> np.ndarray:
         return np.array([p[i] for p in params], dtype)
@@ -227,14 +234,14 @@ def _arrays(keeps: Sequence[Keep]) -> tuple:
             tuple(p[9] for p in params))
 
 
-def _fused(base, out, live, consensus, normalize, scale, offset) -> None:
+def _fused(base, out, live, consensus, normalize, scale, offset, spans) -> None:
     from evomerge.merge import kernels
 
     keeps = [k for _, k, _ in live]
     coeff = np.array([w * k.factor for _, k, w in live], np.float32)
     weights = np.array([w for _, _, w in live], np.float32)
-    kernels.merge(_np(base), tuple(_np(m) for m, _, _ in live), _np(out), offset, *_arrays(keeps), coeff, weights,
-                  consensus, normalize, np.float32(scale))
+    kernels.merge(_np(base), tuple(_np(m) for m, _, _ in live), _np(out), offset, np.array(spans, np.int64).reshape(-1, 2),
+                  *_arrays(keeps, offset), coeff, weights, consensus, normalize, np.float32(scale))
 
 
 def _chunked(base, out, live, consensus, normalize, scale, offset) -> None:

@@ -241,17 +241,14 @@ def _banded(bs, a0, a1, a2, o, m, three, lo, hi, tie_lo, tie_hi, coeff, weights,
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspan, ranks, drops, coeff, weights,
+def merge(base, models, out, offset, spans, modes, lo, hi, bounds, keys, thr, plo, pspan, ranks, drops, coeff, weights,
           consensus, normalize, scale):
-    """out <- base + scale * merge_i(coeff_i * trim_i(models_i - base)); see gta.merge_task_vectors."""
-    n = base.size
+    """out <- base + scale * merge_i(coeff_i * trim_i(models_i - base)) over the [start, end) rows of `spans`
+    (ascending; a tensor-parallel shard's pieces, in one call); see gta.merge_task_vectors."""
     count = len(models)
     buf = np.empty((count, BLOCK), np.float32)
     total, acc, div = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     ptr = np.zeros(count, np.int64)
-    for i in range(count):  # skip the drops before this piece
-        while ptr[i] < drops[i].size and drops[i][ptr[i]] < offset:
-            ptr[i] += 1
     zero, one = np.float32(0.0), np.float32(1.0)
     random = True  # every trim keeps all or draws: one fused loop below, no trim buffers
     for i in range(count):
@@ -270,75 +267,79 @@ def merge(base, models, out, offset, modes, lo, hi, bounds, keys, thr, plo, pspa
         if modes[i] == 1:
             blo[i], bhi[i] = lo[i], hi[i]
     tie_lo, tie_hi = np.zeros(3, np.bool_), np.zeros(3, np.bool_)
-    for s in range(0, n, BLOCK):
-        e = min(n, s + BLOCK)
-        m = e - s
-        bs, o = base[s:e], out[s:e]
-        if banded and _band_block(count, offset + s, m, modes, bounds, tie_lo, tie_hi):
-            _banded(bs, models[0][s:e], models[1 % count][s:e], models[2 % count][s:e], o, m, count == 3, blo, bhi,
-                    tie_lo, tie_hi, coeff, weights, consensus, normalize, scale)
-            continue
-        if fast and count == 2:  # DARE of two models: drawn, trimmed and elected (or summed) in one loop
-            m0, m1 = models[0][s:e], models[1 % count][s:e]
-            c0, c1, w0, w1 = coeff[0], coeff[1], weights[0], weights[1]
-            z0, z1 = keys[0] + (offset + s) * GOLDEN, keys[1] + (offset + s) * GOLDEN
-            for j in range(m):
-                bj = _ld(bs, j)
-                v0, v1 = (_ld(m0, j) - bj) * c0, (_ld(m1, j) - bj) * c1
-                v0 = v0 if _mix(z0) <= t0 else zero
-                v1 = v1 if _mix(z1) <= t1 else zero
-                _st(o, j, bj + (_elect2(v0, v1, w0, w1, normalize) if consensus else v0 + v1) * scale)
-                z0 += GOLDEN
-                z1 += GOLDEN
-            continue
-        if fast:  # the same for three
-            m0, m1, m2 = models[0][s:e], models[1 % count][s:e], models[2 % count][s:e]
-            c0, c1, c2, w0, w1, w2 = coeff[0], coeff[1], coeff[2 % count], weights[0], weights[1], weights[2 % count]
-            z0, z1, z2 = keys[0] + (offset + s) * GOLDEN, keys[1] + (offset + s) * GOLDEN, keys[2 % count] + (offset + s) * GOLDEN
-            for j in range(m):
-                bj = _ld(bs, j)
-                v0, v1, v2 = (_ld(m0, j) - bj) * c0, (_ld(m1, j) - bj) * c1, (_ld(m2, j) - bj) * c2
-                v0 = v0 if _mix(z0) <= t0 else zero
-                v1 = v1 if _mix(z1) <= t1 else zero
-                v2 = v2 if _mix(z2) <= t2 else zero
-                _st(o, j, bj + (_elect3(v0, v1, v2, w0, w1, w2, normalize) if consensus else v0 + v1 + v2) * scale)
-                z0 += GOLDEN
-                z1 += GOLDEN
-                z2 += GOLDEN
-            continue
-        for i in range(count):
-            ptr[i] = _trim(bs, models[i][s:e], m, offset + s, buf[i], coeff[i], modes[i], lo[i], hi[i], bounds[i],
-                           keys[i], thr[i], plo[i], pspan[i], ranks[i][s:e], drops[i], ptr[i])
-        if count == 2 and consensus:  # the common cases, branch-free so that they vectorize
-            v0, v1 = buf[0], buf[1]
-            w0, w1 = weights[0], weights[1]
-            for j in range(m):
-                _st(o, j, _ld(bs, j) + _elect2(v0[j], v1[j], w0, w1, normalize) * scale)
-        elif count == 3 and consensus:
-            v0, v1, v2 = buf[0], buf[1], buf[2]
-            w0, w1, w2 = weights[0], weights[1], weights[2]
-            for j in range(m):
-                _st(o, j, _ld(bs, j) + _elect3(v0[j], v1[j], v2[j], w0, w1, w2, normalize) * scale)
-        else:  # any number of models: passes over the block with the entry loop innermost, so each vectorizes
-            total[:m] = zero
+    for q in range(spans.shape[0]):
+        for i in range(count):  # skip the drops before this span
+            while ptr[i] < drops[i].size and drops[i][ptr[i]] < offset + spans[q, 0]:
+                ptr[i] += 1
+        for s in range(spans[q, 0], spans[q, 1], BLOCK):
+            e = min(spans[q, 1], s + BLOCK)
+            m = e - s
+            bs, o = base[s:e], out[s:e]
+            if banded and _band_block(count, offset + s, m, modes, bounds, tie_lo, tie_hi):
+                _banded(bs, models[0][s:e], models[1 % count][s:e], models[2 % count][s:e], o, m, count == 3, blo, bhi,
+                        tie_lo, tie_hi, coeff, weights, consensus, normalize, scale)
+                continue
+            if fast and count == 2:  # DARE of two models: drawn, trimmed and elected (or summed) in one loop
+                m0, m1 = models[0][s:e], models[1 % count][s:e]
+                c0, c1, w0, w1 = coeff[0], coeff[1], weights[0], weights[1]
+                z0, z1 = keys[0] + (offset + s) * GOLDEN, keys[1] + (offset + s) * GOLDEN
+                for j in range(m):
+                    bj = _ld(bs, j)
+                    v0, v1 = (_ld(m0, j) - bj) * c0, (_ld(m1, j) - bj) * c1
+                    v0 = v0 if _mix(z0) <= t0 else zero
+                    v1 = v1 if _mix(z1) <= t1 else zero
+                    _st(o, j, bj + (_elect2(v0, v1, w0, w1, normalize) if consensus else v0 + v1) * scale)
+                    z0 += GOLDEN
+                    z1 += GOLDEN
+                continue
+            if fast:  # the same for three
+                m0, m1, m2 = models[0][s:e], models[1 % count][s:e], models[2 % count][s:e]
+                c0, c1, c2, w0, w1, w2 = coeff[0], coeff[1], coeff[2 % count], weights[0], weights[1], weights[2 % count]
+                z0, z1, z2 = keys[0] + (offset + s) * GOLDEN, keys[1] + (offset + s) * GOLDEN, keys[2 % count] + (offset + s) * GOLDEN
+                for j in range(m):
+                    bj = _ld(bs, j)
+                    v0, v1, v2 = (_ld(m0, j) - bj) * c0, (_ld(m1, j) - bj) * c1, (_ld(m2, j) - bj) * c2
+                    v0 = v0 if _mix(z0) <= t0 else zero
+                    v1 = v1 if _mix(z1) <= t1 else zero
+                    v2 = v2 if _mix(z2) <= t2 else zero
+                    _st(o, j, bj + (_elect3(v0, v1, v2, w0, w1, w2, normalize) if consensus else v0 + v1 + v2) * scale)
+                    z0 += GOLDEN
+                    z1 += GOLDEN
+                    z2 += GOLDEN
+                continue
             for i in range(count):
-                v = buf[i]
+                ptr[i] = _trim(bs, models[i][s:e], m, offset + s, buf[i], coeff[i], modes[i], lo[i], hi[i], bounds[i],
+                               keys[i], thr[i], plo[i], pspan[i], ranks[i][s:e], drops[i], ptr[i])
+            if count == 2 and consensus:  # the common cases, branch-free so that they vectorize
+                v0, v1 = buf[0], buf[1]
+                w0, w1 = weights[0], weights[1]
                 for j in range(m):
-                    total[j] += v[j]
-            if consensus:
-                acc[:m] = zero
-                div[:m] = zero
+                    _st(o, j, _ld(bs, j) + _elect2(v0[j], v1[j], w0, w1, normalize) * scale)
+            elif count == 3 and consensus:
+                v0, v1, v2 = buf[0], buf[1], buf[2]
+                w0, w1, w2 = weights[0], weights[1], weights[2]
+                for j in range(m):
+                    _st(o, j, _ld(bs, j) + _elect3(v0[j], v1[j], v2[j], w0, w1, w2, normalize) * scale)
+            else:  # any number of models: passes over the block with the entry loop innermost, so each vectorizes
+                total[:m] = zero
                 for i in range(count):
-                    v, w = buf[i], weights[i]
+                    v = buf[i]
                     for j in range(m):
-                        agree = v[j] * (one if total[j] >= zero else -one) > zero
-                        acc[j] += v[j] if agree else zero
-                        div[j] += w if agree else zero
+                        total[j] += v[j]
+                if consensus:
+                    acc[:m] = zero
+                    div[:m] = zero
+                    for i in range(count):
+                        v, w = buf[i], weights[i]
+                        for j in range(m):
+                            agree = v[j] * (one if total[j] >= zero else -one) > zero
+                            acc[j] += v[j] if agree else zero
+                            div[j] += w if agree else zero
+                    for j in range(m):
+                        d = div[j] if normalize else one
+                        total[j] = acc[j] / (one if d == zero else d)
                 for j in range(m):
-                    d = div[j] if normalize else one
-                    total[j] = acc[j] / (one if d == zero else d)
-            for j in range(m):
-                _st(o, j, _ld(bs, j) + total[j] * scale)
+                    _st(o, j, _ld(bs, j) + total[j] * scale)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})  # reassoc: a vectorised sum

@@ -37,6 +37,7 @@ from evomerge.merge.checks import check_compatible, check_parameters
 from evomerge.merge.gta import Traffic
 from evomerge.merge.methods import Entry, Group, Method
 from evomerge.merge.params import resolve
+from evomerge.merge.peers import Peers
 from evomerge.merge.plan import Planned, entry_name, plan
 from evomerge.merge.sources import Source, map_pages, open_sources
 from evomerge.merge.sparsify import TIE_ORDERS
@@ -88,6 +89,7 @@ class Materializer:
         strict: bool = False,
         tokenizer_source: str | None = None,
         compute: str = "float32",
+        peers: Peers | None = None,
     ):
         if not sources:
             raise UserError("the materializer needs at least one source")
@@ -125,6 +127,7 @@ class Materializer:
         self._summaries: dict[tuple, Summary] = {}  # per task vector (or stack), kept across candidates
         self._pool: ThreadPoolExecutor | None = None
         self.merged_bytes = Traffic()  # `read`: bytes of the inputs' entries merged (trims' summaries not counted)
+        self.peers = peers  # the other tensor-parallel ranks merging each candidate with this one (tensors(spans=...))
         self._streams = threading.local()  # CUDA: each merge thread's stream
 
     # --- public -----------------------------------------------------------------------------------
@@ -141,6 +144,8 @@ class Materializer:
         out_dtype = dtype or parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype) or self.dtype
         from tqdm.auto import tqdm
 
+        if self.peers is not None:
+            self.peers.next()
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
             direct = method.any_out_dtype and out_dtype in (torch.float32, torch.bfloat16)
@@ -323,7 +328,8 @@ class Materializer:
             members = p.stack.members
             read = lambda j: [self._stored(x.model, x.tensor) for x in merge.by_name[members[j]].inputs]  # noqa: E731
             stack = Stack(p.stack.name, p.stack.parts, members.index(p.name), len(members), read, self.dtype, merge.shared)
-        group = Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low if method.as_mergekit else None, spans)
+        group = Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low if method.as_mergekit else None, spans,
+                      peers=self.peers)
         method.fn(group)
         merged = sum(e - s for s, e in spans) if group.merged_spans else out.numel()
         self.merged_bytes.add(merged * sum(self._stored_dtype(x.model, x.tensor).itemsize for x in p.inputs))

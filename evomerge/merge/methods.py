@@ -17,6 +17,7 @@ import torch
 from evomerge.merge import calibration, gta, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
 from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, Interval, ParamSpec
+from evomerge.merge.peers import Peers
 from evomerge.merge.stackwide import Stack
 from evomerge.merge.vectors import StackVector, TaskVector
 from evomerge.records import UserError
@@ -48,6 +49,8 @@ class Group:
     # that merges only these sets `merged_spans`; the others merge the whole tensor (the spans then equal too)
     spans: tuple[tuple[int, int], ...] | None = None
     merged_spans: bool = False
+    peers: Peers | None = None  # the other ranks merging this candidate: a rescale's norms are summed with theirs
+
 
     @property
     def base_index(self) -> int | None:
@@ -133,24 +136,13 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
         keeps = [_keep(trim, u, e, g) for u, e in zip(units, entries)]
         if trim == "della":  # a stack member's ranks run along its expert's stacked rows
             keeps = [replace(k, rank=u.rank(u.index), rank_start=u.offset) if k.kind == "della" else k for k, u in zip(keeps, units)]
-        elif g.spans is not None:  # the trims' cuts and draws are by flat index: each span merges as within the whole
-            _gta_spans(g, vectors, keeps, weights, units[0].offset, opts)
-            return
+        # the trims' cuts and draws are by flat index: a shard's spans merge as within the whole
         merge_task_vectors(vectors[0].base, [v.model for v in vectors], keeps, weights, out=g.out,
-                           offset=units[0].offset, **opts)
+                           offset=units[0].offset, spans=g.spans, **opts)
+        g.merged_spans = g.spans is not None
 
     return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True,
                   as_mergekit=True)
-
-
-def _gta_spans(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Keep], weights: list[float], offset: int,
-               opts: dict[str, Any]) -> None:
-    """The task-arithmetic merge of g.spans only, with the trims found on the whole tensor (its summaries)."""
-    flats, out = [v.flat() for v in vectors], g.out.reshape(-1)
-    for s, e in g.spans:
-        merge_task_vectors(flats[0][0][s:e], [m[s:e] for _, m in flats], keeps, weights, out=out[s:e],
-                           offset=offset + s, **opts)
-    g.merged_spans = True
 
 
 def _gta_as_mergekit(g: Group, trim: str | None, consensus: bool) -> torch.Tensor:
@@ -217,24 +209,34 @@ DELLA_PIECE = 1 << 22  # entries per piece of whole rows (tests make it small)
 def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Keep], weights: list[float],
                    opts: dict[str, Any]) -> None:
     """DELLA in pieces of whole rows, each piece's row ranks computed when it is merged (twice when
-    rescaling: once for the kept L1 norms, once for the merge), so no rank array of a whole tensor exists."""
+    rescaling: once for the kept L1 norms, once for the merge), so no rank array of a whole tensor exists.
+    With g.spans only the pieces holding them are ranked and only the spans merged (a row-parallel shard
+    still ranks every row: a rank is over the whole row); with g.peers each rank sums the norms of its own
+    share of the pieces."""
     shape = vectors[0].shape
     cols = math.prod(shape[1:]) if len(shape) >= 2 else max(1, math.prod(shape))
     rows = math.prod(shape) // cols if cols else 0
     step = max(1, DELLA_PIECE // cols) * cols
     flats = [v.flat() for v in vectors]
-    spans = [(s, min(s + step, rows * cols)) for s in range(0, rows * cols, step)]
+    pieces = [(s, min(s + step, rows * cols)) for s in range(0, rows * cols, step)]
     if g.shared["rescale"]:
+        share = pieces if g.peers is None else pieces[slice(*g.peers.block(len(pieces)))]
         for i, (k, (b, m)) in enumerate(zip(keeps, flats)):
             if k.kind in ("all", "none"):
                 continue
-            sums = [gta.kept_l1(b[s:e], m[s:e], sparsify.ranked(k, b[s:e], m[s:e], s, cols), s) for s, e in spans]
-            keeps[i] = sparsify.rescaled(k, sum(x for x, _ in sums), sum(y for _, y in sums))
+            sums = [gta.kept_l1(b[s:e], m[s:e], sparsify.ranked(k, b[s:e], m[s:e], s, cols), s) for s, e in share]
+            norms = (sum(x for x, _ in sums), sum(y for _, y in sums))
+            keeps[i] = sparsify.rescaled(k, *(norms if g.peers is None else g.peers.total(f"{g.name} {g.non_base[i].model}", norms)))
     out = g.out.reshape(-1)
-    for s, e in spans:
-        merge_task_vectors(flats[0][0][s:e], [m[s:e] for _, m in flats],
-                           [sparsify.ranked(k, b[s:e], m[s:e], s, cols) for k, (b, m) in zip(keeps, flats)], weights,
-                           out=out[s:e], offset=s, **opts)
+    wanted = g.spans or ((0, rows * cols),)
+    for s, e in pieces:
+        parts = [(max(s, a), min(e, b)) for a, b in wanted if a < e and b > s]
+        if not parts:
+            continue
+        ranked = [sparsify.ranked(k, b[s:e], m[s:e], s, cols) for k, (b, m) in zip(keeps, flats)]
+        merge_task_vectors(flats[0][0][s:e], [m[s:e] for _, m in flats], ranked, weights, out=out[s:e], offset=s,
+                           spans=[(a - s, b - s) for a, b in parts], **opts)
+    g.merged_spans = g.spans is not None
 
 
 def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
@@ -243,7 +245,13 @@ def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
     share the passes of its rescale."""
     settings = (e.model, trim, g.tie_order, g.seed, *(e.params.get(k) for k in ("density", "gamma", "epsilon")))
     k = v.once(("trim", settings), lambda: _trim(trim, v, e, g))
-    return sparsify.rescale(k, v) if g.shared["rescale"] else k
+    if not g.shared["rescale"] or k.kind in ("all", "none"):
+        return k
+    if g.peers is None or isinstance(v, StackVector):  # a stack's norms: once per merge, over all its members
+        return sparsify.rescale(k, v)
+    s, t = g.peers.block(v.numel)
+    b, m = v.flat()
+    return sparsify.rescaled(k, *g.peers.total(f"{g.name} {e.model}", gta.kept_l1(b[s:t], m[s:t], k, s)))
 
 
 def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
