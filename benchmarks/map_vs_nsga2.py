@@ -11,7 +11,8 @@ benchmark resumes it, a finished one is read back). At each checkpoint N (50, 10
 first N evaluations is scored on the held-out test splits; the artifact reports the hypervolume of the
 held-out front (the non-dominated held-out scores of those candidates) with reference point (0, 0), the
 worst possible accuracy on both tasks, so the hypervolume is in [0, 1].
-Writes benchmarks/results/map_vs_nsga2.json (with `complete: false` and what ran, if some runs are missing).
+Writes benchmarks/results/map_vs_nsga2.json (with `complete: false` and what ran, if some runs are missing)
+and prints the README's table (`markdown`; tests/test_readme_figures.py keeps them equal).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def main() -> None:
             search(run_dir, config(name, args.evaluations, seed, args.limit))
             runs.setdefault(name, {})[str(seed)] = heldout_fronts(run_dir, checkpoints, args.limit)
             write(args, checkpoints, runs, t0)
-    print(json.dumps(json.loads(args.out.read_text())["summary"], indent=1))
+    print(markdown(json.loads(args.out.read_text())))
 
 
 def write(args, checkpoints, runs, t0) -> None:
@@ -132,6 +133,20 @@ def write(args, checkpoints, runs, t0) -> None:
               "machine": memstat.machine(), "versions": memstat.versions(ROOT)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def markdown(result: dict) -> str:
+    """The held-out hypervolume per optimizer at each checkpoint: mean [min-max] over the seeds."""
+    marks = [str(n) for n in result["checkpoints"]]
+    lines = ["| held-out hypervolume | " + " | ".join(f"{n} evaluations" for n in marks) + " |",
+             "|---" * (len(marks) + 1) + "|"]
+    for name, row in result["summary"].items():
+        cells = [f"{row[n]['mean']:.3f} [{row[n]['min']:.3f}-{row[n]['max']:.3f}]" for n in marks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    lines.append(f"\nSeeds {seeds}; {result['seconds'] / 60:.0f} min on {result['machine']['cpus']} CPU cores "
+                 f"(`{result['command']}`).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

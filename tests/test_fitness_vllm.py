@@ -50,6 +50,8 @@ CANDIDATES = [
 ]
 DARE = Recipe(merge_method="dare_linear", base_model="base",  # rescaled (mergekit's default for DARE)
               models=[ModelRef("a", {"weight": 0.6, "density": 0.5}), ModelRef("b", {"weight": 0.8, "density": 0.6})])
+TIES = Recipe(merge_method="ties", base_model="base",  # densities whose cuts the trims' summaries have not seen
+              models=[ModelRef("a", {"weight": 0.5, "density": 0.35}), ModelRef("b", {"weight": 0.7, "density": 0.45})])
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +143,7 @@ def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
     try:
         ranks = handle.identity()
         assert len({pid for pid, _ in ranks}) == 2
-        for recipe in [*CANDIDATES, DARE]:
+        for recipe in [*CANDIDATES, DARE, TIES]:
             before = handle.llm.collective_rpc("evomerge_merged_bytes")
             handle.set_recipe(recipe)
             merged = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, handle.llm.collective_rpc("evomerge_merged_bytes"))]
@@ -149,15 +151,16 @@ def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
             whole.materialize(recipe)
             full, full_read = whole.merged_bytes.read - counted, gta.traffic.read - read
             assert all(abs(m - full / 2) <= 0.05 * full / 2 for m, _ in merged), (merged, full)
-            if recipe is DARE:  # its rescale's L1 pass too: each rank over its share, the sums exchanged
-                assert all(abs(r - full_read / 2) <= 0.05 * full_read / 2 for _, r in merged), (merged, full_read)
+            if recipe in (DARE, TIES):  # with its rescale's L1 pass (each rank over its share, the sums exchanged)
+                # or its cuts at new densities (each tensor's found by one rank, read by the other)
+                assert all(abs(r - full_read / 2) <= 0.05 * full_read / 2 for _, r in merged), (recipe.merge_method, merged, full_read)
             hf.set_recipe(recipe)
             got = handle.generate_ids(PROMPTS, max_new_tokens=NEW_TOKENS)
             assert got == hf_greedy(hf, PROMPTS, NEW_TOKENS), f"TP 2 and HF disagree after {recipe.merge_method}"
             for got, want in zip(handle.score(pairs, eos=True), hf.score(pairs, eos=True)):
                 assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-3)
                 assert got.greedy == want.greedy
-        assert [n for _, n in handle.identity()] == [len(CANDIDATES) + 1] * 2
+        assert [n for _, n in handle.identity()] == [len(CANDIDATES) + 2] * 2
         assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # only the engine's processes read it
     finally:
         handle.close()

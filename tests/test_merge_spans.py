@@ -171,5 +171,5 @@ def test_a_rank_that_never_posts_is_named_after_the_wait(tmp_path, monkeypatch):
     monkeypatch.setattr(peers, "WAIT", 0.2)
     alone = Peers(tmp_path, 0, 2)
     alone.next()
-    with pytest.raises(RuntimeError, match="tensor-parallel rank 1 posted no partial sums for w a in 0.2 s"):
+    with pytest.raises(RuntimeError, match="tensor-parallel rank 1 posted nothing for w a in 0.2 s"):
         alone.total("w a", (1.0, 2.0))

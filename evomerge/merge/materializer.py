@@ -148,6 +148,8 @@ class Materializer:
             self.peers.next()
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
+            if self.peers is not None:
+                self.peers.deal({p.name: _numel(self._shape(p)) for p in planned})
             direct = method.any_out_dtype and out_dtype in (torch.float32, torch.bfloat16)
             merge = self._new_merge(method, planned, seed, flat)
 
@@ -356,8 +358,11 @@ class Materializer:
         def one(q: Planned, cached: bool = True) -> TaskVector:
             inp, base = q.inputs[i], q.inputs[q.base]
             key = (inp.model, inp.tensor, base.model, base.tensor)
-            return TaskVector(self._stored(base.model, base.tensor), self._stored(inp.model, inp.tensor),
-                              self._cache(key, inp.model, base.model) if cached else None)
+            v = TaskVector(self._stored(base.model, base.tensor), self._stored(inp.model, inp.tensor),
+                           self._cache(key, inp.model, base.model) if cached else None)
+            if cached:
+                v.peers, v.key, v.tensor = self.peers, " ".join(key), q.name
+            return v
 
         def vector() -> TaskVector:
             if p.base is None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from evomerge.merge.peers import Peers
     from evomerge.merge.sparsify import Keep
 
 
@@ -138,7 +139,14 @@ class TaskVector:
 
     def cuts(self, ranks: list[int]) -> list[Cut]:
         """Cuts at up to two descending ranks, from at most one pass over the tensor beyond what the summary
-        already knows."""
+        already knows (with peers: by this tensor's owner, read by the other ranks)."""
+        if self.peers is None:
+            return self._cuts(ranks)
+        found = self.peers.owned(f"cuts {self.key} {ranks}", lambda: tuple(x for c in self._cuts(ranks) for x in (c.value, c.larger, c.equal)),
+                                 3 * len(ranks), by=self.tensor)
+        return [Cut(found[i], int(found[i + 1]), int(found[i + 2])) for i in range(0, len(found), 3)]
+
+    def _cuts(self, ranks: list[int]) -> list[Cut]:
         s = self.summary()
         with s.lock:  # a source tensor may be trimmed by two merge threads at once (a repeated layer)
             slots = _slots(s, ranks, self)
@@ -159,6 +167,12 @@ class TaskVector:
             return out
 
     offset = 0  # the flat position of the tensor being merged in this unit (see StackVector)
+    # the tensor-parallel ranks merging shards of this candidate (a cut needing a pass is found by one of them),
+    # this vector's name, the same on every rank, and its tensor's (its owner's key); a stack's trims read the
+    # whole stack on every rank
+    peers: Peers | None = None
+    key = ""
+    tensor = ""
 
     def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
         """A value its trim reads: computed here (a stack shares it among its members' merges)."""
@@ -210,7 +224,10 @@ class TaskVector:
         are fewer: -1 - their count)."""
         from evomerge.merge import gta
 
-        return gta.nth_equal(*self.flat(), value, nth)
+        if self.peers is None:
+            return gta.nth_equal(*self.flat(), value, nth)
+        return int(self.peers.owned(f"nth {self.key} {value!r} {nth}", lambda: (float(gta.nth_equal(*self.flat(), value, nth)),), 1,
+                                    by=self.tensor)[0])
 
     def kept_l1(self, keep: Keep) -> tuple[float, float]:
         """Sums of the magnitudes `keep` keeps, and of all (for rescaling)."""
@@ -326,7 +343,7 @@ class StackVector(TaskVector):
         return sum(self.each(("count", tuple(marks.tolist())), lambda _, m: m.count_at_least(marks)))
 
     def cuts(self, ranks: list[int]) -> list[Cut]:
-        return self.once(("cuts", *ranks), lambda: super(StackVector, self).cuts(ranks))  # one thread updates the summary
+        return self.once(("cuts", *ranks), lambda: self._cuts(ranks))  # one thread updates the summary
 
     def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
         """Summed member by member (by the one thread finding the cuts: see `cuts`), holding two count
