@@ -68,7 +68,7 @@ def tensor_parallel(tp: dict) -> list[str]:
         f"a {n / 1e6:.0f}M-parameter Llama in bf16, base + 2 experts, CPU, a core per rank (`benchmarks/vllm_tp.py` → "
         f"`benchmarks/results/{TP}`): per candidate a rank merges {one['merged_bytes_per_rank_per_candidate'] / 1e6:.0f} MB "
         f"at TP 1 and {two['merged_bytes_per_rank_per_candidate'] / 1e6:.0f} MB at TP 2 (×{two['bytes_over_baseline']:.3f}); "
-        f"counting the trims' own passes too (a TIES cut that needs one is found by one rank per tensor and read by the "
+        f"counting the trims' own passes too (a TIES cut that needs one is found by one rank per task vector and read by the "
         f"others; DARE's rescale norms are summed by each rank over its share and added up), its kernels read {one['kernel_bytes_read_per_rank_per_candidate'] / 1e6:.0f} MB and "
         f"{two['kernel_bytes_read_per_rank_per_candidate'] / 1e6:.0f} MB (×{two['kernel_bytes_over_baseline']:.3f}); "
         f"a push takes {one['push_seconds_median']:.2f} s and {two['push_seconds_median']:.2f} s "

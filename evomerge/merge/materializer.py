@@ -148,8 +148,9 @@ class Materializer:
             self.peers.next()
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
-            if self.peers is not None:
-                self.peers.deal({p.name: _numel(self._shape(p)) for p in planned})
+            if self.peers is not None:  # the task vectors' owners (TaskVector.cuts)
+                self.peers.deal({_vector_key(p, i): _numel(self._shape(p)) for p in planned if p.base is not None
+                                 for i in range(len(p.inputs)) if i != p.base})
             direct = method.any_out_dtype and out_dtype in (torch.float32, torch.bfloat16)
             merge = self._new_merge(method, planned, seed, flat)
 
@@ -361,7 +362,7 @@ class Materializer:
             v = TaskVector(self._stored(base.model, base.tensor), self._stored(inp.model, inp.tensor),
                            self._cache(key, inp.model, base.model) if cached else None)
             if cached:
-                v.peers, v.key, v.tensor = self.peers, " ".join(key), q.name
+                v.peers, v.key = self.peers, _vector_key(q, i)
             return v
 
         def vector() -> TaskVector:
@@ -444,6 +445,12 @@ class _Merge:
         self.dtype, self.mergekit = dtype, mergekit  # the recipe's dtype; whether mergekit's ops merge it
         self.by_name = {p.name: p for p in planned}
         self.shared = Shared()
+
+
+def _vector_key(p: Planned, i: int) -> str:
+    """Task vector i of planned tensor p, named alike on every tensor-parallel rank."""
+    inp, base = p.inputs[i], p.inputs[p.base]
+    return f"{p.name}: {inp.model} {inp.tensor} - {base.model} {base.tensor}"
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -6,8 +6,9 @@ all), a pass over the whole tensor. Each rank instead sums a fixed share of it, 
 whatever shard its loaders keep (`block`), posts its two partial sums, and adds everyone's in rank order, so
 every rank gets the same floats and reads 1/k of the tensor for the norms, as it reads 1/k for its merge.
 A magnitude trim's cut may need a pass over the whole tensor too (vectors.TaskVector.cuts): one rank per
-tensor, its owner, finds it and posts it, the others read it (`owned`). The owners are dealt out by size
-(`deal`, the same on every rank), so each rank makes about 1/k of those passes' bytes.
+task vector, its owner, finds it and posts it, the others read it (`owned`). The owners are dealt out by size
+(`deal`, the same on every rank; a tensor's experts to different ranks), so each rank makes about 1/k of
+those passes' bytes.
 
 The exchange is a folder the ranks share (in memory: /dev/shm where there is one), a file per (candidate,
 tensor, model, rank), each written whole (a temporary name, then a rename) so a reader never sees half a
@@ -33,14 +34,14 @@ class Peers:
     rank: int
     ranks: int
     generation: int = 0
-    owners: dict[str, int] = field(default_factory=dict)  # tensor name -> the rank finding its cuts
+    owners: dict[str, int] = field(default_factory=dict)  # task vector -> the rank finding its cuts
 
     def block(self, n: int) -> tuple[int, int]:
         """This rank's share [start, end) of n entries: contiguous, together the whole, the same cut on every rank."""
         return n * self.rank // self.ranks, n * (self.rank + 1) // self.ranks
 
     def deal(self, sizes: dict[str, int]) -> None:
-        """Owners for the tensors of a merge: largest first, each to the rank with the fewest entries so far."""
+        """Owners for the task vectors of a merge: largest first, each to the rank with the fewest entries so far."""
         load = [0] * self.ranks
         self.owners = {}
         for name, n in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -63,8 +64,8 @@ class Peers:
         return tuple(sum(p[i] for p in parts) for i in range(len(values)))
 
     def owned(self, key: str, fn: Callable[[], tuple[float, ...]], n: int, by: str) -> tuple[float, ...]:
-        """fn()'s n values for `key`, computed by the owner of tensor `by` only (the same rank for every key of
-        one tensor, so the statistics it keeps across candidates serve it again) and read by the others."""
+        """fn()'s n values for `key`, computed by the owner of task vector `by` only (the same rank for every key
+        of one vector, so the statistics it keeps across candidates serve it again) and read by the others."""
         stem, owner = self._stem(key), self.owners[by]
         if owner != self.rank:
             return self._read(self.folder / f"{stem}.{owner}", n, key, owner)

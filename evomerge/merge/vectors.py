@@ -143,7 +143,7 @@ class TaskVector:
         if self.peers is None:
             return self._cuts(ranks)
         found = self.peers.owned(f"cuts {self.key} {ranks}", lambda: tuple(x for c in self._cuts(ranks) for x in (c.value, c.larger, c.equal)),
-                                 3 * len(ranks), by=self.tensor)
+                                 3 * len(ranks), by=self.key)
         return [Cut(found[i], int(found[i + 1]), int(found[i + 2])) for i in range(0, len(found), 3)]
 
     def _cuts(self, ranks: list[int]) -> list[Cut]:
@@ -167,12 +167,10 @@ class TaskVector:
             return out
 
     offset = 0  # the flat position of the tensor being merged in this unit (see StackVector)
-    # the tensor-parallel ranks merging shards of this candidate (a cut needing a pass is found by one of them),
-    # this vector's name, the same on every rank, and its tensor's (its owner's key); a stack's trims read the
-    # whole stack on every rank
+    # the tensor-parallel ranks merging shards of this candidate (a cut needing a pass is found by one of them)
+    # and this vector's name, the same on every rank; a stack's trims read the whole stack on every rank
     peers: Peers | None = None
     key = ""
-    tensor = ""
 
     def once(self, what: Hashable, fn: Callable[[], Any]) -> Any:
         """A value its trim reads: computed here (a stack shares it among its members' merges)."""
@@ -227,7 +225,7 @@ class TaskVector:
         if self.peers is None:
             return gta.nth_equal(*self.flat(), value, nth)
         return int(self.peers.owned(f"nth {self.key} {value!r} {nth}", lambda: (float(gta.nth_equal(*self.flat(), value, nth)),), 1,
-                                    by=self.tensor)[0])
+                                    by=self.key)[0])
 
     def kept_l1(self, keep: Keep) -> tuple[float, float]:
         """Sums of the magnitudes `keep` keeps, and of all (for rescaling)."""
