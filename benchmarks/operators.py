@@ -55,7 +55,7 @@ NOT_SEARCHED = {
 # it is not the config's, and the held-out columns the table shows
 BEDS = {
     "zoo": {"config": "demo.yaml", "zoo": "evomerge/zoo", "calibration": ["math_e_dev", "lang_j_dev"], "chat": False,
-            "budget": {"evaluations": 30, "wall_time": "1h"}, "artifact": "operators",
+            "budget": {"evaluations": 20, "wall_time": "1h"}, "artifact": "operators",
             "columns": {"acc_tf/math_j": "J math (target)", "acc_tf/lang_j": "J instructions"}},
     "real": {"config": "real.yaml", "zoo": "evomerge/zoo/real", "calibration": ["math_dev", "fr_dev"], "chat": True,
              "budget": None, "artifact": "operators_real",
@@ -158,6 +158,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
+def search_seconds(run_dir: Path, cfg: dict) -> dict:
+    """Each search's wall time, from its run's journal (so a table read back still says it)."""
+    from evomerge.comparisons import compare_dir
+    from evomerge.store import RunStore
+
+    dirs = {"TIES searched (the run's own)": run_dir, **{row: compare_dir(run_dir, row) for row in cfg["holdout"]["compare"]}}
+    out = {}
+    for row, d in dirs.items():
+        with RunStore.open(d, readonly=True) as store:
+            out[row] = round(store.elapsed(), 1)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bed", choices=sorted(BEDS), default="zoo")
@@ -174,8 +187,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     config = bed_config(args.bed, work, evaluations=args.evaluations, limit=args.limit, skip=tuple(args.skip_search))
     t0 = time.perf_counter()
-    run = headline.run_seed(config, work / f"seed{args.seed}", args.seed)
-    cfg = yaml.safe_load(config.read_text())
+    run_dir = work / f"seed{args.seed}"
+    run = headline.run_seed(config, run_dir, args.seed)
+    cfg = json.loads(json.dumps(yaml.safe_load(config.read_text())).replace(f"{ROOT}/", ""))  # paths from the repo root
     result = {
         "benchmark": "operators", "bed": args.bed, "artifact": spec["artifact"], "config": f"runs/{spec['config']}",
         "complete": not args.skip_search, "searches_left_out": args.skip_search, "budget": cfg["budget"], "limit": args.limit, "seed": args.seed,
@@ -183,7 +197,8 @@ def main() -> None:
         "run_config": cfg,
         "run": {"rows": run["rows"], "search": run["search"], "searches": run.get("searches", {})},
         "sources": {name: run["rows"][name] for name in cfg["holdout"]["baselines"] if not name.endswith(" untuned")},
-        "seconds": round(time.perf_counter() - t0, 1),  # of this call: ~0 when the run was read back
+        "search_seconds": search_seconds(run_dir, cfg),
+        "seconds": round(time.perf_counter() - t0, 1),  # of this call (searches and held-out): ~0 when read back
         "machine": memstat.machine(), "versions": memstat.versions(ROOT),
     }
     result["table"] = table(result)
