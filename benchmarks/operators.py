@@ -179,6 +179,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="problems per task (a quick check)")
     p.add_argument("--skip-search", nargs="+", default=[], choices=sorted(OPERATORS), metavar="OPERATOR",
                    help="operators whose searched row is left out (the artifact then says `complete: false`)")
+    p.add_argument("--partial", action="store_true", help="write what an unfinished run has done, without running it")
     p.add_argument("--work", type=Path, help="where the run goes (default runs/operators/<bed>)")
     p.add_argument("--out", help="artifact path (default benchmarks/results/<artifact>.json)")
     args = p.parse_args()
@@ -188,6 +189,8 @@ def main() -> None:
     config = bed_config(args.bed, work, evaluations=args.evaluations, limit=args.limit, skip=tuple(args.skip_search))
     t0 = time.perf_counter()
     run_dir = work / f"seed{args.seed}"
+    if args.partial:
+        return write(progress(run_dir, yaml.safe_load(config.read_text()), args), args)
     run = headline.run_seed(config, run_dir, args.seed)
     cfg = json.loads(json.dumps(yaml.safe_load(config.read_text())).replace(f"{ROOT}/", ""))  # paths from the repo root
     result = {
@@ -202,9 +205,37 @@ def main() -> None:
         "machine": memstat.machine(), "versions": memstat.versions(ROOT),
     }
     result["table"] = table(result)
-    out = Path(args.out) if args.out else RESULTS / f"{spec['artifact']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write(result, args)
     print(markdown(result))
+
+
+def write(result: dict, args: argparse.Namespace) -> None:
+    out = Path(args.out) if args.out else RESULTS / f"{BEDS[args.bed]['artifact']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def progress(run_dir: Path, cfg: dict, args: argparse.Namespace) -> dict:
+    """What an unfinished run has done (`complete: false`, no held-out numbers): each search's evaluations so
+    far, its wall time and its best dev fitness (the run's own rule)."""
+    from evomerge.comparisons import compare_dir, searched
+    from evomerge.results import open_run
+
+    searches = {}
+    for row, d in {"TIES searched (the run's own)": run_dir, **{r: compare_dir(run_dir, r) for r in cfg["holdout"]["compare"]}}.items():
+        if not (d / "run.sqlite").is_file():
+            searches[row] = None  # not started
+            continue
+        run = open_run(d)
+        try:
+            best = run.best(None, genomes=False)
+            searches[row] = {**searched(run.store, cfg["budget"]), "seconds": round(run.store.elapsed(), 1),
+                             "best_dev": {k: float(best[k]) for k in best.index if k.startswith("acc_tf/")}}
+        finally:
+            run.close()
+    return {"benchmark": "operators", "bed": args.bed, "artifact": BEDS[args.bed]["artifact"], "complete": False,
+            "missing": "the held-out table: the run had not finished its searches and held-out scoring",
+            "searches_left_out": args.skip_search, "budget": cfg["budget"], "seed": args.seed, "dev_progress": searches,
+            "machine": memstat.machine(), "versions": memstat.versions(ROOT)}
 
 
 if __name__ == "__main__":
