@@ -300,6 +300,18 @@ def test_fisher_searched_in_the_layer_weights_space(tiny_models, calibration_set
             LayerWeights(sources=["a", "b"], num_layers=4, **kwargs)
 
 
+def test_fisher_statistics_under_no_grad(tiny_models, calibration_set):
+    """A run's worker loads a recipe's weights under torch.no_grad(): the Fisher computed there (the first merge
+    that needs it) equals the one computed outside, not an error."""
+    texts = calibration.read_examples(calibration_set)
+    plain = calibration.compute(str(tiny_models["a"]), texts)
+    with torch.no_grad():
+        inside = calibration.compute(str(tiny_models["a"]), texts)
+    fisher = [k for k in plain if k.startswith(calibration.FISHER)]
+    assert fisher and all(torch.equal(plain[k], inside[k]) for k in plain)
+    assert any(plain[k].abs().sum() > 0 for k in fisher)
+
+
 def test_readme_states_the_statistics_cost():
     """README's data-aware cost figures are the arithmetic from Llama-2-7B/70B's shapes (layers, hidden, MLP, parameters)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

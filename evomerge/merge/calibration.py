@@ -109,10 +109,11 @@ def compute(source: str | Path, texts: list[str]) -> dict[str, torch.Tensor]:
     grams = _Grams(_linears(model))
     params = dict(model.named_parameters())
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    try:
+    try:  # gradients on even where the merge runs under no_grad (a run's worker loads a recipe's weights so)
         for ids in _token_ids(tok, texts):
             model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
+            with torch.enable_grad():
+                model(input_ids=ids, labels=ids).loss.backward()
             for n, p in params.items():
                 if p.grad is not None:
                     fisher[n].addcmul_(p.grad, p.grad)
