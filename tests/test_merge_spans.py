@@ -1,5 +1,5 @@
 """A tensor-parallel rank's merge of only its shard (Materializer.tensors(spans=...)): every method's shard equals
-that shard of the whole merge, and the task-arithmetic family reads and merges only the shard's bytes."""
+that shard of the whole merge, and the task-arithmetic family and localize_stitch read and merge only the shard's bytes."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from evomerge.merge import Materializer
 from evomerge.merge import methods as registry
 from evomerge.recipe import Recipe
 
-SPANNED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
+SPANNED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "localize_stitch"}
 
 
 def _recipe(method: str) -> dict:
