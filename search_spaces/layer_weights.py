@@ -3,7 +3,8 @@ module group and each source model, a merge `weight` and (for sparsifying method
 
 Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
 `method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
-task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus, pcb (its density: the paper's pcb_ratio), fisher),
+task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus, pcb (its density: the paper's pcb_ratio),
+localize_stitch (its density: the paper's sparsity), fisher),
 `calibration` (fisher's calibration JSONL, evomerge/merge/calibration.py; required with it), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
 the whole model), `knots` (k >= 2 instead of granularity: each value is a piecewise-linear curve over depth through
 k knots at evenly spaced layers, so a 30-layer model is searched in k values per expert rather than 30), `lines`
@@ -37,7 +38,8 @@ from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
 from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
-METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb", "fisher")
+METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb",
+           "localize_stitch", "fisher")
 WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus", "fisher")
 NO_BASE = ("linear", "fisher")
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")

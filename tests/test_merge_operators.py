@@ -2,11 +2,13 @@
 our tensors. fusion-bench's package imports a training stack; its algorithm modules need only torch, so the
 wheel (pip download --no-deps, cached per user) is unpacked and those modules are loaded from its files
 (tall_mask/utils.py, fisher_merging.py and regmean.py import the package for what their merging functions do not
-use: those functions alone). It has no PCB-Merging nor LiNeS: PCB is checked against the paper's steps."""
+use: those functions alone). It has no PCB-Merging, Localize-and-Stitch nor LiNeS: PCB is checked against the paper's
+steps, Localize-and-Stitch against its authors' code re-implemented."""
 from __future__ import annotations
 
 import ast
 import json
+import math
 import importlib.util
 import subprocess
 import sys
@@ -103,11 +105,12 @@ def test_tsv_m_in_evomerge_merge_and_its_errors(workdir, monkeypatch, capsys):  
         assert_failed_cleanly(code, err, workdir / "bad", needle)
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus", "pcb"])
+@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus", "pcb", "localize_stitch"])
 def test_searched_in_the_layer_weights_space(method, tiny_models):
     space = LayerWeights(sources=["a", "b"], base="base", num_layers=4, method=method, granularity=2)
     recipe = space.decode(space.initial())
-    assert recipe.merge_method == method and set(recipe.models[0].parameters) == ({"weight", "density"} if method == "pcb" else {"weight"})
+    sparse = method in ("pcb", "localize_stitch")
+    assert recipe.merge_method == method and set(recipe.models[0].parameters) == ({"weight", "density"} if sparse else {"weight"})
     merged = Materializer(tiny_models, base="base").materialize(recipe)
     assert np.allclose(space.encode(recipe), space.initial())
     assert all(torch.isfinite(v).all() for v in merged.values())
@@ -147,7 +150,7 @@ def _merge_real(models: dict[str, Path], method: str, out: Path) -> dict[str, to
     return load_checkpoint(out / "m")
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus", "pcb"])
+@pytest.mark.parametrize("method", ["tsv_m", "tall_consensus", "pcb", "localize_stitch"])
 def test_operators_merge_the_real_test_bed(method, real_zoo, tmp_path):
     out, built = real_zoo
     assert built.returncode == 0, built.stderr[-2000:]
@@ -377,6 +380,65 @@ def test_pcb_parameters_checked_before_any_merge(workdir, monkeypatch, capsys): 
     for bad, needle in (({**cfg, "parameters": {"clamp_ratio": 0.4}}, "parameter 'clamp_ratio' for the recipe must be in [0, 0.25], got 0.4"),
                         ({**cfg, "models": [{"model": "a", "parameters": {"density": 0}}, {"model": "b"}]}, "parameter 'density'"),
                         ({**cfg, "base_model": None}, "pcb needs a base_model")):
+        code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
+        assert_failed_cleanly(code, err, workdir / "bad", needle)
+
+
+def _localize_stitch_by_the_authors(tvs: list[torch.Tensor], sparsity: list[float]) -> torch.Tensor:
+    """Dataless Localize-and-Stitch as the authors' code computes it (uiuctml/Localize-and-Stitch, localize_utils.py:
+    Localizer.create_basepatch, interpolate_model(round_=True), Stitcher.get_average_masks and interpolate_models),
+    re-written here on one flat tensor as the independent oracle: k = int(sparsity x n), the threshold the least of
+    torch.topk's k largest |tau|, the basepatch +-sigmoid_bias by |tau| > threshold, the mask its rounded sigmoid;
+    each mask's count of the masks it meets (itself included), its reciprocal (0 where 0) times tau, summed. Where
+    k is 0 their topk has no minimum: no entry is localized."""
+    bias, masks = 5.0, []
+    for tv, s in zip(tvs, sparsity):
+        k = int(s * tv.numel())
+        threshold = torch.topk(tv.abs(), k).values.min() if k else math.inf
+        masks.append(torch.round(torch.sigmoid(torch.where(tv.abs() > threshold, bias, -bias))))
+    merged = torch.zeros_like(tvs[0])
+    for i, (tv, m) in enumerate(zip(tvs, masks)):
+        count = m + sum(torch.logical_and(m, o) for j, o in enumerate(masks) if j != i)
+        merged += torch.where(count == 0, 0.0, 1 / count) * tv
+    return merged
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_localize_stitch_equals_the_authors_code(family, family_models, monkeypatch):
+    """Each tensor is base + the authors' stitch of the weighted task vectors, localized at each model's own
+    density (the paper's sparsity), flattened tensor by tensor (their code flattens the whole model, as PCB's
+    does). Their code is not packaged: the oracle re-implements its arithmetic (_localize_stitch_by_the_authors).
+    Pieces of 1000 entries: the stitch of a tensor in pieces equals it whole."""
+    from evomerge.merge import methods
+
+    monkeypatch.setattr(methods, "STITCH_PIECE", 1000)
+    paths, weights, density = family_models(family), (0.7, 1.3), (0.2, 0.35)
+    cfg = {"merge_method": "localize_stitch", "base_model": "base", "dtype": "float32",
+           "models": [{"model": m, "parameters": {"weight": w, "density": d}} for m, w, d in zip(("a", "b"), weights, density)]}
+    ours = Materializer(paths, base="base").materialize(Recipe.from_dict(cfg))
+    base, tvs = _task_vectors(paths, weights)
+    ref = {k: v.float() + _localize_stitch_by_the_authors([t[k].reshape(-1) for t in tvs], list(density)).reshape(v.shape)
+           for k, v in base.items()}
+    err, where = worst_relative_error(ours, ref)
+    assert err < 1e-5, (err, where)
+    changed = sum((ours[k] != base[k].float()).sum().item() for k in base) / sum(v.numel() for v in base.values())
+    assert 0.4 < changed < 0.5, changed  # about 1 - 0.8 x 0.65 of the entries: the overlaps averaged, the rest kept
+
+
+def test_localize_stitch_parameters_checked_before_any_merge(workdir, monkeypatch, capsys):  # noqa: F811
+    """A weight of 0 leaves a model out (no entry localized, so none of the other's is halved); a density out of
+    (0, 1] or a missing base fails in one line before anything is written."""
+    cfg = {"merge_method": "localize_stitch", "base_model": "base", "dtype": "float32",
+           "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.3}}, {"model": "b", "parameters": {"weight": 0.0}}]}
+    code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, cfg)), "-o", str(workdir / "m"))
+    assert code == 0, err
+    alone = {**cfg, "models": cfg["models"][:1]}
+    written, ref = load_checkpoint(workdir / "m"), Materializer({m: workdir / m for m in ("base", "a")}, base="base").materialize(Recipe.from_dict(alone))
+    assert all(torch.equal(written[k], ref[k]) for k in ref)
+    for bad, needle in (({**cfg, "models": [{"model": "a", "parameters": {"density": 0}}, {"model": "b"}]},
+                         "parameter 'density' for model 'a' must be in (0, 1], got 0"),
+                        ({**cfg, "models": [{"model": "a", "parameters": {"density": 1.5}}, {"model": "b"}]}, "must be in (0, 1], got 1.5"),
+                        ({**cfg, "base_model": None}, "localize_stitch needs a base_model")):
         code, _, err = run_cli(monkeypatch, capsys, "merge", str(write_config(workdir, bad)), "-o", str(workdir / "bad"))
         assert_failed_cleanly(code, err, workdir / "bad", needle)
 

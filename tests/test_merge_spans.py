@@ -1,6 +1,6 @@
 """A tensor-parallel rank's merge of only its shard (Materializer.tensors(spans=...)): every method's shard equals
-that shard of the whole merge, and the task-arithmetic family reads and merges only the shard's bytes; ranks that
-rescale sum the norms of their own share of each tensor with each other (evomerge.merge.peers)."""
+that shard of the whole merge, and the task-arithmetic family and localize_stitch read and merge only the shard's
+bytes; ranks that rescale sum the norms of their own share of each tensor with each other (evomerge.merge.peers)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,8 @@ from evomerge.merge import methods as registry
 from evomerge.merge.peers import Peers
 from evomerge.recipe import Recipe
 
-SPANNED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+SPANNED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+           "localize_stitch"}
 RESCALED = ["dare_ties", "dare_linear", "della", "della_linear", "ties", "breadcrumbs"]  # (the last two: rescale asked)
 
 

@@ -509,6 +509,54 @@ register(Method("pcb", _pcb, (ParamSpec("weight", float, 1.0, per_model=True),
                 needs_base=True))
 
 
+# --- localize_stitch: dataless Localize-and-Stitch (He et al. 2024; evomerge's own) ---------------
+
+STITCH_PIECE = 1 << 20  # entries per piece of the stitch (tests make it small)
+
+
+def _localized_cut(v: TaskVector, weight: float, density: float) -> torch.Tensor:
+    """The k-th largest |weight x delta|, k = int(density x entries), in float32: weight x (the k-th largest
+    |delta|), rounding being monotone, that from the task vector's summary (kept across candidates, so a
+    candidate's cuts cost no pass over the tensor). An entry is localized where it exceeds the cut (none
+    when k is 0: an infinite cut)."""
+    k = int(density * v.numel)
+    cut = torch.tensor(v.cut(k - 1).value if k else math.inf, dtype=torch.float32)
+    return cut.mul_(abs(weight))
+
+
+def _localize_stitch(g: Group) -> None:
+    """Each weighted task vector w x tau localized to its entries above its top-density cut, then stitched:
+    base + the sum of the localized vectors, each entry divided by the number of tasks localized there
+    (the authors' create_basepatch and Stitcher of the dataless variant, tensor by tensor). The cuts are the
+    whole tensor's; the stitch runs in pieces (of g.spans only, when given), holding a few float32 copies of
+    a piece per expert beyond the output."""
+    assert g.base is not None
+    entries = g.non_base
+    if not entries:
+        g.out.copy_(g.base.full())
+        return
+    vectors = [e.vector() for e in entries]
+    weights = [e.params["weight"] for e in entries]
+    cuts = torch.stack([_localized_cut(v, w, e.params["density"]) for v, w, e in zip(vectors, weights, entries)])[:, None]
+    base, models = vectors[0].base.reshape(-1), [v.model.reshape(-1) for v in vectors]
+    cuts, out = cuts.to(base.device), g.out.reshape(-1)
+    for start, end in g.spans or ((0, out.numel()),):
+        for s in range(start, end, STITCH_PIECE):
+            e = min(s + STITCH_PIECE, end)
+            b = base[s:e].float()  # the stored tensor itself when float32: never modified
+            tau = torch.stack([(m[s:e].float() - b).mul_(w) for m, w in zip(models, weights)])
+            local = tau.abs() > cuts
+            torch.add(b, (tau * local).sum(0).div_(local.sum(0).clamp_(min=1)), out=out[s:e])
+    g.merged_spans = g.spans is not None
+
+
+# density: the fraction of each task vector localized (the paper's sparsity); weight scales it before localizing
+register(Method("localize_stitch", _localize_stitch,
+                (ParamSpec("weight", float, 1.0, per_model=True),
+                 ParamSpec("density", float, 0.1, per_model=True, bounds=Interval(0.0, 1.0, open_low=True))),
+                needs_base=True))
+
+
 # --- fisher, regmean: data-aware merges from calibration statistics (evomerge/merge/calibration.py) ----
 
 def _statistic(g: Group, e: Entry, key: str) -> torch.Tensor | None:
