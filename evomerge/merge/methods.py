@@ -133,7 +133,7 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
         if trim == "della" and units[0] is vectors[0]:
             _della_by_rows(g, vectors, [_trim(trim, v, e, g) for v, e in zip(vectors, entries)], weights, opts)
             return
-        keeps = [_keep(trim, u, e, g) for u, e in zip(units, entries)]
+        keeps = [_keep(trim, u, e, g, i) for i, (u, e) in enumerate(zip(units, entries))]
         if trim == "della":  # a stack member's ranks run along its expert's stacked rows
             keeps = [replace(k, rank=u.rank(u.index), rank_start=u.offset) if k.kind == "della" else k for k, u in zip(keeps, units)]
         # the trims' cuts and draws are by flat index: a shard's spans merge as within the whole
@@ -225,8 +225,7 @@ def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Kee
             if k.kind in ("all", "none"):
                 continue
             sums = [gta.kept_l1(b[s:e], m[s:e], sparsify.ranked(k, b[s:e], m[s:e], s, cols), s) for s, e in share]
-            norms = (sum(x for x, _ in sums), sum(y for _, y in sums))
-            keeps[i] = sparsify.rescaled(k, *(norms if g.peers is None else g.peers.total(f"{g.name} {g.non_base[i].model}", norms)))
+            keeps[i] = sparsify.rescaled(k, *_summed(g, i, (sum(x for x, _ in sums), sum(y for _, y in sums))))
     out = g.out.reshape(-1)
     wanted = g.spans or ((0, rows * cols),)
     for s, e in pieces:
@@ -239,8 +238,8 @@ def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Kee
     g.merged_spans = g.spans is not None
 
 
-def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
-    """One model's trim, rescaled if asked. A stack's trim is found once per merge (by the first of its
+def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group, i: int) -> sparsify.Keep:
+    """Expert i's trim, rescaled if asked. A stack's trim is found once per merge (by the first of its
     members' merges to need it) and applied to each member at its position; the merges of its members
     share the passes of its rescale."""
     settings = (e.model, trim, g.tie_order, g.seed, *(e.params.get(k) for k in ("density", "gamma", "epsilon")))
@@ -251,7 +250,13 @@ def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
         return sparsify.rescale(k, v)
     s, t = g.peers.block(v.numel)
     b, m = v.flat()
-    return sparsify.rescaled(k, *g.peers.total(f"{g.name} {e.model}", gta.kept_l1(b[s:t], m[s:t], k, s)))
+    return sparsify.rescaled(k, *_summed(g, i, gta.kept_l1(b[s:t], m[s:t], k, s)))
+
+
+def _summed(g: Group, i: int, norms: tuple[float, float]) -> tuple[float, float]:
+    """Expert i's rescale norms over this rank's share, added up with the other ranks' (as they are without
+    peers); keyed by position, since a recipe may name one model twice with other parameters."""
+    return norms if g.peers is None else g.peers.total(f"{g.name} {i}", norms)
 
 
 def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
