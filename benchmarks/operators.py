@@ -39,16 +39,16 @@ OPERATORS = {
     "pcb": {"method": "pcb", "search": {"method": "pcb"}},
     "tsv_m": {"method": "tsv_m", "search": {"method": "tsv_m"}},
     "tall_consensus": {"method": "tall_consensus", "search": {"method": "tall_consensus"}},
+    "localize_stitch": {"method": "localize_stitch", "search": {"method": "localize_stitch"}},
     "fisher": {"method": "fisher", "data": True, "search": {"method": "fisher", "base": None}},
-    "regmean": {"method": "regmean", "data": True, "search": None},
+    "regmean": {"method": "regmean", "data": True, "search": {"method": "regmean", "base": None}},
     "regmean_plus": {"method": "regmean_plus", "data": True, "search": None},
 }
 NOT_SEARCHED = {
     "LiNeS (TIES)": "a parametrisation of the layer_weights space, not a method: searched row only",
-    "regmean": "no per-expert parameter: its one parameter, alpha, is shared by the whole recipe, so there is no "
-               "weight or density per layer and expert for layer_weights to search",
-    "regmean_plus": "as regmean, and its Gram matrices depend on alpha and on the merge itself, so a recipe has "
-                    "one alpha for every tensor (evomerge/merge/methods.py)",
+    "regmean_plus": "its Gram matrices are the merged model's own, so weights per layer and expert would take a "
+                    "calibration pass through each candidate; a recipe has one alpha and no weights "
+                    "(evomerge/merge/methods.py)",
 }
 
 # per test bed: the ready config, its zoo, the experts' dev files the calibration set comes from, the budget when
@@ -92,12 +92,12 @@ def untuned(op: dict, experts: list[str], base: str, calibration: Path) -> dict:
     return recipe
 
 
-def searched_space(space: dict, search: dict, calibration: Path) -> dict:
-    options = {**space["options"], **search}
+def searched_space(space: dict, op: dict, calibration: Path) -> dict:
+    options = {**space["options"], **op["search"]}
     if options.get("lines"):  # LiNeS takes the place of the space's layer values
         options.pop("knots", None)
         options.pop("granularity", None)
-    if options["method"] == "fisher":
+    if op.get("data"):
         options["calibration"] = str(calibration)
     if not any(p.name == "normalize" for p in methods.get(options["method"]).shared_params()):
         options.pop("normalize", None)  # the run's TIES option; a method without it refuses it
@@ -120,7 +120,7 @@ def bed_config(bed: str, work: Path, *, evaluations: int | None, limit: int | No
     sources = {name: r for name, r in cfg["holdout"]["baselines"].items() if r["merge_method"] == "linear" and len(r["models"]) == 1}
     cfg["holdout"]["baselines"] = {**sources, **{f"{name} untuned": untuned(op, experts, cfg["base"], calibration)
                                                  for name, op in OPERATORS.items() if "method" in op}}
-    cfg["holdout"]["compare"] = {name + SEARCHED: {"space": searched_space(cfg["space"], op["search"], calibration)}
+    cfg["holdout"]["compare"] = {name + SEARCHED: {"space": searched_space(cfg["space"], op, calibration)}
                                  for name, op in OPERATORS.items() if op["search"] is not None and name not in ("TIES", *skip)}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -237,6 +237,32 @@ def test_regmean_equals_fusion_bench(family, family_models, fusion_bench, calibr
     assert torch.allclose(grams[0]["lm_head"], h.T @ h / len(h), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_weighted_regmean_equals_fusion_bench_on_weighted_grams(family, family_models, fusion_bench, calibration_set):
+    """RegMean with per-model weights (a search's genome) is the least-squares merge with model i's objective
+    scaled by w_i: fusion-bench's merging_with_regmean_weights fed the Gram matrices times w_i gives every
+    solved linear weight; the other tensors are the weighted mean. Weights that differ per layer apply per tensor."""
+    paths, alpha, w = family_models(family), 0.9, {"a": [{"filter": "mlp", "value": 3.0}, {"value": 0.5}], "b": 1.0}
+    cfg = {"merge_method": "regmean", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "alpha": alpha},
+           "models": [{"model": m, "parameters": {"weight": w[m]}} for m in ("a", "b")]}
+    ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
+    stats = [calibration.statistics(str(paths[m]), str(calibration_set)) for m in ("a", "b")]
+    grams = [{k.removeprefix(calibration.GRAM): s.get_tensor(k).double() for k in s.keys() if k.startswith(calibration.GRAM)} for s in stats]
+    weight_a = lambda k: 3.0 if "mlp" in k else 0.5  # noqa: E731
+    params = {k: [load_checkpoint(paths[m])[k].double() for m in ("a", "b")] for k in ours}
+    solved = [k for k in ours if k.removesuffix(".weight") in grams[0]]
+    for k in solved:
+        module = k.removesuffix(".weight")
+        ref = fusion_bench.merging_with_regmean_weights({k: params[k]}, [{module: grams[0][module] * weight_a(k)}, {module: grams[1][module]}],
+                                                        reduce_non_diagonal_ratio=alpha)[k]
+        assert (ours[k].double() - ref).abs().max() / ref.abs().max() < 1e-5, k
+    for k in set(ours) - set(solved):
+        ref = (weight_a(k) * params[k][0] + params[k][1]) / (weight_a(k) + 1.0)
+        assert torch.allclose(ours[k].double(), ref, rtol=1e-5, atol=1e-7), k
+    plain = Materializer(paths).materialize(Recipe.from_dict({**cfg, "models": [{"model": m} for m in ("a", "b")]}))
+    assert any((ours[k] - plain[k]).abs().max() > 1e-3 for k in solved if "mlp" in k)  # the weights move the merge
+
+
 def test_data_aware_errors_in_evomerge_merge(workdir, monkeypatch, capsys, tmp_path):  # noqa: F811
     """A bad alpha, a missing or malformed calibration set: one line naming it, nothing written."""
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
@@ -289,17 +315,18 @@ def test_regmean_plus_equals_fusion_bench(family, family_models, fusion_bench, c
     assert not torch.allclose(plain[f"model.layers.{layer}.mlp.down_proj.weight"], ours[f"model.layers.{layer}.mlp.down_proj.weight"])
 
 
-def test_fisher_searched_in_the_layer_weights_space(tiny_models, calibration_set):
-    """fisher's weights per layer and expert are a layer-weights genome (no base needed); its calibration set
-    is an option of the space, required with fisher and refused without it."""
-    space = LayerWeights(sources=["a", "b"], num_layers=4, method="fisher", granularity=2, calibration=str(calibration_set))
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_data_aware_methods_searched_in_the_layer_weights_space(method, tiny_models, calibration_set):
+    """fisher's and regmean's weights per layer and expert are a layer-weights genome (no base needed); the
+    calibration set is an option of the space, required with them and refused without them."""
+    space = LayerWeights(sources=["a", "b"], num_layers=4, method=method, granularity=2, calibration=str(calibration_set))
     recipe = space.decode(space.initial())
-    assert recipe.merge_method == "fisher" and recipe.parameters == {"calibration": str(calibration_set)}
+    assert recipe.merge_method == method and recipe.parameters == {"calibration": str(calibration_set)}
     merged = Materializer(tiny_models).materialize(recipe)
     assert np.allclose(space.encode(recipe), space.initial())
     assert all(torch.isfinite(v).all() for v in merged.values())
-    for kwargs in ({"method": "fisher"}, {"method": "ties", "base": "base", "calibration": str(calibration_set)}):
-        with pytest.raises(UserError, match="`calibration` .* goes with method fisher"):
+    for kwargs in ({"method": method}, {"method": "ties", "base": "base", "calibration": str(calibration_set)}):
+        with pytest.raises(UserError, match="`calibration` .* goes with the methods fisher and regmean"):
             LayerWeights(sources=["a", "b"], num_layers=4, **kwargs)
 
 

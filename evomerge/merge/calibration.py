@@ -123,12 +123,12 @@ def compute(source: str | Path, texts: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def regmean_solve(grams: list[torch.Tensor], weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """RegMean's merged linear weight (out x in): (sum_i G_i')^-1 sum_i G_i' W_i^T transposed back, G_i' the Gram
-    matrix with its off-diagonal entries scaled by alpha; solved in float64 (a Gram sum's condition number
+def regmean_solve(grams: list[torch.Tensor], tensors: list[torch.Tensor], alpha: float, weights: list[float]) -> torch.Tensor:
+    """RegMean's merged linear weight (out x in): (sum_i w_i G_i')^-1 sum_i w_i G_i' W_i^T transposed back, G_i' the
+    Gram matrix with its off-diagonal entries scaled by alpha; solved in float64 (a Gram sum's condition number
     reaches 1e5 on few tokens)."""
-    scaled = [x.double() * alpha + torch.diag(torch.diagonal(x.double())) * (1 - alpha) for x in grams]
-    rhs = sum(x @ w.double().T for x, w in zip(scaled, weights))
+    scaled = [(x.double() * alpha + torch.diag(torch.diagonal(x.double())) * (1 - alpha)) * w for x, w in zip(grams, weights)]
+    rhs = sum(x @ t.double().T for x, t in zip(scaled, tensors))
     return torch.linalg.solve(sum(scaled), rhs).T
 
 
@@ -192,11 +192,11 @@ def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str
                 per_source.append(grams.close())
             for n, p in params.items():
                 module = f"{prefix}.{l}.{n.removesuffix('.weight')}"
-                weights = [own[i][f"{l}.{n}"] for i in range(len(models))]
+                tensors = [own[i][f"{l}.{n}"] for i in range(len(models))]
                 if n.endswith(".weight") and module in per_source[0]:
-                    p.copy_(regmean_solve([g[module] for g in per_source], weights, alpha))
+                    p.copy_(regmean_solve([g[module] for g in per_source], tensors, alpha, [1.0] * len(models)))
                 else:
-                    p.copy_(torch.stack(weights).mean(0))
+                    p.copy_(torch.stack(tensors).mean(0))
             out.update({f"{GRAM}{i}:{m}": g for i, grams in enumerate(per_source) for m, g in grams.items()})
             calls = [_with_hidden(args, kwargs, forward(layer, args, kwargs)) for args, kwargs in calls]
         grams = _Grams({n: m for n, m in _linears(merged).items() if not n.startswith(prefix + ".")})

@@ -593,30 +593,38 @@ register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=Tr
                 min_inputs=2))
 
 
-def _regmean_with(g: Group, grams: list[torch.Tensor | None]) -> None:
+def _regmean_with(g: Group, grams: list[torch.Tensor | None], weights: list[float]) -> None:
+    if not any(weights):
+        raise UserError(f"{g.name}: {g.method} needs a weight above 0 for at least one model")
     if any(x is None for x in grams) or g.out.dim() != 2:
-        g.out.copy_(torch.stack([e.full().float() for e in g.entries]).mean(0).to(g.out.dtype))
+        g.out.copy_((sum(w * e.full().float() for w, e in zip(weights, g.entries)) / sum(weights)).to(g.out.dtype))
         return
-    g.out.copy_(calibration.regmean_solve(grams, [e.full() for e in g.entries], g.shared["alpha"]).to(g.out.dtype))
+    g.out.copy_(calibration.regmean_solve(grams, [e.full() for e in g.entries], g.shared["alpha"], weights).to(g.out.dtype))
 
 
 def _regmean(g: Group) -> None:
-    """RegMean (Jin et al. 2023): a linear layer's weight W = (sum_i G_i')^-1 sum_i G_i' W_i^T (transposed back),
-    G_i its inputs' Gram matrix in model i with the off-diagonal entries scaled by alpha; every other tensor is
-    the models' mean, as the paper and fusion-bench 0.2.33's merging_with_regmean_weights do."""
-    _regmean_with(g, [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries])
+    """RegMean (Jin et al. 2023): a linear layer's weight W = (sum_i w_i G_i')^-1 sum_i w_i G_i' W_i^T (transposed
+    back), G_i its inputs' Gram matrix in model i with the off-diagonal entries scaled by alpha; every other tensor
+    is the models' weighted mean. With equal weights (the default) this is the paper's and fusion-bench 0.2.33's
+    merging_with_regmean_weights; a weight w_i scales model i's term of the least-squares objective, so a search
+    can weigh each model per layer (only the ratios matter)."""
+    _regmean_with(g, [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries],
+                  [e.params["weight"] for e in g.entries])
 
 
 def _regmean_plus(g: Group) -> None:
     """RegMean++: RegMean whose Gram matrices for layer l are taken on the merged model's own layers < l
-    (calibration.compute_plus). They depend on alpha: a recipe gives regmean_plus one alpha for every tensor."""
+    (calibration.compute_plus). They depend on alpha and on the merge itself: a recipe gives regmean_plus one
+    alpha for every tensor and no weights (weights per tensor would take a calibration pass per candidate)."""
     if any(e.path is None for e in g.entries):
         raise UserError(f"{g.name}: regmean_plus needs every model as a checkpoint on disk")
     stats = calibration.statistics_plus(tuple(str(e.path) for e in g.entries), str(g.shared["calibration"]), g.shared["alpha"])
     keys = [f"{calibration.GRAM}{i}:{g.name.removesuffix('.weight')}" for i in range(len(g.entries))]
-    _regmean_with(g, [stats.get_tensor(k) if g.name.endswith(".weight") and k in stats.keys() else None for k in keys])
+    _regmean_with(g, [stats.get_tensor(k) if g.name.endswith(".weight") and k in stats.keys() else None for k in keys],
+                  [1.0] * len(g.entries))
 
 
-for _name, _fn in (("regmean", _regmean), ("regmean_plus", _regmean_plus)):
-    register(Method(_name, _fn, (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT)),
-                    min_inputs=2))
+_REGMEAN_SHARED = (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT))
+register(Method("regmean", _regmean, (ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=NON_NEGATIVE),
+                                      *_REGMEAN_SHARED), min_inputs=2))
+register(Method("regmean_plus", _regmean_plus, _REGMEAN_SHARED, min_inputs=2))
