@@ -74,15 +74,23 @@ def run_seed(config: Path, run_dir: Path, seed: int) -> dict:
     from evomerge.config import load_config, parse_config
     from evomerge.store import RunStore
 
-    want = parse_config({**load_config(config).to_dict(), "seed": seed})
+    want = parse_config({**load_config(config).to_dict(), "seed": seed}).to_dict()
+    table = run_dir / "holdout.json"
     if (run_dir / "run.sqlite").is_file():
         with RunStore.open(run_dir, readonly=True) as store:
-            if parse_config(store.config).to_dict() != want.to_dict():
-                sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
-        command = ["resume", str(run_dir)]
+            have = parse_config(store.config).to_dict()
+        if {**have, "holdout": None} != {**want, "holdout": None}:
+            sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
+        # a finished search with other held-out rows (an operator added): only the table is made again
+        command = ["resume", str(run_dir)] if have == want or not table.is_file() else ["holdout", str(run_dir), "--config", str(config)]
+        if have != want:
+            table.unlink(missing_ok=True)
+            if command[0] == "resume":
+                from evomerge.holdout import replace_holdout
+
+                replace_holdout(run_dir, want, str(config))
     else:
         command = ["run", str(config), "--run-dir", str(run_dir), "--seed", str(seed)]
-    table = run_dir / "holdout.json"
     if not table.is_file():
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, "-m", "evomerge.cli", *command, "-q"], cwd=ROOT, env=env,
@@ -90,7 +98,7 @@ def run_seed(config: Path, run_dir: Path, seed: int) -> dict:
         if done.returncode != 0:
             sys.exit(f"seed {seed} failed:\n{done.stderr[-3000:]}")
     with RunStore.open(run_dir, readonly=True) as store:
-        search = {**searched(store, want.budget.model_dump(exclude_none=True)), "seconds": round(store.elapsed(), 1)}
+        search = {**searched(store, want["budget"]), "seconds": round(store.elapsed(), 1)}
     return {**json.loads(table.read_text()), "search": search}
 
 

@@ -188,6 +188,23 @@ def print_comparison(result: dict[str, Any]) -> None:
     _console().print(table)
 
 
+def replace_holdout(run_dir: str | Path, config: dict[str, Any], where: str) -> None:
+    """Store `config`'s holdout section as the run's: other baselines and comparison rows for a search already
+    done. Every section that shaped the search must equal the run's (the seed is the run's own: `--seed` may have
+    set it); else one line naming the first that differs, nothing changed."""
+    from evomerge.config import parse_config
+    from evomerge.store import RunStore
+
+    new = parse_config(config).to_dict()
+    with RunStore.open(run_dir) as store:
+        old = parse_config(store.config).to_dict()
+        differ = [k for k in sorted({*old, *new} - {"holdout", "seed"}) if old.get(k) != new.get(k)]
+        if differ:
+            raise UserError(f"{where}: its {differ[0]!r} differs from the run's in {run_dir}; only its holdout "
+                            "section may differ")
+        store.set_config({**store.config, "holdout": new.get("holdout")})  # one transaction: the old or the new
+
+
 def finish_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
     """What `evomerge run` does once the budget is reached: the held-out table, then the best model exported
     (once: an export already there is kept). None when the config has no holdout section."""

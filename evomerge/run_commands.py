@@ -212,17 +212,21 @@ def register(app: typer.Typer) -> None:
     @app.command("holdout")
     def holdout(
         run_dir: Path = typer.Argument(..., help="A run directory whose config has a holdout section."),
+        config: Optional[Path] = typer.Option(None, "--config", help="Take the holdout section (baselines, comparison rows, tasks) from this run config first: every other section must be the run's."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
     ) -> None:
         """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
-        from evomerge.holdout import finish_run
+        from evomerge.config import load_config
+        from evomerge.holdout import finish_run, replace_holdout
         from evomerge.trackers import tracking
 
         holder = RunLock.holder(run_dir)
         if holder is not None:  # its own end writes holdout.json and the export: a table now would race and go stale
             raise UserError(f"{run_dir} is still being searched ({holder}); the run scores its held-out table when "
                             "it ends: wait for it, or stop it first")
+        if config is not None:
+            replace_holdout(run_dir, load_config(config).to_dict(), str(config))
         with tracking(run_dir) as feed:
             with own_output(verbose):
                 result = finish_run(run_dir, progress=not quiet)
