@@ -147,6 +147,33 @@ def test_demo_twice_from_the_same_config_starts_a_fresh_run(tmp_path):
 
 
 @needs_zoo
+def test_holdout_with_another_config_adds_rows_to_a_finished_search(tmp_path):
+    """`evomerge holdout RUN --config NEW`: NEW's held-out rows (a baseline, a comparison search) scored for the
+    search already done, which is not searched again; a NEW that differs outside its holdout section is refused
+    in one line naming the section, the run's config untouched."""
+    first = {"tasks": yaml.safe_load((RUNS / "demo.yaml").read_text())["holdout"]["tasks"][:1],
+             "baselines": {"MATH": {"merge_method": "linear", "models": [{"model": "math", "parameters": {"weight": 1.0}}]}}}
+    cfg = reduced("demo", tmp_path, evaluations=1, limit=2, holdout=first)
+    assert evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q").returncode == 0
+    table(tmp_path / "run", ["MATH"])
+    more = {**first, "baselines": {**first["baselines"], "LANG": {"merge_method": "linear", "models": [
+        {"model": "lang", "parameters": {"weight": 1.0}}]}}, "compare": {"random search": {"optimizer": {"name": "random"}}}}
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "holdout": more}, sort_keys=False))
+    out = evomerge("holdout", str(tmp_path / "run"), "--config", str(tmp_path / "more.yaml"), "-q")
+    assert out.returncode == 0, out.stderr[-2000:]
+    table(tmp_path / "run", ["MATH", "LANG", "random search"])
+    finished(tmp_path / "run", 1)  # the run's own search: not searched again
+    finished(tmp_path / "run" / "compare" / "random_search", 1)
+    changed = yaml.safe_load(cfg.read_text())
+    changed["fitness"]["tasks"][0]["limit"] = 3
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump({**changed, "holdout": first}, sort_keys=False))
+    out = evomerge("holdout", str(tmp_path / "run"), "--config", str(tmp_path / "changed.yaml"), "-q")
+    assert out.returncode == 2 and "its 'fitness' differs from the run's" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    table(tmp_path / "run", ["MATH", "LANG", "random search"])  # the table of the config it kept
+
+
+@needs_zoo
 def test_demo_pareto_front_and_the_notebook_on_it(tmp_path):
     pytest.importorskip("nbclient")
     from runs_fixtures import execute_explorer
