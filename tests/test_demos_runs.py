@@ -74,7 +74,7 @@ def test_every_ready_run_is_valid_and_tested_here(real_zoo):
 
     assert {"demo", "demo_pareto", "demo_layerswap", "demo_dataflow", "demo_api", "demo_ray", "digits_m2n2",
             "real", "real_mathfr"} <= set(READY)
-    tested = {n for n in READY if re.search(rf'(reduced\(|parametrize\(.*)"{n}"', Path(__file__).read_text())}
+    tested = {n for n in READY if re.search(rf'(reduced\(|searched_on_the_real_zoo\(|parametrize\(.*)"{n}"', Path(__file__).read_text())}
     assert tested == set(READY), f"runs without a test: {set(READY) - tested}"
     zoo, built = real_zoo
     assert built.returncode == 0, built.stderr[-2000:]
@@ -203,16 +203,20 @@ def test_other_spaces_run_and_compare(tmp_path, name):
     assert (tmp_path / "run" / "best_model" / "config.json").is_file()
 
 
+def searched_on_the_real_zoo(name: str, tmp_path: Path, real_zoo, limit: int) -> dict:
+    """runs/NAME.yaml run for 2 evaluations on the session's truncated real zoo (RUN_DIR tmp_path/run): its status."""
+    zoo, built = real_zoo
+    assert built.returncode == 0, built.stderr[-2000:]
+    cfg = reduced(name, tmp_path, evaluations=2, limit=limit, sources={m: str(zoo / "models" / m) for m in ("base", "math", "fr")})
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return finished(tmp_path / "run", 2)
+
+
 def test_real_mathfr_searches_the_real_zoo(tmp_path, real_zoo):
     """runs/real_mathfr.yaml on a truncated real zoo (SmolLM2-135M and its two experts, built by the session's
     fixture): chat-template tasks, a TIES search over 30 layers in groups of 6, the held-out table, the export."""
-    zoo, built = real_zoo
-    assert built.returncode == 0, built.stderr[-2000:]
-    cfg = reduced("real_mathfr", tmp_path, evaluations=2, limit=6,
-                  sources={m: str(zoo / "models" / m) for m in ("base", "math", "fr")})
-    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    finished(tmp_path / "run", 2)
+    searched_on_the_real_zoo("real_mathfr", tmp_path, real_zoo, limit=6)
     result = table(tmp_path / "run", ["BASE", "MATH", "FR", "task arithmetic", "TIES"])
     assert set(result["rows"]["evolved best"]) == {"acc_tf/math_fr", "tok_acc/math_fr", "acc_tf/math", "acc_tf/fr"}
     assert (tmp_path / "run" / "best_model" / "chat_template.jinja").is_file()
@@ -226,13 +230,7 @@ def test_real_mathfr_searches_the_real_zoo(tmp_path, real_zoo):
 def test_real_keeps_both_experts_skills_by_a_pareto_search(tmp_path, real_zoo):
     """runs/real.yaml (the headline's real claim) on a truncated real zoo: two tasks searched for a front, the
     held-out table with the DARE row, and both comparison searches at the same budget."""
-    zoo, built = real_zoo
-    assert built.returncode == 0, built.stderr[-2000:]
-    cfg = reduced("real", tmp_path, evaluations=2, limit=4,
-                  sources={m: str(zoo / "models" / m) for m in ("base", "math", "fr")})
-    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    info = finished(tmp_path / "run", 2)
+    info = searched_on_the_real_zoo("real", tmp_path, real_zoo, limit=4)
     assert [o[0] for o in info["objectives"]] == ["acc_tf/math", "acc_tf/fr"], info
     result = table(tmp_path / "run", ["BASE", "MATH", "FR", "linear average", "task arithmetic", "TIES", "DARE",
                                       "random search", "global TIES"])
