@@ -81,14 +81,12 @@ def run_seed(config: Path, run_dir: Path, seed: int) -> dict:
             have = parse_config(store.config).to_dict()
         if {**have, "holdout": None} != {**want, "holdout": None}:
             sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
-        # a finished search with other held-out rows (an operator added): only the table is made again
-        command = ["resume", str(run_dir)] if have == want or not table.is_file() else ["holdout", str(run_dir), "--config", str(config)]
-        if have != want:
-            table.unlink(missing_ok=True)
-            if command[0] == "resume":
-                from evomerge.holdout import replace_holdout
+        if have != want:  # other held-out rows (an operator added) for the same search: only the table is made again
+            from evomerge.holdout import replace_holdout
 
-                replace_holdout(run_dir, want, str(config))
+            replace_holdout(run_dir, want, str(config))
+            table.unlink(missing_ok=True)
+        command = ["resume", str(run_dir)]
     else:
         command = ["run", str(config), "--run-dir", str(run_dir), "--seed", str(seed)]
     if not table.is_file():
