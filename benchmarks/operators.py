@@ -42,14 +42,9 @@ OPERATORS = {
     "localize_stitch": {"method": "localize_stitch", "search": {"method": "localize_stitch"}},
     "fisher": {"method": "fisher", "data": True, "search": {"method": "fisher", "base": None}},
     "regmean": {"method": "regmean", "data": True, "search": {"method": "regmean", "base": None}},
-    "regmean_plus": {"method": "regmean_plus", "data": True, "search": None},
+    "regmean_plus": {"method": "regmean_plus", "data": True, "search": {"method": "regmean_plus", "base": None}},
 }
-NOT_SEARCHED = {
-    "LiNeS (TIES)": "a parametrisation of the layer_weights space, not a method: searched row only",
-    "regmean_plus": "its Gram matrices are the merged model's own, so weights per layer and expert would take a "
-                    "calibration pass through each candidate; a recipe has one alpha and no weights "
-                    "(evomerge/merge/methods.py)",
-}
+NOT_SEARCHED = {"LiNeS (TIES)": "a parametrisation of the layer_weights space, not a method: searched row only"}
 
 # per test bed: the ready config, its zoo, the experts' dev files the calibration set comes from, the budget when
 # it is not the config's, and the held-out columns the table shows

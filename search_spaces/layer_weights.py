@@ -4,8 +4,9 @@ module group and each source model, a merge `weight` and (for sparsifying method
 Options: `sources` (expert names), `base` (base model name; required except for `linear`), `num_layers`,
 `method` (ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
 task_arithmetic, linear, and evomerge's own tsv_m, tall_consensus, pcb (its density: the paper's pcb_ratio),
-localize_stitch (its density: the paper's sparsity), and the data-aware fisher and regmean (its weights: each model's
-share of the least-squares objective per tensor)), `calibration` (their calibration JSONL,
+localize_stitch (its density: the paper's sparsity), and the data-aware fisher, regmean and regmean_plus (their
+weights: each model's share of the least-squares objective per tensor; regmean_plus takes a calibration pass
+through each candidate)), `calibration` (their calibration JSONL,
 evomerge/merge/calibration.py; required with them), `granularity` (1 = a group per layer, k = groups of k layers, 0 = one group for
 the whole model), `knots` (k >= 2 instead of granularity: each value is a piecewise-linear curve over depth through
 k knots at evenly spaced layers, so a 30-layer model is searched in k values per expert rather than 30), `lines`
@@ -40,10 +41,10 @@ from evomerge.records import UserError
 from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
 METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb",
-           "localize_stitch", "fisher", "regmean")
-WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus", "fisher", "regmean")
-NO_BASE = ("linear", "fisher", "regmean")
-DATA_AWARE = ("fisher", "regmean")  # read a calibration set
+           "localize_stitch", "fisher", "regmean", "regmean_plus")
+DATA_AWARE = ("fisher", "regmean", "regmean_plus")  # read a calibration set
+WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus", *DATA_AWARE)
+NO_BASE = ("linear", *DATA_AWARE)
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 EMBEDDINGS, DEFAULT = "embeddings", "default"
 
@@ -77,7 +78,7 @@ class LayerWeights(SearchSpace):
         if base is None and method not in NO_BASE:
             raise UserError(f"method {method!r} needs a base model: set `base`")
         if (method in DATA_AWARE) != (calibration is not None):
-            raise UserError(f"layer_weights: `calibration` (a JSONL file) goes with the methods {' and '.join(DATA_AWARE)}, "
+            raise UserError(f"layer_weights: `calibration` (a JSONL file) goes with the methods {', '.join(DATA_AWARE)}, "
                             "and only with them")
         self.calibration = calibration
         if base in self.sources:

@@ -278,30 +278,40 @@ def test_data_aware_errors_in_evomerge_merge(workdir, monkeypatch, capsys, tmp_p
         assert_failed_cleanly(code, err, workdir / "bad", needle)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_regmean_plus_equals_fusion_bench(family, family_models, fusion_bench, calibration_set):
+def test_regmean_plus_equals_fusion_bench(family, weighted, family_models, fusion_bench, calibration_set):
     """RegMean++: fusion-bench's RegMeanAlgorithmPlusPlus needs its model pool and CLIP wrappers, so its math is
-    checked in two parts. (1) Layer l's Gram matrices for model a are those of our merged model with layer l
-    replaced by a's own: its inputs come from the merged layers < l (hooks on that model, computed apart);
-    (2) the merged weights equal fusion-bench's regmean_plusplus merging_with_regmean_weights fed those Grams
-    (float64, as in the RegMean test). And they differ from plain RegMean's."""
+    checked in two parts on the Gram matrices of the same merge run apart. (1) Layer l's Gram matrices for model a
+    are those of our merged model with layer l replaced by a's own: its inputs come from the merged layers < l
+    (hooks on that model); (2) the solved weights equal fusion-bench's regmean_plusplus
+    merging_with_regmean_weights fed those Grams, times w_i where the weights differ by module (float64, as in the
+    RegMean test); the other tensors are the weighted mean. And they differ from plain RegMean's, and weights move them."""
     paths, alpha = family_models(family), 0.8
+    weight_a = (lambda k: 3.0 if "mlp" in k else 0.5) if weighted else (lambda k: 1.0)  # noqa: E731
+    models = [{"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 3.0}, {"value": 0.5}]}}, {"model": "b"}]
     cfg = {"merge_method": "regmean_plus", "dtype": "float32", "parameters": {"calibration": str(calibration_set), "alpha": alpha},
-           "models": [{"model": m} for m in ("a", "b")]}
+           "models": models if weighted else [{"model": m} for m in ("a", "b")]}
     ours = Materializer(paths).materialize(Recipe.from_dict(cfg))
-    stats = calibration.statistics_plus((str(paths["a"]), str(paths["b"])), str(calibration_set), alpha)
-    grams = [{k.split(":", 2)[2]: stats.get_tensor(k).double() for k in stats.keys() if k.startswith(f"{calibration.GRAM}{i}:")} for i in (0, 1)]
-    params = {k: [load_checkpoint(paths[m])[k].double() for m in ("a", "b")] for k in ours}
-    ref = fusion_bench.plus.merging_with_regmean_weights(params, grams, reduce_non_diagonal_ratio=alpha)
-    err, where = worst_relative_error(ours, ref)
-    assert err < 1e-5, (err, where)
+    own = {m: load_checkpoint(paths[m]) for m in ("a", "b")}
+    found: dict = {}
+    again = calibration.regmean_plus(paths["a"], CALIBRATION, 2, lambda n: [own[m][n] for m in ("a", "b")],
+                                     lambda n: [weight_a(n), 1.0], lambda n: alpha, found)
+    assert all(torch.equal(ours[k], again[k]) for k in ours)
+    grams = [{m: g.double() * (weight_a(m) if i == 0 else 1.0) for (i, m), g in found.items() if i == j} for j in (0, 1)]
+    params = {k: [own[m][k].double() for m in ("a", "b")] for k in ours}
+    solved = [k for k in ours if k.removesuffix(".weight") in grams[0]]
+    ref = fusion_bench.plus.merging_with_regmean_weights({k: params[k] for k in solved}, grams, reduce_non_diagonal_ratio=alpha)
+    err, where = worst_relative_error({k: ours[k] for k in solved}, ref)
+    assert err < 1e-5 and len(solved) >= 7, (err, where)
+    for k in set(ours) - set(solved):
+        assert torch.allclose(ours[k].double(), (weight_a(k) * params[k][0] + params[k][1]) / (weight_a(k) + 1.0), rtol=1e-5, atol=1e-7), k
     model = transformers.AutoModelForCausalLM.from_pretrained(paths["a"], dtype=torch.float32).eval()
     model.load_state_dict({k: v for k, v in ours.items()}, strict=False)
-    own = load_checkpoint(paths["a"])
     tok = transformers.AutoTokenizer.from_pretrained(paths["a"])
     layer = 1
     with torch.no_grad():
-        for k, v in own.items():
+        for k, v in own["a"].items():
             if k.startswith(f"model.layers.{layer}."):
                 model.get_parameter(k).copy_(v.float())
         seen = []
@@ -310,12 +320,15 @@ def test_regmean_plus_equals_fusion_bench(family, family_models, fusion_bench, c
             model(input_ids=tok(t, return_tensors="pt").input_ids)
         hook.remove()
     x = torch.cat(seen).double()
-    assert torch.allclose(grams[0][f"model.layers.{layer}.mlp.down_proj"], x.T @ x / len(x), rtol=1e-4, atol=1e-7)
-    plain = Materializer(paths).materialize(Recipe.from_dict({**cfg, "merge_method": "regmean"}))
-    assert not torch.allclose(plain[f"model.layers.{layer}.mlp.down_proj.weight"], ours[f"model.layers.{layer}.mlp.down_proj.weight"])
+    assert torch.allclose(found[0, f"model.layers.{layer}.mlp.down_proj"].double(), x.T @ x / len(x), rtol=1e-4, atol=1e-7)
+    other = Materializer(paths).materialize(Recipe.from_dict({**cfg, "merge_method": "regmean"}))
+    assert not torch.allclose(other[f"model.layers.{layer}.mlp.down_proj.weight"], ours[f"model.layers.{layer}.mlp.down_proj.weight"])
+    if weighted:
+        plain = Materializer(paths).materialize(Recipe.from_dict({**cfg, "models": [{"model": m} for m in ("a", "b")]}))
+        assert any((ours[k] - plain[k]).abs().max() > 1e-3 for k in solved if "mlp" in k)
 
 
-@pytest.mark.parametrize("method", ["fisher", "regmean"])
+@pytest.mark.parametrize("method", ["fisher", "regmean", "regmean_plus"])
 def test_data_aware_methods_searched_in_the_layer_weights_space(method, tiny_models, calibration_set):
     """fisher's and regmean's weights per layer and expert are a layer-weights genome (no base needed); the
     calibration set is an option of the space, required with them and refused without them."""
@@ -326,7 +339,7 @@ def test_data_aware_methods_searched_in_the_layer_weights_space(method, tiny_mod
     assert np.allclose(space.encode(recipe), space.initial())
     assert all(torch.isfinite(v).all() for v in merged.values())
     for kwargs in ({"method": method}, {"method": "ties", "base": "base", "calibration": str(calibration_set)}):
-        with pytest.raises(UserError, match="`calibration` .* goes with the methods fisher and regmean"):
+        with pytest.raises(UserError, match="`calibration` .* goes with the methods fisher, regmean, regmean_plus"):
             LayerWeights(sources=["a", "b"], num_layers=4, **kwargs)
 
 

@@ -83,6 +83,6 @@ def test_operator_run_config_has_every_operator_and_parses(tmp_path):
     methods = {r["merge_method"] for r in cfg["holdout"]["baselines"].values()}
     searched = {r["space"]["options"]["method"] for r in cfg["holdout"]["compare"].values()}
     assert methods >= {"pcb", "tsv_m", "tall_consensus", "localize_stitch", "fisher", "regmean", "regmean_plus", "ties", "dare_ties"}
-    assert searched == {"dare_ties", "ties", "pcb", "tsv_m", "tall_consensus", "localize_stitch", "fisher", "regmean"}
+    assert searched == {"dare_ties", "ties", "pcb", "tsv_m", "tall_consensus", "localize_stitch", "fisher", "regmean", "regmean_plus"}
     assert cfg["holdout"]["compare"]["LiNeS (TIES) searched"]["space"]["options"]["lines"] is True
     assert cfg["budget"]["evaluations"] == 2 and cfg["space"]["options"]["method"] == "ties"

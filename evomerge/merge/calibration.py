@@ -14,6 +14,9 @@ hidden state, o the hidden, down the MLP's) hold 32 x (6 x 4096^2 + 11008^2) = 7
 model; Llama-2-70B's 80 layers (hidden 8192, MLP 28672) 80 x (6 x 8192^2 + 28672^2) = 9.8e10, 393 GB, plus
 the head's hidden^2. Computing them holds the model, its gradients and both accumulators (the model x 3 plus
 the Grams) in memory at once.
+
+RegMean++'s Gram matrices depend on the merge itself (each layer's inputs come from the merged layers before it),
+so they are computed with each merge, a layer at a time, and never written (regmean_plus).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -84,18 +88,23 @@ class _Grams:
     def __init__(self, modules: dict[str, torch.nn.Module]):
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last input and its X^T X
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def record(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            self.sums[name] = self.sums[name] + x.T @ x if name in self.sums else x.T @ x
-            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+            if self.last is None or self.last[0] is not inputs[0]:  # q, k, v (gate, up) read one tensor: one product
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                self.last = (inputs[0], x.T @ x)
+            n = inputs[0].numel() // inputs[0].shape[-1]
+            self.sums[name] = self.sums[name] + self.last[1] if name in self.sums else self.last[1]
+            self.tokens[name] = self.tokens.get(name, 0) + n
         return record
 
     def close(self) -> dict[str, torch.Tensor]:
         for h in self.handles:
             h.remove()
+        self.last = None
         return {n: g / self.tokens[n] for n, g in self.sums.items()}
 
 
@@ -144,20 +153,39 @@ def _layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     return found
 
 
-def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str, torch.Tensor]:
-    """RegMean++ (Nguyen et al. 2025) Gram matrices, `gram:<i>:<module>` for source i: layer l's inputs come from
-    the merged model's own layers < l (merged by RegMean as they go; every tensor outside the decoder layers
-    is the sources' mean), the inside of layer l from source i's own layer l, as fusion-bench 0.2.33's
-    RegMeanAlgorithmPlusPlus. The examples' hidden states are carried from layer to layer, as fusion-bench
-    carries them: one pass per layer per source, every source's weights and the examples' hidden states in memory."""
-    models = [_load(s)[0] for s in sources]
-    merged, tok = _load(sources[0])
+def regmean_plus(source: str | Path, texts: list[str], count: int, read: Callable[[str], list[torch.Tensor]],
+                 weights: Callable[[str], list[float]], alphas: Callable[[str], float],
+                 grams: dict[tuple[int, str], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """RegMean++ (Nguyen et al. 2025), every tensor of a merge of `count` models at once: layer l's Gram matrices
+    for model i are taken with layer l's inputs from the merged model's own layers < l (merged by RegMean as they
+    go) and the inside of layer l from model i's own layer l, as fusion-bench 0.2.33's RegMeanAlgorithmPlusPlus;
+    every tensor outside the decoder layers is the models' weighted mean, but a linear head, solved on the merged
+    stack's final hidden states. `read(name)` is tensor `name`'s inputs as stored, `weights(name)` and
+    `alphas(name)` its parameters: a weight scales model i's term of the least-squares objective, so each candidate
+    of a search merges anew (its Grams depend on its own earlier layers). The examples' hidden states are carried
+    from layer to layer, as fusion-bench carries them: one pass of one layer per model per layer, a layer's Grams at
+    a time. Holds the merged model in float32 (4 bytes per parameter: 28 GB at 7B, 280 GB at 70B) and the examples'
+    hidden states; `grams` (when given) receives every Gram matrix, keyed (model, linear module)."""
+    import transformers
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = _token_ids(transformers.AutoTokenizer.from_pretrained(source), texts)
     prefix, layers = _layers(merged)
-    own = [dict(_layers(m)[1].named_parameters()) for m in models]
+
+    def solve(name: str, found: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        module, tensors, w = name.removesuffix(".weight"), read(name), weights(name)
+        if not any(w):
+            raise UserError(f"{name}: regmean_plus needs a weight above 0 for at least one model")
+        if name.endswith(".weight") and module in found[0]:
+            if grams is not None:
+                grams.update({(i, module): g[module] for i, g in enumerate(found)})
+            return regmean_solve([g[module] for g in found], tensors, alphas(name), w)
+        return sum(x * t.float() for x, t in zip(w, tensors)) / sum(w)
+
+    outside = {n: p for n, p in merged.named_parameters() if not n.startswith(prefix + ".")}
     with torch.no_grad():
-        for name, p in merged.named_parameters():
-            if not name.startswith(prefix + "."):
-                p.copy_(torch.stack([dict(m.named_parameters())[name] for m in models]).mean(0))
+        for name, p in outside.items():
+            p.copy_(solve(name, [{}]))
     calls = []  # each example's call of layer 0 (hidden states, then the layer's other arguments)
 
     def first(_module, args, kwargs):
@@ -165,7 +193,6 @@ def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str
         raise _Stop()
 
     handle = layers[0].register_forward_pre_hook(first, with_kwargs=True)
-    ids = _token_ids(tok, texts)
     with torch.no_grad():
         for x in ids:
             try:
@@ -178,33 +205,30 @@ def compute_plus(sources: list[str], texts: list[str], alpha: float) -> dict[str
         h = layer(*args, **kwargs)
         return h[0] if isinstance(h, tuple) else h
 
-    out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for l, layer in enumerate(layers):
-            params = dict(layer.named_parameters())
-            per_source = []
-            for i in range(len(models)):
+            params = {f"{prefix}.{l}.{n}": p for n, p in layer.named_parameters()}
+            found = []
+            for i in range(count):
                 for n, p in params.items():
-                    p.copy_(own[i][f"{l}.{n}"])
-                grams = _Grams(_linears(layer, f"{prefix}.{l}."))
+                    p.copy_(read(n)[i])
+                acc = _Grams(_linears(layer, f"{prefix}.{l}."))
                 for args, kwargs in calls:
                     forward(layer, args, kwargs)
-                per_source.append(grams.close())
+                found.append(acc.close())
             for n, p in params.items():
-                module = f"{prefix}.{l}.{n.removesuffix('.weight')}"
-                tensors = [own[i][f"{l}.{n}"] for i in range(len(models))]
-                if n.endswith(".weight") and module in per_source[0]:
-                    p.copy_(regmean_solve([g[module] for g in per_source], tensors, alpha, [1.0] * len(models)))
-                else:
-                    p.copy_(torch.stack(tensors).mean(0))
-            out.update({f"{GRAM}{i}:{m}": g for i, grams in enumerate(per_source) for m, g in grams.items()})
+                p.copy_(solve(n, found))
             calls = [_with_hidden(args, kwargs, forward(layer, args, kwargs)) for args, kwargs in calls]
-        grams = _Grams({n: m for n, m in _linears(merged).items() if not n.startswith(prefix + ".")})
-        for x in ids:
-            merged(input_ids=x)  # the head's inputs are the same for every source: their merged stack's
-        head = grams.close()
-        out.update({f"{GRAM}{i}:{m}": g.clone() for i in range(len(models)) for m, g in head.items()})
-    return out
+        # a head of its own (not tied to the embedding) is solved; its inputs are the same for every model
+        heads = {n: m for n, m in _linears(merged).items() if m.weight is outside.get(n + ".weight")}
+        if heads:
+            acc = _Grams(heads)
+            for x in ids:
+                merged(input_ids=x)
+            head = acc.close()
+            for n, m in heads.items():
+                m.weight.copy_(solve(n + ".weight", [head] * count))
+    return dict(merged.named_parameters())
 
 
 def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
@@ -219,19 +243,6 @@ def _write(path: Path, stats: dict[str, torch.Tensor], **metadata: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}")
     save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)  # whole or absent: concurrent workers never read half a file
-
-
-@lru_cache(maxsize=16)
-def statistics_plus(sources: tuple[str, ...], calibration: str, alpha: float):
-    """RegMean++'s Gram matrices for these sources in this order (they depend on every source and on alpha), computed
-    and written on first use, keyed by the sources' identities; an open safe_open handle."""
-    texts = read_examples(calibration)
-    key = hashlib.sha256(json.dumps([[str(statistics_path(s, calibration)) for s in sources], alpha]).encode()).hexdigest()[:24]
-    path = cache_dir("calibration", f"plus-{key}.safetensors")
-    with _COMPUTING:
-        if not path.is_file():
-            _write(path, compute_plus(list(sources), texts, alpha), sources=json.dumps(sources), alpha=str(alpha))
-    return safe_open(str(path), framework="pt")
 
 
 @lru_cache(maxsize=64)

@@ -35,7 +35,7 @@ import torch
 from evomerge.merge import methods as registry
 from evomerge.merge.checks import check_compatible, check_parameters
 from evomerge.merge.gta import Traffic
-from evomerge.merge.methods import Entry, Group, Method
+from evomerge.merge.methods import Entry, Group, Method, Whole
 from evomerge.merge.params import resolve
 from evomerge.merge.peers import Peers
 from evomerge.merge.plan import Planned, entry_name, plan
@@ -289,7 +289,9 @@ class Materializer:
 
     def _new_merge(self, method: Method, planned: list[Planned], seed: int, recipe: Recipe) -> _Merge:
         dtype = parse_dtype(recipe.dtype)
-        return _Merge(method, planned, seed, dtype, self.compute == "mergekit" or dtype not in (None, torch.float32))
+        merge = _Merge(method, planned, seed, dtype, self.compute == "mergekit" or dtype not in (None, torch.float32))
+        merge.whole = self._whole(merge)
+        return merge
 
     def _low(self, merge: _Merge, p: Planned) -> torch.dtype | None:
         """The dtype tensor p is merged in as mergekit merges it: the recipe's, else its inputs' stored dtypes
@@ -318,13 +320,10 @@ class Materializer:
 
     def _merge(self, merge: _Merge, p: Planned, out: torch.Tensor, spans: tuple[tuple[int, int], ...] | None = None) -> None:
         method, low = merge.method, self._low(merge, p)
-        entries = []
-        for i, inp in enumerate(p.inputs):
-            where = f"model {inp.model!r} at {inp.tensor}"
-            params = {s.name: resolve(s, inp.scopes, inp.tensor, p.t, where) for s in method.model_params(i == p.base)}
-            entries.append(Entry(inp.model, params, self._full_fn(inp.model, inp.tensor, low, method.as_mergekit), self._vector_fn(merge, p, i),
-                                 self.sources[inp.model].path if inp.model in self.sources else None))
-        shared = {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
+        entries = [Entry(inp.model, params, self._full_fn(inp.model, inp.tensor, low, method.as_mergekit), self._vector_fn(merge, p, i),
+                         self.sources[inp.model].path if inp.model in self.sources else None)
+                   for i, (inp, params) in enumerate(zip(p.inputs, self._model_params(method, p)))]
+        shared = self._shared_params(method, p)
         base = entries[p.base] if p.base is not None else None
         stack = None
         if p.stack is not None:
@@ -332,10 +331,31 @@ class Materializer:
             read = lambda j: [self._stored(x.model, x.tensor) for x in merge.by_name[members[j]].inputs]  # noqa: E731
             stack = Stack(p.stack.name, p.stack.parts, members.index(p.name), len(members), read, self.dtype, merge.shared)
         group = Group(p.name, entries, base, shared, merge.seed, out, self.tie_order, stack, low if method.as_mergekit else None, spans,
-                      peers=self.peers)
+                      peers=self.peers, whole=merge.whole)
         method.fn(group)
         merged = sum(e - s for s, e in spans) if group.merged_spans else out.numel()
         self.merged_bytes.add(merged * sum(self._stored_dtype(x.model, x.tensor).itemsize for x in p.inputs))
+
+    def _model_params(self, method: Method, p: Planned) -> list[dict]:
+        return [{s.name: resolve(s, inp.scopes, inp.tensor, p.t, f"model {inp.model!r} at {inp.tensor}") for s in method.model_params(i == p.base)}
+                for i, inp in enumerate(p.inputs)]
+
+    def _shared_params(self, method: Method, p: Planned) -> dict:
+        return {s.name: resolve(s, p.shared_scopes, p.name, p.t, f"the recipe at {p.name}") for s in method.shared_params()}
+
+    def _whole(self, merge: _Merge) -> Whole:
+        def planned(name: str) -> Planned:
+            if name not in merge.by_name:
+                raise UserError(f"{merge.method.name} merges whole models: the recipe produces no tensor {name}")
+            return merge.by_name[name]
+
+        def read(name: str) -> list[torch.Tensor]:
+            q = planned(name)
+            low = self._low(merge, q)
+            return [self._full_fn(x.model, x.tensor, low, merge.method.as_mergekit)() for x in q.inputs]
+
+        return Whole(tuple(merge.by_name), read, lambda n: self._model_params(merge.method, planned(n)),
+                     lambda n: self._shared_params(merge.method, planned(n)), merge.shared)
 
     def _has(self, model: str, tensor: str) -> bool:
         if model in self._transient:  # a nested recipe: only planned, it produces the reference's tensors
@@ -445,6 +465,7 @@ class _Merge:
         self.dtype, self.mergekit = dtype, mergekit  # the recipe's dtype; whether mergekit's ops merge it
         self.by_name = {p.name: p for p in planned}
         self.shared = Shared()
+        self.whole: Whole | None = None
 
 
 def _vector_key(p: Planned, i: int) -> str:

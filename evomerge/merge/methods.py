@@ -19,7 +19,7 @@ from evomerge.merge.gta import merge_task_vectors
 from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, Interval, ParamSpec
 from evomerge.merge.peers import Peers
 from evomerge.merge.stackwide import Stack
-from evomerge.merge.vectors import StackVector, TaskVector
+from evomerge.merge.vectors import Shared, StackVector, TaskVector
 from evomerge.records import UserError
 
 
@@ -32,6 +32,19 @@ class Entry:
     full: Callable[[], torch.Tensor]  # this input's tensor in the compute dtype (may be shared: never modify it)
     vector: Callable[[], TaskVector]  # its delta from the group's base, with statistics kept across candidates
     path: Path | None = None  # its checkpoint (data-aware methods read its calibration statistics)
+
+
+@dataclass(frozen=True)
+class Whole:
+    """Every tensor of the merge a group's tensor is one of, for a method whose tensors depend on each other
+    (regmean_plus: a layer's statistics on the merged layers before it): any output tensor's inputs as stored,
+    its per-model and shared parameters, and the values its tensors' merges compute once and share."""
+
+    names: tuple[str, ...]
+    read: Callable[[str], list[torch.Tensor]]
+    params: Callable[[str], list[dict[str, Any]]]
+    shared_params: Callable[[str], dict[str, Any]]
+    shared: Shared
 
 
 @dataclass
@@ -50,6 +63,7 @@ class Group:
     spans: tuple[tuple[int, int], ...] | None = None
     merged_spans: bool = False
     peers: Peers | None = None  # the other ranks merging this candidate: a rescale's norms are summed with theirs
+    whole: Whole | None = None  # every tensor of this merge, for a method that merges them together
 
 
     @property
@@ -593,38 +607,38 @@ register(Method("fisher", _fisher, (ParamSpec("weight", float, 1.0, per_model=Tr
                 min_inputs=2))
 
 
-def _regmean_with(g: Group, grams: list[torch.Tensor | None], weights: list[float]) -> None:
-    if not any(weights):
-        raise UserError(f"{g.name}: {g.method} needs a weight above 0 for at least one model")
-    if any(x is None for x in grams) or g.out.dim() != 2:
-        g.out.copy_((sum(w * e.full().float() for w, e in zip(weights, g.entries)) / sum(weights)).to(g.out.dtype))
-        return
-    g.out.copy_(calibration.regmean_solve(grams, [e.full() for e in g.entries], g.shared["alpha"], weights).to(g.out.dtype))
-
-
 def _regmean(g: Group) -> None:
     """RegMean (Jin et al. 2023): a linear layer's weight W = (sum_i w_i G_i')^-1 sum_i w_i G_i' W_i^T (transposed
     back), G_i its inputs' Gram matrix in model i with the off-diagonal entries scaled by alpha; every other tensor
     is the models' weighted mean. With equal weights (the default) this is the paper's and fusion-bench 0.2.33's
     merging_with_regmean_weights; a weight w_i scales model i's term of the least-squares objective, so a search
     can weigh each model per layer (only the ratios matter)."""
-    _regmean_with(g, [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries],
-                  [e.params["weight"] for e in g.entries])
+    weights = [e.params["weight"] for e in g.entries]
+    if not any(weights):
+        raise UserError(f"{g.name}: regmean needs a weight above 0 for at least one model")
+    grams = [_statistic(g, e, calibration.GRAM) if g.name.endswith(".weight") else None for e in g.entries]
+    if any(x is None for x in grams) or g.out.dim() != 2:
+        g.out.copy_((sum(w * e.full().float() for w, e in zip(weights, g.entries)) / sum(weights)).to(g.out.dtype))
+        return
+    g.out.copy_(calibration.regmean_solve(grams, [e.full() for e in g.entries], g.shared["alpha"], weights).to(g.out.dtype))
 
 
 def _regmean_plus(g: Group) -> None:
-    """RegMean++: RegMean whose Gram matrices for layer l are taken on the merged model's own layers < l
-    (calibration.compute_plus). They depend on alpha and on the merge itself: a recipe gives regmean_plus one
-    alpha for every tensor and no weights (weights per tensor would take a calibration pass per candidate)."""
-    if any(e.path is None for e in g.entries):
-        raise UserError(f"{g.name}: regmean_plus needs every model as a checkpoint on disk")
-    stats = calibration.statistics_plus(tuple(str(e.path) for e in g.entries), str(g.shared["calibration"]), g.shared["alpha"])
-    keys = [f"{calibration.GRAM}{i}:{g.name.removesuffix('.weight')}" for i in range(len(g.entries))]
-    _regmean_with(g, [stats.get_tensor(k) if g.name.endswith(".weight") and k in stats.keys() else None for k in keys],
-                  [1.0] * len(g.entries))
+    """RegMean++: RegMean whose Gram matrices for layer l are taken on the merged model's own layers < l, so every
+    tensor of the merge is computed at once, by the first tensor's merge to ask (calibration.regmean_plus), and
+    each candidate of a search is a calibration pass of its own. Weights as regmean's."""
+    if g.entries[0].path is None:
+        raise UserError(f"{g.name}: regmean_plus needs its first model as a checkpoint on disk (its config and tokenizer)")
+    w = g.whole
+    merged = w.shared.get("regmean_plus", lambda: calibration.regmean_plus(
+        g.entries[0].path, calibration.read_examples(g.shared["calibration"]), len(g.entries), w.read,
+        lambda n: [p["weight"] for p in w.params(n)], lambda n: w.shared_params(n)["alpha"]), readers=len(w.names))
+    if g.name not in merged:
+        raise UserError(f"{g.name}: regmean_plus merges the model transformers loads from {g.entries[0].path}, which has no such parameter")
+    g.out.copy_(merged[g.name].to(g.out.dtype))
 
 
 _REGMEAN_SHARED = (ParamSpec("calibration", str), ParamSpec("alpha", float, 0.9, bounds=UNIT))
-register(Method("regmean", _regmean, (ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=NON_NEGATIVE),
-                                      *_REGMEAN_SHARED), min_inputs=2))
-register(Method("regmean_plus", _regmean_plus, _REGMEAN_SHARED, min_inputs=2))
+_REGMEAN_WEIGHT = ParamSpec("weight", float, 1.0, per_model=True, base_too=True, bounds=NON_NEGATIVE)
+register(Method("regmean", _regmean, (_REGMEAN_WEIGHT, *_REGMEAN_SHARED), min_inputs=2))
+register(Method("regmean_plus", _regmean_plus, (_REGMEAN_WEIGHT, *_REGMEAN_SHARED), min_inputs=2))
