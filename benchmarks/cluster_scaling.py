@@ -67,7 +67,7 @@ def _window(run_dir: Path) -> float:
 
 
 def _run(address: str, workers: int, evaluations: int, run_dir: Path, on_progress=None) -> float:
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
 
     engine = open_engine(parse_config(_config(workers, evaluations)), run_dir, resume=False, address=address)

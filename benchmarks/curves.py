@@ -5,7 +5,7 @@ and against examples scored, for every search of every seed (the evolved run and
     python benchmarks/curves.py                   # the demo's (runs/headline/headline)
 
 The best so far is each run's own best (its config's `best`: the first objective, or the front's knee) after each
-evaluation (evomerge.results.Run.best_history); each distinct one is scored once on the run's held-out tasks
+evaluation (evomerge.results.journal.Run.best_history); each distinct one is scored once on the run's held-out tasks
 through one model handle, so a curve costs a held-out scoring per change of the best, not per evaluation.
 Writes benchmarks/results/curves_<headline artifact>.json: per run its points (evaluations, examples scored,
 candidate, held-out values), and per row and column the mean over seeds at each evaluation count.
@@ -28,14 +28,14 @@ EVOLVED = "evolved best"
 
 def searches(seed_dir: Path) -> dict[str, Path]:
     """The run directories of one seed: the evolved run itself and each compare row's search."""
-    from evomerge.comparisons import compare_dir
+    from evomerge.results.comparisons import compare_dir
 
     return {EVOLVED: seed_dir, **{row: compare_dir(seed_dir, row) for row in config(seed_dir).holdout.compare}}
 
 
 def config(seed_dir: Path):
     from evomerge.config import parse_config
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     with RunStore.open(seed_dir, readonly=True) as store:
         return parse_config(store.config)
@@ -66,7 +66,7 @@ def curve(run_dir: Path, score) -> tuple[list[dict], int]:
 
 def scorer(seed_dir: Path):
     """Held-out scoring of a recipe through the run's own handle and holdout tasks (as holdout.py scores rows)."""
-    from evomerge.assemble import build_handle
+    from evomerge.run.assemble import build_handle
     from evomerge.fitness.suite import TaskFitness
 
     cfg = config(seed_dir)

@@ -61,7 +61,7 @@ def _window(run_dir: Path) -> float:
 
 def steady_state(workers: int, evaluations: int, tmp: Path) -> float:
     """Evaluations per second of the engine (steady state, streaming to free actors)."""
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
 
     run_dir = tmp / f"steady-{workers}-{time.monotonic_ns()}"
@@ -74,9 +74,9 @@ def steady_state(workers: int, evaluations: int, tmp: Path) -> float:
 def generational(workers: int, evaluations: int) -> float:
     """Evaluations per second of a generation-barrier loop on the same executor: submit one generation
     (one candidate per actor), wait for all of it, repeat."""
-    from evomerge.assemble import WorkerFactory
+    from evomerge.run.assemble import WorkerFactory
     from evomerge.config import parse_config
-    from evomerge.executors import RayExecutor
+    from evomerge.run.executors import RayExecutor
     from evomerge.records import Candidate
 
     ex = RayExecutor(WorkerFactory(parse_config(_config(workers, evaluations)).to_dict()), workers=workers,

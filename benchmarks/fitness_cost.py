@@ -11,7 +11,7 @@ on held-out data. Mean over seeds. Two searches:
 Target: the held-out score full scoring reaches with the whole budget, reached with <= 25% of it; or a
 higher held-out score at the same budget.
 
-Estimator accuracy: on each seed's full-scoring zoo run, the anchors (evomerge/frugal.py: fitted on the first
+Estimator accuracy: on each seed's full-scoring zoo run, the anchors (evomerge/run/frugal.py: fitted on the first
 half of the candidates, as the planner fits them) estimate the second half from their anchors' scores;
 Spearman rank correlation with their full-dev scores, beside a uniform random subset of the same size.
 
@@ -54,10 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "runs")]
 
 from benchmarks.memstat import emit, machine  # noqa: E402
-from evomerge.assemble import build_handle, open_engine  # noqa: E402
+from evomerge.run.assemble import build_handle, open_engine  # noqa: E402
 from evomerge.config import load_config, parse_config  # noqa: E402
-from evomerge.frugal import fit_anchors  # noqa: E402
-from evomerge.store import RunStore  # noqa: E402
+from evomerge.run.frugal import fit_anchors  # noqa: E402
+from evomerge.run.store import RunStore  # noqa: E402
 
 FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0)
 # per search: about 10% of the dev set per chunk and 15% (zoo) / 10% (digits) as anchors

@@ -70,9 +70,9 @@ def seed_config(claim: str, work: Path, *, zoo: Path | None, evaluations: int | 
 def run_seed(config: Path, run_dir: Path, seed: int) -> dict:
     """One search seed's held-out table, and how its search ended (`search`: evaluations done, cut or not);
     read back when that run finished before, else run (or resumed)."""
-    from evomerge.comparisons import searched
+    from evomerge.results.comparisons import searched
     from evomerge.config import load_config, parse_config
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     want = parse_config({**load_config(config).to_dict(), "seed": seed}).to_dict()
     table = run_dir / "holdout.json"
@@ -82,7 +82,7 @@ def run_seed(config: Path, run_dir: Path, seed: int) -> dict:
         if {**have, "holdout": None} != {**want, "holdout": None}:
             sys.exit(f"{run_dir} holds a run of another config: remove it or pass another --work")
         if have != want:  # other held-out rows (an operator added) for the same search: only the table is made again
-            from evomerge.holdout import replace_holdout
+            from evomerge.results.holdout import replace_holdout
 
             replace_holdout(run_dir, want, str(config))
             table.unlink(missing_ok=True)

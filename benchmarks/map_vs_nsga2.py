@@ -64,10 +64,11 @@ def search(run_dir: Path, cfg: dict) -> None:
 
 def heldout_fronts(run_dir: Path, checkpoints: list[int], limit: int | None) -> dict:
     """Per checkpoint N: the dev front of the first N evaluations, its held-out scores, and their hypervolume."""
-    from evomerge.assemble import build_handle
+    from evomerge.run.assemble import build_handle
     from evomerge.config import parse_config
     from evomerge.fitness.suite import TaskFitness
-    from evomerge.results import hypervolume, nondominated, open_run
+    from evomerge.optimizers.pareto import hypervolume, nondominated
+    from evomerge.results.journal import open_run
 
     run = open_run(run_dir)
     try:

@@ -2,7 +2,7 @@
 costs against trimming each expert tensor alone: the same tensors merged under Mixtral names (stacked) and
 under names no family stacks (the baseline, measured in the same run). Per method and thread count: the
 best time of a few candidates (each a new density, so trims re-cut), the bytes the kernels streamed per
-parameter (evomerge.merge.gta.traffic: extra trim passes included), and the ratios stacked / per tensor.
+parameter (evomerge.merge.passes.traffic: extra trim passes included), and the ratios stacked / per tensor.
 Prints JSON.
 
     python benchmarks/moe_trims.py [--experts 8 --intermediate 1024 --hidden 512] [--threads 1,2] [--out FILE]
@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchmarks.memstat import emit
-from evomerge.merge import Materializer, gta
+from evomerge.merge import Materializer, passes
 from evomerge.recipe import Recipe
 
 METHODS = {"ties": {}, "dare_ties": {}, "breadcrumbs": {"gamma": 0.01}, "della": {"epsilon": 0.1}}
@@ -49,11 +49,11 @@ def measure(sources: dict, method: str, threads: int) -> dict:
     times, read = [], []
     for i in range(CANDIDATES):
         recipe["models"][0]["parameters"]["density"] = 0.4 + 0.013 * (i + 1)
-        before = gta.traffic.read
+        before = passes.traffic.read
         start = time.perf_counter()
         mat.materialize(Recipe.from_dict({**recipe, "seed": i + 1}))
         times.append(time.perf_counter() - start)
-        read.append((gta.traffic.read - before) / params)
+        read.append((passes.traffic.read - before) / params)
     return {"seconds": round(min(times), 4), "bytes_read_per_param": round(sum(read) / len(read), 2)}
 
 

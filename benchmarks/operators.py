@@ -155,8 +155,8 @@ def markdown(result: dict) -> str:
 
 def search_seconds(run_dir: Path, cfg: dict) -> dict:
     """Each search's wall time, from its run's journal (so a table read back still says it)."""
-    from evomerge.comparisons import compare_dir
-    from evomerge.store import RunStore
+    from evomerge.results.comparisons import compare_dir
+    from evomerge.run.store import RunStore
 
     dirs = {"TIES searched (the run's own)": run_dir, **{row: compare_dir(run_dir, row) for row in cfg["holdout"]["compare"]}}
     out = {}
@@ -212,8 +212,8 @@ def write(result: dict, args: argparse.Namespace) -> None:
 def progress(run_dir: Path, cfg: dict, args: argparse.Namespace) -> dict:
     """What an unfinished run has done (`complete: false`, no held-out numbers): each search's evaluations so
     far, its wall time and its best dev fitness (the run's own rule)."""
-    from evomerge.comparisons import compare_dir, searched
-    from evomerge.results import open_run
+    from evomerge.results.comparisons import compare_dir, searched
+    from evomerge.results.journal import open_run
 
     searches = {}
     for row, d in {"TIES searched (the run's own)": run_dir, **{r: compare_dir(run_dir, r) for r in cfg["holdout"]["compare"]}}.items():

@@ -25,7 +25,7 @@ from memstat import machine, reset_peak, status  # noqa: E402
 
 from evomerge.recipe import Recipe  # noqa: E402
 from evomerge.records import Candidate, Evaluation, Objective  # noqa: E402
-from evomerge.store import RunStore  # noqa: E402
+from evomerge.run.store import RunStore  # noqa: E402
 
 LAYERS = 16
 BATCH = 16  # candidates per ask, as a run with 16 workers
@@ -72,8 +72,8 @@ def _digits(run_dir: Path, n: int, rng) -> None:
 def measure(kind: str, n: int, root: Path) -> dict:
     from plotly.offline import get_plotlyjs
 
-    from evomerge.report import write_report
-    from evomerge.run_commands import run_status
+    from evomerge.results.report import write_report
+    from evomerge.results.journal import run_status
 
     run_dir = root / kind
     t = time.perf_counter()

@@ -17,7 +17,7 @@ fresh subprocess (clean RSS and peak), with the sources' files read once beforeh
 Targets (booleans, from ratios): private memory above the interpreter's own <= scoring model + 10%; first candidate
 <= 2x a warm one; load_into >= 40% of copy bandwidth; >= 5x faster per candidate than mergekit's in-memory path.
 
-Bytes load_into moves per candidate: what the kernels streamed, every pass counted (evomerge.merge.gta.traffic): the
+Bytes load_into moves per candidate: what the kernels streamed, every pass counted (evomerge.merge.passes.traffic): the
 merge reads base + 3 experts in their stored dtype and writes the scoring model's parameters; a rescale (DARE) reads
 each expert and the base once more, a trim's threshold search part of them.
 
@@ -88,7 +88,7 @@ def run_candidates(swap, recipes: list) -> tuple[dict, dict]:
 def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     import torch
 
-    from evomerge.merge import Materializer, gta
+    from evomerge.merge import Materializer, passes
     from evomerge.recipe import Recipe
 
     # the kernels load (compiled, or from numba's cache) on first use, once per process whatever the model's size:
@@ -113,9 +113,9 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     moved: list[int] = []  # bytes the kernels streamed per candidate (every pass: trims' included)
 
     def swap(r, i):
-        before = gta.traffic.read + gta.traffic.written
+        before = passes.traffic.read + passes.traffic.written
         mat.load_into(r, model)
-        moved.append(gta.traffic.read + gta.traffic.written - before)
+        moved.append(passes.traffic.read + passes.traffic.written - before)
 
     timing, m = run_candidates(swap, recipes)
     timing["bytes_moved"] = moved

@@ -6,7 +6,7 @@ On a random Llama stored in bf16 with base + 2 experts (benchmarks/vllm_push.py'
 DARE-TIES, task arithmetic in turn), one engine per size, ranks on their own cores. Per candidate: seconds of
 `set_recipe` (median, after a warm-up push that also learns the shards) and the bytes of the sources' entries
 each rank merged (Materializer.merged_bytes; trims' summaries, computed once per tensor and kept, not counted),
-and all the bytes its merge kernels read (gta.traffic: DARE's rescale L1 pass included, which each rank makes
+and all the bytes its merge kernels read (passes.traffic: DARE's rescale L1 pass included, which each rank makes
 over its own share of a tensor, evomerge.merge.peers). Ratios TP 2 / TP 1 from the same run.
 Prints one JSON and writes benchmarks/results/vllm_tp.json (or --out). Runs in the vLLM environment:
 

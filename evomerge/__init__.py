@@ -9,7 +9,7 @@ __all__ = ["Candidate", "Evaluation", "ModelRef", "Objective", "PathStep", "Reci
 
 def __getattr__(name: str):
     if name == "open_run":  # lazy: keeps `import evomerge` (and `evomerge --help`) free of numpy/pandas
-        from evomerge.results import open_run
+        from evomerge.results.journal import open_run
 
         return open_run
     raise AttributeError(f"module 'evomerge' has no attribute {name!r}")

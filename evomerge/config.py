@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from evomerge import placement
+from evomerge import machine
 from evomerge.recipe import Recipe, read_yaml_mapping
 from evomerge.records import UserError
 
@@ -107,7 +107,7 @@ class LMEvalConfig(_Strict):
 
 class RacingConfig(_Strict):
     """Score a candidate's examples in a fixed random order, `chunk` at a time, and stop it once it cannot
-    plausibly beat what it must (evomerge/frugal.py): with probability >= `confidence`, no candidate whose
+    plausibly beat what it must (evomerge/run/frugal.py): with probability >= `confidence`, no candidate whose
     full-dev score would reach that is stopped. `range`: the bounds of a per-example score."""
 
     chunk: int = Field(default=20, ge=1)
@@ -124,7 +124,7 @@ class RacingConfig(_Strict):
 
 class SubsetConfig(_Strict):
     """Score most candidates on `anchors` examples chosen from the run's own per-example history and estimate
-    the full-dev score (evomerge/frugal.py); the first `warmup` candidates and every `full_every`-th are scored
+    the full-dev score (evomerge/run/frugal.py); the first `warmup` candidates and every `full_every`-th are scored
     on everything, and so is any whose estimate reaches the best."""
 
     anchors: int = Field(default=30, ge=1)
@@ -154,7 +154,7 @@ class FitnessConfig(_Strict):
     @classmethod
     def _placement(cls, handle: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         if info.data.get("backend") in ("hf", "vllm"):  # an API handle has no device of its own
-            placement.check_options(handle)
+            machine.check_options(handle)
             tp = handle.get("tensor_parallel_size", 1)
             if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
                 raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {tp!r}")
@@ -344,7 +344,7 @@ class RunConfig(_Strict):
         gpus, handle = self.executor.gpus_per_worker, self.fitness.handle
         if self.executor.kind != "ray" or self.fitness.backend == "api":
             return self
-        index = placement.gpu_index(handle.get("device", "auto"))
+        index = machine.gpu_index(handle.get("device", "auto"))
         if index is not None and index >= max(gpus, 1 if gpus else 0):
             raise ValueError(f"fitness.handle.device {handle['device']} needs executor.gpus_per_worker >= {index + 1} "
                              f"(a Ray worker sees only the GPUs it reserves; it reserves {gpus:g})")

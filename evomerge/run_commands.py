@@ -14,7 +14,7 @@ import typer
 
 from evomerge.quiet import own_output, ray_output
 from evomerge.records import UserError
-from evomerge.store import LOST_CLUSTER, RunLock
+from evomerge.run.store import RunLock
 
 
 def best_text(best: dict[str, float], failed: int, room: int) -> str:
@@ -70,7 +70,7 @@ def _progress_bar(total: int | None):
 
 
 def _drive(engine, quiet: bool) -> str:
-    from evomerge.engine import ReplayMismatch
+    from evomerge.run.engine import ReplayMismatch
 
     try:
         if quiet:
@@ -91,7 +91,7 @@ def _drive(engine, quiet: bool) -> str:
           f"{counts['in_flight']} in flight; run directory {engine.store.path.parent}")
     total = engine.budget.evaluations
     if reason == "budget: wall time" and total is not None and counts["evaluations"] < total:
-        from evomerge.comparisons import cut_message
+        from evomerge.results.comparisons import cut_message
 
         print(cut_message("this run", {"evaluations": counts["evaluations"], "budget": total}, engine.budget.wall_time))
     if reason == "interrupted":
@@ -104,12 +104,12 @@ def _drive(engine, quiet: bool) -> str:
 def _tracked(run_dir: Path, engine, quiet: bool) -> None:
     """Drive the search, then (once the budget is reached or the optimizer is done) the held-out table and the
     export the config asks for, while the config's trackers are fed in the background."""
-    from evomerge.trackers import tracking
+    from evomerge.results.trackers import tracking
 
     with tracking(run_dir) as feed:
         reason = _drive(engine, quiet)
         if reason.startswith("budget") or reason == "optimizer done":
-            from evomerge.holdout import finish_run
+            from evomerge.results.holdout import finish_run
 
             feed.log_table(finish_run(run_dir, progress=not quiet))
 
@@ -117,7 +117,7 @@ def _tracked(run_dir: Path, engine, quiet: bool) -> None:
 def _default_run_dir(config: Path) -> Path:
     """Beside the config, named after it; a fresh `<name>-N` when that already holds a run, so running the same
     config again starts a new run (`evomerge resume` continues an old one)."""
-    from evomerge.store import is_run_dir
+    from evomerge.run.store import is_run_dir
 
     target, n = config.with_suffix(""), 1
     while is_run_dir(target):
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
         placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
     ) -> None:
         """Start a search (or continue one with --resume)."""
-        from evomerge.assemble import open_engine, prepare
+        from evomerge.run.assemble import open_engine, prepare
         from evomerge.config import parse_config
         from evomerge.mergekit_evolve import load_run_config
 
@@ -195,8 +195,8 @@ def register(app: typer.Typer) -> None:
         placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
     ) -> None:
         """Continue a stopped or killed run: replay its store, re-run only what was in flight."""
-        from evomerge.assemble import open_engine
-        from evomerge.store import RunStore, is_run_dir
+        from evomerge.run.assemble import open_engine
+        from evomerge.run.store import RunStore, is_run_dir
 
         budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
         on_ray = address is not None
@@ -218,8 +218,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
         from evomerge.config import load_config
-        from evomerge.holdout import finish_run, replace_holdout
-        from evomerge.trackers import tracking
+        from evomerge.results.holdout import finish_run, replace_holdout
+        from evomerge.results.trackers import tracking
 
         holder = RunLock.holder(run_dir)
         if holder is not None:  # its own end writes holdout.json and the export: a table now would race and go stale
@@ -240,7 +240,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Held-out tables of several runs side by side: mean, min and max per row and column."""
-        from evomerge.holdout import compare, print_comparison
+        from evomerge.results.holdout import compare, print_comparison
 
         result = compare(run_dirs)
         if as_json:
@@ -256,6 +256,8 @@ def register(app: typer.Typer) -> None:
         every: float = typer.Option(2.0, "--every", help="Seconds between refreshes with --watch."),
     ) -> None:
         """Evaluations done / failed / in flight, best per objective, Pareto size, hypervolume, cost."""
+        from evomerge.results.journal import run_status
+
         if not watch:
             info = run_status(run_dir)
             print(json.dumps(info, indent=2) if as_json else status_text(run_dir, info))
@@ -275,7 +277,7 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("hf", "--format", help="hf (merged checkpoint), mergekit (mergekit YAML), recipe (evomerge recipe YAML)."),
     ) -> None:
         """Write a candidate as a merged model, a mergekit config or a recipe."""
-        from evomerge.export import export_run
+        from evomerge.results.export import export_run
 
         if best + (candidate is not None) + pareto != 1:
             raise UserError("choose exactly one of --best [--objective NAME], --candidate ID, --pareto")
@@ -290,14 +292,14 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
     ) -> None:
         """A self-contained HTML report: best so far, the Pareto front, the best recipe as a heatmap."""
-        from evomerge.report import write_report
+        from evomerge.results.report import write_report
 
         write_report(run_dir, out)
         print(f"wrote {out}")
 
 
 def status_text(run_dir: Path, info: dict[str, Any]) -> str:
-    from evomerge.figures import fmt
+    from evomerge.results.figures import fmt
 
     lines = [f"{run_dir}: {info['evaluations']} evaluations ({info['failed']} failed), {info['in_flight']} in flight, "
              f"{info['state']}"]
@@ -320,6 +322,8 @@ def _watch(run_dir: Path, as_json: bool, every: float) -> None:
     import sys
     import time
 
+    from evomerge.results.journal import run_status
+
     tty = sys.stdout.isatty()
     last = None
     try:
@@ -335,46 +339,3 @@ def _watch(run_dir: Path, as_json: bool, every: float) -> None:
             time.sleep(every)
     except KeyboardInterrupt:
         return
-
-
-def run_state(holder: str | None, last_stop: str | None) -> str:
-    """Running (a live process holds the run's lock), finished (its budget reached), ended by a lost cluster,
-    stopped for another reason, or killed (the lock is free, the last session never ended: its process died without a clean stop)."""
-    if holder is not None:
-        return f"running ({holder})"
-    if last_stop is None:
-        return "killed (no clean stop; `evomerge resume` continues it)"
-    if last_stop.startswith(LOST_CLUSTER):
-        return f"ended by a lost cluster ({last_stop}); `evomerge resume` on a running cluster continues it"
-    return f"{'finished' if last_stop.startswith('budget') else 'stopped'}, last stop: {last_stop}"
-
-
-def run_status(run_dir: Path) -> dict[str, Any]:
-    """The figures `evomerge status` shows, as plain data."""
-    from evomerge.frugal import scoring_summary
-    from evomerge.results import open_run
-
-    run = open_run(run_dir)
-    try:
-        counts = run.store.counts()
-        best: dict[str, Any] = {}
-        for o in run.objectives:
-            try:
-                row = run.best(o.name, genomes=False)
-            except UserError:
-                continue
-            best[o.name] = {"value": float(row[o.name]), "candidate": int(row["id"]), "direction": o.direction}
-        hv = run.hypervolume()
-        sessions = run.store.sessions()
-        holder = RunLock.holder(run_dir)
-        return {
-            "state": run_state(holder, sessions[-1]["reason"] if sessions else None), "holder": holder,
-            **counts, "best": best, "pareto_size": int(len(run.pareto())),
-            "hypervolume": None if hv is None or math.isnan(hv) else hv,
-            "cost": run.store.total_cost(), "sessions": len(sessions),
-            "last_stop": sessions[-1]["reason"] if sessions else None,
-            "objectives": [[o.name, o.direction] for o in run.objectives],
-            "scoring": scoring_summary(run.store.evaluations(per_example=False), run.store.candidate_meta()),
-        }
-    finally:
-        run.close()

@@ -711,7 +711,7 @@ def load(config: ServeConfig) -> tuple[MergeService, str | None]:
         if not (Path(path, "config.json").is_file() or Path(path, ADAPTER_CONFIG).is_file()):
             raise UserError(f"model {name!r}: no config.json (or LoRA adapter_config.json) in {path}")
     datasets = {d: load_task({"name": d, "path": p, "metrics": ["loss"]}) for d, p in config.datasets.items()}
-    from evomerge.placement import resolve_device
+    from evomerge.machine import resolve_device
 
     device = resolve_device("auto")  # the materializer writes where the model lives
     handle = HFHandle(sources[config.base], Materializer(sources, base=config.base, device=device),

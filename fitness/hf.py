@@ -39,11 +39,11 @@ class HFHandle:
         dtype: str = "auto",
         device: str = "auto",
     ) -> None:
-        """`device` (auto|cpu|cuda|cuda:N) and `dtype` (auto|float32|bfloat16|float16): see evomerge.placement;
+        """`device` (auto|cpu|cuda|cuda:N) and `dtype` (auto|float32|bfloat16|float16): see evomerge.machine;
         the materializer must write on the same device."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from evomerge.placement import resolve_device, resolve_dtype
+        from evomerge.machine import resolve_device, resolve_dtype
 
         if not Path(model_dir, "config.json").is_file():
             raise UserError(f"HF model: no config.json in {model_dir}")

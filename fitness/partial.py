@@ -1,5 +1,5 @@
 """Scoring part of a fitness's examples, as a plan says: what racing and subset + estimate run in the worker
-(the engine side, which writes the plans and imputes what was not scored, is evomerge/frugal.py).
+(the engine side, which writes the plans and imputes what was not scored, is evomerge/run/frugal.py).
 
 A fitness that can score any subset of its examples implements `score_examples(handle, indices) ->
 ExampleScores`: `TaskFitness` does, and so does a user function that takes `examples=` (a list of indices)

@@ -105,10 +105,10 @@ class WeightPushExtension:
 
     def evomerge_merged_bytes(self) -> tuple[int, int]:
         """Bytes of the sources' entries this rank has merged so far (Materializer.merged_bytes), and all the
-        bytes its merge kernels have read, trims' and rescales' passes included (gta.traffic)."""
-        from evomerge.merge import gta
+        bytes its merge kernels have read, trims' and rescales' passes included (passes.traffic)."""
+        from evomerge.merge import passes
 
-        return self.evomerge_materializer.merged_bytes.read, gta.traffic.read
+        return self.evomerge_materializer.merged_bytes.read, passes.traffic.read
 
     def evomerge_identity(self) -> tuple[int, int]:
         """(worker process id, weight pushes so far): the same pid and a growing count prove no restart."""

@@ -103,9 +103,9 @@ def two_node_run(run_dir: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     here = Path(__file__).resolve().parent
     env = {"PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]), "RAY_AUTH_MODE": "disabled",
@@ -150,9 +150,9 @@ def node_lost_without_spare_capacity(run_dir: str) -> None:
 
     from ray.cluster_utils import Cluster
 
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     here = Path(__file__).resolve().parent
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -208,7 +208,7 @@ def node_with_another_checkpoint(run_dir: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
     from evomerge.records import UserError
 
@@ -332,7 +332,7 @@ def committed(run_dir: Path) -> int:
     """Evaluations committed to a run's store so far, read from outside the run's process (0 before it exists)."""
     import sqlite3
 
-    from evomerge.store import STORE_FILE
+    from evomerge.run.store import STORE_FILE
 
     try:
         con = sqlite3.connect(f"file:{run_dir / STORE_FILE}?mode=ro", uri=True, timeout=5)

@@ -187,9 +187,9 @@ def test_run_scores_every_candidate_and_exports_what_it_scored(family, space, fa
     import yaml
 
     from evomerge import open_run
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import load_config
-    from evomerge.export import export_run
+    from evomerge.results.export import export_run
     from evomerge.fitness.hf import HFHandle
     from evomerge.fitness.suite import TaskFitness
 

@@ -107,7 +107,7 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
         r: (3, False) for r in ("random search", "global TIES", "evolved best")}
     assert "evaluations" in out.stdout and "CUT" not in out.stdout
     # the comparison rows are searches of their own: same fitness, budget and seed; another optimizer or space
-    from evomerge.results import open_run
+    from evomerge.results.journal import open_run
 
     main = open_run(tmp_path / "run")
     try:
@@ -235,7 +235,7 @@ def test_real_keeps_both_experts_skills_by_a_pareto_search(tmp_path, real_zoo):
     result = table(tmp_path / "run", ["BASE", "MATH", "FR", "linear average", "task arithmetic", "TIES", "DARE",
                                       "random search", "global TIES"])
     assert set(result["rows"]["evolved best"]) == {"acc_tf/math", "acc_tf/fr"}
-    from evomerge.comparisons import compare_dir
+    from evomerge.results.comparisons import compare_dir
 
     for row in ("random search", "global TIES"):
         finished(compare_dir(tmp_path / "run", row), 2)
@@ -284,7 +284,7 @@ def test_demo_ray_two_workers(tmp_path):
     out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     finished(tmp_path / "run", 4)
-    from evomerge.results import open_run
+    from evomerge.results.journal import open_run
 
     run = open_run(tmp_path / "run")
     try:
@@ -306,7 +306,7 @@ def test_digits_m2n2_user_fitness_over_flattened_parameters(tmp_path):
     assert rows["M2N2 (evolved)"]["test_acc"] > max(parents) + 0.1  # the merge reads digits of both halves
     slerp = next(v["test_acc"] for k, v in rows.items() if k.startswith("best SLERP"))
     assert rows["M2N2 (evolved)"]["test_acc"] > slerp  # and better than the best single SLERP ratio (paper §5.2)
-    from evomerge.results import open_run
+    from evomerge.results.journal import open_run
 
     run = open_run(tmp_path / "run")
     try:
@@ -416,7 +416,7 @@ def test_demo_lmeval_table_is_the_native_table_up_to_the_trailing_space(tmp_path
 
 
 def test_a_search_the_wall_time_cap_cut_is_flagged_in_the_table_and_in_one_line(capsys):
-    from evomerge.holdout import print_table
+    from evomerge.results.holdout import print_table
 
     searched = {"evaluations": 300, "budget": 300, "stopped": "budget: evaluations", "cut": False}
     cut = {"evaluations": 82, "budget": 300, "stopped": "budget: wall time", "cut": True}
@@ -438,7 +438,7 @@ def test_resuming_with_a_larger_budget_continues_the_comparison_searches_to_it(t
     run_dir = tmp_path / "run"
     out = evomerge("run", str(cfg), "--run-dir", str(run_dir), "-q", timeout=600)  # three searches and a table
     assert out.returncode == 0, out.stderr[-2000:]
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     def history(row: str) -> list:
         with RunStore.open(run_dir / "compare" / row, readonly=True) as s:

@@ -10,7 +10,7 @@ from fitness_fixtures import FlakyServer
 
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, UserError
-from evomerge.worker import Worker
+from evomerge.run.worker import Worker
 from evomerge.fitness.api import APIError, APIHandle, retry_after
 from evomerge.fitness.handle import Sampling
 from evomerge.fitness.suite import TaskFitness

@@ -195,7 +195,7 @@ def test_bad_input_is_one_line_naming_the_culprit(tasks_dir, tmp_path):
 
 
 def test_config_section_builds_the_fitness_and_resolves_paths_beside_the_config(tmp_path):
-    from evomerge.assemble import build_fitness
+    from evomerge.run.assemble import build_fitness
     from evomerge.config import parse_config
 
     cfg = parse_config({

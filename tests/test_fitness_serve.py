@@ -20,7 +20,7 @@ from evomerge.merge import Materializer
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, UserError
 from evomerge.serve import ServeConfig, build
-from evomerge.worker import Worker
+from evomerge.run.worker import Worker
 from evomerge.fitness.api import APIHandle
 from evomerge.fitness.handle import Sampling
 from evomerge.fitness.hf import HFHandle
@@ -288,9 +288,9 @@ def test_a_lora_expert_on_the_host_answers_as_its_merged_delta(tiny_models, tmp_
 def test_remote_loss_from_a_run_config(server, local, dataset, tmp_path, monkeypatch):
     """`fitness.remote_loss` in a run config: the engine searches through the service's loss endpoint, and
     every stored loss is the local loss of the recipe stored beside it."""
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
-    from evomerge.results import open_run
+    from evomerge.results.journal import open_run
 
     monkeypatch.setenv("EVOMERGE_TEST_SERVE_TOKEN", TOKEN)
     handle = {"base_url": server.url + "/v1", "model": "evomerge", "api_key_env": "EVOMERGE_TEST_SERVE_TOKEN",

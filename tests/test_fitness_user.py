@@ -8,7 +8,7 @@ import torch
 from evomerge.merge import Materializer
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, Objective, UserError
-from evomerge.worker import FunctionFitness, Worker
+from evomerge.run.worker import FunctionFitness, Worker
 from evomerge.fitness.base import FitnessResult
 from evomerge.fitness.state_dict import StateDictHandle
 

@@ -134,7 +134,7 @@ def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
     DARE's rescale needs L1 norms of whole tensors: each rank sums its share and the ranks add theirs, so the
     bytes its kernels read, that pass included, are half a whole merge's too."""
     from evomerge.fitness.vllm_handle import VLLMHandle
-    from evomerge.merge import Materializer, gta
+    from evomerge.merge import Materializer, passes
 
     handle = VLLMHandle(vllm_models["base"], vllm_models, base="base", dtype="float32", max_model_len=256,
                         block_size=32, tensor_parallel_size=2)
@@ -147,9 +147,9 @@ def test_recipe_push_with_two_tensor_parallel_ranks_matches_hf(vllm_models, hf):
             before = handle.llm.collective_rpc("evomerge_merged_bytes")
             handle.set_recipe(recipe)
             merged = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, handle.llm.collective_rpc("evomerge_merged_bytes"))]
-            counted, read = whole.merged_bytes.read, gta.traffic.read
+            counted, read = whole.merged_bytes.read, passes.traffic.read
             whole.materialize(recipe)
-            full, full_read = whole.merged_bytes.read - counted, gta.traffic.read - read
+            full, full_read = whole.merged_bytes.read - counted, passes.traffic.read - read
             assert all(abs(m - full / 2) <= 0.05 * full / 2 for m, _ in merged), (merged, full)
             if recipe in (DARE, TIES):  # with its rescale's L1 pass (each rank over its share, the sums exchanged)
                 # or its cuts at new densities (each tensor's found by one rank, read by the other)
@@ -396,7 +396,7 @@ def test_a_sliding_window_on_some_layers_is_refused_up_front(family, tmp_path):
     """vLLM refuses Qwen2/Qwen3 configs mixing sliding-window and full-attention layers at engine start, in
     a long message of its own: the handle and `evomerge run` refuse them first, in one line, from the
     config alone (no vLLM needed); the same family attending fully on every layer passes the check."""
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
     from evomerge.fitness.vllm_handle import VLLMHandle, check_supported
 

@@ -50,7 +50,7 @@ def test_headline_at_a_ci_budget_writes_the_runs_into_the_artifact_and_prints_it
     again = _run(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout == out.stdout
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     with RunStore.open(tmp_path / "work" / "seed1", readonly=True) as store:
         assert store.counts()["evaluations"] == 2 and len(store.sessions()) == 2

@@ -128,7 +128,7 @@ def test_float32_kernels_and_their_mergekit_export_agree(method, tie_order, bf16
     a trim's threshold, which the export's comment states."""
     import yaml
 
-    from evomerge.export import mergekit_config
+    from evomerge.results.export import mergekit_config
     from evomerge.merge.writer import write_checkpoint
     from evomerge.recipe import Recipe
 

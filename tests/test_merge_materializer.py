@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from evomerge.merge import Materializer
+from evomerge.merge import Materializer, passes
 from evomerge.recipe import Recipe
 
 
@@ -87,26 +87,21 @@ def test_state_dict_sources_and_other_reference(tiny_models):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_fused_kernel_and_torch_path_agree(tiny_models, threads):
-    """The numba kernel (CPU) and the torch path (GPU and other dtypes) apply the same trims and draws,
-    whatever the number of merge threads."""
-    from evomerge.merge import gta
-
+def test_fused_kernel_and_torch_path_agree(tiny_models, threads, monkeypatch):
+    """The numba kernel (CPU) and the torch path (GPU and other dtypes; EVOMERGE_KERNELS=torch on CPU) apply the
+    same trims and draws, whatever the number of merge threads."""
     mat = Materializer(tiny_models, base="base", threads=threads)
-    try:
-        for method in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "della_linear"):
-            r = _ties(0.4, 0.35, seed=9, method=method)
-            if method.startswith("della"):
-                r.parameters["epsilon"] = 0.05
-            gta.use_fused = True
-            fused = mat.materialize(r)
-            gta.use_fused = False
-            plain = mat.materialize(r)
-            for n, t in fused.items():
-                if not torch.allclose(t, plain[n], rtol=1e-5, atol=1e-7):
-                    pytest.fail(f"{method}: {n} differs by {(t - plain[n]).abs().max():.3g}")
-    finally:
-        gta.use_fused = True
+    for method in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "della_linear"):
+        r = _ties(0.4, 0.35, seed=9, method=method)
+        if method.startswith("della"):
+            r.parameters["epsilon"] = 0.05
+        monkeypatch.delenv(passes.KERNELS, raising=False)
+        fused = mat.materialize(r)
+        monkeypatch.setenv(passes.KERNELS, "torch")
+        plain = mat.materialize(r)
+        for n, t in fused.items():
+            if not torch.allclose(t, plain[n], rtol=1e-5, atol=1e-7):
+                pytest.fail(f"{method}: {n} differs by {(t - plain[n]).abs().max():.3g}")
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
@@ -129,46 +124,39 @@ def test_della_by_pieces_of_rows_equals_della_whole(tiny_models, method):
 
 
 @pytest.mark.parametrize("tie_order", ["index", "mergekit"])
-def test_fused_paths_agree_with_torch_on_quantized_deltas_across_blocks(tie_order):
+def test_fused_paths_agree_with_torch_on_quantized_deltas_across_blocks(tie_order, monkeypatch):
     """Tensors of many kernel blocks whose deltas are quantized (bf16-like: runs of equal magnitudes, so the
     tied entries a trim keeps start and stop inside blocks): every fused path (one loop for two or three
     random or band trims, the general one otherwise) writes what the torch path writes."""
-    from evomerge.merge import gta
-
     g = torch.Generator().manual_seed(5)
     name = "model.layers.0.mlp.up_proj.weight"
     base = torch.randn(96, 1000, generator=g)
     experts = {f"m{i}": {name: base + torch.randint(-6, 7, base.shape, generator=g).float() / 64} for i in range(3)}
     sources = {"base": {name: base}} | experts
-    try:
-        for method in ("ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties", "dare_linear", "task_arithmetic", "della"):
-            for count in (2, 3):
-                models = [{"model": f"m{i}", "parameters": {"weight": 0.3 + 0.2 * i, "density": 0.35 + 0.15 * i}} for i in range(count)]
-                r = Recipe.from_dict({"merge_method": method, "base_model": "base", "models": models, "seed": 4})
-                mat = Materializer({k: sources[k] for k in ["base", *[f"m{i}" for i in range(count)]]}, base="base",
-                                   tie_order=tie_order)
-                gta.use_fused = True
-                fused = mat.materialize(r)[name]
-                gta.use_fused = False
-                plain = mat.materialize(r)[name]
-                assert torch.allclose(fused, plain, rtol=1e-6, atol=1e-7), (method, count)
-    finally:
-        gta.use_fused = True
+    for method in ("ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties", "dare_linear", "task_arithmetic", "della"):
+        for count in (2, 3):
+            models = [{"model": f"m{i}", "parameters": {"weight": 0.3 + 0.2 * i, "density": 0.35 + 0.15 * i}} for i in range(count)]
+            r = Recipe.from_dict({"merge_method": method, "base_model": "base", "models": models, "seed": 4})
+            mat = Materializer({k: sources[k] for k in ["base", *[f"m{i}" for i in range(count)]]}, base="base",
+                               tie_order=tie_order)
+            monkeypatch.delenv(passes.KERNELS, raising=False)
+            fused = mat.materialize(r)[name]
+            monkeypatch.setenv(passes.KERNELS, "torch")
+            plain = mat.materialize(r)[name]
+            assert torch.allclose(fused, plain, rtol=1e-6, atol=1e-7), (method, count)
 
 
 def test_traffic_counts_every_pass(tiny_models):
     """The kernels' byte counter (benchmarks relate time to it): a DARE-TIES merge reads each tensor's base
     and experts once to merge and once more per expert for the rescale, and writes the output once."""
-    from evomerge.merge import gta
-
     mat = Materializer(tiny_models, base="base")
     recipe = _ties(0.8, 0.7, method="dare_ties", seed=3)
     expected_out = sum(t.numel() * 4 for t in mat.materialize(recipe).values())
     base_bytes = sum(mat.sources["base"].get(n).numel() * 4 for n in mat.names)  # float32 checkpoints
-    read, written = gta.traffic.read, gta.traffic.written
+    read, written = passes.traffic.read, passes.traffic.written
     mat.materialize(recipe)
-    assert gta.traffic.written - written == expected_out
-    assert gta.traffic.read - read == 3 * base_bytes + 2 * 2 * base_bytes
+    assert passes.traffic.written - written == expected_out
+    assert passes.traffic.read - read == 3 * base_bytes + 2 * 2 * base_bytes
 
 
 def _bf16_expert(base: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
@@ -182,14 +170,14 @@ def test_thresholds_learned_by_sample_and_count_are_exact(monkeypatch, fused):
     (value, entries larger, entries equal) equals a full sort's, whether the sample brackets it (fine bf16
     deltas: a few bins hold most entries), brackets too many bins (coarse deltas: the full histogram), or
     misleads (the sampled entries unlike the rest: the count shows it, then the full histogram)."""
-    from evomerge.merge import gta, vectors
+    from evomerge.merge import vectors
 
-    monkeypatch.setattr(gta, "use_fused", fused)
+    monkeypatch.setenv(passes.KERNELS, "numba" if fused else "torch")
     g = torch.Generator().manual_seed(0)
     base = (0.02 * torch.randn(2048, 512, generator=g)).to(torch.bfloat16)
     misleading = base.clone().reshape(-1)
     sampled = torch.zeros(base.numel(), dtype=torch.bool)
-    for s in gta.sample_starts(base.numel(), vectors.SAMPLE_WINDOW, vectors.SAMPLE_WIDTH):
+    for s in passes.sample_starts(base.numel(), vectors.SAMPLE_WINDOW, vectors.SAMPLE_WIDTH):
         sampled[s : s + vectors.SAMPLE_WIDTH] = True
     misleading[~sampled] += 0.01  # only unsampled entries move
     cases = {"fine": (_bf16_expert(base, 1e-4, 1), False), "coarse": (_bf16_expert(base, 3e-3, 2), True),

@@ -58,14 +58,14 @@ def test_matches_mergekit(case, tiny_models, materializer, tmp_path):
     assert_matches_mergekit(CASES[case], tiny_models, materializer, tmp_path)
 
 
-def test_trim_reproduces_mergekit_ties_among_equal_magnitudes(tmp_path):
+def test_trim_reproduces_mergekit_ties_among_equal_magnitudes(tmp_path, monkeypatch):
     """Quantised deltas have many equal magnitudes; tie_order="mergekit" keeps the same ones mergekit keeps,
     tie_order="index" keeps as many, of the same magnitudes, choosing the lowest indices among the tied."""
     from mergekit.sparsify import RescaleNorm, magnitude, magnitude_outliers
 
     import torch
 
-    from evomerge.merge import gta, sparsify
+    from evomerge.merge import gta, passes, sparsify
     from evomerge.merge.vectors import TaskVector
 
     gen = torch.Generator().manual_seed(3)
@@ -79,29 +79,26 @@ def test_trim_reproduces_mergekit_ties_among_equal_magnitudes(tmp_path):
         gta.merge_task_vectors(flat_b, [flat_m], [keep], [1.0], consensus=False, normalize=False, lam=1.0, out=out)
         return (out - flat_b).reshape(delta.shape)
 
-    try:
-        for density in (0.1, 0.37, 0.5, 0.93):
-            for fused in (True, False):  # the numba kernel and the torch path apply the same rule
-                gta.use_fused = fused
-                keep = sparsify.magnitude(vec, density, "mergekit")
-                assert keep.kind == "band" and keep.drop.size > 0  # the cut falls inside a group of equal magnitudes
-                ref = magnitude(delta, density)
-                assert torch.equal(apply(keep), ref), (density, fused)
-                by_index = apply(sparsify.magnitude(vec, density, "index"))
-                assert (by_index != 0).sum() == (ref != 0).sum()
-                assert torch.equal(by_index.abs().reshape(-1).sort().values, ref.abs().reshape(-1).sort().values)
-                tied = by_index.abs() == by_index[by_index != 0].abs().min()
-                kept_at = torch.nonzero((by_index != 0).reshape(-1) & tied.reshape(-1)).reshape(-1)
-                all_at = torch.nonzero(tied.reshape(-1) | (delta.abs() == by_index[by_index != 0].abs().min()).reshape(-1)).reshape(-1)
-                assert torch.equal(kept_at, all_at[: kept_at.numel()])  # the lowest indices among the tied
-                ref_b = magnitude_outliers(delta, density, RescaleNorm.l1, gamma=0.05)
-                for order in ("mergekit", "index"):
-                    keep_b = sparsify.rescale(sparsify.magnitude_outliers(vec, density, 0.05, order), vec)
-                    got = apply(keep_b)
-                    if order == "mergekit":  # compared after adding the base back: what a merge writes
-                        assert torch.allclose(got + base, ref_b + base, rtol=1e-6, atol=0), (density, fused)
-                    else:
-                        assert (got != 0).sum() == (ref_b != 0).sum()
-                        assert torch.allclose(got.abs().reshape(-1).sort().values, ref_b.abs().reshape(-1).sort().values, rtol=1e-5, atol=1e-6)
-    finally:
-        gta.use_fused = True
+    for density in (0.1, 0.37, 0.5, 0.93):
+        for fused in (True, False):  # the numba kernel and the torch path apply the same rule
+            monkeypatch.setenv(passes.KERNELS, "numba" if fused else "torch")
+            keep = sparsify.magnitude(vec, density, "mergekit")
+            assert keep.kind == "band" and keep.drop.size > 0  # the cut falls inside a group of equal magnitudes
+            ref = magnitude(delta, density)
+            assert torch.equal(apply(keep), ref), (density, fused)
+            by_index = apply(sparsify.magnitude(vec, density, "index"))
+            assert (by_index != 0).sum() == (ref != 0).sum()
+            assert torch.equal(by_index.abs().reshape(-1).sort().values, ref.abs().reshape(-1).sort().values)
+            tied = by_index.abs() == by_index[by_index != 0].abs().min()
+            kept_at = torch.nonzero((by_index != 0).reshape(-1) & tied.reshape(-1)).reshape(-1)
+            all_at = torch.nonzero(tied.reshape(-1) | (delta.abs() == by_index[by_index != 0].abs().min()).reshape(-1)).reshape(-1)
+            assert torch.equal(kept_at, all_at[: kept_at.numel()])  # the lowest indices among the tied
+            ref_b = magnitude_outliers(delta, density, RescaleNorm.l1, gamma=0.05)
+            for order in ("mergekit", "index"):
+                keep_b = sparsify.rescale(sparsify.magnitude_outliers(vec, density, 0.05, order), vec)
+                got = apply(keep_b)
+                if order == "mergekit":  # compared after adding the base back: what a merge writes
+                    assert torch.allclose(got + base, ref_b + base, rtol=1e-6, atol=0), (density, fused)
+                else:
+                    assert (got != 0).sum() == (ref_b != 0).sum()
+                    assert torch.allclose(got.abs().reshape(-1).sort().values, ref_b.abs().reshape(-1).sort().values, rtol=1e-5, atol=1e-6)

@@ -486,7 +486,7 @@ def test_localize_stitch_parameters_checked_before_any_merge(workdir, monkeypatc
 def test_footprint_counts_the_operators_own_buffers():
     """tsv_m and pcb hold more float32 copies of a tensor than a linear merge: the plan says so (per
     thread, the largest tensor, 2 experts: 64 B per entry for tsv_m, 48 for pcb; task arithmetic merges in blocks)."""
-    from evomerge.footprint import Checkpoint, _merge_buffers
+    from evomerge.run.footprint import Checkpoint, _merge_buffers
 
     base = Checkpoint(bytes=8_000_000, sizes=[1_000_000, 1_000])
     sizes = {m: _merge_buffers(LayerWeights(sources=["a", "b"], base="base", num_layers=2, method=m), 2, base, {}, False, threads=1).private

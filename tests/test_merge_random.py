@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import Materializer, gta, rng
+from evomerge.merge import Materializer, passes, rng
 from evomerge.recipe import Recipe
 
 pytest.importorskip("mergekit")
@@ -112,18 +112,15 @@ def test_draws_are_uniform_and_independent():
 
 
 @pytest.mark.parametrize("densities", [(0.3, 0.6), (1.0, 0.4), (0.5, 1e-12)])
-def test_dare_ties_fused_pair_matches_torch_path(densities, tensors):
+def test_dare_ties_fused_pair_matches_torch_path(densities, tensors, monkeypatch):
     """The CPU kernel's one-loop DARE-TIES pair (random or whole trims) draws what the torch path draws."""
     base, *deltas = tensors
     mat = Materializer({"base": {NAME: base}} | {f"m{i}": {NAME: base + d} for i, d in enumerate(deltas)}, base="base")
     models = [{"model": f"m{i}", "parameters": {"weight": w, "density": d}} for i, (w, d) in enumerate(zip((0.7, 0.5), densities))]
     recipe = Recipe.from_dict({"merge_method": "dare_ties", "base_model": "base", "models": models, "seed": 4})
-    try:
-        fused = mat.materialize(recipe)[NAME]
-        gta.use_fused = False
-        plain = mat.materialize(recipe)[NAME]
-    finally:
-        gta.use_fused = True
+    fused = mat.materialize(recipe)[NAME]
+    monkeypatch.setenv(passes.KERNELS, "torch")
+    plain = mat.materialize(recipe)[NAME]
     assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-7), (fused - plain).abs().max()
     kept = ((fused - base) != 0).float().mean().item()  # an entry survives where either model keeps it
     assert abs(kept - (1 - (1 - densities[0]) * (1 - densities[1]))) < 0.05, kept

@@ -173,9 +173,9 @@ def test_search_exports_what_mergekit_makes_of_its_config(family, vocab_models, 
     """A run with tokenizer_source union scores aligned merges; its exported best equals mergekit 0.1.5's run of
     the exported mergekit config and scores as recorded with the union tokenizer."""
     from evomerge import open_run
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import load_config
-    from evomerge.export import export_run
+    from evomerge.results.export import export_run
     from evomerge.fitness.hf import HFHandle
     from evomerge.fitness.suite import TaskFitness
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
-from evomerge.store import STORE_FILE
+from evomerge.run.store import STORE_FILE
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -234,7 +234,7 @@ def test_resume_and_export_refuse_a_source_that_changed_since_the_run_started(tm
 
     from safetensors.torch import load_file, save_file
 
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
     sources = {k: shutil.copytree(v, tmp_path / "models" / k) for k, v in tiny_models.items()}

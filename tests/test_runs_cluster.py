@@ -47,7 +47,7 @@ def test_an_address_where_no_head_answers_is_one_line(tmp_path, address, needles
 def _on_session_ray(tmp_path, workers: int, cpus: float):
     """A run on the session's real Ray (4 CPUs) whose workers reserve `cpus` each, with a 20 s placement grace
     (long enough for a worker to start and load on a busy box)."""
-    from evomerge.assemble import open_engine
+    from evomerge.run.assemble import open_engine
     from evomerge.config import parse_config
 
     cfg = _box(budget={"evaluations": 6},
@@ -118,7 +118,7 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
 
 
 def _by_candidate(run_dir):
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     with RunStore.open(run_dir, readonly=True) as s:
         cands = s.candidates()
@@ -144,7 +144,7 @@ def test_a_node_then_the_head_lost_are_evomerges_lines_only_and_a_new_head_resum
     Ray's own lines (they go to RUN_DIR/ray.log). A new head and node: `evomerge resume` finishes the run, whose
     evaluations equal an uninterrupted local run's, candidate for candidate."""
     from evomerge.cli import main  # noqa: F401  (the children import it; fail here first if it cannot)
-    from evomerge.run_commands import run_status
+    from evomerge.results.journal import run_status
 
     cfg = {"space": {"bounds": [[0, 1]] * 2}, "optimizer": {"name": "random"}, "seed": 3,
            "fitness": {"function": "runs_fixtures:slow_sphere", "objectives": [{"name": "score"}]},

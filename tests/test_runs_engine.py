@@ -10,11 +10,11 @@ import types
 import numpy as np
 import pytest
 
-from evomerge.engine import Budget, Engine, ReplayMismatch
-from evomerge.executors import LocalExecutor
+from evomerge.run.engine import Budget, Engine, ReplayMismatch
+from evomerge.run.executors import LocalExecutor
 from evomerge.optimizers.random import RandomSearch
 from evomerge.records import Candidate, Evaluation, Objective
-from evomerge.store import RunStore
+from evomerge.run.store import RunStore
 
 OBJ = [Objective("score", "max")]
 BOUNDS = np.array([[0.0, 1.0]] * 2)
@@ -179,7 +179,7 @@ def test_every_optimizer_resumes_to_the_uninterrupted_history(tmp_path, name, ca
 def test_the_end_of_a_run_closes_the_worker_handle(tmp_path):
     """A handle holding processes (a vLLM engine) is closed when the run ends, not left to the interpreter's
     teardown."""
-    from evomerge.worker import FunctionFitness, Worker
+    from evomerge.run.worker import FunctionFitness, Worker
 
     class Handle:
         closed, recipes = 0, 0
@@ -213,7 +213,7 @@ class Broken:
 
 
 def test_a_run_whose_evaluations_all_fail_stops_after_ten_naming_the_error(tmp_path):
-    from evomerge.engine import FAIL_FAST
+    from evomerge.run.engine import FAIL_FAST
 
     engine = _engine(tmp_path / "run", Budget(evaluations=100), scorer=Broken())
     reason = engine.run()

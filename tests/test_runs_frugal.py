@@ -1,4 +1,4 @@
-"""Racing and subset + estimate (evomerge/frugal.py, fitness/partial.py) on real runs: a per-example fitness
+"""Racing and subset + estimate (evomerge/run/frugal.py, fitness/partial.py) on real runs: a per-example fitness
 with a known answer (tests/runs_fixtures.py:skill_examples: example j is right iff u_j < the genome's mean),
 so every candidate's full-dev score is known without scoring it."""
 from __future__ import annotations
@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from evomerge.assemble import open_engine
+from evomerge.run.assemble import open_engine
 from evomerge.config import parse_config
-from evomerge.frugal import fit_anchors
+from evomerge.run.frugal import fit_anchors
 from evomerge.records import UserError
-from evomerge.run_commands import run_status
-from evomerge.store import RunStore
+from evomerge.results.journal import run_status
+from evomerge.run.store import RunStore
 from evomerge.fitness.partial import race_bound, race_checks
 from runs_fixtures import _thresholds
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from evomerge.records import UserError
-from evomerge.store import LOCK_FILE, STORE_FILE, RunStore
+from evomerge.run.store import LOCK_FILE, STORE_FILE, RunStore
 from runs_fixtures import committed
 
 TESTS = Path(__file__).resolve().parent
@@ -245,7 +245,7 @@ def config_fuzz(tmp_path_factory):
     2,000 mutations, each loaded and checked in this process as `evomerge run` does before it writes anything
     (load_run_config, prepare, the memory plan's check): a UserError or a config that passes, never another
     exception. runs/demo_lmeval.yaml is left out: lm-eval builds its task for each check (0.6 s)."""
-    from evomerge.assemble import prepare
+    from evomerge.run.assemble import prepare
     from evomerge.mergekit_evolve import load_run_config
     from fuzz_fixtures import encode, mutate
 

@@ -52,7 +52,7 @@ apply_chat_template: false  # the zoo's tokenizers have no chat template
 
 def test_documented_example_runs_with_evomerge_run_and_prints_its_evomerge_config(tmp_path):
     from evomerge.config import parse_config
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     models = os.path.relpath(ZOO / "models", tmp_path)  # relative paths, resolved from the config's folder
     (tmp_path / "genome.yaml").write_text(DOCUMENTED.format(models=models))

@@ -11,11 +11,11 @@ import yaml
 from safetensors.torch import load_file
 
 from evomerge import open_run
-from evomerge.assemble import open_engine
+from evomerge.run.assemble import open_engine
 from evomerge.config import load_config
-from evomerge.export import export_run
+from evomerge.results.export import export_run
 from evomerge.merge import Materializer
-from evomerge.report import render
+from evomerge.results.report import render
 from runs_fixtures import execute_explorer
 from tests.merge_fixtures import mergekit_merge
 
@@ -119,8 +119,8 @@ def test_two_tasks_default_to_a_front_whose_knee_is_the_best_held_out_and_export
     engine = open_engine(loaded, tmp_path / "run", resume=False)
     assert engine.run() == "budget: evaluations"
     engine.store.close()
-    from evomerge.holdout import finish_run
-    from evomerge.results import knee
+    from evomerge.results.holdout import finish_run
+    from evomerge.results.journal import knee
 
     result = finish_run(tmp_path / "run", progress=False)
     run = open_run(tmp_path / "run")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from evomerge.assemble import open_engine, prepare
+from evomerge.run.assemble import open_engine, prepare
 from evomerge.config import parse_config
 from evomerge.records import UserError
 from evomerge.zoo.random_models import random_expert, random_llama

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from evomerge.assemble import open_engine
+from evomerge.run.assemble import open_engine
 from evomerge.config import parse_config
-from evomerge.store import RunStore
+from evomerge.run.store import RunStore
 
 pytest.importorskip("ray")
 
@@ -188,7 +188,7 @@ def test_more_cpus_than_the_local_ray_has_is_refused_in_one_line(tmp_path):
 
 def test_gpus_the_local_ray_lacks_are_refused():
     """The same check for GPUs (the resources a Ray it started reports; the run above shows where it applies)."""
-    from evomerge.executors import RayExecutor
+    from evomerge.run.executors import RayExecutor
     from evomerge.records import UserError
 
     with pytest.raises(UserError, match=r"workers 2 x gpus_per_worker 1 need 2 GPUs, but the local Ray has 1: .*gpus_per_worker"):

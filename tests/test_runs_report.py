@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from evomerge import open_run
-from evomerge.assemble import open_engine
+from evomerge.run.assemble import open_engine
 from evomerge.config import load_config
-from evomerge.report import write_report
+from evomerge.results.report import write_report
 
 TESTS = Path(__file__).resolve().parent
 NAMES = ["layer_0.w", "layer_1.w", "layer_0.d", "layer_1.d"]
@@ -136,7 +136,7 @@ def test_status_watch_follows_a_running_run(tmp_path):
 def test_explorer_follows_a_run_still_going(tmp_path):
     """The explorer holds no connection: refresh() sees what a writer committed since, the pick is kept."""
     pytest.importorskip("ipywidgets")
-    from evomerge.explorer import Explorer
+    from evomerge.results.explorer import Explorer
 
     run_dir = _box_run(tmp_path, evaluations=8)
     explorer = Explorer(run_dir, export_to=tmp_path / "out")

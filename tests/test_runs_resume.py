@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.store import STORE_FILE, RunStore
+from evomerge.run.store import STORE_FILE, RunStore
 
 TESTS = Path(__file__).resolve().parent
 BUDGET = 36

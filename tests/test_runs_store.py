@@ -11,7 +11,7 @@ import pytest
 from evomerge import open_run
 from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import Candidate, Evaluation, Objective, UserError
-from evomerge.store import LOCK_FILE, STORE_FILE, RunStore
+from evomerge.run.store import LOCK_FILE, STORE_FILE, RunStore
 
 OBJS = [Objective("acc", "max"), Objective("size", "min")]
 
@@ -140,7 +140,7 @@ def test_reader_frame_pareto_best(tmp_path):
 def test_the_knee_is_the_most_balanced_member_of_the_front(tmp_path):
     import numpy as np
 
-    from evomerge.results import knee
+    from evomerge.results.journal import knee
 
     # a real MATH + FR merge search's shape: one expert's best, the other's, a balanced merge, a dominated one
     vals = np.array([[0.30, 0.11], [0.02, 0.22], [0.20, 0.18], [0.0, 0.0], [0.19, 0.17]])
@@ -207,7 +207,7 @@ def test_hypervolume_matches_pymoo():
     import numpy as np
     from pymoo.indicators.hv import HV
 
-    from evomerge.results import hypervolume, nondominated
+    from evomerge.optimizers.pareto import hypervolume, nondominated
 
     rng = np.random.default_rng(0)
     for d in (2, 3):

@@ -16,9 +16,9 @@ import yaml
 
 from evomerge.config import parse_config
 from evomerge.records import UserError
-from evomerge.store import RunStore
+from evomerge.run.store import RunStore
 from runs_fixtures import committed
-from evomerge.trackers import wandb_history, wandb_records
+from evomerge.results.trackers import wandb_history, wandb_records
 
 TESTS = Path(__file__).resolve().parent
 BUDGET = 24

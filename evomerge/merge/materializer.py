@@ -34,7 +34,7 @@ import torch
 
 from evomerge.merge import methods as registry
 from evomerge.merge.checks import check_compatible, check_parameters
-from evomerge.merge.gta import Traffic
+from evomerge.merge.passes import Traffic
 from evomerge.merge.methods import Entry, Group, Method, Whole
 from evomerge.merge.params import resolve
 from evomerge.merge.peers import Peers

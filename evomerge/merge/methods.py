@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from evomerge.merge import calibration, gta, rng, sparsify
+from evomerge.merge import calibration, passes, rng, sparsify
 from evomerge.merge.gta import merge_task_vectors
+from evomerge.merge.passes import Keep
 from evomerge.merge.params import NON_NEGATIVE, POSITIVE, UNIT, Interval, ParamSpec
 from evomerge.merge.peers import Peers
 from evomerge.merge.stackwide import Stack
@@ -220,7 +221,7 @@ def _sparsify_as_mergekit(d: torch.Tensor, trim: str, e: Entry, g: Group) -> tor
 DELLA_PIECE = 1 << 22  # entries per piece of whole rows (tests make it small)
 
 
-def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Keep], weights: list[float],
+def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[Keep], weights: list[float],
                    opts: dict[str, Any]) -> None:
     """DELLA in pieces of whole rows, each piece's row ranks computed when it is merged (twice when
     rescaling: once for the kept L1 norms, once for the merge), so no rank array of a whole tensor exists.
@@ -238,7 +239,7 @@ def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Kee
         for i, (k, (b, m)) in enumerate(zip(keeps, flats)):
             if k.kind in ("all", "none"):
                 continue
-            sums = [gta.kept_l1(b[s:e], m[s:e], sparsify.ranked(k, b[s:e], m[s:e], s, cols), s) for s, e in share]
+            sums = [passes.kept_l1(b[s:e], m[s:e], sparsify.ranked(k, b[s:e], m[s:e], s, cols), s) for s, e in share]
             keeps[i] = sparsify.rescaled(k, *_summed(g, i, (sum(x for x, _ in sums), sum(y for _, y in sums))))
     out = g.out.reshape(-1)
     wanted = g.spans or ((0, rows * cols),)
@@ -252,7 +253,7 @@ def _della_by_rows(g: Group, vectors: list[TaskVector], keeps: list[sparsify.Kee
     g.merged_spans = g.spans is not None
 
 
-def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group, i: int) -> sparsify.Keep:
+def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group, i: int) -> Keep:
     """Expert i's trim, rescaled if asked. A stack's trim is found once per merge (by the first of its
     members' merges to need it) and applied to each member at its position; the merges of its members
     share the passes of its rescale."""
@@ -264,7 +265,7 @@ def _keep(trim: str | None, v: TaskVector, e: Entry, g: Group, i: int) -> sparsi
         return sparsify.rescale(k, v)
     s, t = g.peers.block(v.numel)
     b, m = v.flat()
-    return sparsify.rescaled(k, *_summed(g, i, gta.kept_l1(b[s:t], m[s:t], k, s)))
+    return sparsify.rescaled(k, *_summed(g, i, passes.kept_l1(b[s:t], m[s:t], k, s)))
 
 
 def _summed(g: Group, i: int, norms: tuple[float, float]) -> tuple[float, float]:
@@ -273,10 +274,10 @@ def _summed(g: Group, i: int, norms: tuple[float, float]) -> tuple[float, float]
     return norms if g.peers is None else g.peers.total(f"{g.name} {i}", norms)
 
 
-def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> sparsify.Keep:
+def _trim(trim: str | None, v: TaskVector, e: Entry, g: Group) -> Keep:
     d = e.params["density"]
     if trim is None:
-        return sparsify.Keep("all")
+        return Keep("all")
     if trim == "magnitude":
         return sparsify.magnitude(v, d, g.tie_order)
     if trim == "magnitude_outliers":

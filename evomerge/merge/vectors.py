@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from evomerge.merge import passes
+from evomerge.merge.passes import Keep
+
 if TYPE_CHECKING:
     from evomerge.merge.peers import Peers
-    from evomerge.merge.sparsify import Keep
 
 
 REFINED_ENTRIES = 1 << 14  # per summary: distinct magnitudes kept from refined bins (12 bytes each)
@@ -194,44 +196,32 @@ class TaskVector:
                        limit=self.limit)
 
     def histogram(self) -> tuple[np.ndarray, np.ndarray]:
-        """Counts and mixed counts per magnitude bin (gta.histogram)."""
-        from evomerge.merge import gta
-
-        return gta.histogram(*self.flat())
+        """Counts and mixed counts per magnitude bin (passes.histogram)."""
+        return passes.histogram(*self.flat())
 
     def sample_histogram(self) -> tuple[np.ndarray, np.ndarray]:
         """As histogram, of the bracketing sample."""
-        from evomerge.merge import gta
-
-        return gta.sample_histogram(*self.flat(), SAMPLE_WINDOW, SAMPLE_WIDTH)
+        return passes.sample_histogram(*self.flat(), SAMPLE_WINDOW, SAMPLE_WIDTH)
 
     def count_at_least(self, marks: np.ndarray) -> np.ndarray:
-        """Exact counts of the magnitudes at or above each float32 bit pattern (gta.count_at_least)."""
-        from evomerge.merge import gta
-
-        return gta.count_at_least(*self.flat(), marks)
+        """Exact counts of the magnitudes at or above each float32 bit pattern (passes.count_at_least)."""
+        return passes.count_at_least(*self.flat(), marks)
 
     def refine(self, bin0: int, bin1: int) -> tuple[np.ndarray, np.ndarray]:
-        """The magnitudes' counts by low 16 bits within two bins (gta.refine)."""
-        from evomerge.merge import gta
-
-        return gta.refine(*self.flat(), bin0, bin1)
+        """The magnitudes' counts by low 16 bits within two bins (passes.refine)."""
+        return passes.refine(*self.flat(), bin0, bin1)
 
     def nth_equal(self, value: float, nth: int) -> int:
         """The flat index of the nth (from 1) entry whose magnitude is `value`, in index order (if there
         are fewer: -1 - their count)."""
-        from evomerge.merge import gta
-
         if self.peers is None:
-            return gta.nth_equal(*self.flat(), value, nth)
-        return int(self.peers.owned(f"nth {self.key} {value!r} {nth}", lambda: (float(gta.nth_equal(*self.flat(), value, nth)),), 1,
+            return passes.nth_equal(*self.flat(), value, nth)
+        return int(self.peers.owned(f"nth {self.key} {value!r} {nth}", lambda: (float(passes.nth_equal(*self.flat(), value, nth)),), 1,
                                     by=self.key)[0])
 
     def kept_l1(self, keep: Keep) -> tuple[float, float]:
         """Sums of the magnitudes `keep` keeps, and of all (for rescaling)."""
-        from evomerge.merge import gta
-
-        return gta.kept_l1(*self.flat(), keep)
+        return passes.kept_l1(*self.flat(), keep)
 
 
 class Shared:
@@ -366,22 +356,18 @@ class StackVector(TaskVector):
         return self.once(("nth_equal", value, nth), find)
 
     def kept_l1(self, keep: Keep) -> tuple[float, float]:
-        from evomerge.merge import gta
-
         def member(i: int, m: TaskVector) -> tuple[float, float]:
             k = replace(keep, rank=self.rank(i), rank_start=int(self.starts[i])) if keep.kind == "della" else keep
-            return gta.kept_l1(*m.flat(), k, int(self.starts[i]))
+            return passes.kept_l1(*m.flat(), k, int(self.starts[i]))
 
         sums = self.each(("kept_l1", keep), member)  # a Keep hashes by identity
         return sum(k for k, _ in sums), sum(w for _, w in sums)
 
     def rank(self, i: int) -> torch.Tensor:
-        """DELLA's ranks of member i (see sparsify.stacked_rank)."""
-        from evomerge.merge import sparsify
-
+        """DELLA's ranks of member i (see passes.stacked_rank)."""
         e = i // self.parts
         siblings = self.members[e * self.parts : (e + 1) * self.parts]
-        return sparsify.stacked_rank([m.flat() for m in siblings], self.members[i].shape, i % self.parts)
+        return passes.stacked_rank([m.flat() for m in siblings], self.members[i].shape, i % self.parts)
 
 
 def _add(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

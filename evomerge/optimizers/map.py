@@ -179,7 +179,7 @@ class MAP(Optimizer):
 
     def pareto_front(self) -> tuple[np.ndarray, np.ndarray]:
         """The non-dominated evaluated points: (X, objective values in the objectives' own units)."""
-        from evomerge.results import nondominated
+        from evomerge.optimizers.pareto import nondominated
 
         signs = np.array([-o.sign() for o in self.objectives])
         keep = nondominated(-self._f_seen)

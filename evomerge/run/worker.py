@@ -104,7 +104,7 @@ class Worker:
                 handle.set_recipe(recipe)
             timings["materialize"] = time.perf_counter() - t
             stage, t = "score", time.perf_counter()
-            plan = candidate.meta.get("scoring")  # racing or anchors (evomerge/frugal.py)
+            plan = candidate.meta.get("scoring")  # racing or anchors (evomerge/run/frugal.py)
             if plan:
                 from evomerge.fitness.partial import score_plan
 

@@ -16,7 +16,7 @@
 This is the only module that imports ray.
 
 A worker factory (`make_worker`) is any picklable zero-argument callable returning an object with
-`evaluate(Candidate) -> Evaluation` that never raises for a bad candidate (see evomerge.worker).
+`evaluate(Candidate) -> Evaluation` that never raises for a bad candidate (see evomerge.run.worker).
 """
 from __future__ import annotations
 

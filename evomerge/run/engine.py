@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from evomerge.executors import Executor, LocalExecutor
-from evomerge.frugal import Planner
+from evomerge.run.executors import Executor, LocalExecutor
+from evomerge.run.frugal import Planner
 from evomerge.records import Evaluation, Objective, UserError
 from evomerge.recipe import Recipe
-from evomerge.store import LOST_CLUSTER, RunStore
+from evomerge.run.store import LOST_CLUSTER, RunStore
 
 log = logging.getLogger("evomerge")
 
@@ -91,7 +91,7 @@ class Engine:
         self._tells_since_snapshot = 0
         self._ask_starved = False  # the last ask returned nothing and nothing was told since
         self._best: dict[str, float] = {}
-        self.planner = planner  # racing / subset + estimate (evomerge/frugal.py), or None: score everything
+        self.planner = planner  # racing / subset + estimate (evomerge/run/frugal.py), or None: score everything
         self._meta: dict[int, dict[str, Any]] = {}  # candidates in flight -> their meta (scoring plans)
         self.config = config  # a resumed run's config with a raised budget: stored once its log replayed
         self._lost_lock = threading.Lock()

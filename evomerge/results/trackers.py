@@ -130,7 +130,7 @@ class _Wandb:
             self.run.log(row, step=row["evaluation"])
 
     def table(self, result: dict[str, Any]) -> None:
-        from evomerge.figures import holdout_frame
+        from evomerge.results.figures import holdout_frame
 
         frame = holdout_frame(result).reset_index(names="model")
         self.run.log({"holdout": self.wandb.Table(dataframe=frame.astype({c: object for c in frame.columns}))})
@@ -200,7 +200,7 @@ class TrackerFeed:
 
     # ---- a tracker's thread ------------------------------------------------------------------------
     def _loop(self, key: str, spec) -> None:
-        from evomerge.store import RunStore
+        from evomerge.run.store import RunStore
 
         store = RunStore.open(self.run_dir, readonly=True)
         try:
@@ -224,7 +224,7 @@ class TrackerFeed:
 
     def _feed(self, store, key: str, tracker, done: int) -> int | None:
         """Log the evaluations after number `done`; returns the last one logged, None once the tracker failed."""
-        from evomerge.figures import parallel_dims
+        from evomerge.results.figures import parallel_dims
 
         evals = store.evaluations(after=done, per_example=False)
         names = store.space_names
@@ -277,7 +277,7 @@ class Tracking:
 
             root = str(Path(evomerge.__file__).resolve().parent.parent)  # the evomerge this process runs
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-            self.proc = subprocess.Popen([sys.executable, "-m", "evomerge.trackers", str(run_dir)], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "evomerge.results.trackers", str(run_dir)], env=env,
                                          stdin=subprocess.PIPE, text=True)
 
     def log_table(self, result: dict[str, Any] | None) -> None:
@@ -304,7 +304,7 @@ def tracking(run_dir: str | Path) -> Iterator[Tracking]:
     """The trackers the run's stored config lists, fed while the block runs and closed after it, from a process
     of their own (niced): their imports, network and disk never take the search's interpreter or cores."""
     from evomerge.config import parse_config
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     with RunStore.open(run_dir, readonly=True) as store:
         specs = parse_config(store.config).trackers
@@ -319,11 +319,11 @@ def tracking(run_dir: str | Path) -> Iterator[Tracking]:
 
 
 def main() -> None:
-    """The feeding process: `python -m evomerge.trackers RUN_DIR`; a line `table` or `stop` (or the end of its
+    """The feeding process: `python -m evomerge.results.trackers RUN_DIR`; a line `table` or `stop` (or the end of its
     stdin) on its stdin ends it after a last feed."""
     from evomerge.config import parse_config
-    from evomerge.report import read_holdout
-    from evomerge.store import RunStore
+    from evomerge.results.holdout import read_table
+    from evomerge.run.store import RunStore
 
     import fcntl
 
@@ -338,7 +338,7 @@ def main() -> None:
         feed = TrackerFeed(run_dir, specs).start()
         command = sys.stdin.readline().strip()  # "" when the search's process is gone
         if command == "table":
-            feed.log_table(read_holdout(run_dir))
+            feed.log_table(read_table(run_dir))
         feed.close()
 
 

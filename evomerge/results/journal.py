@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,50 +12,8 @@ import numpy as np
 
 from evomerge.records import Objective, UserError
 from evomerge.recipe import Recipe
-from evomerge.store import RunStore
-
-
-def nondominated(values: np.ndarray) -> np.ndarray:
-    """Mask of the rows of `values` (larger is better in every column) that no other row dominates.
-
-    Rows are visited best first in lexicographic order, where whatever dominates a row comes before it; a
-    dominated row is dominated by some front member too, so each row is checked against the front found so far
-    only: O(n x front) instead of O(n^2), 10,000 evaluations in a fraction of a second instead of 16 s."""
-    keep = np.zeros(len(values), dtype=bool)
-    front = values[:0]
-    for i in np.lexsort(values.T[::-1] * -1):
-        v = values[i]
-        if not (np.all(front >= v, axis=1) & np.any(front > v, axis=1)).any():
-            keep[i] = True
-            front = np.vstack([front, v])
-    return keep
-
-
-def hypervolume(values: np.ndarray, ref: np.ndarray) -> float:
-    """Hypervolume (larger-is-better values) dominated by `values` above the reference point `ref`."""
-    pts = values[np.all(values > ref, axis=1)]
-    if len(pts) == 0:
-        return 0.0
-    if values.shape[1] == 1:
-        return float(pts[:, 0].max() - ref[0])
-    if values.shape[1] == 2:  # a staircase: sweep the points by the first objective, best first
-        pts = pts[np.lexsort((-pts[:, 1], -pts[:, 0]))]
-        total, top = 0.0, ref[1]
-        for x, y in pts:
-            if y > top:
-                total += (x - ref[0]) * (y - top)
-                top = y
-        return float(total)
-    # slice along the last objective: exact, fine for the front sizes of a merge search
-    pts = pts[np.argsort(-pts[:, -1])]
-    total = 0.0
-    for i in range(len(pts)):
-        hi = pts[i, -1]
-        lo = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
-        if hi > lo:
-            front = pts[: i + 1, :-1]
-            total += hypervolume(front[nondominated(front)], ref[:-1]) * (hi - lo)
-    return float(total)
+from evomerge.optimizers.pareto import hypervolume, nondominated
+from evomerge.run.store import LOST_CLUSTER, RunLock, RunStore
 
 
 def knee(values: np.ndarray) -> int:
@@ -234,3 +193,44 @@ def open_run(run_dir: str | Path) -> Run:
     """Open a run directory read-only for analysis (notebooks, reports)."""
     return Run(run_dir)
 
+
+def run_state(holder: str | None, last_stop: str | None) -> str:
+    """Running (a live process holds the run's lock), finished (its budget reached), ended by a lost cluster,
+    stopped for another reason, or killed (the lock is free, the last session never ended: its process died without a clean stop)."""
+    if holder is not None:
+        return f"running ({holder})"
+    if last_stop is None:
+        return "killed (no clean stop; `evomerge resume` continues it)"
+    if last_stop.startswith(LOST_CLUSTER):
+        return f"ended by a lost cluster ({last_stop}); `evomerge resume` on a running cluster continues it"
+    return f"{'finished' if last_stop.startswith('budget') else 'stopped'}, last stop: {last_stop}"
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """The figures `evomerge status` shows, as plain data."""
+    from evomerge.run.frugal import scoring_summary
+
+    run = open_run(run_dir)
+    try:
+        counts = run.store.counts()
+        best: dict[str, Any] = {}
+        for o in run.objectives:
+            try:
+                row = run.best(o.name, genomes=False)
+            except UserError:
+                continue
+            best[o.name] = {"value": float(row[o.name]), "candidate": int(row["id"]), "direction": o.direction}
+        hv = run.hypervolume()
+        sessions = run.store.sessions()
+        holder = RunLock.holder(run_dir)
+        return {
+            "state": run_state(holder, sessions[-1]["reason"] if sessions else None), "holder": holder,
+            **counts, "best": best, "pareto_size": int(len(run.pareto())),
+            "hypervolume": None if hv is None or math.isnan(hv) else hv,
+            "cost": run.store.total_cost(), "sessions": len(sessions),
+            "last_stop": sessions[-1]["reason"] if sessions else None,
+            "objectives": [[o.name, o.direction] for o in run.objectives],
+            "scoring": scoring_summary(run.store.evaluations(per_example=False), run.store.candidate_meta()),
+        }
+    finally:
+        run.close()

@@ -152,7 +152,7 @@ def options_checked(what: str) -> Iterator[None]:
 
 def build_fitness(cfg: RunConfig):
     if cfg.fitness.function is not None:
-        from evomerge.worker import FunctionFitness
+        from evomerge.run.worker import FunctionFitness
 
         importable(cfg)
 
@@ -186,7 +186,7 @@ def build_handle(cfg: RunConfig):
 
         options = {k: v for k, v in cfg.fitness.handle.items() if k != "device"}  # vLLM picks its own platform
         return VLLMHandle(sources[cfg.base], sources, base=cfg.base, **options)  # each vLLM worker opens them
-    from evomerge.placement import resolve_device
+    from evomerge.machine import resolve_device
     from evomerge.fitness.hf import HFHandle
 
     device = resolve_device(cfg.fitness.handle.get("device"))  # the materializer writes where the model lives
@@ -202,7 +202,7 @@ class WorkerFactory:
     sources: dict[str, dict[str, str]] | None = None  # the identity recorded when the run started
 
     def __call__(self):
-        from evomerge.worker import Worker
+        from evomerge.run.worker import Worker
 
         cfg = parse_config(self.config)
         if self.sources and cfg.fitness.backend != "api":  # before anything loads: no score from other weights
@@ -214,7 +214,7 @@ class WorkerFactory:
 
 
 def build_executor(cfg: RunConfig, *, address: str | None = None, sources: dict[str, dict[str, str]] | None = None):
-    from evomerge.executors import LocalExecutor, RayExecutor
+    from evomerge.run.executors import LocalExecutor, RayExecutor
 
     factory = WorkerFactory(cfg.to_dict(), sources)
     ex = cfg.executor
@@ -228,7 +228,7 @@ def build_executor(cfg: RunConfig, *, address: str | None = None, sources: dict[
 def prepare(cfg: RunConfig, *, address: str | None = None):
     """What a run needs checked before anything loads: (space, objectives, memory plan); the optimizer's
     options are tried too. The plan's own check (`plan.check()`) is left to the caller."""
-    from evomerge.footprint import plan_run
+    from evomerge.run.footprint import plan_run
 
     space = build_space(cfg)
     fitness = build_fitness(cfg)
@@ -260,8 +260,8 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
     `placement_grace` (--placement-grace) overrides executor.placement_grace for this session.
     Everything is validated and built before the store is created or written; a run whose memory plan does
     not fit this machine is refused (`on_plan` sees the plan first)."""
-    from evomerge.engine import Budget, Engine
-    from evomerge.store import RunStore, is_run_dir
+    from evomerge.run.engine import Budget, Engine
+    from evomerge.run.store import RunStore, is_run_dir
 
     run_dir = Path(run_dir)
     if is_run_dir(run_dir):
@@ -327,10 +327,10 @@ def _source_identity(cfg: RunConfig, store: Any) -> dict[str, dict[str, str]] | 
 
 
 def build_planner(cfg: RunConfig):
-    """Racing or subset + estimate (evomerge/frugal.py) when the fitness config asks for one."""
+    """Racing or subset + estimate (evomerge/run/frugal.py) when the fitness config asks for one."""
     f = cfg.fitness
     if f.racing is None and f.subset is None:
         return None
-    from evomerge.frugal import Planner
+    from evomerge.run.frugal import Planner
 
     return Planner(racing=f.racing, subset=f.subset, seed=cfg.seed)

@@ -46,7 +46,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
     """Export the chosen candidate(s); returns the paths written. `--pareto` writes one entry per front member
     into the folder `out` (candidate_<id>.yaml or candidate_<id>/)."""
     from evomerge.merge.writer import write_checkpoint
-    from evomerge.results import open_run
+    from evomerge.results.journal import open_run
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not valid; use one of {', '.join(FORMATS)}")

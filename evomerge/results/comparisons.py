@@ -66,8 +66,8 @@ def cut_message(row: str, info: dict[str, Any], wall_time: float | None) -> str:
 
 def run_comparison(cfg: RunConfig, run_dir: Path, row: str, *, progress: bool = True) -> Path:
     """Search for row `row` (or finish its search) and return its run directory."""
-    from evomerge.assemble import open_engine
-    from evomerge.store import RunStore, is_run_dir
+    from evomerge.run.assemble import open_engine
+    from evomerge.run.store import RunStore, is_run_dir
 
     target = compare_dir(run_dir, row)
     sub = compare_config(cfg, row)

@@ -3,7 +3,7 @@ first), the picked candidate's objectives, recipe, per-layer heatmap and the run
 button. The run is opened read-only on each `refresh()`, so it follows a run that is still going.
 
 Everything a click or a widget does goes through `select(candidate_id)` and `export()`, which a test (or a
-script) calls directly; the plots are `evomerge.figures`', the same as in the HTML report.
+script) calls directly; the plots are `evomerge.results.figures`', the same as in the HTML report.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge import figures
+from evomerge.results import figures
 from evomerge.records import UserError
 
 
@@ -53,8 +53,9 @@ class Explorer:
 
     def refresh(self) -> None:
         """Re-read the run: new evaluations, a new front, the held-out table once it exists."""
-        from evomerge.report import hover_labels, read_holdout
-        from evomerge.results import open_run
+        from evomerge.results.holdout import read_table
+        from evomerge.results.report import hover_labels
+        from evomerge.results.journal import open_run
 
         run = open_run(self.run_dir)
         try:
@@ -62,7 +63,7 @@ class Explorer:
             df = run.frame(genomes=False)
             self.ok = run._ok()
             self.names = run.store.space_names
-            self.holdout = read_holdout(self.run_dir)
+            self.holdout = read_table(self.run_dir)
             front = run.pareto() if len(self.ok) else self.ok
             self.front_ids = [int(i) for i in front.id]
             labels = hover_labels(run, [int(i) for i in self.ok.id])
@@ -104,7 +105,7 @@ class Explorer:
 
     def select(self, candidate_id: int) -> None:
         """Show candidate `candidate_id`: its objectives, recipe, per-layer heatmap and the held-out table."""
-        from evomerge.results import open_run
+        from evomerge.results.journal import open_run
 
         cid = int(candidate_id)
         run = open_run(self.run_dir)
@@ -144,7 +145,7 @@ class Explorer:
 
     def export(self, fmt: str | None = None) -> list[Path]:
         """Write the picked candidate as `fmt` (default: the format dropdown's) under `export_to`."""
-        from evomerge.export import export_run
+        from evomerge.results.export import export_run
 
         fmt = fmt or self.export_format.value
         if self.selected is None:

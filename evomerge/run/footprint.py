@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomerge import placement
+from evomerge import machine
 from evomerge.machine import host_available
 from evomerge.records import UserError
 
@@ -230,7 +230,7 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
                         "would wait for them forever); lower executor.workers or executor.gpus_per_worker")
     spec = handle.get("device", "auto")
     if not on_ray and spec != "auto":
-        placement.resolve_device(spec)  # a GPU asked for where there is none: its one-line error now, not in the worker
+        machine.resolve_device(spec)  # a GPU asked for where there is none: its one-line error now, not in the worker
     # a Ray actor sees only the GPUs it reserves; the local worker sees this machine's
     has_gpu = ex.gpus_per_worker > 0 if on_ray else gpus_here > 0
     device = "cpu" if backend == "api" else ("cuda:0" if has_gpu else "cpu") if spec == "auto" else spec
@@ -242,7 +242,7 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
     if here:
         plan.host_available = host_available()
         if gpu and gpus_here:
-            plan.device_free = torch.cuda.mem_get_info(min(placement.gpu_index(device) or 0, gpus_here - 1))[0]
+            plan.device_free = torch.cuda.mem_get_info(min(machine.gpu_index(device) or 0, gpus_here - 1))[0]
 
     def held(name: str, size: int, note: str) -> Part:  # on the worker's GPU when it scores there
         return Part(name, device=size, note=note) if gpu else Part(name, private=size, note=note)
@@ -262,7 +262,7 @@ def plan_run(cfg: Any, space: Any, fitness: Any, *, address: str | None = None) 
     if backend == "vllm":
         plan.parts.append(_vllm_engine(plan, base, handle, gpu))
     else:
-        plan.dtype = placement.dtype_name(handle.get("dtype"), gpu)
+        plan.dtype = machine.dtype_name(handle.get("dtype"), gpu)
         nbytes = _TORCH_BYTES[plan.dtype]
         plan.parts.append(held("scoring model", base.params * nbytes, f"{base.params:,} params x {nbytes} bytes"))
     threads = max(1, int(ex.cpus_per_worker)) if on_ray else None  # Ray gives its actors OMP_NUM_THREADS

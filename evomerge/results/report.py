@@ -1,35 +1,21 @@
 """`evomerge report`: one self-contained HTML file, plotly.js embedded once (it opens offline, no network):
 the held-out table with its baselines, the optimization history with the best so far, the Pareto front with
 hover, the hypervolume over evaluations, parallel coordinates over the genome's named dimensions, and the
-best candidate's recipe as a per-layer heatmap. The plots are `evomerge.figures`', as in the notebook.
+best candidate's recipe as a per-layer heatmap. The plots are `evomerge.results.figures`', as in the notebook.
 """
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
-from evomerge import figures
-from evomerge.records import UserError
+from evomerge.results import figures
+from evomerge.results.holdout import read_table
 
 _STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}h2{margin-top:1.6em}"
           "table.holdout{border-collapse:collapse}table.holdout td,table.holdout th{border:1px solid #ccc;"
           "padding:4px 10px;text-align:right}table.holdout caption{caption-side:bottom;color:#666;font-size:90%}"
           "pre{background:#f6f6f6;padding:1em;overflow:auto}")
-
-
-def read_holdout(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's held-out table as `evomerge holdout` wrote it, or None before it exists."""
-    from evomerge.holdout import RESULT_FILE
-
-    path = Path(run_dir) / RESULT_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path}: not a held-out table ({e})") from None
 
 
 def hover_labels(run, ids: list[int]) -> dict[int, str]:
@@ -47,7 +33,7 @@ def sections(run) -> list[tuple[str, Any]]:
     objs = run.objectives
     df = run.frame(genomes=False)
     ok = run._ok()
-    holdout = read_holdout(run.run_dir)
+    holdout = read_table(run.run_dir)
     parts: list[tuple[str, Any]] = [("Held-out comparison", figures.holdout_html(holdout) if holdout else
                                      f"<p>No held-out table yet: <code>evomerge holdout "
                                      f"{html.escape(str(run.run_dir))}</code> writes it.</p>")]
@@ -80,8 +66,7 @@ def sections(run) -> list[tuple[str, Any]]:
 def render(run_dir: str | Path) -> str:
     from plotly.offline import get_plotlyjs
 
-    from evomerge.results import open_run
-    from evomerge.run_commands import run_status
+    from evomerge.results.journal import open_run, run_status
 
     info = run_status(Path(run_dir))
     run = open_run(run_dir)

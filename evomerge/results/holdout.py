@@ -1,7 +1,7 @@
 """The end-of-run comparison: the evolved best against the sources and untuned merges, on held-out data.
 
 Configured by the run config's `holdout:` section. With `tasks`, each baseline recipe, the best recipe of
-each `compare` search (evomerge/comparisons.py: the same budget spent another way) and the best candidate's
+each `compare` search (evomerge/results/comparisons.py: the same budget spent another way) and the best candidate's
 recipe (the run's best: on its first objective, or the knee of its front) are scored on those tasks through the run's own model handle (HF,
 vLLM or an API), so every row is measured the same way; with `function`, the user's `module:function` gets
 the best candidate's genome and returns its own rows. The numbers and each tuned row's evaluations are
@@ -24,12 +24,12 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
     """Score the baselines, the best of each `compare` search (run first, or finished) and the best candidate;
     returns {"rows": {row: {objective: value}}, "best": id, "seed": run seed, "searches": {tuned row: how its
     search ended (comparisons.searched)}, ...} and writes it to RUN_DIR/holdout.json."""
-    from evomerge.assemble import build_handle, build_space, importable
-    from evomerge.comparisons import run_comparison, searched
+    from evomerge.run.assemble import build_handle, build_space, importable
+    from evomerge.results.comparisons import run_comparison, searched
     from evomerge.config import parse_config
     from evomerge.recipe import Recipe
-    from evomerge.results import open_run
-    from evomerge.worker import Genome, load_callable
+    from evomerge.results.journal import open_run
+    from evomerge.run.worker import Genome, load_callable
 
     run_dir = Path(run_dir)
     run = open_run(run_dir)
@@ -110,7 +110,7 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
     """The rows as a rich table; values × 100 when the config says percent. The best value per column is bold."""
     from rich.table import Table
 
-    from evomerge.comparisons import cut_message
+    from evomerge.results.comparisons import cut_message
 
     rows: dict[str, dict[str, float]] = result["rows"]
     searches: dict[str, dict[str, Any]] = result.get("searches", {})
@@ -141,20 +141,25 @@ def print_table(result: dict[str, Any], title: str = "held-out comparison") -> N
         print(cut_message(row, searches[row], result.get("wall_time")))
 
 
+def read_table(run_dir: str | Path, required: bool = False) -> dict[str, Any] | None:
+    """The run's held-out table as `evomerge holdout` wrote it; before it exists None, or (`required`) one line."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        if required:
+            raise UserError(f"{run_dir} has no held-out table ({RESULT_FILE}): run `evomerge holdout {run_dir}` first")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a held-out table ({e})") from None
+
+
 def compare(run_dirs: list[Path]) -> dict[str, Any]:
     """The held-out tables of several runs (e.g. one search over seeds) side by side: per row and column the
     mean, min and max over the runs. Every run must have its table and the same rows and columns."""
     if len(run_dirs) < 2:
         raise UserError("compare needs two or more run directories")
-    results = []
-    for d in run_dirs:
-        f = Path(d) / RESULT_FILE
-        if not f.is_file():
-            raise UserError(f"{d} has no held-out table ({RESULT_FILE}): run `evomerge holdout {d}` first")
-        try:
-            results.append(json.loads(f.read_text()))
-        except (ValueError, OSError) as e:
-            raise UserError(f"{f}: not a held-out table ({e})") from None
+    results = [read_table(d, required=True) for d in run_dirs]
     shape = {r: sorted(v) for r, v in results[0]["rows"].items()}
     for d, res in zip(run_dirs[1:], results[1:]):
         if {r: sorted(v) for r, v in res["rows"].items()} != shape:
@@ -193,7 +198,7 @@ def replace_holdout(run_dir: str | Path, config: dict[str, Any], where: str) -> 
     done. Every section that shaped the search must equal the run's (the seed is the run's own: `--seed` may have
     set it); else one line naming the first that differs, nothing changed."""
     from evomerge.config import parse_config
-    from evomerge.store import RunStore
+    from evomerge.run.store import RunStore
 
     new = parse_config(config).to_dict()
     with RunStore.open(run_dir) as store:
@@ -209,8 +214,8 @@ def finish_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any] 
     """What `evomerge run` does once the budget is reached: the held-out table, then the best model exported
     (once: an export already there is kept). None when the config has no holdout section."""
     from evomerge.config import parse_config
-    from evomerge.export import export_run
-    from evomerge.results import open_run
+    from evomerge.results.export import export_run
+    from evomerge.results.journal import open_run
 
     run_dir = Path(run_dir)
     run = open_run(run_dir)
