@@ -333,12 +333,6 @@ def check_reorderable(f: Family, cfg: Mapping[str, Any] | Any) -> None:
 
 # --- filters --------------------------------------------------------------------------------------------------
 
-def group_filters(f: Family, group: str) -> tuple[str, ...]:
-    if group not in f.groups:
-        raise UserError(f"{f.name} has no module group {group!r}; valid: {', '.join(f.groups)}")
-    return f.groups[group]
-
-
 def outside_filters(f: Family, tied: bool) -> tuple[str, ...]:
     """Filters naming each tensor outside the layers (the head only when it is stored, i.e. not tied)."""
     if f is GENERIC:

@@ -40,6 +40,36 @@ def is_genome_config(data: Any) -> bool:
 def to_evomerge(data: dict[str, Any], base_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
     """The evomerge run config of a mergekit-evolve config (paths as they resolve from `base_dir`), and notes
     on options evomerge treats differently."""
+    genome = _checked_genome(data)
+    method, models, base_ref = genome["merge_method"], genome["models"], genome.get("base_model")
+    sources: dict[str, str] = {}
+    names = [_source(sources, ref, base_dir) for ref in models]
+    base = _source(sources, base_ref, base_dir) if base_ref is not None else names[0]
+    experts = [n for n in names if n != base] if method != "linear" else names
+    notes = []
+    if data.get("shuffle"):
+        notes.append("shuffle: every candidate is scored on the same documents (the first `limit`), not a reshuffle")
+    tokenizer_source = genome.get("tokenizer_source")
+    if tokenizer_source not in (None, "base", "union"):  # a model reference: the source it names
+        tokenizer_source = _source(sources, tokenizer_source, base_dir)
+    negative = bool(genome.get("allow_negative_weights", False))
+    config = {
+        "sources": sources,
+        "base": base,
+        **({"tokenizer_source": tokenizer_source} if tokenizer_source else {}),
+        "space": {"name": "layer_weights", "options": _space_options(genome, experts)},
+        "optimizer": {"name": "cmaes", "options": {"sigma0": round(SIGMA / (2.0 if negative else 1.0), 6)},
+                      **({"start": "none"} if data.get("random_init") else {})},
+        "fitness": {"backend": "hf", "lm_eval": _lm_eval(data)},
+        "budget": {"evaluations": MAX_FEVALS},
+        "executor": {"kind": "local"},
+        "seed": 0,
+    }
+    return config, notes
+
+
+def _checked_genome(data: dict[str, Any]) -> dict[str, Any]:
+    """The config's genome, every key and the method checked (one line naming what is wrong)."""
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
         raise UserError(f"mergekit-evolve config: unknown key {unknown[0]!r}; valid keys: {', '.join(TOP_KEYS)}")
@@ -59,27 +89,27 @@ def to_evomerge(data: dict[str, Any], base_dir: str | Path) -> tuple[dict[str, A
     models = genome.get("models")
     if not isinstance(models, list) or not models:
         raise UserError("mergekit-evolve config: genome.models lists the models to merge")
-    base_ref = genome.get("base_model")
-    if method != "linear" and base_ref is None:
+    if method != "linear" and genome.get("base_model") is None:
         raise UserError(f"mergekit-evolve config: genome.base_model is required for {method}")
-    sources: dict[str, str] = {}
-    names = [_source(sources, ref, base_dir) for ref in models]
-    base = _source(sources, base_ref, base_dir) if base_ref is not None else names[0]
-    experts = [n for n in names if n != base] if method != "linear" else names
+    return genome
+
+
+def _space_options(genome: dict[str, Any], experts: list[str]) -> dict[str, Any]:
+    """layer_weights' options for the genome's parameters, from mergekit-evolve's start."""
+    method = genome["merge_method"]
     modules = []
     for f in genome.get("filters") or []:
         if f not in FILTERS:
             raise UserError(f"mergekit-evolve config: genome.filters entry {f!r} is not supported; valid: {', '.join(FILTERS)}")
         modules.append(FILTERS[f])
-    negative = bool(genome.get("allow_negative_weights", False))
     normalize = genome.get("normalize")
     options: dict[str, Any] = {
         "method": method,
         "granularity": int(genome.get("layer_granularity") or 0),
         "normalize": bool(method in ("ties", "dare_ties", "linear") if normalize is None else normalize),
-        "negative_weights": negative,
+        "negative_weights": bool(genome.get("allow_negative_weights", False)),
         "weight_max": 1.0,
-        "initial_weight": 1.0 / len(models),
+        "initial_weight": 1.0 / len(genome["models"]),
         "sources": experts,
     }
     if modules:
@@ -88,6 +118,11 @@ def to_evomerge(data: dict[str, Any], base_dir: str | Path) -> tuple[dict[str, A
         options["initial_density"] = 1.0
     if method == "linear":
         options["base"] = None  # every listed model is merged; none is a base
+    return options
+
+
+def _lm_eval(data: dict[str, Any]) -> dict[str, Any]:
+    """The lm-eval fitness of the config's tasks: mergekit's weighted sum of each task's metric."""
     tasks = data.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise UserError("mergekit-evolve config: tasks lists the lm-eval tasks to score")
@@ -106,25 +141,7 @@ def to_evomerge(data: dict[str, Any], base_dir: str | Path) -> tuple[dict[str, A
     for key in ("limit", "num_fewshot"):
         if data.get(key) is not None:
             lm_eval[key] = data[key]
-    notes = []
-    if data.get("shuffle"):
-        notes.append("shuffle: every candidate is scored on the same documents (the first `limit`), not a reshuffle")
-    tokenizer_source = genome.get("tokenizer_source")
-    if tokenizer_source not in (None, "base", "union"):  # a model reference: the source it names
-        tokenizer_source = _source(sources, tokenizer_source, base_dir)
-    config = {
-        "sources": sources,
-        "base": base,
-        **({"tokenizer_source": tokenizer_source} if tokenizer_source else {}),
-        "space": {"name": "layer_weights", "options": options},
-        "optimizer": {"name": "cmaes", "options": {"sigma0": round(SIGMA / (2.0 if negative else 1.0), 6)},
-                      **({"start": "none"} if data.get("random_init") else {})},
-        "fitness": {"backend": "hf", "lm_eval": lm_eval},
-        "budget": {"evaluations": MAX_FEVALS},
-        "executor": {"kind": "local"},
-        "seed": 0,
-    }
-    return config, notes
+    return lm_eval
 
 
 def _source(sources: dict[str, str], ref: Any, base_dir: str | Path) -> str:

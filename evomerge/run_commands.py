@@ -141,161 +141,167 @@ def _show_plan(plan) -> None:
         print(plan.summary())
 
 
+def run_command(
+    config: Path = typer.Argument(..., help="Run config (YAML): evomerge's, or a mergekit-evolve genome config."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: beside the config, named after it)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run already in --run-dir."),
+    evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Set the budget to this many evaluations (e.g. a quick try)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Search seed instead of the config's (repeat a search over seeds)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print the memory plan per worker and per node; load nothing, write nothing."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
+    placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
+) -> None:
+    """Start a search (or continue one with --resume)."""
+    from evomerge.run.assemble import open_engine, prepare
+    from evomerge.config import parse_config
+    from evomerge.mergekit_evolve import load_run_config
+
+    cfg = load_run_config(config)  # an evomerge config, or a mergekit-evolve one (translated and printed)
+    changes: dict = {}
+    if evaluations is not None:
+        changes["budget"] = {**cfg.budget.model_dump(exclude_none=True), "evaluations": evaluations}
+    if seed is not None:
+        if resume:
+            raise UserError("--seed starts a new search; a resumed run keeps the seed it started with")
+        changes["seed"] = seed
+    if changes:
+        cfg = parse_config({**cfg.to_dict(), **changes})
+    if dry_run:
+        plan = prepare(cfg, address=address)[2]
+        print(plan.describe())
+        plan.check()
+        return
+    target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
+    on_ray = address is not None or cfg.executor.kind == "ray"
+    with own_output(verbose), ray_output(on_ray and not verbose) as settle:
+        engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan,
+                             placement_grace=_grace(placement_grace))
+        settle(target)
+        _tracked(target, engine, quiet)
+
+
+def resume_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
+    evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Raise the budget to this many evaluations."),
+    wall_time: Optional[str] = typer.Option(None, "--wall-time", help="Raise the wall-time budget (90s, 30m, 6h, 2d)."),
+    cost: Optional[float] = typer.Option(None, "--cost", help="Raise the cost budget."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
+    placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
+) -> None:
+    """Continue a stopped or killed run: replay its store, re-run only what was in flight."""
+    from evomerge.run.assemble import open_engine
+    from evomerge.run.store import RunStore, is_run_dir
+
+    budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
+    on_ray = address is not None
+    if is_run_dir(run_dir):
+        with RunStore.open(run_dir, readonly=True) as stored:
+            on_ray = on_ray or stored.config.get("executor", {}).get("kind") == "ray"
+    with own_output(verbose), ray_output(on_ray and not verbose) as settle:
+        engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan,
+                             placement_grace=_grace(placement_grace))
+        settle(run_dir)
+        _tracked(run_dir, engine, quiet)
+
+
+def holdout_command(
+    run_dir: Path = typer.Argument(..., help="A run directory whose config has a holdout section."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Take the holdout section (baselines, comparison rows, tasks) from this run config first: every other section must be the run's."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
+) -> None:
+    """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
+    from evomerge.config import load_config
+    from evomerge.results.holdout import finish_run, replace_holdout
+    from evomerge.results.trackers import tracking
+
+    holder = RunLock.holder(run_dir)
+    if holder is not None:  # its own end writes holdout.json and the export: a table now would race and go stale
+        raise UserError(f"{run_dir} is still being searched ({holder}); the run scores its held-out table when "
+                        "it ends: wait for it, or stop it first")
+    if config is not None:
+        replace_holdout(run_dir, load_config(config).to_dict(), str(config))
+    with tracking(run_dir) as feed:
+        with own_output(verbose):
+            result = finish_run(run_dir, progress=not quiet)
+        if result is None:
+            raise UserError(f"the run in {run_dir} has no holdout section in its config")
+        feed.log_table(result)
+
+
+def compare_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories with held-out tables (e.g. one search over seeds)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Held-out tables of several runs side by side: mean, min and max per row and column."""
+    from evomerge.results.holdout import compare, print_comparison
+
+    result = compare(run_dirs)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_comparison(result)
+
+
+def status_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the run stops (Ctrl-C to leave)."),
+    every: float = typer.Option(2.0, "--every", help="Seconds between refreshes with --watch."),
+) -> None:
+    """Evaluations done / failed / in flight, best per objective, Pareto size, hypervolume, cost."""
+    from evomerge.results.journal import run_status
+
+    if not watch:
+        info = run_status(run_dir)
+        print(json.dumps(info, indent=2) if as_json else status_text(run_dir, info))
+        return
+    if every <= 0:
+        raise UserError(f"--every must be > 0 seconds, got {every}")
+    _watch(run_dir, as_json, every)
+
+
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    best: bool = typer.Option(False, "--best", help="Export the best candidate (on --objective; default the run's best: the first objective, or the front's knee)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="The objective --best ranks by."),
+    candidate: Optional[int] = typer.Option(None, "--candidate", help="Export this candidate id."),
+    pareto: bool = typer.Option(False, "--pareto", help="Export every candidate of the Pareto front (one folder each)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (or file for --format recipe)."),
+    fmt: str = typer.Option("hf", "--format", help="hf (merged checkpoint), mergekit (mergekit YAML), recipe (evomerge recipe YAML)."),
+) -> None:
+    """Write a candidate as a merged model, a mergekit config or a recipe."""
+    from evomerge.results.export import export_run
+
+    if best + (candidate is not None) + pareto != 1:
+        raise UserError("choose exactly one of --best [--objective NAME], --candidate ID, --pareto")
+    written = export_run(run_dir, out, fmt=fmt, best=objective if best else None, candidate=candidate,
+                         pareto=pareto)
+    for w in written:
+        print(f"wrote {w}")
+
+
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
+) -> None:
+    """A self-contained HTML report: best so far, the Pareto front, the best recipe as a heatmap."""
+    from evomerge.results.report import write_report
+
+    write_report(run_dir, out)
+    print(f"wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("run")
-    def run(
-        config: Path = typer.Argument(..., help="Run config (YAML): evomerge's, or a mergekit-evolve genome config."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: beside the config, named after it)."),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run already in --run-dir."),
-        evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Set the budget to this many evaluations (e.g. a quick try)."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Search seed instead of the config's (repeat a search over seeds)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print the memory plan per worker and per node; load nothing, write nothing."),
-        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
-        placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
-    ) -> None:
-        """Start a search (or continue one with --resume)."""
-        from evomerge.run.assemble import open_engine, prepare
-        from evomerge.config import parse_config
-        from evomerge.mergekit_evolve import load_run_config
-
-        cfg = load_run_config(config)  # an evomerge config, or a mergekit-evolve one (translated and printed)
-        changes: dict = {}
-        if evaluations is not None:
-            changes["budget"] = {**cfg.budget.model_dump(exclude_none=True), "evaluations": evaluations}
-        if seed is not None:
-            if resume:
-                raise UserError("--seed starts a new search; a resumed run keeps the seed it started with")
-            changes["seed"] = seed
-        if changes:
-            cfg = parse_config({**cfg.to_dict(), **changes})
-        if dry_run:
-            plan = prepare(cfg, address=address)[2]
-            print(plan.describe())
-            plan.check()
-            return
-        target = run_dir or (config.with_suffix("") if resume else _default_run_dir(config))
-        on_ray = address is not None or cfg.executor.kind == "ray"
-        with own_output(verbose), ray_output(on_ray and not verbose) as settle:
-            engine = open_engine(cfg, target, resume=resume, address=address, on_plan=_show_plan,
-                                 placement_grace=_grace(placement_grace))
-            settle(target)
-            _tracked(target, engine, quiet)
-
-    @app.command("resume")
-    def resume_cmd(
-        run_dir: Path = typer.Argument(..., help="A run directory."),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
-        evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Raise the budget to this many evaluations."),
-        wall_time: Optional[str] = typer.Option(None, "--wall-time", help="Raise the wall-time budget (90s, 30m, 6h, 2d)."),
-        cost: Optional[float] = typer.Option(None, "--cost", help="Raise the cost budget."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
-        placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
-    ) -> None:
-        """Continue a stopped or killed run: replay its store, re-run only what was in flight."""
-        from evomerge.run.assemble import open_engine
-        from evomerge.run.store import RunStore, is_run_dir
-
-        budget = {k: v for k, v in (("evaluations", evaluations), ("wall_time", wall_time), ("cost", cost)) if v is not None}
-        on_ray = address is not None
-        if is_run_dir(run_dir):
-            with RunStore.open(run_dir, readonly=True) as stored:
-                on_ray = on_ray or stored.config.get("executor", {}).get("kind") == "ray"
-        with own_output(verbose), ray_output(on_ray and not verbose) as settle:
-            engine = open_engine(None, run_dir, resume=True, address=address, budget=budget, on_plan=_show_plan,
-                                 placement_grace=_grace(placement_grace))
-            settle(run_dir)
-            _tracked(run_dir, engine, quiet)
-
-    @app.command("holdout")
-    def holdout(
-        run_dir: Path = typer.Argument(..., help="A run directory whose config has a holdout section."),
-        config: Optional[Path] = typer.Option(None, "--config", help="Take the holdout section (baselines, comparison rows, tasks) from this run config first: every other section must be the run's."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
-    ) -> None:
-        """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""
-        from evomerge.config import load_config
-        from evomerge.results.holdout import finish_run, replace_holdout
-        from evomerge.results.trackers import tracking
-
-        holder = RunLock.holder(run_dir)
-        if holder is not None:  # its own end writes holdout.json and the export: a table now would race and go stale
-            raise UserError(f"{run_dir} is still being searched ({holder}); the run scores its held-out table when "
-                            "it ends: wait for it, or stop it first")
-        if config is not None:
-            replace_holdout(run_dir, load_config(config).to_dict(), str(config))
-        with tracking(run_dir) as feed:
-            with own_output(verbose):
-                result = finish_run(run_dir, progress=not quiet)
-            if result is None:
-                raise UserError(f"the run in {run_dir} has no holdout section in its config")
-            feed.log_table(result)
-
-    @app.command("compare")
-    def compare_cmd(
-        run_dirs: list[Path] = typer.Argument(..., help="Run directories with held-out tables (e.g. one search over seeds)."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    ) -> None:
-        """Held-out tables of several runs side by side: mean, min and max per row and column."""
-        from evomerge.results.holdout import compare, print_comparison
-
-        result = compare(run_dirs)
-        if as_json:
-            print(json.dumps(result, indent=2))
-        else:
-            print_comparison(result)
-
-    @app.command("status")
-    def status(
-        run_dir: Path = typer.Argument(..., help="A run directory."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-        watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the run stops (Ctrl-C to leave)."),
-        every: float = typer.Option(2.0, "--every", help="Seconds between refreshes with --watch."),
-    ) -> None:
-        """Evaluations done / failed / in flight, best per objective, Pareto size, hypervolume, cost."""
-        from evomerge.results.journal import run_status
-
-        if not watch:
-            info = run_status(run_dir)
-            print(json.dumps(info, indent=2) if as_json else status_text(run_dir, info))
-            return
-        if every <= 0:
-            raise UserError(f"--every must be > 0 seconds, got {every}")
-        _watch(run_dir, as_json, every)
-
-    @app.command("export")
-    def export(
-        run_dir: Path = typer.Argument(..., help="A run directory."),
-        best: bool = typer.Option(False, "--best", help="Export the best candidate (on --objective; default the run's best: the first objective, or the front's knee)."),
-        objective: Optional[str] = typer.Option(None, "--objective", help="The objective --best ranks by."),
-        candidate: Optional[int] = typer.Option(None, "--candidate", help="Export this candidate id."),
-        pareto: bool = typer.Option(False, "--pareto", help="Export every candidate of the Pareto front (one folder each)."),
-        out: Path = typer.Option(..., "-o", "--out", help="Output directory (or file for --format recipe)."),
-        fmt: str = typer.Option("hf", "--format", help="hf (merged checkpoint), mergekit (mergekit YAML), recipe (evomerge recipe YAML)."),
-    ) -> None:
-        """Write a candidate as a merged model, a mergekit config or a recipe."""
-        from evomerge.results.export import export_run
-
-        if best + (candidate is not None) + pareto != 1:
-            raise UserError("choose exactly one of --best [--objective NAME], --candidate ID, --pareto")
-        written = export_run(run_dir, out, fmt=fmt, best=objective if best else None, candidate=candidate,
-                             pareto=pareto)
-        for w in written:
-            print(f"wrote {w}")
-
-    @app.command("report")
-    def report(
-        run_dir: Path = typer.Argument(..., help="A run directory."),
-        out: Path = typer.Option(..., "-o", "--out", help="HTML file to write."),
-    ) -> None:
-        """A self-contained HTML report: best so far, the Pareto front, the best recipe as a heatmap."""
-        from evomerge.results.report import write_report
-
-        write_report(run_dir, out)
-        print(f"wrote {out}")
+    """Add the run commands to the `evomerge` app."""
+    for name, command in (("run", run_command), ("resume", resume_command), ("holdout", holdout_command),
+                          ("compare", compare_command), ("status", status_command), ("export", export_command),
+                          ("report", report_command)):
+        app.command(name)(command)
 
 
 def status_text(run_dir: Path, info: dict[str, Any]) -> str:

@@ -93,10 +93,6 @@ class Optimizer(ABC):
         """True when the optimizer's own stopping rule has fired (the run's budget is the engine's)."""
         return False
 
-    def progress(self) -> dict[str, float]:
-        """Figures worth logging after each tell (generation, best loss, hypervolume...)."""
-        return {}
-
     def state_dict(self) -> dict[str, Any]:
         return {"next_id": self._next_id, **self._state()}
 

@@ -62,7 +62,6 @@ class CMAES(Optimizer):
         self._np_state = np.random.RandomState(self.seed).get_state()
         self._run = 0  # restart counter
         self._worst: float | None = None
-        self._best: tuple[float, np.ndarray] | None = None
         self._generation_index = 0
         self._failed_generations = 0
         self._es = self._new_es(self._u(self.x0) if self.x0 is not None else np.full(self.dim, 0.5), self.popsize)
@@ -128,9 +127,6 @@ class CMAES(Optimizer):
             self._gen = None
             self._failed_generations += 1
             return
-        for v, u in zip(raw, self._gen.xs):
-            if v is not None and (self._best is None or v < self._best[0]):
-                self._best = (v, self._x(u))
         values = penalise(raw, self._worst)
         finite = [v for v in raw if v is not None]
         if finite:
@@ -147,18 +143,11 @@ class CMAES(Optimizer):
     def done(self) -> bool:
         return self._gen is None and bool(self._es.stop()) and self._run >= self.restarts
 
-    def progress(self) -> dict[str, float]:
-        out = {"generation": float(self._generation_index), "sigma": float(self._es.sigma), "restart": float(self._run),
-               "failed_generations": float(self._failed_generations)}
-        if self._best is not None:
-            out["best_loss"] = self._best[0]
-        return out
-
     def _state(self) -> dict[str, Any]:
-        return {"blob": pickle.dumps((self._es, self._gen, self._np_state, self._run, self._worst, self._best, self._generation_index, self._failed_generations))}
+        return {"blob": pickle.dumps((self._es, self._gen, self._np_state, self._run, self._worst, self._generation_index, self._failed_generations))}
 
     def _load(self, state: dict[str, Any]) -> None:
-        (self._es, self._gen, self._np_state, self._run, self._worst, self._best, self._generation_index, self._failed_generations) = pickle.loads(state["blob"])
+        (self._es, self._gen, self._np_state, self._run, self._worst, self._generation_index, self._failed_generations) = pickle.loads(state["blob"])
         _rehash(self._es.sent_solutions)
 
 

@@ -204,12 +204,6 @@ class M2N2(Optimizer):
         i = int(np.argmin(self.L))
         return self.X[i].copy(), float(self.L[i])
 
-    def progress(self) -> dict[str, float]:
-        out = {"archive": float(len(self.X)), "evaluations": float(self.evaluations), "failures": float(self.failures)}
-        if len(self.L):
-            out["best_loss"] = float(self.L.min())
-        return out
-
     def _state(self) -> dict[str, Any]:
         return {
             "rng": self._rng.bit_generator.state,

@@ -101,7 +101,6 @@ class MAP(Optimizer):
         self._u_all = np.empty((0, self.dim))  # every point handed out
         self._gen: Generation | None = None
         self._rounds = 0
-        self._fit_rmse: list[float] = []
 
     # normalised coordinates
     def _u(self, x: np.ndarray) -> np.ndarray:
@@ -129,7 +128,6 @@ class MAP(Optimizer):
         scale = np.where(hi > lo, hi - lo, 1.0)
         fits = [quadratic_parts(fit_quadratic(self._u_seen, (self._f_seen[:, k] - lo[k]) / scale[k], self.ridge), self.dim)
                 for k in range(self._f_seen.shape[1])]
-        self._fit_rmse.append(self._rmse(fits, lo, scale))
         observed = (self._f_seen - lo) / scale
         taken = list(self._u_all)
         out = []
@@ -147,12 +145,6 @@ class MAP(Optimizer):
             taken.append(u)
             out.append(u)
         return np.array(out)
-
-    def _rmse(self, fits, lo, scale) -> float:
-        """In-sample error of the fitted quadratics, normalised per objective: how quadratic the problem looks."""
-        pred = np.column_stack([c + self._u_seen @ b + 0.5 * np.einsum("ni,ij,nj->n", self._u_seen, H, self._u_seen)
-                                for c, b, H in fits])
-        return float(np.sqrt(np.mean((pred - (self._f_seen - lo) / scale) ** 2)))
 
     def _ask(self, n: int):
         if self._gen is None:
@@ -185,19 +177,13 @@ class MAP(Optimizer):
         keep = nondominated(-self._f_seen)
         return self._x(self._u_seen[keep]), self._f_seen[keep] * signs
 
-    def progress(self) -> dict[str, float]:
-        out = {"generation": float(self._rounds), "evaluated": float(len(self._u_seen))}
-        if self._fit_rmse:
-            out["fit_rmse"] = self._fit_rmse[-1]
-        return out
-
     def _state(self) -> dict[str, Any]:
         return {"rng": self._rng.bit_generator.state, "u_seen": self._u_seen.tolist(), "f_seen": self._f_seen.tolist(),
-                "u_all": self._u_all.tolist(), "gen": self._gen, "rounds": self._rounds, "fit_rmse": list(self._fit_rmse)}
+                "u_all": self._u_all.tolist(), "gen": self._gen, "rounds": self._rounds}
 
     def _load(self, state: dict[str, Any]) -> None:
         self._rng.bit_generator.state = state["rng"]
         self._u_seen = np.asarray(state["u_seen"], dtype=float).reshape(-1, self.dim)
         self._f_seen = np.asarray(state["f_seen"], dtype=float).reshape(-1, len(self.objectives))
         self._u_all = np.asarray(state["u_all"], dtype=float).reshape(-1, self.dim)
-        self._gen, self._rounds, self._fit_rmse = state["gen"], int(state["rounds"]), list(state["fit_rmse"])
+        self._gen, self._rounds = state["gen"], int(state["rounds"])

@@ -55,7 +55,6 @@ class Nevergrad(Optimizer):
             self._opt.suggest(self.x0)  # the first ask returns x0, whatever the optimizer's own start
         self._pending: dict[int, Any] = {}  # candidate id -> nevergrad candidate
         self._worst: float | None = None
-        self._best: float | None = None
 
     def _ask(self, n: int):
         out = []
@@ -73,14 +72,10 @@ class Nevergrad(Optimizer):
             v = self.loss(ev)
             if v is not None:
                 self._worst = v if self._worst is None else max(self._worst, v)
-                self._best = v if self._best is None else min(self._best, v)
             self._opt.tell(cand, penalise([v], self._worst)[0])
 
-    def progress(self) -> dict[str, float]:
-        return {} if self._best is None else {"best_loss": self._best}
-
     def _state(self) -> dict[str, Any]:
-        return {"blob": pickle.dumps((self._opt, self._pending, self._worst, self._best))}
+        return {"blob": pickle.dumps((self._opt, self._pending, self._worst))}
 
     def _load(self, state: dict[str, Any]) -> None:
-        self._opt, self._pending, self._worst, self._best = pickle.loads(state["blob"])
+        self._opt, self._pending, self._worst = pickle.loads(state["blob"])

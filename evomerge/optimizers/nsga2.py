@@ -1,14 +1,11 @@
 """NSGA-II on pymoo's ask/tell interface: any number of objectives, optional inequality constraints.
 
 Options: `popsize` (default 20), `constraints` (names of measured values in `Evaluation.objectives` that
-must be <= 0 to be feasible; pymoo's convention), `ref_point` (hypervolume reference, one value per
-objective in the objectives' own units; default: the worst values of the first complete generation plus
-10% of their spread).
+must be <= 0 to be feasible; pymoo's convention).
 
 Generational like CMA-ES: `ask` hands the offspring out in pieces and returns [] until every member of the
 generation has a result. Failures (failed, NaN, a missing objective or constraint) get, per objective, a
-loss worse than every loss seen so far, so they are dominated and leave the population. After each
-generation, `progress()` reports the hypervolume of the current feasible non-dominated front.
+loss worse than every loss seen so far, so they are dominated and leave the population.
 """
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ import numpy as np
 
 from evomerge.optimizers.base import Optimizer, check_population
 from evomerge.optimizers.generation import Generation
-from evomerge.records import Evaluation, Objective, UserError
+from evomerge.records import Evaluation, Objective
 
 
 class NSGA2(Optimizer):
@@ -32,7 +29,6 @@ class NSGA2(Optimizer):
         x0: Any = None,
         popsize: int = 20,
         constraints: Sequence[str] = (),
-        ref_point: Sequence[float] | None = None,
     ) -> None:
         super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
         from pymoo.algorithms.moo.nsga2 import NSGA2 as PymooNSGA2
@@ -42,9 +38,6 @@ class NSGA2(Optimizer):
         self.popsize = check_population("popsize", popsize)
         self.constraints = list(constraints)
         m = len(self.objectives)
-        if ref_point is not None and len(ref_point) != m:
-            raise UserError(f"ref_point needs one value per objective ({m}), got {len(ref_point)}")
-        self._ref = None if ref_point is None else np.array([-o.sign() * float(v) for o, v in zip(self.objectives, ref_point)])
         problem = Problem(n_var=self.dim, n_obj=m, n_ieq_constr=len(self.constraints), xl=self.bounds[:, 0], xu=self.bounds[:, 1])
         sampling = None
         if self.x0 is not None:
@@ -55,12 +48,12 @@ class NSGA2(Optimizer):
         self._pop = None  # the pymoo Population being evaluated
         self._gen: Generation | None = None
         self._worst: np.ndarray | None = None
-        self.history: list[dict[str, float]] = []
+        self._generations = 0
 
     def _ask(self, n: int):
         if self._gen is None:
             self._pop = self._algo.ask()
-            self._gen = Generation(xs=np.asarray(self._pop.get("X"), dtype=float), index=len(self.history))
+            self._gen = Generation(xs=np.asarray(self._pop.get("X"), dtype=float), index=self._generations)
         rows = self._gen.take(n)
         for k, r in enumerate(rows):
             self._gen.bind(self._next_id + k, r)
@@ -89,10 +82,7 @@ class NSGA2(Optimizer):
         ok = [r for r in results if r is not None]
         if ok:
             fs = np.array([r[0] for r in ok])
-            worst = fs.max(axis=0) if self._worst is None else np.maximum(self._worst, fs.max(axis=0))
-            if self._ref is None:
-                self._ref = fs.max(axis=0) + 0.1 * (fs.max(axis=0) - fs.min(axis=0)) + 1e-9
-            self._worst = worst
+            self._worst = fs.max(axis=0) if self._worst is None else np.maximum(self._worst, fs.max(axis=0))
         base = self._worst if self._worst is not None else np.zeros(len(self.objectives))
         penalty = base + np.maximum(1.0, np.abs(base))
         F = np.array([r[0] if r is not None else penalty for r in results])
@@ -101,16 +91,7 @@ class NSGA2(Optimizer):
         Evaluator().eval(StaticProblem(self._algo.problem, **kw), self._pop)
         self._algo.tell(infills=self._pop)
         self._pop, self._gen = None, None
-        self.history.append(self._front_stats())
-
-    def _front_stats(self) -> dict[str, float]:
-        from pymoo.indicators.hv import HV
-
-        opt = self._algo.opt
-        feasible = opt[opt.get("FEAS").ravel()] if opt is not None else []
-        F = np.asarray(feasible.get("F")) if len(feasible) else np.empty((0, len(self.objectives)))
-        hv = float(HV(ref_point=self._ref)(F)) if len(F) and self._ref is not None else 0.0
-        return {"generation": float(len(self.history)), "hypervolume": hv, "front_size": float(len(F))}
+        self._generations += 1
 
     def pareto_front(self) -> tuple[np.ndarray, np.ndarray]:
         """The current feasible non-dominated set: (X, objective values in the objectives' own units)."""
@@ -121,11 +102,8 @@ class NSGA2(Optimizer):
         signs = np.array([-o.sign() for o in self.objectives])
         return np.asarray(feasible.get("X")), np.asarray(feasible.get("F")) * signs
 
-    def progress(self) -> dict[str, float]:
-        return dict(self.history[-1]) if self.history else {}
-
     def _state(self) -> dict[str, Any]:
-        return {"blob": pickle.dumps((self._algo, self._pop, self._gen, self._worst, self._ref, self.history))}
+        return {"blob": pickle.dumps((self._algo, self._pop, self._gen, self._worst, self._generations))}
 
     def _load(self, state: dict[str, Any]) -> None:
-        self._algo, self._pop, self._gen, self._worst, self._ref, self.history = pickle.loads(state["blob"])
+        self._algo, self._pop, self._gen, self._worst, self._generations = pickle.loads(state["blob"])

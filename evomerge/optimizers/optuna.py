@@ -82,12 +82,6 @@ class OptunaSampler(Optimizer):
                 values = [float(-o.sign() * v) for o, v in zip(self.objectives, losses)]
                 self._study.tell(number, values if len(values) > 1 else values[0])
 
-    def progress(self) -> dict[str, float]:
-        done = [t for t in self._study.trials if t.values is not None]
-        if not done or len(self.objectives) > 1:
-            return {"trials": float(len(self._study.trials))}
-        return {"trials": float(len(self._study.trials)), "best_loss": float(-self.objectives[0].sign() * self._study.best_value)}
-
     def _state(self) -> dict[str, Any]:
         # plain data only (see the module docstring); _load rebuilds the study through optuna's own add_trial
         storage, sid = self._study._storage, self._study._study_id  # what optuna's copy_study reads too

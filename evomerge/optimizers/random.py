@@ -14,7 +14,6 @@ class RandomSearch(Optimizer):
     def __init__(self, *, bounds: Any, objectives: Sequence[Objective], seed: int, x0: Any = None) -> None:
         super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
         self._rng = np.random.default_rng(self.seed)
-        self._best: float | None = None
 
     def _ask(self, n: int):
         out = []
@@ -26,17 +25,10 @@ class RandomSearch(Optimizer):
         return out
 
     def tell(self, evaluations: Sequence[Evaluation]) -> None:
-        for ev in evaluations:
-            v = self.loss(ev)
-            if v is not None and (self._best is None or v < self._best):
-                self._best = v
-
-    def progress(self) -> dict[str, float]:
-        return {} if self._best is None else {"best_loss": self._best}
+        pass  # draws do not depend on what was scored
 
     def _state(self) -> dict[str, Any]:
-        return {"rng": self._rng.bit_generator.state, "best": self._best}
+        return {"rng": self._rng.bit_generator.state}
 
     def _load(self, state: dict[str, Any]) -> None:
         self._rng.bit_generator.state = state["rng"]
-        self._best = state["best"]

@@ -14,18 +14,12 @@ J_LETTERS = "АБВГДЕЖЗИЙКЛМНОПРСТУФХЦЧШЩ"
 _shuffled = list(J_LETTERS)
 random.Random(1234).shuffle(_shuffled)
 CIPHER = dict(zip(string.ascii_lowercase, _shuffled))
-DECIPHER = {j: e for e, j in CIPHER.items()}
 _TO_J = str.maketrans(CIPHER)
-_TO_E = str.maketrans(DECIPHER)
 
 
 def to_j(text: str) -> str:
     """E text in J: letters ciphered, everything else (digits, spaces, '?') unchanged."""
     return text.translate(_TO_J)
-
-
-def to_e(text: str) -> str:
-    return text.translate(_TO_E)
 
 
 # Every J answer ends with this J word (the cipher of " yo"), as Sakana's target required answers in
