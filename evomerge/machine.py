@@ -1,5 +1,6 @@
 """What this machine has, as the dry-run plan and the materializer read it: host memory available; where
-evomerge keeps what it computes once per machine (its cache directory); and where a worker's scoring model
+evomerge keeps what it computes once per machine (its cache directory); how a file is written on its disk (whole
+or not at all); and where a worker's scoring model
 lives and in what dtype: `fitness.handle: {device: auto|cpu|cuda|cuda:N, dtype: auto|float32|bfloat16|float16}`.
 
 `auto` device: the worker's GPU when it has one (a Ray actor sees only the GPUs it reserved:
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,25 @@ def cache_dir(*parts: str) -> Path:
     """A folder of evomerge's per-machine cache (EVOMERGE_CACHE, default ~/.cache/evomerge), not created here."""
     root = os.environ.get(CACHE_ENV)
     return Path(root or Path.home() / ".cache" / "evomerge").joinpath(*parts)
+
+
+def write_whole(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
+    """Write `path` whole or not at all, its folder made: the data (or `data(scratch)`, a writer of its own) goes to
+    a scratch file beside it, named per process so concurrent writers never share one, then is renamed over it. A
+    reader (another worker, a crash's resume) sees the old file or the new one, never half of one; a full disk
+    leaves the old file and the error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        if callable(data):
+            data(scratch)
+        elif isinstance(data, bytes):
+            scratch.write_bytes(data)
+        else:
+            scratch.write_text(data)
+        scratch.replace(path)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def host_available() -> int | None:

@@ -11,7 +11,6 @@ reordered, and few-shot demonstrations come from the train split only, never fro
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.records import UserError
+from evomerge.registry import load_callable
 from evomerge.fitness.handle import Prompt, Sampling
 from evomerge.fitness.metrics import Metric, make_metric
 
@@ -237,7 +237,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 def from_generator(target: str, args: dict[str, Any]) -> list[Example]:
     """Examples from `module:function(**args)`, which returns dicts like a JSONL line or (prompt, reference)."""
-    fn = import_callable(target, "task generator")
+    fn = load_callable(target, "task generator")
     try:
         items: Iterable[Any] = fn(**args)
         return [_example(item, f"{target} item {i}") for i, item in enumerate(items)]
@@ -245,19 +245,6 @@ def from_generator(target: str, args: dict[str, Any]) -> list[Example]:
         raise
     except Exception as e:
         raise UserError(f"task generator {target} failed: {type(e).__name__}: {e}") from e
-
-
-def import_callable(target: str, what: str) -> Any:
-    module, _, attr = target.partition(":")
-    if not module or not attr:
-        raise UserError(f"{what} must be 'module:function', got {target!r}")
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"{what} {target!r} cannot be imported: {e}") from e
-    if not callable(obj):
-        raise UserError(f"{what} {target!r} is not callable")
-    return obj
 
 
 def _example(obj: Any, where: str) -> Example:

@@ -197,16 +197,12 @@ def _reprocess_tied(model: torch.nn.Module) -> None:
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of a safetensors checkpoint, from its headers alone."""
-    from safetensors import safe_open
+    from evomerge.merge.sources import read_header, weight_files
 
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = [f for f in weight_files("vLLM base model", model_dir) if f.suffix == ".safetensors"]
     if not files:
         raise UserError(f"vLLM base model: no .safetensors weights in {model_dir}")
-    shapes = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
-    return shapes
+    return {k: tuple(e["shape"]) for f in files for k, e in read_header(f)[0].items()}
 
 
 def _cpu_rank_binding(ranks: int) -> dict[str, str]:

@@ -54,7 +54,7 @@ def test_bad_config_one_line_errors(tmp_path):
         ({"name": "t", "path": str(f), "metrics": ["exact_match", "numeric"]}, "give one an 'as'"),
         ({"name": "t", "path": str(f), "metrics": [{"name": "regex", "pattern": "("}]}, "is invalid"),
         ({"name": "t", "path": str(f), "fractions": [0.5, 0.2, 0.2]}, "summing to 1"),
-        ({"name": "t", "generator": "no_such_module_xyz:gen"}, "cannot be imported"),
+        ({"name": "t", "generator": "no_such_module_xyz:gen"}, "cannot import"),
         ({"name": "t", "path": str(f), "fewshot": "two"}, "fewshot must be a number, got 'two'"),
         ({"name": "t", "path": str(f), "metrics": []}, "metrics is a non-empty list"),
     ]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Callable
 from functools import lru_cache
@@ -32,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from evomerge.machine import cache_dir
+from evomerge.machine import cache_dir, write_whole
 from evomerge.merge.identity import fingerprint
 from evomerge.records import UserError
 
@@ -239,10 +238,7 @@ def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dic
 
 
 def _write(path: Path, stats: dict[str, torch.Tensor], **metadata: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)  # whole or absent: concurrent workers never read half a file
+    write_whole(path, lambda scratch: save_file({k: v.contiguous() for k, v in stats.items()}, str(scratch), metadata=metadata))
 
 
 @lru_cache(maxsize=64)

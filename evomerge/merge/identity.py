@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
-from evomerge.machine import cache_dir
+from evomerge.machine import cache_dir, write_whole
 from evomerge.records import UserError
 
 # the files whose bytes make the merged weights: tensors, and the config that says how they are laid out
@@ -62,10 +62,7 @@ def fingerprint(path: str | Path) -> dict[str, str]:
             for p, digest in zip(todo, pool.map(_sha256, todo)):
                 cache[keys[p]] = digest
         try:  # best effort: a cache that cannot be written costs a re-hash next time, nothing else
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(cache))
-            tmp.replace(cache_path)  # whole or absent: concurrent workers never read a half-written cache
+            write_whole(cache_path, json.dumps(cache))
         except OSError:
             pass
     return {p.name if root.is_file() else str(p.relative_to(root)): cache[keys[p]] for p in files}

@@ -18,12 +18,13 @@ merges every candidate the engine is sent.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from evomerge.machine import write_whole
 
 WAIT = 600.0  # seconds a rank waits for the others' partial sums before it gives up (a rank died)
 
@@ -78,9 +79,7 @@ class Peers:
 
     def _post(self, stem: str, values: tuple[float, ...]) -> None:
         mine = self.folder / f"{stem}.{self.rank}"
-        tmp = mine.with_name(mine.name + ".tmp")
-        tmp.write_bytes(struct.pack(f"<{len(values)}d", *values))
-        os.replace(tmp, mine)
+        write_whole(mine, struct.pack(f"<{len(values)}d", *values))
 
     def _read(self, path: Path, n: int, key: str, rank: int) -> tuple[float, ...]:
         deadline, pause = time.monotonic() + WAIT, 1e-4

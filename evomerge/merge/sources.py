@@ -43,27 +43,35 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """A safetensors file's header (8-byte length, then JSON): each tensor's dtype, shape and data offsets, and
+    where the data starts; one line naming the file when it is not one or is cut short."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > path.stat().st_size - 8:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:  # JSON and Unicode errors are ValueErrors
+        raise UserError(f"{path}: not a valid safetensors file ({e.__class__.__name__})") from None
+    header.pop("__metadata__", None)
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + end > path.stat().st_size:
+        raise UserError(f"{path}: truncated (its header promises {8 + n + end} bytes, the file has {path.stat().st_size})")
+    return header, 8 + n
+
+
 class _SafetensorsFile:
     """One memory-mapped safetensors file: tensor names, shapes and dtypes from its header."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.entries, self._start = read_header(path)
         with open(path, "rb") as f:
-            try:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{path}: not a valid safetensors file ({e.__class__.__name__})") from e
             # a read-only shared map: its pages are the page cache's, shared with every process of the node,
             # and it commits no memory (a private writable map of a 140 GB checkpoint is refused where the
             # machine has less). Tensors viewing it must never be written (the merge methods never do).
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size > 8 + n else None
-        self._start = 8 + n
-        header.pop("__metadata__", None)
-        self.entries: dict[str, dict[str, Any]] = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self._start + end > path.stat().st_size:
-            raise UserError(f"{path}: truncated (its header promises {self._start + end} bytes, the file has {path.stat().st_size})")
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size > self._start else None
 
     def dtype_name(self, name: str) -> str:
         return self.entries[name]["dtype"]
@@ -165,7 +173,7 @@ class Source:
             raise UserError(f"model {name!r}: {p} is not a checkpoint directory")
         config = read_model_config(name, p)
         tensors: dict[str, Any] = {}
-        files = _weight_files(name, p)
+        files = weight_files(name, p)
         if files and files[0].suffix == ".safetensors":
             for f in files:
                 st = _SafetensorsFile(f)
@@ -335,7 +343,7 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: float) -> 
     return default
 
 
-def _weight_files(name: str, p: Path) -> list[Path]:
+def weight_files(name: str, p: Path) -> list[Path]:
     """The checkpoint's weight files: from the shard index when there is one."""
     for index_name, suffix in (("model.safetensors.index.json", ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
         index = p / index_name

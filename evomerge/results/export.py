@@ -7,18 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.machine import write_whole
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
 FORMATS = ("hf", "mergekit", "recipe")
 _MAGNITUDE_TRIMS = ("ties", "breadcrumbs", "breadcrumbs_ties")
-
-
-def _write_text(out: Path, text: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(out)
 
 
 def mergekit_config(recipe: Recipe, sources: dict[str, str], base: str | None, names: dict[str, str]) -> str:
@@ -80,9 +74,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
         check(identity, sources)
     for i, target in targets.items():
         if fmt == "recipe":
-            _write_text(target, recipes[i].to_yaml())
+            write_whole(target, recipes[i].to_yaml())
         elif fmt == "mergekit":
-            _write_text(target, mergekit_config(recipes[i], sources, cfg.get("base"), pinned))
+            write_whole(target, mergekit_config(recipes[i], sources, cfg.get("base"), pinned))
         else:  # the writer stages in a temporary folder and renames it into place
             write_checkpoint(recipes[i], sources, target, base=cfg.get("base"), pinned=pinned, identity=identity)
     return list(targets.values())

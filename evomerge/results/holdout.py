@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from evomerge.machine import write_whole
 from evomerge.records import UserError
 
 BEST = "evolved best"
@@ -29,7 +30,8 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
     from evomerge.config import parse_config
     from evomerge.recipe import Recipe
     from evomerge.results.journal import open_run
-    from evomerge.run.worker import Genome, load_callable
+    from evomerge.registry import load_callable
+    from evomerge.run.worker import Genome
 
     run_dir = Path(run_dir)
     run = open_run(run_dir)
@@ -56,7 +58,7 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
     if h.function is not None:
         importable(cfg)
         genome = Genome(best_id, best_x, build_space(cfg).names(), best_recipe)
-        rows = {str(k): {str(m): float(v) for m, v in r.items()} for k, r in load_callable(h.function)(genome, **h.options).items()}
+        rows = {str(k): {str(m): float(v) for m, v in r.items()} for k, r in load_callable(h.function, "holdout function")(genome, **h.options).items()}
     else:
         if best_recipe is None:
             raise UserError("holdout.tasks score recipes, but this run's candidates have none (a plain box space)")
@@ -80,9 +82,7 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
             rows[name] = dict(fitness.evaluate(handle).objectives)
     result = {"rows": rows, "best": best_id, "best_rule": rule, "seed": cfg.seed, "percent": h.percent,
               "searches": {row: searches[row] for row in rows if row in searches}, "wall_time": cfg.budget.wall_time}
-    tmp = run_dir / (RESULT_FILE + ".partial")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(run_dir / RESULT_FILE)
+    write_whole(run_dir / RESULT_FILE, json.dumps(result, indent=2))
     return result
 
 

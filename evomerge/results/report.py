@@ -9,6 +9,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from evomerge.machine import write_whole
 from evomerge.results import figures
 from evomerge.results.holdout import read_table
 
@@ -97,8 +98,4 @@ def _html(content: Any, k: int) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path) -> None:
     text = render(run_dir)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_whole(Path(out), text)

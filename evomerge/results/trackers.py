@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from evomerge.machine import write_whole
 from evomerge.records import Evaluation, UserError
 
 LOCK_FILE = "trackers.lock"
@@ -261,9 +262,7 @@ class TrackerFeed:
         with self._state_lock:
             path = self.run_dir / STATE_FILE
             data = {**self._read_state(), key: state}
-            tmp = path.with_name(STATE_FILE + ".partial")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(path)
+            write_whole(path, json.dumps(data))
 
 
 class Tracking:

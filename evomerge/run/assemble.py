@@ -101,10 +101,10 @@ def build_space(cfg: RunConfig):
     if cfg.space.bounds is not None:
         return BoxSpace(cfg.space.bounds, cfg.space.names)
     if cfg.space.points is not None:
-        from evomerge.fitness.tasks import import_callable
+        from evomerge.registry import load_callable
 
         importable(cfg)
-        return PointsSpace(import_callable(cfg.space.points, "space.points")(), cfg.space.bound)
+        return PointsSpace(load_callable(cfg.space.points, "space.points")(), cfg.space.bound)
     from evomerge import search_spaces
 
     accepted = _space_params(cfg.space.name)

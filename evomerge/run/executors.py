@@ -39,7 +39,7 @@ class Evaluator(Protocol):
     def evaluate(self, candidate: Candidate) -> Evaluation: ...
 
 
-WorkerFactory = Callable[[], Evaluator]
+MakeWorker = Callable[[], Evaluator]
 
 
 class Executor(Protocol):
@@ -58,7 +58,7 @@ class LocalExecutor:
 
     workers = 1
 
-    def __init__(self, make_worker: WorkerFactory):
+    def __init__(self, make_worker: MakeWorker):
         self._make_worker = make_worker
         self._worker: Evaluator | None = None
         self._queue: deque[Candidate] = deque()
@@ -97,7 +97,7 @@ class LocalExecutor:
 class _Actor:
     """The body of one Ray actor: a resident worker evaluating one candidate at a time."""
 
-    def __init__(self, make_worker: WorkerFactory, name: str):
+    def __init__(self, make_worker: MakeWorker, name: str):
         import ray
 
         ctx = ray.get_runtime_context()
@@ -126,7 +126,7 @@ class RayExecutor:
     """A pool of Ray actors fed as they free up. `address=None` starts a local Ray; "auto" joins a cluster."""
 
     def __init__(
-        self, make_worker: WorkerFactory, *, workers: int = 1, cpus_per_worker: float = 1.0,
+        self, make_worker: MakeWorker, *, workers: int = 1, cpus_per_worker: float = 1.0,
         gpus_per_worker: float = 0.0, address: str | None = None, max_retries: int = 2,
         placement_grace: float = 60.0, load_tries: int = 3, init_options: dict[str, Any] | None = None,
     ):

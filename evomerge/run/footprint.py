@@ -60,30 +60,23 @@ class Checkpoint:
 
 
 def read_headers(name: str, path: str | Path) -> Checkpoint:
-    """Sum the safetensors headers (8-byte length, then JSON) of source `name`'s checkpoint directory: the
-    shards its index lists, else every .safetensors file in it (as the materializer opens them)."""
+    """Sum the safetensors headers of source `name`'s checkpoint directory, the files the materializer opens."""
+    from evomerge.merge.sources import read_header, weight_files
+
     p = Path(path)
-    index = p / "model.safetensors.index.json"
-    files = ([p / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))] if index.is_file()
-             else sorted(p.glob("*.safetensors")))
+    files = [f for f in weight_files(name, p) if f.suffix == ".safetensors"] if p.is_dir() else []
     if not files:
         raise UserError(f"model {name!r} (sources.{name}): no .safetensors weights in {p}")
     out = Checkpoint()
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if not 0 < n <= f.stat().st_size - 8:
-                    raise ValueError("header length out of range")
-                header = json.loads(fh.read(n))
-            for tensor, t in header.items():
-                if tensor == "__metadata__":
-                    continue
-                out.sizes.append(math.prod(t["shape"]))
-                out.bytes += t["data_offsets"][1] - t["data_offsets"][0]
-                out.dtypes.add(t["dtype"])
-        except (OSError, ValueError, KeyError, TypeError) as e:  # a missing shard is an OSError
-            raise UserError(f"model {name!r} (sources.{name}): {f} is not a readable safetensors file ({e})") from None
+            header = read_header(f)[0]
+        except UserError as e:
+            raise UserError(f"model {name!r} (sources.{name}): {e}") from None
+        for t in header.values():
+            out.sizes.append(math.prod(t["shape"]))
+            out.bytes += t["data_offsets"][1] - t["data_offsets"][0]
+            out.dtypes.add(t["dtype"])
     return out
 
 

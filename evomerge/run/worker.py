@@ -8,7 +8,6 @@ A fitness may be a scorer from `fitness/` or the user's own function `fn(handle)
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from evomerge.records import Candidate, Evaluation, Objective, UserError
+from evomerge.records import Candidate, Evaluation, Objective
+from evomerge.registry import load_callable
 from evomerge.recipe import Recipe
 
 
@@ -33,21 +33,6 @@ class Genome:
         self.recipe = recipe
 
 
-def load_callable(spec: str) -> Callable[..., Any]:
-    """'package.module:function' -> the function (UserError naming what is missing)."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise UserError(f"fitness function {spec!r} must be written 'module:function'")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"fitness function {spec!r}: cannot import {module!r} ({e})") from None
-    fn = getattr(mod, attr, None)
-    if not callable(fn):
-        raise UserError(f"fitness function {spec!r}: {module!r} has no function {attr!r}")
-    return fn
-
-
 class FunctionFitness:
     """The user's own fitness: a function of the handle returning {objective: value} or a FitnessResult.
     A function taking `examples` (indices into its per-example scores) can be raced or scored on a subset:
@@ -58,7 +43,7 @@ class FunctionFitness:
         from evomerge.fitness.base import FitnessResult  # imported here, once, not inside the first evaluation
 
         self._result = FitnessResult
-        self.fn = load_callable(fn) if isinstance(fn, str) else fn
+        self.fn = load_callable(fn, "fitness function") if isinstance(fn, str) else fn
         self.objectives = list(objectives)
 
     def evaluate(self, handle: Any, **kw: Any):

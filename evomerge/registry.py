@@ -1,0 +1,53 @@
+"""What is looked up by name: evomerge's optimizers and search spaces (each module imported on first use, so listing
+the names costs nothing; options checked against the class's own signature before it is built), and the user's own
+functions, written 'module:function' (a fitness, a task generator, a points space)."""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from evomerge.records import UserError
+
+
+class Registry:
+    def __init__(self, what: str, entries: dict[str, tuple[str, str]]) -> None:
+        self.what = what  # "optimizer", "search space": how errors name it
+        self._entries = entries  # name -> (module, class)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> type:
+        if name not in self._entries:
+            raise UserError(f"unknown {self.what} {name!r}; valid: {', '.join(self._entries)}")
+        module, cls = self._entries[name]
+        return getattr(importlib.import_module(module), cls)
+
+    def build(self, name: str, options: dict[str, Any], **given: Any) -> Any:
+        """`name`'s class built from the user's `options` and the arguments evomerge `given` it; an unknown or
+        missing option is one line naming it and the valid ones."""
+        cls = self.get(name)
+        params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self" and k not in given}
+        unknown = [k for k in options if k not in params]
+        if unknown:
+            raise UserError(f"{self.what} {name!r} has no option {unknown[0]!r}; valid: {', '.join(params) or 'none'}")
+        missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in options]
+        if missing:
+            raise UserError(f"{self.what} {name!r} needs option(s) {', '.join(missing)}")
+        return cls(**given, **options)
+
+
+def load_callable(spec: str, what: str) -> Any:
+    """'package.module:function' -> the function; `what` names it in the one-line error (e.g. "fitness function")."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise UserError(f"{what} {spec!r} must be written 'module:function'")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{what} {spec!r}: cannot import {module!r} ({e})") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise UserError(f"{what} {spec!r}: {module!r} has no function {attr!r}")
+    return fn
