@@ -14,7 +14,7 @@ import typer
 
 from evomerge.quiet import own_output, ray_output
 from evomerge.records import UserError
-from evomerge.run.store import RunLock
+from evomerge.run.store import FAILING, INTERRUPTED, RunLock, cut_by_wall_time, search_over
 
 
 def best_text(best: dict[str, float], failed: int, room: int) -> str:
@@ -90,13 +90,13 @@ def _drive(engine, quiet: bool) -> str:
     print(f"evomerge: stopped ({reason}): {counts['evaluations']} evaluations, {counts['failed']} failed, "
           f"{counts['in_flight']} in flight; run directory {engine.store.path.parent}")
     total = engine.budget.evaluations
-    if reason == "budget: wall time" and total is not None and counts["evaluations"] < total:
+    if cut_by_wall_time(reason, counts["evaluations"], total):
         from evomerge.results.comparisons import cut_message
 
         print(cut_message("this run", {"evaluations": counts["evaluations"], "budget": total}, engine.budget.wall_time))
-    if reason == "interrupted":
+    if reason == INTERRUPTED:
         raise SystemExit(130)  # click (non-standalone) would swallow typer.Exit's code
-    if reason.startswith("failing"):
+    if reason.startswith(FAILING):
         raise SystemExit(1)  # the line above names the error; `resume` tries again once it is fixed
     return reason
 
@@ -108,7 +108,7 @@ def _tracked(run_dir: Path, engine, quiet: bool) -> None:
 
     with tracking(run_dir) as feed:
         reason = _drive(engine, quiet)
-        if reason.startswith("budget") or reason == "optimizer done":
+        if search_over(reason):
             from evomerge.results.holdout import finish_run
 
             feed.log_table(finish_run(run_dir, progress=not quiet))

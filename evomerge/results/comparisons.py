@@ -15,9 +15,9 @@ from typing import Any
 
 from evomerge.config import RunConfig, parse_config
 from evomerge.records import UserError
+from evomerge.run.store import INTERRUPTED, cut_by_wall_time, search_over
 
 COMPARE_DIR = "compare"
-_ENDED = ("budget", "optimizer done")  # stop reasons of a search that is over (not killed, not interrupted)
 
 
 def compare_dir(run_dir: Path, row: str) -> Path:
@@ -54,8 +54,7 @@ def searched(store: Any, budget: dict[str, Any]) -> dict[str, Any]:
     sessions = store.sessions()
     stopped = sessions[-1]["reason"] if sessions else None
     total = budget.get("evaluations")
-    cut = stopped == "budget: wall time" and total is not None and done < total
-    return {"evaluations": done, "budget": total, "stopped": stopped, "cut": cut}
+    return {"evaluations": done, "budget": total, "stopped": stopped, "cut": cut_by_wall_time(stopped, done, total)}
 
 
 def cut_message(row: str, info: dict[str, Any], wall_time: float | None) -> str:
@@ -76,7 +75,7 @@ def run_comparison(cfg: RunConfig, run_dir: Path, row: str, *, progress: bool = 
         with RunStore.open(target, readonly=True) as store:
             same = parse_config(store.config).budget == sub.budget
             info = searched(store, budget)
-        if same and info["stopped"] is not None and info["stopped"].startswith(_ENDED):
+        if same and search_over(info["stopped"]):
             return target
         engine = open_engine(None, target, resume=True, budget=budget)
     else:
@@ -101,8 +100,8 @@ def run_comparison(cfg: RunConfig, run_dir: Path, row: str, *, progress: bool = 
             reason = engine.run()
     finally:
         engine.store.close()
-    if reason == "interrupted":
+    if reason == INTERRUPTED:
         raise KeyboardInterrupt
-    if not reason.startswith(_ENDED):
+    if not search_over(reason):
         raise UserError(f"the comparison search {row!r} in {target} stopped ({reason})")
     return target

@@ -13,7 +13,7 @@ import numpy as np
 from evomerge.records import Objective, UserError
 from evomerge.recipe import Recipe
 from evomerge.optimizers.pareto import hypervolume, nondominated
-from evomerge.run.store import LOST_CLUSTER, RunLock, RunStore
+from evomerge.run.store import BUDGET, LOST_CLUSTER, RunLock, RunStore
 
 
 def knee(values: np.ndarray) -> int:
@@ -203,7 +203,7 @@ def run_state(holder: str | None, last_stop: str | None) -> str:
         return "killed (no clean stop; `evomerge resume` continues it)"
     if last_stop.startswith(LOST_CLUSTER):
         return f"ended by a lost cluster ({last_stop}); `evomerge resume` on a running cluster continues it"
-    return f"{'finished' if last_stop.startswith('budget') else 'stopped'}, last stop: {last_stop}"
+    return f"{'finished' if last_stop.startswith(BUDGET) else 'stopped'}, last stop: {last_stop}"
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from evomerge.run.executors import Executor, LocalExecutor
 from evomerge.run.frugal import Planner
 from evomerge.records import Evaluation, Objective, UserError
 from evomerge.recipe import Recipe
-from evomerge.run.store import LOST_CLUSTER, RunStore
+from evomerge.run.store import BUDGET, FAILING, INTERRUPTED, LOST_CLUSTER, OPTIMIZER_DONE, WALL_TIME, RunStore
 
 log = logging.getLogger("evomerge")
 
@@ -168,7 +168,7 @@ class Engine:
                     self._meta[cand.id] = cand.meta
                     self.executor.submit(cand)
             except KeyboardInterrupt:  # before anything ran: nothing to finish
-                self.stop_reason = "interrupted"
+                self.stop_reason = INTERRUPTED
                 return self.stop_reason
             while True:
                 try:
@@ -182,12 +182,12 @@ class Engine:
                     if not self.executor.pending():
                         if self.stop_reason is None and self._ask_starved:
                             raise RuntimeError("the optimizer returned no candidate while none is being evaluated")
-                        self.stop_reason = self.stop_reason or "optimizer done"
+                        self.stop_reason = self.stop_reason or OPTIMIZER_DONE
                         break
                     self._record(self.executor.wait(timeout=1.0))
                 except KeyboardInterrupt:
                     interrupts += 1
-                    self.stop_reason = "interrupted"
+                    self.stop_reason = INTERRUPTED
                     if interrupts > 1 or isinstance(self.executor, LocalExecutor):
                         break  # abandon: what is in flight stays so in the store
         finally:
@@ -214,19 +214,19 @@ class Engine:
     def _budget_reason(self) -> str | None:
         b = self.budget
         if b.evaluations is not None and self._done >= b.evaluations:
-            return "budget: evaluations"
+            return f"{BUDGET}: evaluations"
         if b.wall_time is not None and self._elapsed() >= b.wall_time:
-            return "budget: wall time"
+            return WALL_TIME
         if b.cost is not None and self.store.total_cost().get(b.cost_key, 0.0) >= b.cost:
-            return "budget: cost"
+            return f"{BUDGET}: cost"
         if b.examples is not None and self._examples >= b.examples:
-            return "budget: examples"
+            return f"{BUDGET}: examples"
         if b.tokens is not None and self._tokens >= b.tokens:
-            return "budget: tokens"
+            return f"{BUDGET}: tokens"
         if getattr(self.optimizer, "done", False):
-            return "optimizer done"
+            return OPTIMIZER_DONE
         if self._failing >= FAIL_FAST:
-            return (f"failing: the first {self._failing} evaluations all failed, the first with: "
+            return (f"{FAILING}: the first {self._failing} evaluations all failed, the first with: "
                     + " ".join(self._first_error.split())[:300])
         return None
 

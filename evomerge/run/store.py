@@ -66,7 +66,24 @@ _ELAPSED = """SELECT COALESCE(SUM(COALESCE(s.ended_at, (
         AND e.finished_at < COALESCE((SELECT MIN(n.started_at) FROM sessions n WHERE n.id > s.id), 1e300)),
     s.started_at) - s.started_at), 0)
 FROM sessions s"""
-LOST_CLUSTER = "cluster lost"  # how a session the Ray head vanished under ends (its reason's first words)
+# How a session ends, as its stop reason (the journal's sessions.reason) begins: the engine writes them, the CLI,
+# the status and the comparison rows read them.
+BUDGET = "budget"  # "budget: evaluations", "budget: wall time", ... (the search is over)
+WALL_TIME = "budget: wall time"
+OPTIMIZER_DONE = "optimizer done"  # the optimizer has nothing more to ask (the search is over)
+INTERRUPTED = "interrupted"  # Ctrl-C or a signal
+FAILING = "failing"  # the first evaluations all failed
+LOST_CLUSTER = "cluster lost"  # the Ray head vanished under it
+
+
+def search_over(reason: str | None) -> bool:
+    """The search reached its budget or its optimizer's end (not killed, interrupted or lost)."""
+    return reason is not None and (reason.startswith(BUDGET) or reason == OPTIMIZER_DONE)
+
+
+def cut_by_wall_time(reason: str | None, done: int, evaluations: int | None) -> bool:
+    """The wall-time cap stopped the search before its evaluation budget: its result depends on the machine's speed."""
+    return reason == WALL_TIME and evaluations is not None and done < evaluations
 _TABLES = ("meta", "candidates", "evaluations", "events", "snapshots", "sessions")
 
 
