@@ -50,7 +50,7 @@ def curve(run_dir: Path, score) -> tuple[list[dict], int]:
     try:
         history = run.best_history()
         examples, total = [], 0.0
-        for e in run.store.evaluations(per_example=False):
+        for e in run.evaluations():
             total += e.cost.get("examples", 0.0)
             examples.append(total)
         points, last = [], None

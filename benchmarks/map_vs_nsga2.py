@@ -74,8 +74,8 @@ def heldout_fronts(run_dir: Path, checkpoints: list[int], limit: int | None) -> 
     try:
         cfg = parse_config(run.config)
         names = [o.name for o in run.objectives]
-        evals = [e for e in run.store.evaluations() if e.ok]
-        done = len(run.store.evaluations())
+        evals = [e for e in run.evaluations() if e.ok]
+        done = len(run.evaluations())
         recipes = {}
         out = {}
         for n in checkpoints:

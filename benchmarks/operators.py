@@ -223,7 +223,7 @@ def progress(run_dir: Path, cfg: dict, args: argparse.Namespace) -> dict:
         run = open_run(d)
         try:
             best = run.best(None, genomes=False)
-            searches[row] = {**searched(run.store, cfg["budget"]), "seconds": round(run.store.elapsed(), 1),
+            searches[row] = {**searched(run, cfg["budget"]), "seconds": round(run.elapsed(), 1),
                              "best_dev": {k: float(best[k]) for k in best.index if k.startswith("acc_tf/")}}
         finally:
             run.close()

@@ -61,8 +61,8 @@ class Explorer:
         try:
             self.objectives = run.objectives
             df = run.frame(genomes=False)
-            self.ok = run._ok()
-            self.names = run.store.space_names
+            self.ok = run.successes()
+            self.names = run.space_names
             self.holdout = read_table(self.run_dir)
             front = run.pareto() if len(self.ok) else self.ok
             self.front_ids = [int(i) for i in front.id]
@@ -110,8 +110,8 @@ class Explorer:
         cid = int(candidate_id)
         run = open_run(self.run_dir)
         try:
-            recipe = run.store.recipes([cid]).get(cid)
-            genomes = run.store.genomes([cid])
+            recipe = run.recipes([cid]).get(cid)
+            genomes = run.genomes([cid])
             if not len(genomes):
                 raise UserError(f"no candidate {cid} in {self.run_dir}")
             x = list(genomes[0])

@@ -57,7 +57,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str = "hf", best: s
             ids = [int(run.best(best)["id"])]
         recipes = {i: run.recipe(i) for i in ids}
         cfg = run.config
-        identity = run.store.sources
+        identity = run.sources
     finally:
         run.close()
     sources = {k: str(v) for k, v in (cfg.get("sources") or {}).items()}

@@ -40,8 +40,8 @@ def evaluate_holdout(run_dir: str | Path, *, progress: bool = True) -> dict[str,
         best = run.best(None)
         best_id, rule = int(best["id"]), run.best_rule()
         best_recipe = run.recipe(best_id) if cfg.space.name is not None else None  # plain boxes have no recipe
-        best_x = list(run.store.candidates({best_id})[best_id].x)
-        searches = {BEST: searched(run.store, cfg.budget.model_dump(exclude_none=True))}
+        best_x = [float(v) for v in run.genomes([best_id])[0]]
+        searches = {BEST: searched(run, cfg.budget.model_dump(exclude_none=True))}
     finally:
         run.close()
     h = cfg.holdout

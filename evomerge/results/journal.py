@@ -45,6 +45,38 @@ class Run:
     def config(self) -> dict[str, Any]:
         return self.store.config
 
+    @property
+    def space_names(self) -> list[str]:
+        """The genome's coordinate names."""
+        return self.store.space_names
+
+    @property
+    def sources(self) -> dict[str, dict[str, str]] | None:
+        """The sources' identities recorded when the run started."""
+        return self.store.sources
+
+    def counts(self) -> dict[str, int]:
+        """Evaluations done, failed and in flight."""
+        return self.store.counts()
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Each process that drove the search: when it started and ended, and why it stopped."""
+        return self.store.sessions()
+
+    def elapsed(self) -> float:
+        """Seconds the search has run, over its sessions."""
+        return self.store.elapsed()
+
+    def evaluations(self, per_example: bool = False) -> list:
+        return self.store.evaluations(per_example=per_example)
+
+    def recipes(self, ids) -> dict[int, Recipe]:
+        return self.store.recipes(ids)
+
+    def genomes(self, ids, columns=None):
+        """The genomes of candidates `ids` (only coordinates `columns` when given), as rows."""
+        return self.store.genomes(ids, columns)
+
     def frame(self, genomes: bool = True):
         """With `genomes=False`, no `x.<name>` columns: a run of 10,000 evaluations of 19,210 dimensions
         would need tens of GB as a frame, so best/pareto select rows first and add their genomes after."""
@@ -76,7 +108,8 @@ class Run:
         x = pd.DataFrame(xs, index=df.index, columns=[f"x.{names[i] if i < len(names) else i}" for i in range(width)])
         return pd.concat([df, x], axis=1)
 
-    def _ok(self):
+    def successes(self):
+        """The successful evaluations (every objective finite), without genome columns."""
         df = self.frame(genomes=False)
         names = [o.name for o in self.objectives]
         ok = df[(df.status == "ok")]
@@ -88,14 +121,14 @@ class Run:
 
     def pareto(self):
         """The successful evaluations no other one dominates, over all objectives."""
-        ok = self._ok()
+        ok = self.successes()
         return self._with_genomes(ok[nondominated(self.signed(ok))] if len(ok) else ok)
 
     def best(self, objective: str | None = None, genomes: bool = True):
         """The row of the best successful evaluation on `objective`; by default the run's own best (its config's
         `best`: the first objective, or the knee of the front). Without its `x.<name>` columns with
         `genomes=False` (a frame of 19,210 columns costs seconds to build)."""
-        ok = self._ok()
+        ok = self.successes()
         if not len(ok):
             raise UserError(f"{self.run_dir} has no successful evaluation yet")
         if objective is None and self.config.get("best") == "knee":
@@ -108,7 +141,7 @@ class Run:
     def best_history(self) -> list[int | None]:
         """The run's best candidate by its own rule (`best()`) after each evaluation in commit order, None before
         the first success: what a user stopping the run there would have got (the learning curves' x axis)."""
-        df, ok = self.frame(genomes=False), self._ok()
+        df, ok = self.frame(genomes=False), self.successes()
         vals, ids = self.signed(ok), ok.id.to_numpy()
         at = {row: k for k, row in enumerate(ok.index)}
         by_knee = self.config.get("best") == "knee"
@@ -145,7 +178,7 @@ class Run:
     def hypervolume(self) -> float | None:
         """Hypervolume of the front (objectives made larger-is-better), the reference point lying 10% of each
         objective's observed range (1.0 where the range is 0) beyond the worst value seen."""
-        ok = self._ok()
+        ok = self.successes()
         if not len(ok):
             return None
         vals = self.signed(ok)
@@ -158,7 +191,7 @@ class Run:
         point so the curve is one comparable measure; the front is kept incrementally (a new point either is
         dominated, or joins and drops what it dominates), so a run of 10,000 evaluations costs well under a second."""
         df = self.frame(genomes=False)
-        ok = self._ok()
+        ok = self.successes()
         if not len(ok):
             return [0.0] * len(df)
         vals = self.signed(ok)

@@ -21,10 +21,10 @@ _STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#2
 
 def hover_labels(run, ids: list[int]) -> dict[int, str]:
     """A recipe summary per candidate, for hover labels; a plain-box genome's first coordinates instead."""
-    recipes = run.store.recipes(ids)
+    recipes = run.recipes(ids)
     missing = [i for i in ids if i not in recipes]
-    width = len(run.store.space_names)
-    heads = run.store.genomes(missing, range(min(figures.SUMMARY_DIMS, width))) if missing else []
+    width = len(run.space_names)
+    heads = run.genomes(missing, range(min(figures.SUMMARY_DIMS, width))) if missing else []
     return {**{i: figures.recipe_summary(r) for i, r in recipes.items()},
             **{i: figures.genome_summary(list(x), width) for i, x in zip(missing, heads)}}
 
@@ -33,7 +33,7 @@ def sections(run) -> list[tuple[str, Any]]:
     """The report's sections of an open run, in order: (title, HTML text or a plotly figure)."""
     objs = run.objectives
     df = run.frame(genomes=False)
-    ok = run._ok()
+    ok = run.successes()
     holdout = read_table(run.run_dir)
     parts: list[tuple[str, Any]] = [("Held-out comparison", figures.holdout_html(holdout) if holdout else
                                      f"<p>No held-out table yet: <code>evomerge holdout "
@@ -48,17 +48,17 @@ def sections(run) -> list[tuple[str, Any]]:
         parts.append((f"Pareto front ({len(front_ids)} of {len(ok)} candidates)",
                       figures.pareto_figure(ok, front_ids, objs, labels)))
         parts.append(("Hypervolume over evaluations", figures.hypervolume_figure(run.hypervolume_history())))
-    names = run.store.space_names
+    names = run.space_names
     dims = figures.parallel_dims(names)
     rows = figures.parallel_rows(ok, front_ids)
     notes = ([f"{len(dims)} of its {len(names)} dimensions"] if len(dims) < len(names) else []) + (
         [f"{len(rows)} of {len(ok)} candidates"] if len(rows) < len(ok) else [])
     parts.append(("Parallel coordinates over the genome" + (f" ({', '.join(notes)})" if notes else ""),
-                  figures.parallel_figure(ok.set_index("id").loc[rows].reset_index(), run.store.genomes(rows, dims),
+                  figures.parallel_figure(ok.set_index("id").loc[rows].reset_index(), run.genomes(rows, dims),
                                           [names[k] for k in dims], objs)))
-    recipe = run.store.recipes([best]).get(best)
+    recipe = run.recipes([best]).get(best)
     parts.append((f"Best candidate {best} ({run.best_rule()}): its recipe per layer",
-                  figures.heatmap_figure(*figures.candidate_grid(recipe, names, list(run.store.genomes([best])[0])))))
+                  figures.heatmap_figure(*figures.candidate_grid(recipe, names, list(run.genomes([best])[0])))))
     if recipe is not None:
         parts.append(("Its recipe", f"<pre>{html.escape(recipe.to_yaml())}</pre>"))
     return parts
