@@ -40,12 +40,20 @@ from evomerge.recipe import ModelRef, Recipe
 from evomerge.records import UserError
 from evomerge.search_spaces.base import SearchSpace, check_layers, check_sources, model_ref
 
-METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic", "linear", "tsv_m", "tall_consensus", "pcb",
-           "localize_stitch", "fisher", "regmean", "regmean_plus")
-DATA_AWARE = ("fisher", "regmean", "regmean_plus")  # read a calibration set
-WEIGHT_ONLY = ("task_arithmetic", "linear", "tsv_m", "tall_consensus", *DATA_AWARE)
-NO_BASE = ("linear", *DATA_AWARE)
-RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
+# the methods this space offers: a weight per model (and a density, for a method that trims) per layer group; what
+# each needs (a base, a calibration set) and draws (a seed) is the method's own, read from the merge registry
+METHODS = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "task_arithmetic",
+           "linear", "tsv_m", "tall_consensus", "pcb", "localize_stitch", "fisher", "regmean", "regmean_plus")
+
+
+def _facts(method: str):
+    from evomerge.merge import methods  # torch: imported when a space is built, not when the options are listed
+
+    return methods.get(method)
+
+
+def _data_aware(method: str) -> bool:
+    return any(p.name == "calibration" for p in _facts(method).shared_params())
 EMBEDDINGS, DEFAULT = "embeddings", "default"
 
 
@@ -75,10 +83,12 @@ class LayerWeights(SearchSpace):
             raise UserError(f"unknown merge method {method!r} for layer_weights; valid: {', '.join(METHODS)}")
         self.sources = check_sources(sources)
         self.num_layers = check_layers(num_layers)
-        if base is None and method not in NO_BASE:
+        facts = _facts(method)
+        if base is None and facts.needs_base:
             raise UserError(f"method {method!r} needs a base model: set `base`")
-        if (method in DATA_AWARE) != (calibration is not None):
-            raise UserError(f"layer_weights: `calibration` (a JSONL file) goes with the methods {', '.join(DATA_AWARE)}, "
+        if _data_aware(method) != (calibration is not None):
+            data_aware = ", ".join(m for m in METHODS if _data_aware(m))
+            raise UserError(f"layer_weights: `calibration` (a JSONL file) goes with the methods {data_aware}, "
                             "and only with them")
         self.calibration = calibration
         if base in self.sources:
@@ -100,7 +110,8 @@ class LayerWeights(SearchSpace):
             raise UserError(f"density_range must satisfy 0 <= low < high <= 1, got {(lo_d, hi_d)}")
         self.embeddings = EMBEDDINGS in modules
         self.layer_modules = [m for m in self.filters if m != EMBEDDINGS] + [DEFAULT]
-        self.params = ["weight"] if method in WEIGHT_ONLY else ["weight", "density"]
+        self.params = ["weight", "density"] if facts.sparse else ["weight"]
+        self.random = facts.random
         n_groups = 1 if granularity == 0 else math.ceil(self.num_layers / granularity)
         size = self.num_layers if granularity == 0 else granularity
         self.groups = [(g * size, min(self.num_layers, (g + 1) * size)) for g in range(n_groups)]
@@ -184,7 +195,7 @@ class LayerWeights(SearchSpace):
             base_model=self.base,
             parameters={**({} if self.normalize is None else {"normalize": bool(self.normalize)}),
                         **({} if self.calibration is None else {"calibration": self.calibration})},
-            seed=self.merge_seed if self.method in RANDOM else None,
+            seed=self.merge_seed if self.random else None,
         )
 
     def encode(self, recipe: Recipe) -> np.ndarray:

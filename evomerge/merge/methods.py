@@ -85,6 +85,7 @@ class Method:
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
+    sparse: bool = False  # keeps a per-model `density` share of each task vector (what a search tunes beside the weight)
     any_out_dtype: bool = False  # computes in float32 and writes a bfloat16 or float32 destination itself
     as_mergekit: bool = False  # runs mergekit's own ops in a low compute dtype (Group.dtype)
 
@@ -156,8 +157,8 @@ def _gta(name: str, *, consensus: bool, trim: str | None, normalize: bool, resca
                            offset=units[0].offset, spans=g.spans, **opts)
         g.merged_spans = g.spans is not None
 
-    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), any_out_dtype=True,
-                  as_mergekit=True)
+    return Method(name, merge, tuple(params), needs_base=True, random=trim in ("random", "della"), sparse=trim is not None,
+                  any_out_dtype=True, as_mergekit=True)
 
 
 def _gta_as_mergekit(g: Group, trim: str | None, consensus: bool) -> torch.Tensor:
@@ -526,7 +527,7 @@ register(Method("pcb", _pcb, (ParamSpec("weight", float, 1.0, per_model=True),
                               ParamSpec("density", float, 0.1, per_model=True, bounds=Interval(0.0, 1.0, open_low=True)),
                               ParamSpec("lambda", float, 1.0),
                               ParamSpec("clamp_ratio", float, 0.0001, bounds=Interval(0.0, 0.25))),
-                needs_base=True))
+                needs_base=True, sparse=True))
 
 
 # --- localize_stitch: dataless Localize-and-Stitch (He et al. 2024; evomerge's own) ---------------
@@ -574,7 +575,7 @@ def _localize_stitch(g: Group) -> None:
 register(Method("localize_stitch", _localize_stitch,
                 (ParamSpec("weight", float, 1.0, per_model=True),
                  ParamSpec("density", float, 0.1, per_model=True, bounds=Interval(0.0, 1.0, open_low=True))),
-                needs_base=True))
+                needs_base=True, sparse=True))
 
 
 # --- fisher, regmean: data-aware merges from calibration statistics (evomerge/merge/calibration.py) ----
