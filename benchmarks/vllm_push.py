@@ -81,13 +81,13 @@ def push_blobs(worker, blobs: list[bytes]) -> None:
                           is_checkpoint_format=True)
 
 
-def bytes_push(handle, planner, recipe: Recipe) -> tuple[dict[str, float], int]:
+def bytes_push(handle, materializer, recipe: Recipe) -> tuple[dict[str, float], int]:
     """The baseline: materialize in the driver, serialize, push the bytes to every rank.
     Returns (seconds per stage, bytes sent to one rank)."""
     from safetensors.torch import save
 
     t0 = time.perf_counter()
-    weights = planner.materialize(recipe)
+    weights = materializer.materialize(recipe)
     t1 = time.perf_counter()
     chunks: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -163,7 +163,7 @@ def main() -> None:
         handle.set_recipe(warm)
         first_recipe = time.perf_counter() - t
         after_recipe = memory(pid)  # what the recipe path adds to the worker, before any bytes push
-        first_bytes, _ = bytes_push(handle, handle.planner, warm)
+        first_bytes, _ = bytes_push(handle, handle.checker, warm)
 
         rows: dict[str, list[float]] = {"recipe_push": [], "bytes_push": [], "engine_restart": []}
         parts: dict[str, list[float]] = {}
@@ -180,7 +180,7 @@ def main() -> None:
             peaks["recipe_push"] = max(peaks["recipe_push"], memory(pid)["peak_rss_gib"])
             via_recipe = greedy(handle)
             reset_peak(pid)
-            secs, size = bytes_push(handle, handle.planner, recipe)
+            secs, size = bytes_push(handle, handle.checker, recipe)
             peaks["bytes_push"] = max(peaks["bytes_push"], memory(pid)["peak_rss_gib"])
             blob_bytes.append(size)
             rows["bytes_push"].append(secs.pop("total"))

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from evomerge import arch
+from evomerge.fitness.model_surgery import is_tied, layer_list, module_targets, untie_head
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 from evomerge.fitness.handle import Completion, Prompt, Sampling, TokenScores, encode_prompt, truncate_at_stop
@@ -75,23 +76,23 @@ class HFHandle:
         start = time.perf_counter()
         self.recipe = None  # a failed write leaves the weights matching no recipe
         planned, _ = self.materializer.plan(recipe)
-        stack = self._stack
+        resident = self._resident
         if recipe.path is not None:
-            arch.check_reorderable(stack.layout.family, stack.base_config)
-        self._fit_depth(stack.layout.source_layers(planned))
+            arch.check_reorderable(resident.layout.family, resident.base_config)
+        self._fit_depth(resident.layout.source_layers(planned))
         names = [p.name for p in planned]
-        if stack.layout.family.head in names and arch.is_tied(self.model):  # an expert stores its own head
-            arch.untie_head(self.model)
-        targets = arch.module_targets(self.model, names, stack.layout.family)
+        if resident.layout.family.head in names and is_tied(self.model):  # an expert stores its own head
+            untie_head(self.model)
+        targets = module_targets(self.model, names, resident.layout.family)
         self.materializer.load_into(recipe, self.model, targets=targets)
         self.timings["swap"] = time.perf_counter() - start
         self.recipe = recipe
 
     @functools.cached_property
-    def _stack(self) -> _Stack:
+    def _resident(self) -> _Resident:
         layout = arch.layout_for(self.model.config)
-        n = arch.depth(layout.family, self.model.config) or len(arch.layer_list(self.model, layout.family))
-        return _Stack(layout, self.model.config.to_dict(), list(range(n)))
+        n = arch.depth(layout.family, self.model.config) or len(layer_list(self.model, layout.family))
+        return _Resident(layout, self.model.config.to_dict(), list(range(n)))
 
     def _fit_depth(self, src: list[int]) -> None:
         """Output layer k of the recipe is base layer src[k] (data-flow paths and passthrough slices change
@@ -99,16 +100,16 @@ class HFHandle:
         the resident layer list, so no candidate reloads the model. A layer is rebuilt where its per-layer
         settings change, from its class on the meta device with uninitialised storage (the merge writes
         every weight next); the others stay."""
-        stack = self._stack
-        if src == stack.current:
+        resident = self._resident
+        if src == resident.current:
             return
-        family, base = stack.layout.family, stack.base_config
+        family, base = resident.layout.family, resident.base_config
         arch.apply_config(family, self.model.config, arch.resize_config(family, base, src))
-        layers = arch.layer_list(self.model, family)
+        layers = layer_list(self.model, family)
         kind = lambda s: arch.resize_config(family, base, [s])  # noqa: E731 - a layer's own settings
         proto = next(layers[0].parameters())
         for k, s in enumerate(src):
-            if k < len(layers) and k < len(stack.current) and kind(stack.current[k]) == kind(s):
+            if k < len(layers) and k < len(resident.current) and kind(resident.current[k]) == kind(s):
                 continue
             with torch.device("meta"):
                 layer = type(layers[0])(arch.text_config(family, self.model.config), layer_idx=k)
@@ -118,7 +119,7 @@ class HFHandle:
             else:
                 layers.append(layer)
         del layers[len(src):]
-        stack.current = list(src)
+        resident.current = list(src)
 
     @torch.no_grad()
     def load_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -246,7 +247,7 @@ class _Steps:
 
 
 @dataclass
-class _Stack:
+class _Resident:
     """The resident model's architecture, its base config and which base layer each resident layer runs."""
 
     layout: arch.Layout

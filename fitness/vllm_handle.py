@@ -283,11 +283,11 @@ class VLLMHandle:
         self.model_dir = Path(model)
         self.shapes = _checkpoint_shapes(self.model_dir)
         self.sources = None if sources is None else {k: str(v) for k, v in sources.items()}
-        self.planner = None
+        self.checker = None
         if self.sources is not None:  # opened here too, to check each recipe before it reaches the engine
             from evomerge.merge import Materializer
 
-            self.planner = Materializer(self.sources, base=base, prefault=False)
+            self.checker = Materializer(self.sources, base=base, prefault=False)
         binding: dict[str, str] = {}
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default reserves far more
@@ -318,13 +318,13 @@ class VLLMHandle:
             start = time.perf_counter()
             shm = Path("/dev/shm")
             self.exchange = tempfile.mkdtemp(prefix="evomerge-ranks-", dir=shm if shm.is_dir() else None)
-            self.llm.collective_rpc("evomerge_open_sources", args=(self.sources, self.planner.reference, self.exchange))
+            self.llm.collective_rpc("evomerge_open_sources", args=(self.sources, self.checker.reference, self.exchange))
             self.timings["open_sources"] = time.perf_counter() - start
 
     # -- weights ---------------------------------------------------------------------------------------
     def set_recipe(self, recipe: Recipe) -> None:
         """Check `recipe` here, then have every worker merge it into the running engine."""
-        if self.planner is None:
+        if self.checker is None:
             raise UserError("this vLLM handle has no sources; it cannot build a recipe")
         start = time.perf_counter()
         self.recipe = None  # a failed push leaves the weights matching no recipe
@@ -337,8 +337,8 @@ class VLLMHandle:
     def _check(self, recipe: Recipe) -> None:
         """The recipe's plan must produce exactly the engine's tensors with their shapes: a vLLM engine's
         depth and shapes are fixed when it starts (so a data-flow path must keep the base's depth)."""
-        planned, _ = self.planner.plan(recipe)  # unknown models, methods, parameters: UserError
-        reference = self.planner.sources[self.planner.reference]
+        planned, _ = self.checker.plan(recipe)  # unknown models, methods, parameters: UserError
+        reference = self.checker.sources[self.checker.reference]
         produced = {p.name for p in planned}
         missing = [n for n in self.shapes if n not in produced]
         if missing:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evomerge import arch
+from evomerge.fitness import model_surgery
 from evomerge.merge import Materializer
 from evomerge.merge.writer import write_checkpoint
 from evomerge.recipe import Recipe
@@ -64,7 +65,7 @@ def test_module_targets_reproduce_from_pretrained(family, family_models):
     paths = family_models(family)
     model = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
     stored = load_checkpoint(paths["a"])
-    targets = arch.module_targets(model, stored)
+    targets = model_surgery.module_targets(model, stored)
     assert set(targets) == set(stored)
     with torch.no_grad():
         for name, t in stored.items():
@@ -83,7 +84,7 @@ def test_module_targets_name_what_does_not_fit(family_models):
     for bad, needle in [([*names, "model.layers.0.block_sparse_moe.experts.7.w1.weight"], "expert 7"),
                         ([n for n in names if ".experts.2.w3." not in n], "experts.gate_up_proj")]:
         with pytest.raises(UserError, match=needle) as e:
-            arch.module_targets(model, bad)
+            model_surgery.module_targets(model, bad)
         assert "\n" not in str(e.value)
 
 
@@ -124,7 +125,7 @@ def test_merge_equals_mergekit_and_loads_at_its_depth(family, method, family_mod
     if getattr(base_cfg, "layer_types", None):
         assert new_cfg.layer_types == [base_cfg.layer_types[s] for s in src]
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert len(arch.layer_list(model)) == len(src)
+    assert len(model_surgery.layer_list(model)) == len(src)
     if family == "qwen2_moe":  # the dense layer (base layer 2) is output layer 3 of the slices
         dense = [type(layer.mlp).__name__ == "Qwen2MoeMLP" for layer in model.model.layers]
         assert dense == [s == 2 for s in src]
@@ -155,7 +156,7 @@ def hooked(model: torch.nn.Module, scales) -> torch.nn.Module:
             return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
         return hook
 
-    for layer, scale in zip(arch.layer_list(model), scales):
+    for layer, scale in zip(model_surgery.layer_list(model), scales):
         layer.register_forward_pre_hook(scaler(scale), with_kwargs=True)
     return model
 
@@ -211,7 +212,7 @@ def test_run_scores_every_candidate_and_exports_what_it_scored(family, space, fa
     recipe = run.recipe(int(best["id"]))
     depth = len(recipe.path) if recipe.path else LAYERS
     handle = HFHandle(out)
-    assert len(arch.layer_list(handle.model)) == depth == AutoConfig.from_pretrained(out).get_text_config().num_hidden_layers
+    assert len(model_surgery.layer_list(handle.model)) == depth == AutoConfig.from_pretrained(out).get_text_config().num_hidden_layers
     rescored = TaskFitness.from_config([task], base_dir=tmp_path).evaluate(handle).objectives["loss/t"]
     assert rescored == best["loss/t"]
 

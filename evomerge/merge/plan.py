@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from evomerge.arch import LayerName, Layout, Stack, layout_for, stacks
+from evomerge.arch import LayerName, Layout, StackedTensor, layout_for, stacks
 from evomerge.recipe import Recipe
 from evomerge.records import UserError
 
@@ -42,7 +42,7 @@ class Planned:
     base: int | None  # index of the base in inputs
     t: float  # layer position for gradients
     shared_scopes: tuple[Scope, ...]
-    stack: Stack | None = None  # the in-memory tensor this one is part of (MoE experts), as mergekit merges it
+    stack: StackedTensor | None = None  # the in-memory tensor this one is part of (MoE experts), as mergekit merges it
 
 
 def entry_name(ref: Any) -> str:

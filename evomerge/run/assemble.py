@@ -247,8 +247,8 @@ def prepare(cfg: RunConfig, *, address: str | None = None):
         # a recipe the space cannot merge (a method's parameter it never sets) is a config mistake: one line now,
         # not a failed evaluation per candidate (headers only, nothing merged)
         sources = {k: str(v) for k, v in cfg.sources.items()}
-        planner = Materializer(sources, base=cfg.base, prefault=False, tokenizer_source=cfg.tokenizer_source)
-        planner.plan(decoder(cfg, space)(space.initial()))
+        materializer = Materializer(sources, base=cfg.base, prefault=False, tokenizer_source=cfg.tokenizer_source)
+        materializer.plan(decoder(cfg, space)(space.initial()))
     return space, objectives, plan_run(cfg, space, fitness, address=address)
 
 
