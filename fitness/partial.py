@@ -6,22 +6,16 @@ ExampleScores`: `TaskFitness` does, and so does a user function that takes `exam
 and returns one per-example score per index. The number of examples is learnt from the first full
 evaluation (the plans carry it as "total").
 
-A plan (written by the engine into `candidate.meta["scoring"]`, so a resumed run re-sends it unchanged):
-  {"kind": "race", "seed": s, "chunk": c, "threshold": t | None, "delta": d, "range": [lo, hi]}
-      examples in the fixed order permutation(seed), `c` at a time; stop once the full-dev mean of the
-      per-example scores is, with probability >= 1 - d, below `t` (`race_bound`).
-  {"kind": "anchors", "examples": [...], "weights": [...], "promote": t | None}
-      the anchors only, objectives their weighted mean; if that estimate reaches `promote` (the best fully
-      scored candidate), the rest too: the best is always scored on everything, so an estimate cannot drift
-      unnoticed into the lead.
+A plan is a RacePlan or an AnchorsPlan, written by the engine into `candidate.meta["scoring"]` as JSON
+(`to_json`, so a resumed run re-sends it unchanged) and read back by the worker (`plan_from_json`).
 Without a plan the fitness's own `evaluate` scores everything. The result's per_example has one entry per
 example, NaN where not scored; cost["examples"] counts the scored.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -55,36 +49,76 @@ def race_checks(total: int, chunk: int) -> int:
     return max(1, math.ceil(total / chunk) - 1)
 
 
-def score_plan(fitness: Any, handle: Any, plan: dict[str, Any]) -> FitnessResult:
-    n = int(plan["total"])
-    kind = plan.get("kind")
+@dataclass(frozen=True)
+class RacePlan:
+    """Examples in the fixed order permutation(seed), `chunk` at a time, of `total`; stop once the full-dev mean of
+    the per-example scores is, with probability >= 1 - delta, below `threshold` (`race_bound`; scores in `range`)."""
+
+    kind: ClassVar[str] = "race"
+    total: int
+    seed: int
+    chunk: int
+    threshold: float | None
+    delta: float
+    range: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class AnchorsPlan:
+    """The anchors `examples` only (of `total`), objectives their `weights`' mean; if that estimate reaches `promote`
+    (the best fully scored candidate), the rest too: the best is always scored on everything, so an estimate
+    cannot drift unnoticed into the lead. `version`: the anchor set's (the engine imputes by its strata)."""
+
+    kind: ClassVar[str] = "anchors"
+    total: int
+    version: int
+    examples: list[int]
+    weights: list[float]
+    promote: float | None
+
+
+ScoringPlan = RacePlan | AnchorsPlan
+
+
+def to_json(plan: ScoringPlan) -> dict[str, Any]:
+    return {"kind": plan.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan).items()}}
+
+
+def plan_from_json(data: dict[str, Any]) -> ScoringPlan:
+    kinds = {c.kind: c for c in (RacePlan, AnchorsPlan)}
+    if data.get("kind") not in kinds:
+        raise UserError(f"unknown scoring plan {data.get('kind')!r}")
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    if "range" in fields:
+        fields["range"] = tuple(fields["range"])
+    return kinds[data["kind"]](**fields)
+
+
+def score_plan(fitness: Any, handle: Any, plan: ScoringPlan) -> FitnessResult:
+    n = plan.total
     parts: list[tuple[np.ndarray, ExampleScores]] = []
 
     def score(idx: np.ndarray) -> None:
         parts.append((idx, fitness.score_examples(handle, idx.tolist())))
 
-    if kind == "race":
-        order = np.random.default_rng(plan["seed"]).permutation(n)
-        chunk, t = int(plan["chunk"]), plan.get("threshold")
-        delta = float(plan["delta"]) / race_checks(n, chunk)
-        lo, hi = plan["range"]
-        for start in range(0, n, chunk):
-            score(order[start:start + chunk])
-            done = min(n, start + chunk)
+    if isinstance(plan, RacePlan):
+        order = np.random.default_rng(plan.seed).permutation(n)
+        delta = plan.delta / race_checks(n, plan.chunk)
+        lo, hi = plan.range
+        for start in range(0, n, plan.chunk):
+            score(order[start:start + plan.chunk])
+            done = min(n, start + plan.chunk)
             mean = float(np.mean(np.concatenate([p.primary for _, p in parts])))
-            if t is not None and race_bound(mean, done, n, delta, lo, hi) < t:
+            if plan.threshold is not None and race_bound(mean, done, n, delta, lo, hi) < plan.threshold:
                 break
-    elif kind == "anchors":
-        anchors = np.asarray(plan["examples"], dtype=int)
-        score(anchors)
-        weights = np.asarray(plan["weights"], dtype=float)
-        estimate = float(np.sum(weights * parts[0][1].primary) / np.sum(weights))
-        if plan.get("promote") is not None and estimate >= plan["promote"]:
-            score(np.setdiff1d(np.arange(n), anchors))
-        else:
-            return _result(parts, n, weights)
-    else:
-        raise UserError(f"unknown scoring plan {kind!r}")
+        return _result(parts, n, None)
+    anchors = np.asarray(plan.examples, dtype=int)
+    score(anchors)
+    weights = np.asarray(plan.weights, dtype=float)
+    estimate = float(np.sum(weights * parts[0][1].primary) / np.sum(weights))
+    if plan.promote is None or estimate < plan.promote:
+        return _result(parts, n, weights)
+    score(np.setdiff1d(np.arange(n), anchors))
     return _result(parts, n, None)
 
 

@@ -175,7 +175,9 @@ def test_any_subset_of_the_examples_scores_as_in_the_full_evaluation(handle, tin
     """Racing and anchors score subsets across tasks: the same values as the full evaluation, per example."""
     import numpy as np
 
-    from evomerge.fitness.partial import score_plan
+    from dataclasses import replace
+
+    from evomerge.fitness.partial import AnchorsPlan, RacePlan, plan_from_json, score_plan, to_json
 
     base_weights(handle, tiny_models)
     tok = handle.tokenizer
@@ -194,17 +196,17 @@ def test_any_subset_of_the_examples_scores_as_in_the_full_evaluation(handle, tin
     assert part.primary.tolist() == pytest.approx([full.per_example[i] for i in idx], abs=1e-6)
     assert np.isnan(part.values["tok_acc/one"][[0, 2, 4]]).all() and not np.isnan(part.values["tok_acc/one"][[1, 3]]).any()
     # a race it cannot win stops after its first chunk, told the mean of what it scored
-    race = score_plan(fit, handle, {"kind": "race", "total": n, "seed": 0, "chunk": 4, "threshold": 2.0,
-                                    "delta": 0.05, "range": [0, 1]})
+    race = score_plan(fit, handle, RacePlan(total=n, seed=0, chunk=4, threshold=2.0, delta=0.05, range=(0, 1)))
     assert race.cost["examples"] == 4 and sum(not np.isnan(v) for v in race.per_example) == 4
     assert race.per_example == pytest.approx([full.per_example[i] if not np.isnan(v) else v
                                               for i, v in enumerate(race.per_example)], abs=1e-6, nan_ok=True)
     # anchors: their weighted mean; promoted (estimate >= promote): everything, as the full evaluation
-    plan = {"kind": "anchors", "total": n, "examples": [1, 8], "weights": [6.0, 7.0], "promote": None}
+    plan = AnchorsPlan(total=n, version=0, examples=[1, 8], weights=[6.0, 7.0], promote=None)
+    assert plan_from_json(to_json(plan)) == plan  # as journalled in the candidate's meta and read back by the worker
     est = score_plan(fit, handle, plan)
     want = (6 * full.per_example[1] + 7 * full.per_example[8]) / 13
     assert est.cost["examples"] == 2
     assert np.nansum(np.array([6, 7]) * np.array(est.per_example)[[1, 8]]) / 13 == pytest.approx(want, abs=1e-6)
-    promoted = score_plan(fit, handle, {**plan, "promote": -1.0})
+    promoted = score_plan(fit, handle, replace(plan, promote=-1.0))
     assert promoted.cost["examples"] == n
     assert promoted.objectives == pytest.approx(full.objectives, abs=1e-6)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from evomerge.fitness.partial import to_json
 from evomerge.run.executors import Executor, LocalExecutor
 from evomerge.run.frugal import Planner
 from evomerge.records import Evaluation, Objective, UserError
@@ -244,7 +245,7 @@ class Engine:
             for c in cands:
                 plan = self.planner.plan(c)
                 if plan is not None:
-                    c.meta["scoring"] = plan  # journalled with the ask: a resumed run re-sends the same plan
+                    c.meta["scoring"] = to_json(plan)  # journalled with the ask: a resumed run re-sends the same plan
         recipes = [self._decode(c.x) for c in cands] if self.decode else None
         self.store.record_ask(n, cands, recipes)
         self._ask_starved = len(cands) < n

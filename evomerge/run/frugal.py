@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.fitness.partial import AnchorsPlan, RacePlan, ScoringPlan, plan_from_json
 from evomerge.records import Candidate, Evaluation
 
 
@@ -124,7 +125,7 @@ class Planner:
         self.version: int | None = None
 
     # ---- plans -------------------------------------------------------------------------------------
-    def plan(self, cand: Candidate) -> dict[str, Any] | None:
+    def plan(self, cand: Candidate) -> ScoringPlan | None:
         """The scoring plan for `cand`, or None: score everything."""
         if self.total is None:
             return None
@@ -133,12 +134,10 @@ class Planner:
             threshold = self._threshold(cand.meta)
             if threshold is None:
                 return None
-            return {"kind": "race", "total": self.total, "seed": self.seed, "chunk": r.chunk, "threshold": threshold,
-                    "delta": 1 - r.confidence, "range": list(r.range)}
+            return RacePlan(self.total, self.seed, r.chunk, threshold, 1 - r.confidence, tuple(r.range))
         if self.subset is not None and self.version is not None and cand.id % self.subset.full_every:
             a = self.anchors[self.version]
-            return {"kind": "anchors", "total": self.total, "version": self.version, "examples": a.examples,
-                    "weights": a.weights, "promote": self.best}
+            return AnchorsPlan(self.total, self.version, a.examples, a.weights, self.best)
         return None
 
     def _threshold(self, meta: dict[str, Any]) -> float | None:
@@ -153,17 +152,17 @@ class Planner:
     # ---- results -----------------------------------------------------------------------------------
     def complete(self, meta: dict[str, Any], ev: Evaluation) -> Evaluation:
         """The evaluation with its unscored examples imputed (the stored and told form)."""
-        plan = meta.get("scoring")
-        if not plan or ev.per_example is None or not ev.ok:
+        if not meta.get("scoring") or ev.per_example is None or not ev.ok:
             return ev
+        plan = plan_from_json(meta["scoring"])
         pe = np.asarray(ev.per_example, dtype=float)
         missing = np.isnan(pe)
         if not missing.any():
             return ev
-        if plan["kind"] == "race":
+        if isinstance(plan, RacePlan):
             pe[missing] = np.nanmean(pe)
         else:
-            a = self.anchors[plan["version"]]  # an unscored example: the mean of its stratum's anchors
+            a = self.anchors[plan.version]  # an unscored example: the mean of its stratum's anchors
             ex = np.asarray(a.examples)
             means = np.bincount(a.stratum[ex], weights=pe[ex]) / np.maximum(1, np.bincount(a.stratum[ex]))
             pe[missing] = means[a.stratum[missing]]
@@ -200,7 +199,8 @@ def scoring_summary(evaluations: list[Evaluation], metas: dict[int, dict[str, An
     for e in evaluations:
         scored = e.cost.get("examples")
         out["examples"] += scored or 0.0
-        plan = metas.get(e.candidate_id, {}).get("scoring")
-        if plan and scored is not None and scored < plan["total"]:
-            out["stopped" if plan["kind"] == "race" else "estimated"] += 1
+        stored = metas.get(e.candidate_id, {}).get("scoring")
+        plan = plan_from_json(stored) if stored else None
+        if plan and scored is not None and scored < plan.total:
+            out["stopped" if isinstance(plan, RacePlan) else "estimated"] += 1
     return out

@@ -91,9 +91,9 @@ class Worker:
             stage, t = "score", time.perf_counter()
             plan = candidate.meta.get("scoring")  # racing or anchors (evomerge/run/frugal.py)
             if plan:
-                from evomerge.fitness.partial import score_plan
+                from evomerge.fitness.partial import plan_from_json, score_plan
 
-                result = score_plan(self.fitness, handle, plan)
+                result = score_plan(self.fitness, handle, plan_from_json(plan))
             else:
                 result = self.fitness.evaluate(handle)
             if result.per_example is not None:  # the budget in examples scored
