@@ -122,7 +122,7 @@ def measure_evomerge(sources: dict[str, str], method: str, args) -> dict:
     mem |= m
     mem["peak_rss"] = memstat.status()["VmHWM"]
     timing["copy_gb_s_after_warm"] = copy_gb_s(args.bandwidth_mib)
-    return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "summary_bytes": mat.summary_bytes(),
+    return {"scoring_model_bytes": model_bytes, "scoring_model_dtype": "float32", "summary_bytes": sum(s.nbytes for s in mat.summaries.values()),
             "kernel_load_s": kernel_load_s, "load_s": load_s, "scoring_model_s": model_s,
             "sources_mapped_before_first": mapped, **timing, "memory": mem}
 

@@ -75,16 +75,19 @@ class HFHandle:
             raise UserError("this HF handle has no materializer; it cannot build a recipe")
         start = time.perf_counter()
         self.recipe = None  # a failed write leaves the weights matching no recipe
-        planned, _ = self.materializer.plan(recipe)
         resident = self._resident
         if recipe.path is not None:
             arch.check_reorderable(resident.layout.family, resident.base_config)
-        self._fit_depth(resident.layout.source_layers(planned))
-        names = [p.name for p in planned]
-        if resident.layout.family.head in names and is_tied(self.model):  # an expert stores its own head
-            untie_head(self.model)
-        targets = module_targets(self.model, names, resident.layout.family)
-        self.materializer.load_into(recipe, self.model, targets=targets)
+
+        def fit(planned) -> dict[str, torch.Tensor]:
+            """The resident model fitted to the recipe's plan (its depth, its own head), and where each tensor goes."""
+            self._fit_depth(resident.layout.source_layers(planned))
+            names = [p.name for p in planned]
+            if resident.layout.family.head in names and is_tied(self.model):  # an expert stores its own head
+                untie_head(self.model)
+            return module_targets(self.model, names, resident.layout.family)
+
+        self.materializer.load_into(recipe, self.model, targets=fit)
         self.timings["swap"] = time.perf_counter() - start
         self.recipe = recipe
 

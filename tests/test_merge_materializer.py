@@ -37,16 +37,16 @@ def test_trim_summaries_are_computed_once_and_compact(tiny_models):
     """Trims keep one small summary per (model, tensor), reused by every candidate: no full-size statistics."""
     mat = Materializer(tiny_models, base="base")
     first = mat.materialize(_ties(0.3, 0.4))
-    kept = dict(mat._summaries)
+    kept = dict(mat.summaries)
     name = "model.layers.1.mlp.up_proj.weight"
     assert ("a", name, "base", name) in kept
     second = mat.materialize(_ties(0.3, 0.9))
-    assert all(mat._summaries[k] is v for k, v in kept.items())  # the same objects: not recomputed
+    assert all(mat.summaries[k] is v for k, v in kept.items())  # the same objects: not recomputed
     assert not torch.equal(first[name], second[name])
     numel = {n: t.numel() for n, t in first.items()}
     from evomerge.merge.vectors import REFINED_ENTRIES
 
-    for k, s in mat._summaries.items():  # 28 B a populated bin, 12 B a remembered distinct magnitude
+    for k, s in mat.summaries.items():  # 28 B a populated bin, 12 B a remembered distinct magnitude
         assert s.nbytes <= 28 * min(numel[k[1]], 1 << 15) + 12 * min(numel[k[1]], REFINED_ENTRIES)
 
 
@@ -206,11 +206,11 @@ def test_ties_through_counted_thresholds_equals_full_histograms(monkeypatch):
         {"model": "a", "parameters": {"weight": 0.7, "density": 0.3}}, {"model": "b", "parameters": {"weight": 0.5, "density": 0.55}}]})
     mat = Materializer(sources, base="base")
     counted = mat.materialize(recipe)[name]
-    assert not any(s.complete for s in mat._summaries.values())
+    assert not any(s.complete for s in mat.summaries.values())
     monkeypatch.setattr(vectors, "SAMPLE_WINDOW", base.numel())  # every tensor "small": full histograms
     full = Materializer(sources, base="base")
     assert torch.equal(full.materialize(recipe)[name], counted)
-    assert all(s.complete for s in full._summaries.values())
+    assert all(s.complete for s in full.summaries.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

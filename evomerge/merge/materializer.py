@@ -25,10 +25,11 @@ from __future__ import annotations
 import copy
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -166,19 +167,22 @@ class Materializer:
             for p in tqdm(planned, desc="merging", disable=not progress, unit="tensor"):
                 yield p.name, next(done)
 
-    def load_into(self, recipe: Recipe, module: torch.nn.Module, *, targets: Mapping[str, torch.Tensor] | None = None) -> None:
+    def load_into(self, recipe: Recipe, module: torch.nn.Module, *,
+                  targets: Callable[[list[Planned]], Mapping[str, torch.Tensor]] | None = None) -> None:
         """Write the merged weights into `module` in place: into its parameters and buffers by name, or into
-        `targets` (checkpoint tensor name -> destination tensor, which may be a view into a parameter, for
-        models whose loader renames or fuses checkpoint tensors)."""
+        `targets(plan)` (checkpoint tensor name -> destination tensor, which may be a view into a parameter, for
+        models whose loader renames or fuses checkpoint tensors; given the recipe's plan, it may first fit the
+        module to it: its depth, its head)."""
         with self._nested(recipe) as flat:
             method, planned, _, seed = self._prepare(flat)
             merge = self._new_merge(method, planned, seed, flat)
-            if targets is None:
+            if targets is not None:
+                targets = targets(planned)
+                required = list(targets)
+            else:
                 targets = dict(module.named_parameters())
                 targets.update(dict(module.named_buffers()))
                 required = [n for n, _ in module.named_parameters()]
-            else:
-                required = list(targets)
             missing = [p.name for p in planned if p.name not in targets]
             if missing:
                 raise UserError(f"the module has no parameter {missing[0]!r} that the recipe produces")
@@ -415,9 +419,10 @@ class Materializer:
 
         return summary
 
-    def summary_bytes(self) -> int:
-        """Memory held by the trims' summaries (for accounting)."""
-        return sum(s.nbytes for s in self._summaries.values())
+    @property
+    def summaries(self) -> Mapping[tuple, Summary]:
+        """The trims' summaries, kept across candidates per task vector (or stack); their memory is their nbytes."""
+        return MappingProxyType(self._summaries)
 
     def _map(self, fn, items: list) -> Iterator:
         """fn over items in order, on the merge threads, with at most `threads` results ahead of the caller."""
