@@ -182,16 +182,16 @@ def search_options() -> None:
     from evomerge import search_spaces
     from evomerge import optimizers
 
-    def options(fn, skip: tuple[str, ...]) -> str:
-        params = [p for n, p in inspect.signature(fn).parameters.items() if n not in skip]
-        return ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params)
+    def options(registry, name: str) -> str:
+        return ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+                         for p in registry.options(name).values())
 
     print("optimizers (make(name, bounds=, objectives=, seed=, x0=None, ...)):")
     for name in optimizers.names():
-        print(f"  {name}: {options(optimizers.optimizer_class(name).__init__, ('self', 'bounds', 'objectives', 'seed', 'x0'))}")
+        print(f"  {name}: {options(optimizers.REGISTRY, name)}")
     print("search spaces:")
     for name in search_spaces.names():
-        print(f"  {name}: {options(search_spaces.space_class(name).__init__, ('self',))}")
+        print(f"  {name}: {options(search_spaces.REGISTRY, name)}")
 
 
 from evomerge.run_commands import register as _register_run_commands  # noqa: E402  run, resume, status, export, report

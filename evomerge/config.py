@@ -331,7 +331,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _defaults(self) -> RunConfig:
         """Several tasks are several skills: by default the search keeps a front and the best is its knee, rather
-        than the first task's best, which may have lost the others (issue 24: a real MATH + FR merge)."""
+        than the first task's best, which may have lost the others (as on a real MATH + FR merge)."""
         if self.optimizer.name is None:
             self.optimizer.name = "nsga2" if self.fitness.task_count() > 1 else "cmaes"
         if self.best is None:

@@ -11,31 +11,36 @@ from evomerge.records import UserError
 
 
 class Registry:
-    def __init__(self, what: str, entries: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, what: str, package: str, classes: dict[str, str]) -> None:
         self.what = what  # "optimizer", "search space": how errors name it
-        self._entries = entries  # name -> (module, class)
+        self.package = package  # name's class is in module package.name
+        self._classes = classes
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self._classes)
 
     def get(self, name: str) -> type:
-        if name not in self._entries:
-            raise UserError(f"unknown {self.what} {name!r}; valid: {', '.join(self._entries)}")
-        module, cls = self._entries[name]
-        return getattr(importlib.import_module(module), cls)
+        if name not in self._classes:
+            raise UserError(f"unknown {self.what} {name!r}; valid: {', '.join(self._classes)}")
+        return getattr(importlib.import_module(f"{self.package}.{name}"), self._classes[name])
+
+    def options(self, name: str) -> dict[str, inspect.Parameter]:
+        """The options `name` takes from the user, by its class's signature (what evomerge hands every one, such as
+        an optimizer's bounds and objectives, goes to the base class through **kwargs and is not listed)."""
+        return {k: p for k, p in inspect.signature(self.get(name).__init__).parameters.items()
+                if k != "self" and p.kind is not p.VAR_KEYWORD}
 
     def build(self, name: str, options: dict[str, Any], **given: Any) -> Any:
         """`name`'s class built from the user's `options` and the arguments evomerge `given` it; an unknown or
         missing option is one line naming it and the valid ones."""
-        cls = self.get(name)
-        params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self" and k not in given}
+        params = {k: p for k, p in self.options(name).items() if k not in given}
         unknown = [k for k in options if k not in params]
         if unknown:
             raise UserError(f"{self.what} {name!r} has no option {unknown[0]!r}; valid: {', '.join(params) or 'none'}")
         missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in options]
         if missing:
             raise UserError(f"{self.what} {name!r} needs option(s) {', '.join(missing)}")
-        return cls(**given, **options)
+        return self.get(name)(**given, **options)
 
 
 def load_callable(spec: str, what: str) -> Any:

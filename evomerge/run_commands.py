@@ -129,6 +129,13 @@ def _default_run_dir(config: Path) -> Path:
     return target
 
 
+# options of several commands, one definition each
+_ADDRESS = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one).")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+_VERBOSE = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log).")
+_GRACE = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace).")
+
+
 def _grace(seconds: float | None) -> float | None:
     if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
         raise UserError(f"--placement-grace must be a number of seconds > 0, got {seconds}")
@@ -144,14 +151,14 @@ def _show_plan(plan) -> None:
 def run_command(
     config: Path = typer.Argument(..., help="Run config (YAML): evomerge's, or a mergekit-evolve genome config."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default: beside the config, named after it)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
+    address: Optional[str] = _ADDRESS,
     resume: bool = typer.Option(False, "--resume", help="Continue the run already in --run-dir."),
     evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Set the budget to this many evaluations (e.g. a quick try)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Search seed instead of the config's (repeat a search over seeds)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = _QUIET,
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print the memory plan per worker and per node; load nothing, write nothing."),
-    verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
-    placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
+    verbose: bool = _VERBOSE,
+    placement_grace: Optional[float] = _GRACE,
 ) -> None:
     """Start a search (or continue one with --resume)."""
     from evomerge.run.assemble import open_engine, prepare
@@ -184,13 +191,13 @@ def run_command(
 
 def resume_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto' for the running one)."),
+    address: Optional[str] = _ADDRESS,
     evaluations: Optional[int] = typer.Option(None, "--evaluations", help="Raise the budget to this many evaluations."),
     wall_time: Optional[str] = typer.Option(None, "--wall-time", help="Raise the wall-time budget (90s, 30m, 6h, 2d)."),
     cost: Optional[float] = typer.Option(None, "--cost", help="Raise the cost budget."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines (Ray's too, instead of RUN_DIR/ray.log)."),
-    placement_grace: Optional[float] = typer.Option(None, "--placement-grace", help="Seconds a Ray worker may wait for a node before the shortfall is said (executor.placement_grace)."),
+    quiet: bool = _QUIET,
+    verbose: bool = _VERBOSE,
+    placement_grace: Optional[float] = _GRACE,
 ) -> None:
     """Continue a stopped or killed run: replay its store, re-run only what was in flight."""
     from evomerge.run.assemble import open_engine
@@ -211,7 +218,7 @@ def resume_command(
 def holdout_command(
     run_dir: Path = typer.Argument(..., help="A run directory whose config has a holdout section."),
     config: Optional[Path] = typer.Option(None, "--config", help="Take the holdout section (baselines, comparison rows, tasks) from this run config first: every other section must be the run's."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = _QUIET,
     verbose: bool = typer.Option(False, "--verbose", help="Also show other libraries' progress bars, warnings and log lines."),
 ) -> None:
     """Score the baselines and the best candidate on the held-out tasks, print the table, export the best."""

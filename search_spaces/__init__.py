@@ -9,13 +9,9 @@ from typing import Any
 from evomerge.registry import Registry
 from evomerge.search_spaces.base import SearchSpace
 
-REGISTRY = Registry("search space", {
-    "layer_weights": ("evomerge.search_spaces.layer_weights", "LayerWeights"),
-    "layer_swap": ("evomerge.search_spaces.layer_swap", "LayerSwap"),
-    "data_flow": ("evomerge.search_spaces.data_flow", "DataFlow"),
-    "sparsity_scaling": ("evomerge.search_spaces.sparsity_scaling", "SparsityScaling"),
-    "hybrid": ("evomerge.search_spaces.hybrid", "Hybrid"),
-})
+REGISTRY = Registry("search space", "evomerge.search_spaces", {
+    "layer_weights": "LayerWeights", "layer_swap": "LayerSwap", "data_flow": "DataFlow",
+    "sparsity_scaling": "SparsityScaling", "hybrid": "Hybrid"})
 names, space_class = REGISTRY.names, REGISTRY.get
 
 

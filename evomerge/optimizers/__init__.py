@@ -10,15 +10,9 @@ from evomerge.optimizers.base import Optimizer
 from evomerge.records import Objective
 from evomerge.registry import Registry
 
-REGISTRY = Registry("optimizer", {
-    "random": ("evomerge.optimizers.random", "RandomSearch"),
-    "cmaes": ("evomerge.optimizers.cmaes", "CMAES"),
-    "nsga2": ("evomerge.optimizers.nsga2", "NSGA2"),
-    "m2n2": ("evomerge.optimizers.m2n2", "M2N2"),
-    "optuna": ("evomerge.optimizers.optuna", "OptunaSampler"),
-    "nevergrad": ("evomerge.optimizers.nevergrad", "Nevergrad"),
-    "map": ("evomerge.optimizers.map", "MAP"),
-})
+REGISTRY = Registry("optimizer", "evomerge.optimizers", {"random": "RandomSearch", "cmaes": "CMAES", "nsga2": "NSGA2",
+                                                        "m2n2": "M2N2", "optuna": "OptunaSampler", "nevergrad": "Nevergrad",
+                                                        "map": "MAP"})
 names, optimizer_class = REGISTRY.names, REGISTRY.get
 
 

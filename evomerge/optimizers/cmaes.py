@@ -27,7 +27,7 @@ import numpy as np
 
 from evomerge.optimizers.base import Optimizer, check_population, penalise
 from evomerge.optimizers.generation import Generation
-from evomerge.records import Evaluation, Objective, UserError
+from evomerge.records import Evaluation, UserError
 
 DIAGONAL_ABOVE = 500
 STEP_SIZES = ("csa", "tpa")
@@ -37,18 +37,15 @@ class CMAES(Optimizer):
     def __init__(
         self,
         *,
-        bounds: Any,
-        objectives: Sequence[Objective],
-        seed: int,
-        x0: Any = None,
         sigma0: float = 0.2,
         popsize: int | None = None,
         diagonal: bool | None = None,
         restarts: int = 0,
         step_size: str | None = None,
         cma_options: dict[str, Any] | None = None,
+        **problem: Any,  # bounds, objectives, seed, x0: the base Optimizer's
     ) -> None:
-        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        super().__init__(**problem)
         if not 0 < sigma0 <= 1:
             raise UserError(f"sigma0 is a fraction of each range: need 0 < sigma0 <= 1, got {sigma0}")
         self.sigma0 = float(sigma0)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.optimizers.base import Optimizer, check_population
-from evomerge.records import Evaluation, Objective, UserError
+from evomerge.records import Evaluation, UserError
 
 INTERPOLATIONS = ("slerp", "linear")
 
@@ -53,10 +53,6 @@ class M2N2(Optimizer):
     def __init__(
         self,
         *,
-        bounds: Any,
-        objectives: Sequence[Objective],
-        seed: int,
-        x0: Any = None,
         archive_size: int = 20,
         alpha: float = 1.0,
         attraction: bool = True,
@@ -66,8 +62,9 @@ class M2N2(Optimizer):
         initial_size: int | None = None,
         init_std: float | None = None,
         initial_points: Any = None,
+        **problem: Any,  # bounds, objectives, seed, x0: the base Optimizer's
     ) -> None:
-        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        super().__init__(**problem)
         self._points = [] if initial_points is None else [self.clip(self._check_x0(p)) for p in initial_points]
         self.archive_size = check_population("archive_size", archive_size)
         if interpolation not in INTERPOLATIONS:

@@ -26,7 +26,7 @@ import numpy as np
 
 from evomerge.optimizers.base import Optimizer
 from evomerge.optimizers.generation import Generation
-from evomerge.records import Evaluation, Objective, UserError
+from evomerge.records import Evaluation, UserError
 
 
 def n_coefficients(d: int) -> int:
@@ -73,16 +73,13 @@ class MAP(Optimizer):
     def __init__(
         self,
         *,
-        bounds: Any,
-        objectives: Sequence[Objective],
-        seed: int,
-        x0: Any = None,
         initial: int | None = None,
         batch: int = 10,
         ridge: float = 1e-8,
         spacing: float = 0.02,
+        **problem: Any,  # bounds, objectives, seed, x0: the base Optimizer's
     ) -> None:
-        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        super().__init__(**problem)
         self.coefficients = n_coefficients(self.dim)
         self.initial = 2 * self.coefficients if initial is None else initial
         if int(self.initial) != self.initial or self.initial < self.coefficients:

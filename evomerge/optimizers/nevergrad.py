@@ -19,22 +19,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.optimizers.base import Optimizer, penalise
-from evomerge.records import Evaluation, Objective, UserError
+from evomerge.records import Evaluation, UserError
 
 
 class Nevergrad(Optimizer):
     def __init__(
         self,
         *,
-        bounds: Any,
-        objectives: Sequence[Objective],
-        seed: int,
-        x0: Any = None,
         optimizer: str = "TwoPointsDE",
         budget: int | None = None,
         num_workers: int = 1,
+        **problem: Any,  # bounds, objectives, seed, x0: the base Optimizer's
     ) -> None:
-        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        super().__init__(**problem)
         import nevergrad as ng
 
         if optimizer not in ng.optimizers.registry:

@@ -16,21 +16,18 @@ import numpy as np
 
 from evomerge.optimizers.base import Optimizer, check_population
 from evomerge.optimizers.generation import Generation
-from evomerge.records import Evaluation, Objective
+from evomerge.records import Evaluation
 
 
 class NSGA2(Optimizer):
     def __init__(
         self,
         *,
-        bounds: Any,
-        objectives: Sequence[Objective],
-        seed: int,
-        x0: Any = None,
         popsize: int = 20,
         constraints: Sequence[str] = (),
+        **problem: Any,  # bounds, objectives, seed, x0: the base Optimizer's
     ) -> None:
-        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        super().__init__(**problem)
         from pymoo.algorithms.moo.nsga2 import NSGA2 as PymooNSGA2
         from pymoo.core.problem import Problem
         from pymoo.core.termination import NoTermination

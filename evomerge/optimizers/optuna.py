@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.optimizers.base import Optimizer, StateMismatch
-from evomerge.records import Evaluation, Objective, UserError
+from evomerge.records import Evaluation, UserError
 
 SAMPLERS = ("tpe", "cmaes", "nsga2")
 
@@ -25,14 +25,11 @@ class OptunaSampler(Optimizer):
     def __init__(
         self,
         *,
-        bounds: Any,
-        objectives: Sequence[Objective],
-        seed: int,
-        x0: Any = None,
         sampler: str = "tpe",
         sampler_options: dict[str, Any] | None = None,
+        **problem: Any,  # bounds, objectives, seed, x0: the base Optimizer's
     ) -> None:
-        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+        super().__init__(**problem)
         import optuna
 
         if sampler not in SAMPLERS:

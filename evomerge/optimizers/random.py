@@ -7,12 +7,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from evomerge.optimizers.base import Optimizer
-from evomerge.records import Evaluation, Objective
+from evomerge.records import Evaluation
 
 
 class RandomSearch(Optimizer):
-    def __init__(self, *, bounds: Any, objectives: Sequence[Objective], seed: int, x0: Any = None) -> None:
-        super().__init__(bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+    def __init__(self, **problem: Any) -> None:  # bounds, objectives, seed, x0: the base Optimizer's
+        super().__init__(**problem)
         self._rng = np.random.default_rng(self.seed)
 
     def _ask(self, n: int):

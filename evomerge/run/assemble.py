@@ -115,25 +115,21 @@ def build_space(cfg: RunConfig):
 
 def _space_params(name: str) -> set[str]:
     """The options space `name` takes (model facts are offered only to spaces that take them)."""
-    import inspect
-
     from evomerge import search_spaces
 
     if name not in search_spaces.names():
         return set()  # search_spaces.make names the valid spaces
-    return set(inspect.signature(search_spaces.space_class(name).__init__).parameters) - {"self"}
+    return set(search_spaces.REGISTRY.options(name))
 
 
 def build_optimizer(cfg: RunConfig, space: Any, objectives: list[Objective]):
     from evomerge import optimizers
 
-    import inspect
-
     x0 = space.initial() if cfg.optimizer.start == "space" else None
     options = dict(cfg.optimizer.options)
     points = getattr(space, "points", None)  # several starting genomes: for an optimizer that takes them (M2N2)
     if (points is not None and cfg.optimizer.start == "space" and "initial_points" not in options
-            and "initial_points" in inspect.signature(optimizers.optimizer_class(cfg.optimizer.name).__init__).parameters):
+            and "initial_points" in optimizers.REGISTRY.options(cfg.optimizer.name)):
         options["initial_points"] = points
     with options_checked(f"optimizer {cfg.optimizer.name!r}"):
         return optimizers.make(cfg.optimizer.name, bounds=space.bounds, objectives=objectives, seed=cfg.seed, x0=x0,

@@ -1,4 +1,4 @@
-"""Fitness at a fraction of the cost: the engine's side of racing and subset + estimate (issue 16).
+"""Fitness at a fraction of the cost: the engine's side of racing and subset + estimate.
 
 The planner writes each candidate's scoring plan into `candidate.meta["scoring"]` before the ask is
 journalled (fitness/partial.py runs it in the worker), and completes the evaluation that comes back: the
