@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+from executor_scaling import sleep_config  # noqa: E402
 
 
 def sleep_fitness(handle) -> dict[str, float]:
@@ -36,14 +37,7 @@ def sleep_fitness(handle) -> dict[str, float]:
 
 
 def _config(workers: int, evaluations: int) -> dict:
-    return {
-        "space": {"bounds": [[0, 1]] * 4},
-        "optimizer": {"name": "random"},
-        "fitness": {"function": "cluster_scaling:sleep_fitness", "objectives": [{"name": "score"}]},
-        "budget": {"evaluations": evaluations},
-        "executor": {"kind": "ray", "workers": workers, "cpus_per_worker": 1},
-        "seed": 0,
-    }
+    return sleep_config("cluster_scaling:sleep_fitness", workers, evaluations, 1)
 
 
 def _committed(run_dir: Path) -> int:

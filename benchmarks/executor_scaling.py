@@ -37,15 +37,20 @@ def sleep_fitness(handle) -> dict[str, float]:
     return {"score": -sum((v - 0.3) ** 2 for v in handle.x)}
 
 
-def _config(workers: int, evaluations: int) -> dict:
+def sleep_config(function: str, workers: int, evaluations: int, cpus_per_worker: float) -> dict:
+    """A random search of a 4-d box on Ray whose fitness `function` sleeps (this benchmark's, and the cluster one's)."""
     return {
         "space": {"bounds": [[0, 1]] * 4},
         "optimizer": {"name": "random"},
-        "fitness": {"function": "executor_scaling:sleep_fitness", "objectives": [{"name": "score"}]},
+        "fitness": {"function": function, "objectives": [{"name": "score"}]},
         "budget": {"evaluations": evaluations},
-        "executor": {"kind": "ray", "workers": workers, "cpus_per_worker": 0.25},
+        "executor": {"kind": "ray", "workers": workers, "cpus_per_worker": cpus_per_worker},
         "seed": 0,
     }
+
+
+def _config(workers: int, evaluations: int) -> dict:
+    return sleep_config("executor_scaling:sleep_fitness", workers, evaluations, 0.25)
 
 
 def _window(run_dir: Path) -> float:
