@@ -98,137 +98,151 @@ def synchronize(device: str) -> None:
 def measure(backend: str, sources: dict[str, str], data: Path, args: argparse.Namespace, scratch: Path) -> dict:
     """One backend's medians over the candidates: in-place swap + score, and two naive loops (merge to
     disk, fresh model, score): with evomerge's writer and with mergekit (mergekit-evolve's loop)."""
-    task = {"name": "math_j", "path": str(data), "limit": args.examples, "max_new_tokens": args.max_new_tokens}
-    scorers = {
-        "generation": TaskFitness.from_config([{**task, "metrics": ["exact_match"]}]),
-        "teacher_forced": TaskFitness.from_config([{**task, "metrics": ["teacher_exact"]}]),
-    }
-    device = args.device if backend == "hf" else "cpu"  # vLLM places its own weights
-    if backend == "hf":
-        from evomerge.fitness.hf import HFHandle
+    m = _Measure(backend, sources, data, args, scratch)
+    try:
+        for i in range(args.candidates):
+            m.candidate(i)
+        return m.summary()
+    finally:
+        m.close(m.handle)
 
-        def fresh(model_dir, merging=False):
-            mat = Materializer(sources, base="base", device=device) if merging else None
-            return HFHandle(model_dir, mat, batch_size=args.batch_size, device=device)
-    else:  # the vLLM workers open the sources themselves
-        from evomerge.fitness.vllm_handle import VLLMHandle
 
-        def fresh(model_dir, merging=False):
-            return VLLMHandle(model_dir, sources if merging else None, base="base")
+class _Measure:
+    """The resident handle (warmed up), the scorers, and the timings gathered per candidate."""
 
-    def close(h):
-        if backend == "vllm":
+    def __init__(self, backend: str, sources: dict[str, str], data: Path, args: argparse.Namespace, scratch: Path):
+        self.backend, self.sources, self.args, self.scratch = backend, sources, args, scratch
+        task = {"name": "math_j", "path": str(data), "limit": args.examples, "max_new_tokens": args.max_new_tokens}
+        self.scorers = {
+            "generation": TaskFitness.from_config([{**task, "metrics": ["exact_match"]}]),
+            "teacher_forced": TaskFitness.from_config([{**task, "metrics": ["teacher_exact"]}]),
+        }
+        self.device = args.device if backend == "hf" else "cpu"  # vLLM places its own weights
+        # mergekit's DARE / DELLA masks differ from evomerge's: its row uses TIES so the merged weights match
+        self.mk_method = (None if importlib.util.find_spec("mergekit") is None
+                          else "ties" if args.method in RANDOM_MASKS else args.method)
+        self.rows: dict[str, dict[str, list[float]]] = {k: {} for k in self.scorers}
+        self.disk: dict[str, list[float]] = {}
+        self.agree: dict[str, bool] = {}
+        self.weight_diff: dict[str, float] = {}
+        self.handle = self.fresh(sources["base"], merging=True)
+        self.handle.set_recipe(candidate(99, args.method))  # warm-up: one-time statistics, allocator, kernels
+        for fit in self.scorers.values():
+            fit.evaluate(self.handle)
+        # and the naive loops' one-time imports
+        shutil.rmtree(write_checkpoint(candidate(99, args.method), sources, scratch / f"{backend}-warm"))
+        if self.mk_method:
+            self.handle.set_recipe(candidate(99, self.mk_method))
+            shutil.rmtree(mergekit_merge(candidate(99, self.mk_method), sources, scratch / f"{backend}-warm-mk"))
+
+    def fresh(self, model_dir, merging: bool = False):
+        if self.backend == "hf":
+            from evomerge.fitness.hf import HFHandle
+
+            mat = Materializer(self.sources, base="base", device=self.device) if merging else None
+            return HFHandle(model_dir, mat, batch_size=self.args.batch_size, device=self.device)
+        from evomerge.fitness.vllm_handle import VLLMHandle  # the vLLM workers open the sources themselves
+
+        return VLLMHandle(model_dir, self.sources if merging else None, base="base")
+
+    def close(self, h) -> None:
+        if self.backend == "vllm":
             h.close()
 
-    # mergekit's DARE / DELLA masks differ from evomerge's: its row uses TIES so the merged weights match
-    mk_method = None if importlib.util.find_spec("mergekit") is None else "ties" if args.method in RANDOM_MASKS else args.method
-    handle = fresh(sources["base"], merging=True)
-    handle.set_recipe(candidate(99, args.method))  # warm-up: one-time statistics, allocator, kernels
-    for fit in scorers.values():
-        fit.evaluate(handle)
-    # and the naive loops' one-time imports
-    shutil.rmtree(write_checkpoint(candidate(99, args.method), sources, scratch / f"{backend}-warm"))
-    if mk_method:
-        handle.set_recipe(candidate(99, mk_method))
-        shutil.rmtree(mergekit_merge(candidate(99, mk_method), sources, scratch / f"{backend}-warm-mk"))
-
-    def scored(h) -> tuple[dict, dict[str, float]]:
+    def scored(self, h) -> tuple[dict, dict[str, float]]:
         results, secs = {}, {}
-        for name, fit in scorers.items():
+        for name, fit in self.scorers.items():
             t = time.perf_counter()
             results[name] = fit.evaluate(h)
             secs[name] = time.perf_counter() - t
         return results, secs
 
-    def same(a: dict, b: dict) -> bool:
-        return all(a[k].objectives == b[k].objectives and a[k].per_example == b[k].per_example for k in scorers)
+    def same(self, a: dict, b: dict) -> bool:
+        return all(a[k].objectives == b[k].objectives and a[k].per_example == b[k].per_example for k in self.scorers)
 
-    def naive(write, recipe: Recipe, out: Path, in_place: dict) -> tuple[float, float, dict[str, float], bool, float | None]:
+    def naive(self, write, recipe: Recipe, out: Path, in_place: dict) -> tuple[float, float, dict[str, float], bool, float | None]:
         """merge to disk, a fresh model on it, score: (write s, load s, score s per scorer, same scores as
         in place, max |weight difference| to the resident model (HF))."""
         t = time.perf_counter()
-        ckpt = write(recipe, sources, out)
+        ckpt = write(recipe, self.sources, out)
         written = time.perf_counter() - t
         t = time.perf_counter()
-        other = fresh(ckpt)
+        other = self.fresh(ckpt)
         loaded = time.perf_counter() - t
-        results, secs = scored(other)
+        results, secs = self.scored(other)
         diff = None
-        if backend == "hf":
-            own = handle.model.state_dict()
+        if self.backend == "hf":
+            own = self.handle.model.state_dict()
             diff = max((v - own[k]).abs().max().item() for k, v in other.model.state_dict().items())
-        close(other)
+        self.close(other)
         del other
         shutil.rmtree(ckpt)
-        return written, loaded, secs, same(results, in_place), diff
+        return written, loaded, secs, self.same(results, in_place), diff
 
-    rows: dict[str, dict[str, list[float]]] = {k: {} for k in scorers}
-    disk: dict[str, list[float]] = {}
-    agree: dict[str, bool] = {}
-    weight_diff: dict[str, float] = {}
-
-    def add(row: str, secs: dict[str, float], extra: float = 0.0) -> None:
+    def add(self, row: str, secs: dict[str, float], extra: float = 0.0) -> None:
         for k, v in secs.items():
-            rows[k].setdefault(row, []).append(extra + v)
+            self.rows[k].setdefault(row, []).append(extra + v)
 
-    def note(row: str, written: float, loaded: float, secs: dict[str, float], ok: bool, diff: float | None) -> None:
-        disk.setdefault(f"{row}_write", []).append(written)
-        disk.setdefault(f"{row}_load", []).append(loaded)
-        add(f"{row}_score", secs)
-        add(row, secs, written + loaded)
-        agree[row] = agree.get(row, True) and ok
+    def note(self, row: str, written: float, loaded: float, secs: dict[str, float], ok: bool, diff: float | None) -> None:
+        self.disk.setdefault(f"{row}_write", []).append(written)
+        self.disk.setdefault(f"{row}_load", []).append(loaded)
+        self.add(f"{row}_score", secs)
+        self.add(row, secs, written + loaded)
+        self.agree[row] = self.agree.get(row, True) and ok
         if diff is not None:
-            weight_diff[row] = max(weight_diff.get(row, 0.0), diff)
+            self.weight_diff[row] = max(self.weight_diff.get(row, 0.0), diff)
 
-    for i in range(args.candidates):
-        recipe = candidate(i, args.method)
+    def candidate(self, i: int) -> None:
+        """Candidate i in place, then through both naive loops."""
+        recipe = candidate(i, self.args.method)
         swap, secs, results = {}, {}, {}
-        for name, fit in scorers.items():
+        for name, fit in self.scorers.items():
             t = time.perf_counter()
-            handle.set_recipe(recipe)
-            synchronize(device)
+            self.handle.set_recipe(recipe)
+            synchronize(self.device)
             swap[name] = time.perf_counter() - t
             t = time.perf_counter()
-            results[name] = fit.evaluate(handle)
+            results[name] = fit.evaluate(self.handle)
             secs[name] = time.perf_counter() - t
-        add("swap", swap)
-        add("score", secs)
-        note("naive_evomerge", *naive(write_checkpoint, recipe, scratch / f"{backend}-cand-{i}", results))
-        if mk_method:
-            mk_recipe = candidate(i, mk_method)
-            if mk_method != args.method:  # the in-place time and scores of the recipe mergekit merges
+        self.add("swap", swap)
+        self.add("score", secs)
+        self.note("naive_evomerge", *self.naive(write_checkpoint, recipe, self.scratch / f"{self.backend}-cand-{i}", results))
+        if self.mk_method:
+            mk_recipe = candidate(i, self.mk_method)
+            if self.mk_method != self.args.method:  # the in-place time and scores of the recipe mergekit merges
                 t = time.perf_counter()
-                handle.set_recipe(mk_recipe)
-                synchronize(device)
+                self.handle.set_recipe(mk_recipe)
+                synchronize(self.device)
                 swapped = time.perf_counter() - t
-                results, secs = scored(handle)
-                add("in_place_mergekit_method", secs, swapped)
-            note("naive_mergekit", *naive(mergekit_merge, mk_recipe, scratch / f"{backend}-mk-{i}", results))
+                results, secs = self.scored(self.handle)
+                self.add("in_place_mergekit_method", secs, swapped)
+            self.note("naive_mergekit", *self.naive(mergekit_merge, mk_recipe, self.scratch / f"{self.backend}-mk-{i}", results))
 
-    med = {k: {m: round(statistics.median(v), 4) for m, v in r.items()} for k, r in rows.items()}
-    in_place_mk = "in_place_mergekit_method" if mk_method != args.method else None
-    out = {
-        "methods": {"in_place": args.method, "naive_evomerge": args.method,
-                    "naive_mergekit": mk_method or "skipped: mergekit is not installed in this environment"},
-        "same_scores_in_place_and_naive": agree,
-        "max_abs_weight_diff_naive_vs_in_place": {k: float(v) for k, v in weight_diff.items()},
-        "seconds_median": med,
-        "naive_disk_seconds_median": {k: round(statistics.median(v), 4) for k, v in disk.items()},
-        "swap_over_score": {k: round(m["swap"] / m["score"], 4) for k, m in med.items()},
-        "naive_evomerge_over_in_place": {k: round(m["naive_evomerge"] / (m["swap"] + m["score"]), 2) for k, m in med.items()},
-    }
-    if mk_method:
-        out["naive_mergekit_over_in_place"] = {
-            k: round(m["naive_mergekit"] / (m[in_place_mk] if in_place_mk else m["swap"] + m["score"]), 2)
-            for k, m in med.items()}
-    if backend == "hf":
-        out["batch_size"] = args.batch_size
-        out["parameters"] = sum(p.numel() for p in handle.model.parameters())
-    else:
-        out["engine_start_seconds"] = round(handle.timings["engine_start"], 2)
-        out["open_sources_seconds"] = round(handle.timings["open_sources"], 2)
-    close(handle)
-    return out
+    def summary(self) -> dict:
+        args, mk_method = self.args, self.mk_method
+        med = {k: {m: round(statistics.median(v), 4) for m, v in r.items()} for k, r in self.rows.items()}
+        in_place_mk = "in_place_mergekit_method" if mk_method != args.method else None
+        out = {
+            "methods": {"in_place": args.method, "naive_evomerge": args.method,
+                        "naive_mergekit": mk_method or "skipped: mergekit is not installed in this environment"},
+            "same_scores_in_place_and_naive": self.agree,
+            "max_abs_weight_diff_naive_vs_in_place": {k: float(v) for k, v in self.weight_diff.items()},
+            "seconds_median": med,
+            "naive_disk_seconds_median": {k: round(statistics.median(v), 4) for k, v in self.disk.items()},
+            "swap_over_score": {k: round(m["swap"] / m["score"], 4) for k, m in med.items()},
+            "naive_evomerge_over_in_place": {k: round(m["naive_evomerge"] / (m["swap"] + m["score"]), 2) for k, m in med.items()},
+        }
+        if mk_method:
+            out["naive_mergekit_over_in_place"] = {
+                k: round(m["naive_mergekit"] / (m[in_place_mk] if in_place_mk else m["swap"] + m["score"]), 2)
+                for k, m in med.items()}
+        if self.backend == "hf":
+            out["batch_size"] = args.batch_size
+            out["parameters"] = sum(p.numel() for p in self.handle.model.parameters())
+        else:
+            out["engine_start_seconds"] = round(self.handle.timings["engine_start"], 2)
+            out["open_sources_seconds"] = round(self.handle.timings["open_sources"], 2)
+        return out
 
 
 def run_vllm(args: argparse.Namespace) -> dict:

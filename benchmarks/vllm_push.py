@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 # The baseline sends a function to the workers (`collective_rpc` with a callable), which vLLM pickles only
 # when this is set; it must be set before the engine (and its processes) start.
@@ -128,7 +129,7 @@ def median(xs: list[float]) -> float:
     return round(statistics.median(xs), 3)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=16)
@@ -140,7 +141,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="the engine's dtype")
     ap.add_argument("--models", help="keep the random checkpoints here (reused on the next run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_push.json"))
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _measure(args: argparse.Namespace) -> SimpleNamespace:
+    """The engine's one-time costs, then each candidate pushed as a recipe, as bytes, and (the first `restarts`)
+    through a fresh engine; what the summary reads."""
     from evomerge.fitness.vllm_handle import VLLMHandle
 
     scratch = Path(tempfile.mkdtemp(prefix="vllm_push_"))
@@ -206,29 +212,40 @@ def main() -> None:
         handle.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return SimpleNamespace(params=params, sources=sources, build_s=build_s, timings=handle.timings, first_recipe=first_recipe,
+                           first_bytes=first_bytes, rows=rows, parts=parts, recipe_bytes=recipe_bytes, blob_bytes=blob_bytes,
+                           agree=agree, changed=changed, worker_memory=worker_memory, pid=pid, same_pid=same_pid, pushes=pushes)
 
-    med = {k: median(v) for k, v in rows.items() if v}
+
+def _summary(args: argparse.Namespace, m: SimpleNamespace) -> dict:
+    med = {k: median(v) for k, v in m.rows.items() if v}
     out = {
-        "model": {"parameters": params, "stored_dtype": "bfloat16", "hidden": args.hidden, "layers": args.layers,
-                  "heads": args.heads, "intermediate": args.intermediate, "sources": len(sources),
-                  "build_seconds": round(build_s, 1)},
+        "model": {"parameters": m.params, "stored_dtype": "bfloat16", "hidden": args.hidden, "layers": args.layers,
+                  "heads": args.heads, "intermediate": args.intermediate, "sources": len(m.sources),
+                  "build_seconds": round(m.build_s, 1)},
         "engine": {"dtype": args.dtype, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                   "start_seconds": round(handle.timings["engine_start"], 1),
-                   "open_sources_seconds": round(handle.timings["open_sources"], 2)},
+                   "start_seconds": round(m.timings["engine_start"], 1),
+                   "open_sources_seconds": round(m.timings["open_sources"], 2)},
         "candidates": args.candidates, "restarts": min(args.restarts, args.candidates),
-        "first_push_seconds": {"recipe_push": round(first_recipe, 2), "bytes_push": round(first_bytes["total"], 2)},
+        "first_push_seconds": {"recipe_push": round(m.first_recipe, 2), "bytes_push": round(m.first_bytes["total"], 2)},
         "seconds_per_candidate_median": med,
-        "stage_seconds_median": {k: median(v) for k, v in parts.items()},
-        "bytes_per_candidate_per_rank": {"recipe_json": max(recipe_bytes), "safetensors_blob": max(blob_bytes),
-                                         "blob_over_recipe": round(max(blob_bytes) / max(recipe_bytes))},
+        "stage_seconds_median": {k: median(v) for k, v in m.parts.items()},
+        "bytes_per_candidate_per_rank": {"recipe_json": max(m.recipe_bytes), "safetensors_blob": max(m.blob_bytes),
+                                         "blob_over_recipe": round(max(m.blob_bytes) / max(m.recipe_bytes))},
         "bytes_push_over_recipe_push": round(med["bytes_push"] / med["recipe_push"], 2),
         **({"engine_restart_over_recipe_push": round(med["engine_restart"] / med["recipe_push"], 1)}
            if "engine_restart" in med else {}),
-        "same_greedy_as_recipe_push": agree if args.restarts else {"bytes_push": agree["bytes_push"]},
-        "candidates_decode_differently": len({json.dumps(c) for c in changed}) == len(changed),
-        "same_engine_process": same_pid == pid, "recipe_pushes": pushes,
-        "vllm_worker_memory": worker_memory,
+        "same_greedy_as_recipe_push": m.agree if args.restarts else {"bytes_push": m.agree["bytes_push"]},
+        "candidates_decode_differently": len({json.dumps(c) for c in m.changed}) == len(m.changed),
+        "same_engine_process": m.same_pid == m.pid, "recipe_pushes": m.pushes,
+        "vllm_worker_memory": m.worker_memory,
     }
+    return out
+
+
+def main() -> None:
+    args = _arguments()
+    out = _summary(args, _measure(args))
     text = json.dumps(out, indent=2)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
