@@ -112,21 +112,8 @@ class LayerWeights(SearchSpace):
         self.layer_modules = [m for m in self.filters if m != EMBEDDINGS] + [DEFAULT]
         self.params = ["weight", "density"] if facts.sparse else ["weight"]
         self.random = facts.random
-        n_groups = 1 if granularity == 0 else math.ceil(self.num_layers / granularity)
-        size = self.num_layers if granularity == 0 else granularity
-        self.groups = [(g * size, min(self.num_layers, (g + 1) * size)) for g in range(n_groups)]
-        self.knots: list[int] | None = None  # layers the curve passes through (whole layers: decode(encode(r)) == r)
-        if knots is not None:
-            if not isinstance(knots, int) or not 2 <= knots <= self.num_layers:
-                raise UserError(f"knots must be an integer from 2 to num_layers ({self.num_layers}), got {knots!r}")
-            self.knots = [round(v) for v in np.linspace(0, self.num_layers - 1, knots)]
-            self.groups = [(k, k + 1) for k in self.knots]
-            n_groups = knots
-        self.lines = bool(lines)
-        if self.lines:  # LiNeS: a start at layer 0 and a slope to the last layer, the knots 0 and L-1 re-parametrised
-            if knots is not None or self.num_layers < 2:
-                raise UserError("lines takes the place of knots and needs num_layers >= 2")
-            self.knots, self.groups, n_groups = [0, self.num_layers - 1], [(0, 1), (1, 2)], 2
+        self._depth(granularity, knots, lines)
+        n_groups = len(self.groups)
         self.ranges = {"weight": (-weight_max if negative_weights else 0.0, weight_max), "density": (lo_d, hi_d)}
         starts = {"weight": initial_weight, "density": initial_density}
         # slots: (group index or None for embeddings, module, source, param), in genome order
@@ -141,6 +128,24 @@ class LayerWeights(SearchSpace):
                                 self.bounds[:, 0], self.bounds[:, 1])
         self._index = {slot: i for i, slot in enumerate(self._slots)}
 
+
+    def _depth(self, granularity: int, knots: int | None, lines: bool) -> None:
+        """The layer groups the genome's values are for: `granularity` layers each, or `knots` points a curve over
+        depth passes through (whole layers: decode(encode(r)) == r), or LiNeS' start and slope."""
+        n_groups = 1 if granularity == 0 else math.ceil(self.num_layers / granularity)
+        size = self.num_layers if granularity == 0 else granularity
+        self.groups = [(g * size, min(self.num_layers, (g + 1) * size)) for g in range(n_groups)]
+        self.knots: list[int] | None = None
+        if knots is not None:
+            if not isinstance(knots, int) or not 2 <= knots <= self.num_layers:
+                raise UserError(f"knots must be an integer from 2 to num_layers ({self.num_layers}), got {knots!r}")
+            self.knots = [round(v) for v in np.linspace(0, self.num_layers - 1, knots)]
+            self.groups = [(k, k + 1) for k in self.knots]
+        self.lines = bool(lines)
+        if self.lines:  # LiNeS: a start at layer 0 and a slope to the last layer, the knots 0 and L-1 re-parametrised
+            if knots is not None or self.num_layers < 2:
+                raise UserError("lines takes the place of knots and needs num_layers >= 2")
+            self.knots, self.groups = [0, self.num_layers - 1], [(0, 1), (1, 2)]
     def _slope_range(self, param: str) -> tuple[float, float]:
         lo, hi = self.ranges[param]
         return lo - hi, hi - lo

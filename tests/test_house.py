@@ -4,6 +4,7 @@ no function over 80 lines but the numba kernels (evomerge/merge/kernels.py)."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "evomerge"
@@ -11,7 +12,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "evomerge"
 
 def _modules() -> dict[str, ast.Module]:
     out = {}
-    for f in sorted(PACKAGE.rglob("*.py")):
+    # fitness/ and search_spaces/ are links into the package
+    files = [Path(d) / f for d, _, fs in os.walk(PACKAGE, followlinks=True) for f in fs if f.endswith(".py")]
+    for f in sorted(files):
         rel = f.relative_to(PACKAGE.parent).with_suffix("")
         if "models" in rel.parts:  # the real zoo's built weights, never source
             continue
