@@ -1,7 +1,7 @@
 """What this machine has, as the dry-run plan and the materializer read it: host memory available; where
 evomerge keeps what it computes once per machine (its cache directory); how a file is written on its disk (whole
-or not at all); and where a worker's scoring model
-lives and in what dtype: `fitness.handle: {device: auto|cpu|cuda|cuda:N, dtype: auto|float32|bfloat16|float16}`.
+or not at all); and where a worker's scoring model lives and in what dtype: `fitness.handle: {device:
+auto|cpu|cuda|cuda:N, dtype: auto|float32|bfloat16|float16}`.
 
 `auto` device: the worker's GPU when it has one (a Ray actor sees only the GPUs it reserved:
 `executor.gpus_per_worker`), else the CPU. `auto` dtype: bfloat16 on a GPU (float16 where the GPU has

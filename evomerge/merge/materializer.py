@@ -285,11 +285,10 @@ class Materializer:
                 bound = f"at least {method.min_inputs}"
             raise UserError(f"{method.name} takes {bound} input models (base included), got {n}")
         for p in planned:
-            for i, inp in enumerate(p.inputs):
+            for inp in p.inputs:
                 if not self._has(inp.model, inp.tensor):
                     raise UserError(f"model {inp.model!r} has no tensor {inp.tensor} (check the slices' layer_range)")
-                for spec in method.model_params(i == p.base):  # a parameter missing anywhere: said before any merge
-                    resolve(spec, inp.scopes, inp.tensor, p.t, f"model {inp.model!r} at {inp.tensor}")
+            self._model_params(method, p)  # a parameter missing anywhere: said before any merge
 
     def _new_merge(self, method: Method, planned: list[Planned], seed: int, recipe: Recipe) -> _Merge:
         dtype = parse_dtype(recipe.dtype)
