@@ -62,6 +62,8 @@ class CMAES(Optimizer):
         self._generation_index = 0
         self._failed_generations = 0
         self._es = self._new_es(self._u(self.x0) if self.x0 is not None else np.full(self.dim, 0.5), self.popsize)
+        if self.x0 is not None:  # the start itself (a space's untuned recipe) is the first candidate, told like any other
+            self._es.inject([self._u(self.x0)], force=True)
         self._gen: Generation | None = None
 
     # normalised coordinates
