@@ -3,12 +3,18 @@ and against examples scored, for every search of every seed (the evolved run and
 
     python benchmarks/curves.py --claim real      # after `headline.py --claim real`: its runs, read back
     python benchmarks/curves.py                   # the demo's (runs/headline/headline)
+    python benchmarks/curves.py --zoo runs/zoo_seed1
 
 The best so far is each run's own best (its config's `best`: the first objective, or the front's knee) after each
 evaluation (evomerge.results.journal.Run.best_history); each distinct one is scored once on the run's held-out tasks
 through one model handle, so a curve costs a held-out scoring per change of the best, not per evaluation.
 Writes benchmarks/results/curves_<headline artifact>.json: per run its points (evaluations, examples scored,
 candidate, held-out values), and per row and column the mean over seeds at each evaluation count.
+
+Sample efficiency (the demo's claims): each seed's evolved search is run again with CMA-ES (the demo's search before
+the Bayesian default, same space, fitness, budget and seed; in SEED/compare/CMA-ES, resumed or read back like any
+comparison), and the artifact's `sample_efficiency` gives, per seed, the held-out score CMA-ES's best reaches at
+the full budget and the first evaluation count at which the default's best so far scores at least as much.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ import memstat  # noqa: E402
 from headline import CLAIMS, RESULTS, RUNS, artifact_name  # noqa: E402
 
 EVOLVED = "evolved best"
+BASELINE = "CMA-ES"  # the baseline of the sample-efficiency figure, searched as a comparison row of its own
+BASELINE_SEARCH = {"optimizer": {"name": "cmaes", "options": {"sigma0": 0.2}}}
 
 
 def searches(seed_dir: Path) -> dict[str, Path]:
@@ -39,6 +47,35 @@ def config(seed_dir: Path):
 
     with RunStore.open(seed_dir, readonly=True) as store:
         return parse_config(store.config)
+
+
+def baseline(seed_dir: Path) -> Path:
+    """The seed's evolved search done with CMA-ES instead (searched once, then read back)."""
+    from evomerge.config import parse_config
+    from evomerge.results.comparisons import run_comparison
+
+    data = config(seed_dir).to_dict()
+    data["holdout"]["compare"] = {BASELINE: BASELINE_SEARCH}
+    return run_comparison(parse_config(data), seed_dir, BASELINE)
+
+
+def reach(points: list[dict], target: float, column: str) -> int | None:
+    """The first evaluation count whose best so far scores at least `target` held out (None: never)."""
+    return next((p["evaluations"] for p in points if p["heldout"][column] >= target - 1e-9), None)
+
+
+def efficiency(runs: list[dict], column: str) -> dict:
+    per_seed = []
+    for r in runs:
+        if r["row"] != BASELINE:
+            continue
+        mine = next(x for x in runs if x["seed"] == r["seed"] and x["row"] == EVOLVED)
+        target = at(r["points"], r["evaluations"], column)
+        per_seed.append({"seed": r["seed"], "baseline_at_budget": target, "baseline_budget": r["evaluations"],
+                         "evaluations_to_reach": reach(mine["points"], target, column)})
+    needed = [s["evaluations_to_reach"] for s in per_seed]
+    return {"baseline": BASELINE, "search": BASELINE_SEARCH, "column": column, "per_seed": per_seed,
+            "most": None if None in needed else max(needed)}
 
 
 def curve(run_dir: Path, score) -> tuple[list[dict], int]:
@@ -102,7 +139,10 @@ def main() -> None:
     runs = []
     for seed_dir in seeds:
         score = scorer(seed_dir)
-        for row, run_dir in searches(seed_dir).items():
+        rows = searches(seed_dir)
+        if CLAIMS[args.claim].get("efficiency"):
+            rows[BASELINE] = baseline(seed_dir)
+        for row, run_dir in rows.items():
             points, done = curve(run_dir, score)
             runs.append({"seed": int(seed_dir.name[4:]), "row": row, "evaluations": done, "points": points})
             print(f"seed {runs[-1]['seed']} {row}: {len(runs[-1]['points'])} bests scored", flush=True)
@@ -115,11 +155,12 @@ def main() -> None:
         mean[row] = {c: {str(n): (sum(v) / len(v) if (v := [x for r in mine if (x := at(r["points"], n, c)) is not None])
                                   else None) for n in marks} for c in columns}
     result = {"benchmark": "curves", "claim": args.claim, "headline": name, "columns": columns, "marks": marks,
-              "runs": runs, "mean": mean, "seconds": round(time.perf_counter() - t0, 1),
+              "runs": runs, "mean": mean,
+              "sample_efficiency": efficiency(runs, columns[0]) if CLAIMS[args.claim].get("efficiency") else None, "seconds": round(time.perf_counter() - t0, 1),
               "machine": memstat.machine(), "versions": memstat.versions(ROOT)}
     out = args.out or RESULTS / f"curves_{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"artifact": str(out), "mean": mean}))
+    print(json.dumps({"artifact": str(out), "mean": mean, "sample_efficiency": result["sample_efficiency"]}))
 
 
 if __name__ == "__main__":

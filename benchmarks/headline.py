@@ -34,7 +34,8 @@ import memstat  # noqa: E402  (machine facts and versions, shared with the other
 # per claim: the ready run, and the held-out columns its table shows (name as the table labels it)
 CLAIMS = {
     "demo": {"config": "demo.yaml", "columns": {"acc_tf/math_j": "J math (target)",
-                                                 "acc_tf/lang_j": "J instructions (LANG's task)"}},
+                                                 "acc_tf/lang_j": "J instructions (LANG's task)"},
+             "efficiency": True},  # curves.py measures the default's evaluations against CMA-ES's
     "digits": {"config": "digits_m2n2.yaml", "columns": {"test_acc": "all ten digits"}},
     # two real experts of SmolLM2-135M-Instruct: the claim is that the merge keeps both skills at once
     "real": {"config": "real.yaml", "zoo": "evomerge/zoo/real", "columns": {"acc_tf/math": "MATH (sums)", "acc_tf/fr": "FR (numbers in French)"},

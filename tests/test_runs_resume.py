@@ -73,7 +73,7 @@ _SKILL = {"function": "runs_fixtures:logged_skill_examples", "objectives": [{"na
 @pytest.mark.parametrize("optimizer,fitness", [
     ({"name": "cmaes", "options": {"popsize": 6}}, None), ({"name": "random"}, None),
     ({"name": "nsga2", "options": {"popsize": 6}}, None), ({"name": "m2n2"}, None),
-    ({"name": "optuna", "options": {"sampler": "tpe"}}, None),
+    ({"name": "optuna", "options": {"sampler": "gp"}}, None), ({"name": "optuna", "options": {"sampler": "tpe"}}, None),
     ({"name": "optuna", "options": {"sampler": "cmaes", "sampler_options": {"popsize": 6}}}, None),
     ({"name": "optuna", "options": {"sampler": "nsga2", "sampler_options": {"population_size": 6}}}, None),
     ({"name": "nevergrad", "options": {"optimizer": "TwoPointsDE", "num_workers": 4}}, None),
@@ -81,7 +81,7 @@ _SKILL = {"function": "runs_fixtures:logged_skill_examples", "objectives": [{"na
     # racing and anchor state (thresholds, strata, the plans of candidates in flight) restored exactly
     ({"name": "cmaes", "options": {"popsize": 6}}, {**_SKILL, "racing": {"chunk": 50}}),
     ({"name": "random"}, {**_SKILL, "subset": {"anchors": 20, "warmup": 4, "refit_every": 3, "full_every": 4}}),
-], ids=["cmaes", "random", "nsga2", "m2n2", "optuna-tpe", "optuna-cmaes", "optuna-nsga2", "nevergrad-de",
+], ids=["cmaes", "random", "nsga2", "m2n2", "optuna-gp", "optuna-tpe", "optuna-cmaes", "optuna-nsga2", "nevergrad-de",
         "map", "cmaes-racing", "random-subset"])
 def test_sigkill_any_time_then_resume_gives_the_uninterrupted_history(tmp_path, optimizer, fitness):
     cfg = _config(tmp_path, optimizer, fitness)

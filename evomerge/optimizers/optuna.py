@@ -1,13 +1,17 @@
 """Optuna samplers behind the ask/tell protocol: an in-memory study used through `study.ask` / `study.tell`.
 
-Options: `sampler` ("tpe", "cmaes", "nsga2"; multi-objective studies need "tpe" or "nsga2"),
-`sampler_options` (passed to the sampler's constructor).
+Options: `sampler` ("gp", "tpe", "cmaes", "nsga2"; multi-objective studies need "tpe" or "nsga2", or "gp" at
+seconds an ask),
+`sampler_options` (passed to the sampler's constructor). "gp" is Bayesian optimisation (a Gaussian process and
+log expected improvement, optuna's GPSampler): the most per evaluation for budgets of a few hundred, at a cost per
+ask that grows with the trials told (a second or so at 300 on a CPU core), which is nothing beside scoring a merge.
 
 Not generational: `ask(n)` always returns n trials. Failures are told to Optuna as FAIL trials, which its
 samplers skip; the study then samples elsewhere (no penalty value is invented). Dimensions are named
 x0, x1, ... in the study. A snapshot holds no optuna object: the study's trials and attributes as plain data and
 the sampler's numpy random states, from which a fresh study of the same sampler and seed is rebuilt (a live study
-does not pickle in every release: optuna 5.1's GA samplers hold a thread lock).
+does not pickle in every release: optuna 5.1's GA samplers hold a thread lock). GPSampler also starts each fit of its
+kernel from the last one's parameters; the snapshot keeps them as arrays, so a resumed study fits as the first did.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 from evomerge.optimizers.base import Optimizer, StateMismatch
 from evomerge.records import Evaluation, UserError
 
-SAMPLERS = ("tpe", "cmaes", "nsga2")
+SAMPLERS = ("gp", "tpe", "cmaes", "nsga2")
 
 
 class OptunaSampler(Optimizer):
@@ -38,7 +42,8 @@ class OptunaSampler(Optimizer):
             raise UserError("optuna's cmaes sampler optimises one objective; for several use tpe or nsga2")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         opts = dict(sampler_options or {})
-        cls = {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler, "nsga2": optuna.samplers.NSGAIISampler}[sampler]
+        cls = {"gp": optuna.samplers.GPSampler, "tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
+               "nsga2": optuna.samplers.NSGAIISampler}[sampler]
         if sampler == "cmaes" and self.x0 is not None:
             opts.setdefault("x0", {f"x{i}": float(v) for i, v in enumerate(self.x0)})
         self._sampler = (cls, opts)
@@ -87,7 +92,7 @@ class OptunaSampler(Optimizer):
                   for t in self._study.get_trials(deepcopy=False)]
         return {"trials": trials, "study_attrs": storage.get_study_system_attrs(sid),
                 "rngs": {path: rng.get_state() for path, rng in _random_states(self._study.sampler)},
-                "pending": dict(self._trials)}
+                "kernels": _kernels(self._study.sampler), "pending": dict(self._trials)}
 
     def _load(self, state: dict[str, Any]) -> None:
         from optuna.trial import TrialState, create_trial
@@ -106,7 +111,31 @@ class OptunaSampler(Optimizer):
             raise StateMismatch("optuna's sampler holds other random states than the snapshot's (another optuna release?)")
         for path, rng in rngs.items():
             rng.set_state(state["rngs"][path])
+        _set_kernels(self._study.sampler, state.get("kernels"))  # none in snapshots before the gp sampler
         self._trials = {int(k): int(v) for k, v in state["pending"].items()}
+
+
+def _kernels(sampler: Any) -> list[tuple[np.ndarray, float, float]] | None:
+    """GPSampler's last fitted kernel parameters per objective (the start of its next fit), or None."""
+    cache = getattr(sampler, "_gprs_cache_list", None)
+    return None if cache is None else [(g.inverse_squared_lengthscales.detach().numpy().copy(), float(g.kernel_scale), float(g.noise_var))
+                                       for g in cache]
+
+
+def _set_kernels(sampler: Any, kernels: list[tuple[np.ndarray, float, float]] | None) -> None:
+    if kernels is None:
+        return
+    import torch
+    from optuna._gp.gp import GPRegressor
+
+    if not hasattr(sampler, "_gprs_cache_list"):
+        raise StateMismatch("the snapshot holds GP kernel parameters that this optuna's sampler does not keep")
+    # only these three are read from the cache (optuna's fit_kernel_params); the training data is the fit's own
+    sampler._gprs_cache_list = [
+        GPRegressor(is_categorical=torch.zeros(len(ls), dtype=torch.bool), X_train=torch.zeros(1, len(ls), dtype=torch.float64),
+                    y_train=torch.zeros(1, dtype=torch.float64), inverse_squared_lengthscales=torch.from_numpy(ls),
+                    kernel_scale=torch.tensor(scale, dtype=torch.float64), noise_var=torch.tensor(noise, dtype=torch.float64))
+        for ls, scale, noise in kernels]
 
 
 def _random_states(obj: Any, path: str = "sampler", seen: set[int] | None = None):
