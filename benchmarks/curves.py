@@ -123,6 +123,28 @@ def at(points: list[dict], n: int, column: str) -> float | None:
     return known[-1]["heldout"][column] if known else None
 
 
+def markdown(result: dict) -> str:
+    """The curves' means as a table (held-out % of the best so far per evaluation count, one row per search), and
+    the sample-efficiency line when the artifact has one."""
+    column, marks = result["columns"][0], result["marks"]
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    lines = [f"Held-out {column} % of each search's best so far, mean over search seeds {', '.join(map(str, seeds))} "
+             f"(`benchmarks/curves.py` → `benchmarks/results/curves_{result['headline']}.json`):", "",
+             "| search | " + " | ".join(f"{n} evaluations" if n == marks[0] else str(n) for n in marks) + " |",
+             "|---" * (len(marks) + 1) + "|"]
+    for row, cols in result["mean"].items():
+        cells = ["" if cols[column][str(n)] is None else f"{100 * cols[column][str(n)]:.1f}" for n in marks]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    eff = result.get("sample_efficiency")
+    if eff:
+        per = eff["per_seed"]
+        reached = ", ".join(f"{'never' if s['evaluations_to_reach'] is None else s['evaluations_to_reach']} "
+                            f"(seed {s['seed']}: {100 * s['baseline_at_budget']:.1f})" for s in per)
+        lines += ["", f"Evaluations the evolved search needs to reach the held-out score {eff['baseline']} reaches at "
+                      f"{per[0]['baseline_budget']}: {reached}; at most {eff['most']}."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--claim", choices=sorted(CLAIMS), default="demo")
@@ -160,7 +182,7 @@ def main() -> None:
               "machine": memstat.machine(), "versions": memstat.versions(ROOT)}
     out = args.out or RESULTS / f"curves_{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"artifact": str(out), "mean": mean, "sample_efficiency": result["sample_efficiency"]}))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

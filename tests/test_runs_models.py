@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from evomerge import open_run
 from evomerge.run.assemble import open_engine
-from evomerge.config import load_config
+from evomerge.config import load_config, parse_config
 from evomerge.results.export import export_run
 from evomerge.merge import Materializer
 from evomerge.results.report import render
@@ -131,3 +131,19 @@ def test_two_tasks_default_to_a_front_whose_knee_is_the_best_held_out_and_export
     exported = load_file(tmp_path / "run" / "best_model" / "model.safetensors")
     expected = Materializer({k: str(v) for k, v in tiny_models.items()}, base="base").materialize(run.recipe(want))
     assert all(torch.equal(exported[k], t.to(exported[k].dtype)) for k, t in expected.items())
+
+
+@pytest.mark.parametrize("tasks,budget,want", [
+    (1, {"evaluations": 300}, ("optuna", {"sampler": "gp"})),  # one skill within a budget a user pays for: Bayesian
+    (1, {"evaluations": 1001}, ("cmaes", {})),  # a Gaussian process's ask grows with the trials: CMA-ES beyond
+    (1, {"wall_time": "1h"}, ("cmaes", {})),  # no known number of trials
+    (2, {"evaluations": 300}, ("nsga2", {})),  # several skills: a front
+])
+def test_the_default_search_follows_the_tasks_and_the_budget(tiny_models, tmp_path, tasks, budget, want):
+    task = {"path": "t.jsonl", "metrics": ["token_accuracy"]}
+    cfg = parse_config({"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
+                        "space": {"name": "layer_weights", "options": {"method": "task_arithmetic"}},
+                        "fitness": {"tasks": [{"name": f"t{i}", **task} for i in range(tasks)]}, "budget": budget})
+    assert (cfg.optimizer.name, cfg.optimizer.options) == want
+    # the choice is written down: a resumed run (its stored config) searches as it began, whatever the default becomes
+    assert parse_config(cfg.to_dict()).optimizer == cfg.optimizer

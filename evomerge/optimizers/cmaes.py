@@ -9,6 +9,9 @@ two-point adaptation, default cma's own choice, which is TPA from a few hundred 
 19,210-dimensional digits problem TPA shrank σ 50-fold within 8k evaluations and stalled where CSA kept
 climbing: benchmarks/m2n2_digits.py), `cma_options` (passed to cma as they are).
 
+The start (x0, a space's untuned recipe) is injected into the first generation, so it is scored first and told like
+any other member (cma's `inject`): a search never skips the merge it started from.
+
 Generational: `ask` hands out the current generation in pieces and returns [] once it is all out; the
 generation is told to cma when every member has a result. Failures (failed, NaN) get a penalty worse than
 every loss seen so far, so they rank last; cma is rank based, so the size of the penalty does not matter.
