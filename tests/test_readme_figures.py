@@ -44,6 +44,23 @@ def test_headline_tables_equal_the_artifacts(doc, marker, artifact):
     assert _block((ROOT / doc).read_text(), marker) == headline.markdown(result)
 
 
+@pytest.mark.parametrize("doc, marker, artifact", [("README.md", "curves", "curves_headline"),
+                                                   ("evomerge/zoo/CARD.md", "curves-zoo-seed1", "curves_headline_zoo_seed1")])
+def test_curves_tables_equal_the_artifacts(doc, marker, artifact):
+    spec = importlib.util.spec_from_file_location("curves", ROOT / "benchmarks" / "curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    result = json.loads((ROOT / "benchmarks" / "results" / f"{artifact}.json").read_text())
+    headline = json.loads((ROOT / "benchmarks" / "results" / f"{result['headline']}.json").read_text())
+    # the curves are of the committed headline's runs: the same seeds, and each search's best scores as its table
+    assert sorted({r["seed"] for r in result["runs"]}) == headline["seeds"]
+    for r in result["runs"]:
+        row = headline["runs"][headline["seeds"].index(r["seed"])]["rows"].get(r["row"])
+        if row is not None:
+            assert r["points"][-1]["heldout"][result["columns"][0]] == pytest.approx(row[result["columns"][0]])
+    assert _block((ROOT / doc).read_text(), marker, "benchmarks/curves.py") == curves.markdown(result)
+
+
 def test_map_vs_nsga2_table_equals_the_artifact():
     spec = importlib.util.spec_from_file_location("map_vs_nsga2", ROOT / "benchmarks" / "map_vs_nsga2.py")
     bench = importlib.util.module_from_spec(spec)
