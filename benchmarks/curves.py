@@ -128,7 +128,8 @@ def markdown(result: dict) -> str:
     the sample-efficiency line when the artifact has one."""
     column, marks = result["columns"][0], result["marks"]
     seeds = sorted({r["seed"] for r in result["runs"]})
-    lines = [f"Held-out {column} % of each search's best so far, mean over search seeds {', '.join(map(str, seeds))} "
+    label = CLAIMS[result["claim"]]["columns"][column]
+    lines = [f"Held-out {label} % of each search's best so far, mean over search seeds {', '.join(map(str, seeds))} "
              f"(`benchmarks/curves.py` → `benchmarks/results/curves_{result['headline']}.json`):", "",
              "| search | " + " | ".join(f"{n} evaluations" if n == marks[0] else str(n) for n in marks) + " |",
              "|---" * (len(marks) + 1) + "|"]
