@@ -72,14 +72,14 @@ class SpaceConfig(_Strict):
 
 
 FRONT_OPTIMIZERS = ("nsga2", "map")  # they search a front over every objective
-# the most evaluations the default single-objective search is Bayesian for: a Gaussian process's ask grows with the
-# trials told (about 0.7 s at 300 on a CPU core, cubic beyond), CMA-ES's does not
+# the most evaluations the default search is Bayesian for: a Gaussian process's ask grows with the trials told (about
+# a second at 300 on a CPU core, cubic beyond), NSGA-II's and CMA-ES's do not
 GP_UP_TO = 1000
 
 
 class OptimizerConfig(_Strict):
-    # default: nsga2 when the fitness scores several tasks (a front); for one, Bayesian optimisation (optuna's gp)
-    # when the budget counts at most GP_UP_TO evaluations, else cmaes
+    # default: Bayesian optimisation (optuna's gp, over every objective) when the budget counts at most GP_UP_TO
+    # evaluations; beyond, nsga2 when the fitness scores several tasks (a front), else cmaes
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     start: Literal["space", "none"] = "space"  # start from the space's initial point, or let the optimizer pick
@@ -335,19 +335,19 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _defaults(self) -> RunConfig:
-        """Several tasks are several skills: by default the search keeps a front and the best is its knee, rather
-        than the first task's best, which may have lost the others (as on a real MATH + FR merge). One task within a
-        budget of evaluations a user pays for gets the search that needs fewest to get there (benchmarks/curves.py)."""
+        """Within a budget of evaluations a user pays for, the search that needs fewest to get there: a Gaussian
+        process over every objective (benchmarks/curves.py on the zoo; on the real MATH + FR merge it kept both skills
+        where NSGA-II lost MATH's). Several tasks are several skills: the search keeps a front and the best is its
+        knee, rather than the first task's best, which may have lost the others."""
+        several = self.fitness.task_count() > 1
         if self.optimizer.name is None:
             evaluations = self.budget.evaluations
-            if self.fitness.task_count() > 1:
-                self.optimizer.name = "nsga2"
-            elif evaluations is not None and evaluations <= GP_UP_TO:
+            if evaluations is not None and evaluations <= GP_UP_TO:
                 self.optimizer.name, self.optimizer.options = "optuna", {"sampler": "gp", **self.optimizer.options}
             else:
-                self.optimizer.name = "cmaes"
+                self.optimizer.name = "nsga2" if several else "cmaes"
         if self.best is None:
-            self.best = "knee" if self.optimizer.name in FRONT_OPTIMIZERS else "first"
+            self.best = "knee" if several or self.optimizer.name in FRONT_OPTIMIZERS else "first"
         return self
 
     @model_validator(mode="after")

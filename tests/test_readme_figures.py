@@ -31,6 +31,7 @@ def _block(text: str, marker: str, script: str = "benchmarks/headline.py") -> st
 @pytest.mark.parametrize("doc, marker, artifact", [
     ("README.md", "headline", "headline"),
     ("README.md", "headline-digits", "headline_digits"),
+    ("README.md", "headline-real", "headline_real"),
     ("evomerge/zoo/CARD.md", "headline", "headline"),
     ("evomerge/zoo/CARD.md", "headline-zoo-seed1", "headline_zoo_seed1"),
 ])

@@ -103,19 +103,19 @@ def test_pareto_explorer_notebook_clicks_picks_shows_and_exports(model_run, tmp_
 
 
 def test_two_tasks_default_to_a_front_whose_knee_is_the_best_held_out_and_exported(tiny_models, tmp_path):
-    """Two skills: with no optimizer named, the run searches a front (NSGA-II) and its best, what the held-out
-    table scores and the export writes, is the front's knee, not the first task's best."""
+    """Two skills: with no optimizer named, the run searches a front (a Gaussian process over both objectives) and
+    its best, what the held-out table scores and the export writes, is the front's knee, not the first task's best."""
     for name, n in (("t1", 3), ("t2", 4)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"{i}*{n}=", "reference": str(i * n)}) + "\n"
                                                         for i in range(3)))
     tasks = [{"name": t, "path": f"{t}.jsonl", "metrics": ["token_accuracy"]} for t in ("t1", "t2")]
     cfg = {"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
            "space": {"name": "layer_weights", "options": {"method": "task_arithmetic", "granularity": 0}},
-           "optimizer": {"options": {"popsize": 4}}, "fitness": {"tasks": tasks, "handle": {"batch_size": 4}},
+           "fitness": {"tasks": tasks, "handle": {"batch_size": 4}},
            "budget": {"evaluations": 8}, "seed": 0, "holdout": {"tasks": tasks, "export": "best_model"}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     loaded = load_config(tmp_path / "run.yaml")
-    assert (loaded.optimizer.name, loaded.best) == ("nsga2", "knee")
+    assert (loaded.optimizer.name, loaded.optimizer.options, loaded.best) == ("optuna", {"sampler": "gp"}, "knee")
     engine = open_engine(loaded, tmp_path / "run", resume=False)
     assert engine.run() == "budget: evaluations"
     engine.store.close()
@@ -137,7 +137,8 @@ def test_two_tasks_default_to_a_front_whose_knee_is_the_best_held_out_and_export
     (1, {"evaluations": 300}, ("optuna", {"sampler": "gp"})),  # one skill within a budget a user pays for: Bayesian
     (1, {"evaluations": 1001}, ("cmaes", {})),  # a Gaussian process's ask grows with the trials: CMA-ES beyond
     (1, {"wall_time": "1h"}, ("cmaes", {})),  # no known number of trials
-    (2, {"evaluations": 300}, ("nsga2", {})),  # several skills: a front
+    (2, {"evaluations": 300}, ("optuna", {"sampler": "gp"})),  # several skills: a front, Bayesian within the budget
+    (2, {"evaluations": 1001}, ("nsga2", {})),
 ])
 def test_the_default_search_follows_the_tasks_and_the_budget(tiny_models, tmp_path, tasks, budget, want):
     task = {"path": "t.jsonl", "metrics": ["token_accuracy"]}
@@ -145,5 +146,6 @@ def test_the_default_search_follows_the_tasks_and_the_budget(tiny_models, tmp_pa
                         "space": {"name": "layer_weights", "options": {"method": "task_arithmetic"}},
                         "fitness": {"tasks": [{"name": f"t{i}", **task} for i in range(tasks)]}, "budget": budget})
     assert (cfg.optimizer.name, cfg.optimizer.options) == want
+    assert cfg.best == ("knee" if tasks > 1 else "first")  # several skills: the front's most balanced member
     # the choice is written down: a resumed run (its stored config) searches as it began, whatever the default becomes
     assert parse_config(cfg.to_dict()).optimizer == cfg.optimizer
