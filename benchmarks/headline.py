@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -136,6 +137,9 @@ def markdown(result: dict) -> str:
         n = "" if not evals else "-".join(map(str, sorted(evals))) + (" (cut by wall time)" if cut else "")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {n} |")
     *others, evolved = result["summary"]  # the evolved best is the table's last row
+    m, minutes = result["machine"], math.ceil(max(r["search"]["seconds"] for r in result["runs"]) / 60)
+    lines += ["", f"Budget {result['budget']['evaluations']} evaluations a search; the {evolved} search took at most "
+                  f"{minutes} min a seed on {m['cpus']} CPU cores ({m['cpu_model']})."]
     if "experts" in CLAIMS[result["claim"]]:
         k = result["summary_kept"]
         parts = [f"{CLAIMS[result['claim']]['experts'][c]}'s {100 * v:.0f}%" for c, v in k["min"].items() if v is not None]
