@@ -15,6 +15,7 @@ kernel from the last one's parameters; the snapshot keeps them as arrays, so a r
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import numpy as np
@@ -63,7 +64,8 @@ class OptunaSampler(Optimizer):
     def _ask(self, n: int):
         out = []
         for k in range(n):
-            trial = self._study.ask(self._space)
+            with _one_torch_thread(self._sampler[0].__name__ == "GPSampler"):
+                trial = self._study.ask(self._space)
             self._trials[self._next_id + k] = trial.number
             out.append((np.array([trial.params[f"x{i}"] for i in range(self.dim)]), {"trial": trial.number}))
         return out
@@ -111,6 +113,23 @@ class OptunaSampler(Optimizer):
             rng.set_state(state["rngs"][path])
         _set_kernels(self._study.sampler, state.get("kernels"))  # none in snapshots before the gp sampler
         self._trials = {int(k): int(v) for k, v in state["pending"].items()}
+
+
+@contextmanager
+def _one_torch_thread(needed: bool):
+    """GPSampler fits and searches in torch, whose sums change with the thread count: on one thread, a seed gives the
+    same search on every machine (a search with the default threads of a 2-core box and one with 1 parted ways)."""
+    if not needed:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _kernels(sampler: Any) -> list[tuple[np.ndarray, float, float]] | None:
