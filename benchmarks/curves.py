@@ -179,7 +179,8 @@ def main() -> None:
                                   else None) for n in marks} for c in columns}
     result = {"benchmark": "curves", "claim": args.claim, "headline": name, "columns": columns, "marks": marks,
               "runs": runs, "mean": mean,
-              "sample_efficiency": efficiency(runs, columns[0]) if CLAIMS[args.claim].get("efficiency") else None, "seconds": round(time.perf_counter() - t0, 1),
+              "sample_efficiency": efficiency(runs, columns[0]) if CLAIMS[args.claim].get("efficiency") else None,
+              "seconds": round(time.perf_counter() - t0, 1),
               "machine": memstat.machine(), "versions": memstat.versions(ROOT)}
     out = args.out or RESULTS / f"curves_{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

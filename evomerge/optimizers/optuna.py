@@ -46,6 +46,7 @@ class OptunaSampler(Optimizer):
         cls = {"gp": optuna.samplers.GPSampler, "tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
                "nsga2": optuna.samplers.NSGAIISampler}[sampler]
         self._sampler = (cls, opts)
+        self._gp = sampler == "gp"
         self._study = self._new_study()
         if self.x0 is not None:  # scored first, whatever the sampler (optuna deprecated cmaes's own x0 in 4.9)
             self._study.enqueue_trial({f"x{i}": float(v) for i, v in enumerate(self.x0)})
@@ -64,7 +65,7 @@ class OptunaSampler(Optimizer):
     def _ask(self, n: int):
         out = []
         for k in range(n):
-            with _one_torch_thread(self._sampler[0].__name__ == "GPSampler"):
+            with _one_torch_thread(self._gp):
                 trial = self._study.ask(self._space)
             self._trials[self._next_id + k] = trial.number
             out.append((np.array([trial.params[f"x{i}"] for i in range(self.dim)]), {"trial": trial.number}))
@@ -135,8 +136,10 @@ def _one_torch_thread(needed: bool):
 def _kernels(sampler: Any) -> list[tuple[np.ndarray, float, float]] | None:
     """GPSampler's last fitted kernel parameters per objective (the start of its next fit), or None."""
     cache = getattr(sampler, "_gprs_cache_list", None)
-    return None if cache is None else [(g.inverse_squared_lengthscales.detach().numpy().copy(), float(g.kernel_scale), float(g.noise_var))
-                                       for g in cache]
+    if cache is None:
+        return None
+    return [(g.inverse_squared_lengthscales.detach().numpy().copy(), float(g.kernel_scale), float(g.noise_var))
+            for g in cache]
 
 
 def _set_kernels(sampler: Any, kernels: list[tuple[np.ndarray, float, float]] | None) -> None:
