@@ -72,11 +72,11 @@ class PeakSampler(_Sampler):
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    from evomerge.machine import cpu_model
+
     mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal:"))
-    return {"cpu_model": model, "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+    return {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
             "memory_bytes": mem, "kernel": platform.release()}
 
 

@@ -10,6 +10,7 @@ no bfloat16), float32 on the CPU. The materializer merges on the same device.
 from __future__ import annotations
 
 import os
+import platform
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,17 @@ def write_whole(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
         scratch.replace(path)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else the platform's word): a float kernel's sums, and so a training
+    run's weights, may differ between CPU models."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
 
 
 def host_available() -> int | None:

@@ -114,7 +114,8 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
         main_cfg = main.config
     finally:
         main.close()
-    for row, dims in (("random search", 24), ("global TIES", 4)):
+    # the evolved space: a TIES weight and density per layer (6), module (attention, MLP, the rest) and expert (2)
+    for row, dims in (("random search", 72), ("global TIES", 4)):
         sub = open_run(tmp_path / "run" / "compare" / row.replace(" ", "_"))
         try:
             sub_cfg, xs = sub.config, sub.store.candidates()

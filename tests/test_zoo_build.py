@@ -2,6 +2,7 @@
 tiny-budget build through the real CLI writes loadable checkpoints and the task files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -87,6 +88,11 @@ def test_tiny_build_writes_loadable_zoo(tmp_path):
         assert set(rows[0]) == {"prompt", "reference"}
     assert not list(out.glob(".zoo-build-*"))  # the scratch dir was moved in and removed
     assert report["zoo_seed"] == 0 and report["stages"]["base"]["seed"] == 1
+    # what the weights depend on beside the seeds, and the bytes themselves, so another machine's build can be told
+    for name in MODELS:
+        weights = (out / "models" / name / "model.safetensors").read_bytes()
+        assert report["weights_sha256"][name] == hashlib.sha256(weights).hexdigest()
+    assert report["built_on"]["cpu_model"] and report["built_on"]["torch"] == torch.__version__
 
 
 def test_another_zoo_seed_trains_other_models_on_the_same_held_out_splits(tmp_path):

@@ -5,7 +5,9 @@ DIR/data/<task>.jsonl (lines {"prompt", "reference"}), DIR/build.json (seeds, st
 Everything is built in a scratch dir beside DIR and moved in at the end, so a failed build leaves DIR as it was."""
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 import shutil
 import tempfile
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from evomerge.machine import cpu_model
 from evomerge.zoo import tasks
 from evomerge.zoo.languages import J_LETTERS
 from evomerge.zoo.score import accuracy
@@ -49,6 +52,16 @@ ZOO_SEED_STRIDE = 1000
 
 SCORED = ("math_j_test", "math_j_dev", "math_e_dev", "lang_j_dev")  # in build.json; the other test splits stay unseen
 Progress = Callable[[str, int, int], None]  # (stage, steps done in this call, total steps planned)
+
+
+def built_on() -> dict:
+    """What a build's weights depend on besides its seeds, for its build.json: a build is byte-identical on one
+    machine, but the libraries' numerics and the CPU's float kernels move it (the seed-1 zoo trained on an Intel
+    Xeon and on an AMD EPYC gave other weights, with the same library versions)."""
+    import transformers
+
+    return {"cpu_model": cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def tokenizer():
@@ -118,6 +131,7 @@ def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, 
                       if k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                "vocab_size", "max_position_embeddings")}
     report["parameters"] = sum(p.numel() for p in base.parameters())
+    report["built_on"] = built_on()
     for name, model in (("base", base), ("math", math), ("lang", lang)):
         report["scores"][name] = {task: round(accuracy(model, enc, splits[task]), 1) for task in SCORED}
 
@@ -125,6 +139,8 @@ def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, 
     for name, model in (("base", base), ("math", math), ("lang", lang)):
         model.save_pretrained(scratch / "models" / name, safe_serialization=True)
         tok.save_pretrained(str(scratch / "models" / name))
+    report["weights_sha256"] = {name: hashlib.sha256((scratch / "models" / name / "model.safetensors").read_bytes())
+                                .hexdigest() for name in ("base", "math", "lang")}
     (scratch / "data").mkdir()
     for task, exs in splits.items():
         lines = (json.dumps({"prompt": p, "reference": r}, ensure_ascii=False) for p, r in exs)

@@ -204,7 +204,7 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
     from transformers.utils import logging as hf_logging
 
     from evomerge.gguf import checkpoint_dir
-    from evomerge.zoo.build import install
+    from evomerge.zoo.build import built_on, install
     from evomerge.machine import cache_dir
 
     out = Path(out)
@@ -241,7 +241,8 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
         tok.save_pretrained(scratch / "models" / expert.name)
         del model
     report["weights_sha256"] = {name: hashlib.sha256((scratch / "models" / name / "model.safetensors").read_bytes())
-                                .hexdigest() for name in MODELS}  # a rebuild gives the same bytes
+                                .hexdigest() for name in MODELS}  # a rebuild on the same machine gives the same bytes
+    report["built_on"] = built_on()
     t0 = time.perf_counter()
     tests = [t for t in splits() if t.endswith("_test")]
     report["scores"] = {name: scores(scratch / "models" / name, data, tests, limit) for name in MODELS}
