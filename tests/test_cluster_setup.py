@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def test_every_folder_the_repo_ships_under_runs_reaches_the_nodes():
     ships (lm-eval task files) must come by a file mount of its own, where that anchored exclude does not apply."""
     cfg = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     assert "/runs/*/" in cfg["rsync_exclude"]
-    shipped = {p.parent.name for p in (ROOT / "runs").glob("*/*") if p.is_file() and not (p.parent / "run.sqlite").exists()}
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "runs"], capture_output=True, text=True, check=True)
+    shipped = {Path(f).parts[1] for f in tracked.stdout.split() if len(Path(f).parts) > 2}  # git's: not a local zoo
     assert "lmeval_tasks" in shipped
     mounted = {src.removeprefix("./runs/") for dst, src in cfg["file_mounts"].items() if src.startswith("./runs/")}
     assert shipped <= mounted and all(cfg["file_mounts"][f"/home/ubuntu/evomerge/runs/{d}"] == f"./runs/{d}" for d in shipped)
