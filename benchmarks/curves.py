@@ -142,7 +142,8 @@ def markdown(result: dict) -> str:
         reached = ", ".join(f"{'never' if s['evaluations_to_reach'] is None else s['evaluations_to_reach']} "
                             f"(seed {s['seed']}: {100 * s['baseline_at_budget']:.1f})" for s in per)
         lines += ["", f"Evaluations the evolved search needs to reach the held-out score {eff['baseline']} reaches at "
-                      f"{per[0]['baseline_budget']}: {reached}; at most {eff['most']}."]
+                      f"{per[0]['baseline_budget']}: {reached}; "
+                      + ("never on some seed." if eff["most"] is None else f"at most {eff['most']}.")]
     return "\n".join(lines)
 
 

@@ -64,6 +64,11 @@ def built_on() -> dict:
             "transformers": transformers.__version__}
 
 
+def weights_sha256(models: Path, names) -> dict[str, str]:
+    """Each checkpoint's sha256 (its one safetensors file), for build.json: a rebuild says whether it is the same zoo."""
+    return {name: hashlib.sha256((models / name / "model.safetensors").read_bytes()).hexdigest() for name in names}
+
+
 def tokenizer():
     return char_tokenizer(J_LETTERS, add_bos=True)
 
@@ -139,8 +144,7 @@ def build(out: str | Path, *, scale: float = 1.0, math_tries: int = MATH_TRIES, 
     for name, model in (("base", base), ("math", math), ("lang", lang)):
         model.save_pretrained(scratch / "models" / name, safe_serialization=True)
         tok.save_pretrained(str(scratch / "models" / name))
-    report["weights_sha256"] = {name: hashlib.sha256((scratch / "models" / name / "model.safetensors").read_bytes())
-                                .hexdigest() for name in ("base", "math", "lang")}
+    report["weights_sha256"] = weights_sha256(scratch / "models", ("base", "math", "lang"))
     (scratch / "data").mkdir()
     for task, exs in splits.items():
         lines = (json.dumps({"prompt": p, "reference": r}, ensure_ascii=False) for p, r in exs)

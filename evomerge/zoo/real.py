@@ -204,7 +204,7 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
     from transformers.utils import logging as hf_logging
 
     from evomerge.gguf import checkpoint_dir
-    from evomerge.zoo.build import built_on, install
+    from evomerge.zoo.build import built_on, install, weights_sha256
     from evomerge.machine import cache_dir
 
     out = Path(out)
@@ -240,8 +240,7 @@ def build(out: str | Path, *, scale: float = 1.0, threads: int = 2, progress: Pr
         model.to(torch.bfloat16).save_pretrained(scratch / "models" / expert.name, safe_serialization=True)
         tok.save_pretrained(scratch / "models" / expert.name)
         del model
-    report["weights_sha256"] = {name: hashlib.sha256((scratch / "models" / name / "model.safetensors").read_bytes())
-                                .hexdigest() for name in MODELS}  # a rebuild on the same machine gives the same bytes
+    report["weights_sha256"] = weights_sha256(scratch / "models", MODELS)  # the same bytes on the same machine
     report["built_on"] = built_on()
     t0 = time.perf_counter()
     tests = [t for t in splits() if t.endswith("_test")]
