@@ -147,6 +147,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(claim: str, seeds: list[Path]) -> list[dict]:
+    """Every search's curve, seed by seed (CMA-ES searched first where the claim measures sample efficiency)."""
+    runs = []
+    for seed_dir in seeds:
+        score = scorer(seed_dir)
+        rows = searches(seed_dir)
+        if CLAIMS[claim].get("efficiency"):
+            rows[BASELINE] = baseline(seed_dir)
+        for row, run_dir in rows.items():
+            points, done = curve(run_dir, score)
+            runs.append({"seed": int(seed_dir.name[4:]), "row": row, "evaluations": done, "points": points})
+            print(f"seed {runs[-1]['seed']} {row}: {len(runs[-1]['points'])} bests scored", flush=True)
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--claim", choices=sorted(CLAIMS), default="demo")
@@ -159,17 +174,13 @@ def main() -> None:
     seeds = sorted(work.glob("seed*"), key=lambda d: int(d.name[4:]))
     if not seeds:
         sys.exit(f"no seed runs in {work}: run benchmarks/headline.py --claim {args.claim} first")
+    import torch
+    from evomerge.quiet import own_output
+
+    torch.set_num_threads(1)  # as headline.py's searches ran: a score's sums, and so a tie, move with the thread count
     t0 = time.perf_counter()
-    runs = []
-    for seed_dir in seeds:
-        score = scorer(seed_dir)
-        rows = searches(seed_dir)
-        if CLAIMS[args.claim].get("efficiency"):
-            rows[BASELINE] = baseline(seed_dir)
-        for row, run_dir in rows.items():
-            points, done = curve(run_dir, score)
-            runs.append({"seed": int(seed_dir.name[4:]), "row": row, "evaluations": done, "points": points})
-            print(f"seed {runs[-1]['seed']} {row}: {len(runs[-1]['points'])} bests scored", flush=True)
+    with own_output():  # no "Loading weights" bar per handle
+        runs = measure(args.claim, seeds)
     columns = list(CLAIMS[args.claim]["columns"])
     budget = max(r["evaluations"] for r in runs)
     marks = sorted({n for n in (10, 20, 30, 50, 100, 200, 300) if n <= budget} | {budget})
