@@ -5,7 +5,7 @@ sources: {base: ./models/base, math: ./models/math, code: org/code@v1}   # name 
 base: base                       # which source is the base model
 tokenizer_source: union          # optional (base | union | a source): tokenizers that differ, as mergekit's
 space: {name: layer_weights, options: {method: dare_ties}}   # or {bounds: [[0, 1], ...]} for a plain box
-optimizer: {name: cmaes, options: {sigma0: 0.17}}
+optimizer: {name: cmaes, options: {sigma0: 0.17}, starts: [mine.yml]}   # starts: your recipes, scored first
 fitness: {tasks: [{name: math, path: math.jsonl, metrics: [exact]}], backend: hf, handle: {batch_size: 16}}
 # or lm-eval tasks: {lm_eval: {tasks: [my_task], include_path: lm_tasks, num_fewshot: 0}}
 # or the user's own: {function: mypkg.score:fitness, objectives: [{name: acc, direction: max}]}
@@ -83,6 +83,9 @@ class OptimizerConfig(_Strict):
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     start: Literal["space", "none"] = "space"  # start from the space's initial point, or let the optimizer pick
+    # recipes of the user's own (mergekit configs or evomerge recipes, relative to the config's folder) scored first,
+    # before the space's start; each must be a point of the space (its models the run's sources, by name or path)
+    starts: list[Path] = Field(default_factory=list)
 
 
 class RemoteLossConfig(_Strict):

@@ -204,8 +204,15 @@ class LayerWeights(SearchSpace):
         )
 
     def encode(self, recipe: Recipe) -> np.ndarray:
+        """The genome of a recipe written as decode writes it, or in the simpler forms a mergekit config uses that
+        the space holds exactly: one number for every layer, a per-layer list, and a module list whose entry without
+        a filter stands for the module groups it does not name."""
         if recipe.merge_method != self.method:
             raise UserError(f"recipe uses {recipe.merge_method!r}, this space searches {self.method!r}")
+        held = self.decode(self._initial)  # what every point of the space shares: its base and merge-wide parameters
+        if recipe.base_model != held.base_model or recipe.parameters != held.parameters:
+            raise UserError(f"recipe merges with base {recipe.base_model!r} and parameters {recipe.parameters or 'none'}; "
+                            f"this space's merges: base {held.base_model!r}, parameters {held.parameters or 'none'}")
         x = self._initial.copy()
         for s in self.sources:
             ref = model_ref(recipe, s)
@@ -213,22 +220,23 @@ class LayerWeights(SearchSpace):
                 if p not in ref.parameters:
                     raise UserError(f"recipe: model {s!r} has no {p!r}")
                 value = ref.parameters[p]
-                if len(self.layer_modules) == 1 and not self.embeddings:
-                    self._read_layers(x, value, DEFAULT, s, p)
-                    continue
-                entries = {e.get("filter"): e["value"] for e in value} if isinstance(value, list) else {}
+                by_module = isinstance(value, list) and all(isinstance(e, dict) for e in value)
+                entries = {e.get("filter"): e["value"] for e in value} if by_module else {None: value}
                 if self.embeddings:
-                    x[self._index[(None, EMBEDDINGS, s, p)]] = float(entries.get(self.filters[EMBEDDINGS][0], math.nan))
+                    v = entries.get(self.filters[EMBEDDINGS][0], entries.get(None))
+                    x[self._index[(None, EMBEDDINGS, s, p)]] = float(v) if isinstance(v, (int, float)) else math.nan
                 for m in self.layer_modules:
                     key = None if m == DEFAULT else self.filters[m][0]
-                    if key not in entries:
+                    if key not in entries and None not in entries:
                         raise UserError(f"recipe: model {s!r} {p!r} has no entry for module group {m!r}")
-                    self._read_layers(x, entries[key], m, s, p)
+                    self._read_layers(x, entries.get(key, entries.get(None)), m, s, p)
         if not np.all(np.isfinite(x)):
             raise UserError("recipe does not fit this layer_weights space (a value is missing)")
         return x
 
     def _read_layers(self, x: np.ndarray, value: Any, module: str, source: str, param: str) -> None:
+        if len(self.groups) > 1 and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value] * self.num_layers  # one number for every layer: a flat curve (LiNeS: a zero slope)
         if len(self.groups) == 1:
             if not isinstance(value, (int, float)):
                 raise UserError(f"recipe: {source}.{param} should be one number for the whole model, got {value!r}")

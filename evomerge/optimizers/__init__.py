@@ -16,10 +16,11 @@ REGISTRY = Registry("optimizer", "evomerge.optimizers", {"random": "RandomSearch
 names, optimizer_class = REGISTRY.names, REGISTRY.get
 
 
-def make(name: str, *, bounds: Any, objectives: Sequence[Objective], seed: int, x0: Any = None, **options: Any) -> Optimizer:
+def make(name: str, *, bounds: Any, objectives: Sequence[Objective], seed: int, x0: Any = None, starts: Sequence[Any] = (),
+         **options: Any) -> Optimizer:
     """Build optimizer `name`. Single-objective optimizers use the first objective. Unknown options are a
-    UserError naming the valid ones."""
-    return REGISTRY.build(name, options, bounds=bounds, objectives=objectives, seed=seed, x0=x0)
+    UserError naming the valid ones. `starts`: genomes asked first, before the optimizer's own (x0 included)."""
+    return REGISTRY.build(name, options, bounds=bounds, objectives=objectives, seed=seed, x0=x0, starts=starts)
 
 
 __all__ = ["Optimizer", "make", "names", "optimizer_class"]

@@ -59,12 +59,15 @@ class Optimizer(ABC):
     `state_dict` and `load_state_dict`. Ids are assigned here, in ask order, so they are unique.
     """
 
-    def __init__(self, *, bounds: Any, objectives: Sequence[Objective], seed: int, x0: Any = None) -> None:
+    def __init__(self, *, bounds: Any, objectives: Sequence[Objective], seed: int, x0: Any = None,
+                 starts: Sequence[Any] = ()) -> None:
         self.bounds = check_bounds(bounds)
         self.objectives = check_objectives(objectives)
         self.seed = int(seed)
         self.dim = self.bounds.shape[0]
         self.x0 = None if x0 is None else self.clip(self._check_x0(x0))
+        # the user's starting genomes (their own recipes): candidates 0 .. len - 1, asked before the optimizer's own
+        self.starts = [self.clip(self._check_x0(x)) for x in starts]
         self._next_id = 0
 
     def _check_x0(self, x0: Any) -> np.ndarray:
@@ -77,10 +80,18 @@ class Optimizer(ABC):
     def ask(self, n: int = 1) -> list[Candidate]:
         """Up to n new candidates; fewer (even none) while a generation waits for its results."""
         out = []
-        for x, meta in self._ask(int(n)):
+        while len(out) < n and self._next_id < len(self.starts):
+            out.append(Candidate(id=self._next_id, x=self.starts[self._next_id].tolist(), meta={"start": self._next_id}))
+            self._next_id += 1
+        for x, meta in self._ask(int(n) - len(out)) if len(out) < n else ():
             out.append(Candidate(id=self._next_id, x=np.asarray(x, dtype=float).tolist(), meta=meta))
             self._next_id += 1
         return out
+
+    def start_of(self, candidate_id: int) -> np.ndarray | None:
+        """The genome of a user's start, or None for a candidate the optimizer asked itself (an optimizer that
+        learns from any scored point, such as a Gaussian process, tells itself the starts' results)."""
+        return self.starts[candidate_id] if 0 <= candidate_id < len(self.starts) else None
 
     @abstractmethod
     def _ask(self, n: int) -> list[tuple[np.ndarray, dict[str, Any]]]: ...

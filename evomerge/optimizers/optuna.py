@@ -4,7 +4,8 @@ Options: `sampler` ("gp", "tpe", "cmaes", "nsga2"), `sampler_options` (passed to
 "gp" is Bayesian optimisation (a Gaussian process and log expected improvement, optuna's GPSampler): the most per
 evaluation for budgets of a few hundred, at a cost per ask that grows with the trials told (about 0.7 s at 300 on a
 CPU core), nothing beside scoring a merge. Several objectives need "tpe", "nsga2" or "gp" (seconds an ask there).
-Whatever the sampler, the start (x0) is the first trial.
+Whatever the sampler, the start (x0) is the first trial it asks; the user's starts (scored before it) join the
+study as finished trials, so its model learns from them.
 
 Not generational: `ask(n)` always returns n trials. Failures are told to Optuna as FAIL trials, which its
 samplers skip; the study then samples elsewhere (no penalty value is invented). Dimensions are named
@@ -75,15 +76,29 @@ class OptunaSampler(Optimizer):
         from optuna.trial import TrialState
 
         for ev in evaluations:
+            start, losses = self.start_of(ev.candidate_id), self.losses(ev)
+            values = None if losses is None else [float(-o.sign() * v) for o, v in zip(self.objectives, losses)]
+            if start is not None:
+                self._add_start(ev.candidate_id, start, values)
+                continue
             number = self._trials.pop(ev.candidate_id, None)
             if number is None:
                 continue  # not pending: a replayed or unknown result
-            losses = self.losses(ev)
-            if losses is None:
+            if values is None:
                 self._study.tell(number, state=TrialState.FAIL)
             else:
-                values = [float(-o.sign() * v) for o, v in zip(self.objectives, losses)]
                 self._study.tell(number, values if len(values) > 1 else values[0])
+
+    def _add_start(self, candidate_id: int, x: np.ndarray, values: list[float] | None) -> None:
+        """A user's start, scored: a finished trial of the study (once: a resumed run replays its result)."""
+        from optuna.trial import TrialState, create_trial
+
+        key = {"start": candidate_id}
+        if any(t.user_attrs == key for t in self._study.get_trials(deepcopy=False)):
+            return
+        self._study.add_trial(create_trial(
+            state=TrialState.FAIL if values is None else TrialState.COMPLETE, values=values,
+            params={f"x{i}": float(v) for i, v in enumerate(x)}, distributions=self._space, user_attrs=key))
 
     def _state(self) -> dict[str, Any]:
         # plain data only (see the module docstring); _load rebuilds the study through optuna's own add_trial

@@ -25,10 +25,12 @@ def compare_dir(run_dir: Path, row: str) -> Path:
 
 
 def compare_config(cfg: RunConfig, row: str) -> RunConfig:
-    """The run's config with the entry's space/optimizer, no holdout of its own."""
+    """The run's config with the entry's space/optimizer, no holdout of its own, and none of the user's starting
+    recipes (a row measures what its search finds from the space's start; another space may not hold them)."""
     entry = cfg.holdout.compare[row]
     data = cfg.to_dict()
     del data["holdout"]
+    data["optimizer"].pop("starts", None)
     for key in ("space", "optimizer"):
         part = getattr(entry, key)
         if part is not None:

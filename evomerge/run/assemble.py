@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.config import RunConfig, parse_config
+from evomerge.recipe import Recipe
 from evomerge.records import Objective, UserError
 
 
@@ -131,9 +132,44 @@ def build_optimizer(cfg: RunConfig, space: Any, objectives: list[Objective]):
     if (points is not None and cfg.optimizer.start == "space" and "initial_points" not in options
             and "initial_points" in optimizers.REGISTRY.options(cfg.optimizer.name)):
         options["initial_points"] = points
+    starts = start_genomes(cfg, space)
     with options_checked(f"optimizer {cfg.optimizer.name!r}"):
         return optimizers.make(cfg.optimizer.name, bounds=space.bounds, objectives=objectives, seed=cfg.seed, x0=x0,
-                               **options)
+                               starts=starts, **options)
+
+
+def start_genomes(cfg: RunConfig, space: Any) -> list[np.ndarray]:
+    """The user's starting recipes (optimizer.starts) as genomes of the space, each exactly a point of its box: a
+    recipe the space cannot hold, or a value outside its range, is one line naming the file."""
+    from evomerge.merge.mergekit_yaml import read_config
+
+    out = []
+    for given in cfg.optimizer.starts:
+        path = given if given.is_absolute() or cfg.workdir is None else cfg.workdir / given
+        try:
+            recipe = read_config(path)
+            x = np.asarray(space.encode(recipe.renamed(_source_names(cfg, recipe, path.parent))), dtype=float)
+        except UserError as e:
+            raise UserError(f"optimizer.starts: {given}: {e}") from None
+        lo, hi = space.bounds[:, 0], space.bounds[:, 1]
+        outside = np.flatnonzero((x < lo - 1e-12) | (x > hi + 1e-12))
+        if outside.size:
+            i = int(outside[0])
+            raise UserError(f"optimizer.starts: {given}: {space.names()[i]} is {x[i]:g}, outside the space's range "
+                            f"[{lo[i]:g}, {hi[i]:g}]")
+        out.append(x)
+    return out
+
+
+def _source_names(cfg: RunConfig, recipe: Recipe, folder: Path) -> dict[str, str]:
+    """A start recipe's model references -> the run's source names: a source's name, its Hub ID, or a path to its
+    folder (relative to the recipe's)."""
+    names = {ref: name for name, ref in cfg.source_refs.items()}
+    for model in recipe.source_names():
+        for name, where in cfg.sources.items():
+            if model not in cfg.sources and (folder / model).resolve() == Path(where).resolve():
+                names[model] = name
+    return names
 
 
 @contextmanager
