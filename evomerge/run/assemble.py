@@ -165,10 +165,10 @@ def _source_names(cfg: RunConfig, recipe: Recipe, folder: Path) -> dict[str, str
     """A start recipe's model references -> the run's source names: a source's name, its Hub ID, or a path to its
     folder (relative to the recipe's)."""
     names = {ref: name for name, ref in cfg.source_refs.items()}
+    folders = {Path(where).resolve(): name for name, where in cfg.sources.items()}
     for model in recipe.source_names():
-        for name, where in cfg.sources.items():
-            if model not in cfg.sources and (folder / model).resolve() == Path(where).resolve():
-                names[model] = name
+        if model not in cfg.sources and (folder / model).resolve() in folders:
+            names[model] = folders[(folder / model).resolve()]
     return names
 
 
