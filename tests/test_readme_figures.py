@@ -62,6 +62,23 @@ def test_curves_tables_equal_the_artifacts(doc, marker, artifact):
     assert _block((ROOT / doc).read_text(), marker, "benchmarks/curves.py") == curves.markdown(result)
 
 
+def test_trials_table_equals_the_artifact_and_its_default_is_the_headline_search():
+    spec = importlib.util.spec_from_file_location("trials", ROOT / "benchmarks" / "trials.py")
+    trials = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trials)
+    result = json.loads((ROOT / "benchmarks" / "results" / "trials.json").read_text())
+    assert [t["id"] for t in result["trials"]] == list(trials.TRIALS) and result["seeds"] == [0, 1, 2]
+    assert _block((ROOT / "evomerge" / "zoo" / "CARD.md").read_text(), "trials", "benchmarks/trials.py") == trials.markdown(result)
+    # the trial of the demo's own fitness and optimizer is the first 100 evaluations of the headline's searches
+    demo = yaml.safe_load((ROOT / "runs" / "demo.yaml").read_text())
+    default = next(t for t in result["trials"] if "(the default)" in t["what"])
+    assert default["overrides"] == {"metrics": demo["fitness"]["tasks"][0]["metrics"]}
+    curves = json.loads((ROOT / "benchmarks" / "results" / "curves_headline.json").read_text())
+    for s in default["per_seed"]:
+        points = next(r["points"] for r in curves["runs"] if r["seed"] == s["seed"] and r["row"] == "evolved best")
+        assert s["100"] == [p for p in points if p["evaluations"] <= 100][-1]["heldout"][result["column"]]
+
+
 def test_map_vs_nsga2_table_equals_the_artifact():
     spec = importlib.util.spec_from_file_location("map_vs_nsga2", ROOT / "benchmarks" / "map_vs_nsga2.py")
     bench = importlib.util.module_from_spec(spec)

@@ -46,6 +46,8 @@ def _what(sub: RunConfig, cfg: RunConfig) -> str:
     if sub.space != cfg.space:
         parts.append(f"space {sub.space.name or 'box'} {json.dumps(sub.space.options)}" if sub.space.options else
                      f"space {sub.space.name or 'box'}")
+    if sub.fitness != cfg.fitness:  # a benchmark's baseline may score with its own metrics (benchmarks/curves.py)
+        return ", ".join(parts + ["its own fitness"]) + ", the run's budget and seed"
     return ", ".join(parts) + ", the run's fitness, budget and seed"
 
 
