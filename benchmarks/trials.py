@@ -63,11 +63,9 @@ def trial_config(work: Path, overrides: dict) -> Path:
     return path
 
 
-def one(config: Path, seed: int) -> dict:
-    run_dir = config.parent / f"seed{seed}"
-    run_seed(config, run_dir, seed)
-    points, done = curve(run_dir, scorer(run_dir))
-    return {"seed": seed, "evaluations": done, **{str(n): at(points, n, COLUMN) for n in MARKS}}
+def scored(run_dir: Path, score) -> dict:
+    points, done = curve(run_dir, score)
+    return {"seed": int(run_dir.name[4:]), "evaluations": done, **{str(n): at(points, n, COLUMN) for n in MARKS}}
 
 
 def markdown(result: dict) -> str:
@@ -94,8 +92,11 @@ def main() -> None:
     t0 = time.perf_counter()
     configs = {t: trial_config(args.work.resolve() / t, overrides) for t, (_, overrides) in TRIALS.items()}
     jobs = [(t, s) for t in TRIALS for s in SEEDS]
-    with own_output(), ThreadPoolExecutor(args.jobs) as pool:
-        done = dict(zip(jobs, pool.map(lambda j: one(configs[j[0]], j[1]), jobs)))
+    with ThreadPoolExecutor(args.jobs) as pool:  # each search is a subprocess
+        list(pool.map(lambda j: run_seed(configs[j[0]], configs[j[0]].parent / f"seed{j[1]}", j[1]), jobs))
+    with own_output():  # every trial scores held out on the same tasks and sources: one handle for all
+        score = scorer(configs[jobs[0][0]].parent / f"seed{jobs[0][1]}")
+        done = {(t, s): scored(configs[t].parent / f"seed{s}", score) for t, s in jobs}
     trials = []
     for t, (what, overrides) in TRIALS.items():
         per_seed = [done[(t, s)] for s in SEEDS]
