@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from evomerge import machine
 from evomerge.recipe import Recipe, read_yaml_mapping
@@ -317,6 +317,8 @@ class RunConfig(_Strict):
     holdout: HoldoutConfig | None = None
     best: Literal["first", "knee"] | None = None  # the run's best: on the first objective, or the front's knee
     trackers: list[TrackerConfig] = Field(default_factory=list)  # e.g. [{kind: mlflow, uri: sqlite:///mlflow.db}]
+    # the optimizer and best sections as the user wrote them, where _defaults chose for them (with_budget chooses again)
+    _chosen: tuple[OptimizerConfig, str | None] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _sources(self) -> RunConfig:
@@ -344,6 +346,7 @@ class RunConfig(_Strict):
         knee, rather than the first task's best, which may have lost the others."""
         several = self.fitness.task_count() > 1
         if self.optimizer.name is None:
+            self._chosen = (self.optimizer.model_copy(deep=True), self.best)
             evaluations = self.budget.evaluations
             if evaluations is not None and evaluations <= GP_UP_TO:
                 self.optimizer.name, self.optimizer.options = "optuna", {"sampler": "gp", **self.optimizer.options}
@@ -372,6 +375,18 @@ class RunConfig(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+    def with_budget(self, **limits: Any) -> RunConfig:
+        """This config with these budget limits; an optimizer it chose by the budget is chosen again for the new one
+        (`--evaluations 5000` on a config naming none is not a Gaussian process's search: its asks grow cubically)."""
+        data = {**self.to_dict(), "budget": {**self.budget.model_dump(exclude_none=True), **limits}}
+        if self._chosen is not None:
+            optimizer, best = self._chosen
+            data["optimizer"] = optimizer.model_dump(mode="json", exclude_none=True)
+            data.pop("best", None)
+            if best is not None:
+                data["best"] = best
+        return parse_config(data)
 
 
 def _format_error(err: dict[str, Any], model: type[BaseModel]) -> str:

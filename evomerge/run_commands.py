@@ -166,15 +166,12 @@ def run_command(
     from evomerge.mergekit_evolve import load_run_config
 
     cfg = load_run_config(config)  # an evomerge config, or a mergekit-evolve one (translated and printed)
-    changes: dict = {}
     if evaluations is not None:
-        changes["budget"] = {**cfg.budget.model_dump(exclude_none=True), "evaluations": evaluations}
+        cfg = cfg.with_budget(evaluations=evaluations)
     if seed is not None:
         if resume:
             raise UserError("--seed starts a new search; a resumed run keeps the seed it started with")
-        changes["seed"] = seed
-    if changes:
-        cfg = parse_config({**cfg.to_dict(), **changes})
+        cfg = parse_config({**cfg.to_dict(), "seed": seed})
     if dry_run:
         plan = prepare(cfg, address=address)[2]
         print(plan.describe())

@@ -149,3 +149,21 @@ def test_the_default_search_follows_the_tasks_and_the_budget(tiny_models, tmp_pa
     assert cfg.best == ("knee" if tasks > 1 else "first")  # several skills: the front's most balanced member
     # the choice is written down: a resumed run (its stored config) searches as it began, whatever the default becomes
     assert parse_config(cfg.to_dict()).optimizer == cfg.optimizer
+
+
+def test_a_new_budget_chooses_the_default_search_again_but_a_stored_choice_stays(tiny_models):
+    """`run --evaluations 5000` on a config naming no optimizer is not a Gaussian process's search; `resume
+    --evaluations` raises a run's budget and keeps the optimizer it began with; a named optimizer is always kept."""
+    def config(**extra):
+        return parse_config({"sources": {k: str(v) for k, v in tiny_models.items()}, "base": "base",
+                             "space": {"name": "layer_weights", "options": {"method": "task_arithmetic"}},
+                             "fitness": {"tasks": [{"name": "t", "path": "t.jsonl", "metrics": ["token_accuracy"]}]},
+                             "budget": {"evaluations": 300, "wall_time": "1h"}, **extra})
+
+    bigger = config().with_budget(evaluations=5000)
+    assert (bigger.optimizer.name, bigger.optimizer.options, bigger.budget.evaluations) == ("cmaes", {}, 5000)
+    assert bigger.budget.wall_time == config().budget.wall_time  # the other limits stay
+    stored = parse_config(config().to_dict()).with_budget(evaluations=5000)
+    assert (stored.optimizer.name, stored.optimizer.options) == ("optuna", {"sampler": "gp"})
+    named = config(optimizer={"name": "random"}, best="knee").with_budget(evaluations=5000)
+    assert (named.optimizer.name, named.best) == ("random", "knee")

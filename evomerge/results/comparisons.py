@@ -38,15 +38,19 @@ def compare_config(cfg: RunConfig, row: str) -> RunConfig:
     return parse_config(data)
 
 
-def _what(sub: RunConfig, cfg: RunConfig) -> str:
-    """What the row's search does differently from the run's, in words."""
+def _what(sub: RunConfig, run_dir: Path) -> str:
+    """What the row's search does differently from the run's (as run_dir stored it), in words."""
+    from evomerge.run.store import RunStore
+
+    with RunStore.open(run_dir, readonly=True) as store:
+        cfg = parse_config(store.config)
     parts = []
     if sub.optimizer != cfg.optimizer:
         parts.append(f"optimizer {sub.optimizer.name}")
     if sub.space != cfg.space:
         parts.append(f"space {sub.space.name or 'box'} {json.dumps(sub.space.options)}" if sub.space.options else
                      f"space {sub.space.name or 'box'}")
-    if sub.fitness != cfg.fitness:  # a benchmark's baseline may score with its own metrics (benchmarks/curves.py)
+    if sub.fitness != cfg.fitness:  # a benchmark's baseline scoring its own metrics (benchmarks/curves.py)
         return ", ".join(parts + ["its own fitness"]) + ", the run's budget and seed"
     return ", ".join(parts) + ", the run's fitness, budget and seed"
 
@@ -90,7 +94,7 @@ def run_comparison(cfg: RunConfig, run_dir: Path, row: str, *, progress: bool = 
 
             # a line each side of the bar: a log (no terminal) shows no bar, and a long search must not look hung
             done = engine.store.counts()["evaluations"]
-            print(f"evomerge: searching for the row {row!r} ({_what(sub, cfg)}; {sub.budget.evaluations or '?'} "
+            print(f"evomerge: searching for the row {row!r} ({_what(sub, run_dir)}; {sub.budget.evaluations or '?'} "
                   f"evaluations{f', {done} done before' if done else ''}) in {target}", flush=True)
             t0 = time.monotonic()
             with Progress(transient=True) as bar:

@@ -309,7 +309,7 @@ def open_engine(cfg: RunConfig | None, run_dir: str | Path, *, resume: bool, add
         cfg = stored
         if budget:
             try:
-                cfg = parse_config({**cfg.to_dict(), "budget": {**cfg.budget.model_dump(exclude_none=True), **budget}})
+                cfg = cfg.with_budget(**budget)  # the stored config names its optimizer: a resumed run keeps it
             except UserError:
                 store.close()
                 raise
