@@ -34,10 +34,17 @@ def gp(startup: int) -> dict:
     return {"name": "optuna", "options": {"sampler": "gp", "sampler_options": {"n_startup_trials": startup}}}
 
 
-TOK, PROB = ["token_accuracy"], ["gold_prob"]
-# id -> (what it tries, overrides of runs/demo.yaml: metrics of its task, optimizer, space options)
+TOK, PROB, DEFAULT = ["token_accuracy"], ["gold_prob"], ["gold_prob", "token_accuracy"]
+
+
+def floor(low: float) -> dict:
+    return {"metrics": DEFAULT, "space": {"density_range": [low, 1.0]}}
+
+
+# id -> (what it tries, overrides of runs/demo.yaml: metrics of its task, optimizer, space options). The base is the
+# demo with the space's own density floor (10%), under which the trials before the floor's were measured.
 TRIALS = {
-    "tok-exact": ("token accuracy and exact match (the default before)", {"metrics": ["token_accuracy", "teacher_exact"]}),
+    "tok-exact": ("token accuracy and exact match (the first default)", {"metrics": ["token_accuracy", "teacher_exact"]}),
     "tok": ("token accuracy alone", {"metrics": TOK}),
     "tok-startup3": ("token accuracy alone, two random draws", {"metrics": TOK, "optimizer": gp(3)}),
     "tok-startup10": ("token accuracy alone, nine random draws", {"metrics": TOK, "optimizer": gp(10)}),
@@ -47,7 +54,11 @@ TRIALS = {
     "loss": ("the answer's loss alone", {"metrics": ["loss"]}),
     "prob": ("the answer's probability alone", {"metrics": PROB}),
     "prob-startup10": ("the answer's probability alone, nine random draws", {"metrics": PROB, "optimizer": gp(10)}),
-    "prob-tok": ("the answer's probability and token accuracy (the default)", {"metrics": ["gold_prob", "token_accuracy"]}),
+    "prob-tok": ("the answer's probability and token accuracy, densities from 10% (the default before)", {"metrics": DEFAULT}),
+    "floor-0.05": ("probability and token accuracy, densities from 5%", floor(0.05)),
+    "floor-0.02": ("probability and token accuracy, densities from 2% (the default)", floor(0.02)),
+    "floor-0.01": ("probability and token accuracy, densities from 1%", floor(0.01)),
+    "floor-0": ("probability and token accuracy, densities from 0", floor(0.0)),
 }
 
 
@@ -58,6 +69,7 @@ def trial_config(work: Path, overrides: dict) -> Path:
     cfg["holdout"]["compare"] = {}
     cfg["fitness"]["tasks"][0]["metrics"] = overrides["metrics"]
     cfg["optimizer"] = overrides.get("optimizer", cfg["optimizer"])
+    cfg["space"]["options"].pop("density_range", None)
     cfg["space"]["options"].update(overrides.get("space", {}))
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

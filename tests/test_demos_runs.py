@@ -137,6 +137,32 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
 
 
 @needs_zoo
+def test_the_curves_baselines_search_with_their_own_fitness_and_space_and_say_so(tmp_path, capsys):
+    """benchmarks/curves.py's CMA-ES baselines: each a comparison search of the run with its own first-task metrics
+    and space options, whose log line names what differs from the run (not "the run's fitness")."""
+    import importlib.util
+
+    from evomerge.config import parse_config
+    from evomerge.run.store import RunStore
+
+    spec = importlib.util.spec_from_file_location("curves", ROOT / "benchmarks" / "curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    cfg = reduced("demo", tmp_path, evaluations=2, limit=4, holdout={"tasks": yaml.safe_load(
+        (RUNS / "demo.yaml").read_text())["holdout"]["tasks"][:1]})
+    assert evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q").returncode == 0
+    for name, (metrics, space) in curves.BASELINES.items():
+        row = curves.baseline(tmp_path / "run", name)
+        with RunStore.open(row, readonly=True) as store:
+            got = parse_config(store.config)
+        assert got.optimizer.name == "cmaes" and got.budget.evaluations == 2
+        assert got.fitness.tasks[0]["metrics"] == (metrics or ["gold_prob", "token_accuracy"])
+        assert all(got.space.options[k] == v for k, v in space.items())
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("evomerge: searching for the row"))
+        assert ("its own fitness" in line) == (metrics is not None) and ("density_range" in line) == bool(space)
+
+
+@needs_zoo
 def test_demo_twice_from_the_same_config_starts_a_fresh_run(tmp_path):
     cfg = reduced("demo", tmp_path, evaluations=1, limit=2, holdout=None)
     first = evomerge("run", str(cfg), "-q")

@@ -72,7 +72,8 @@ def test_trials_table_equals_the_artifact_and_its_default_is_the_headline_search
     # the trial of the demo's own fitness and optimizer is the first 100 evaluations of the headline's searches
     demo = yaml.safe_load((ROOT / "runs" / "demo.yaml").read_text())
     default = next(t for t in result["trials"] if "(the default)" in t["what"])
-    assert default["overrides"] == {"metrics": demo["fitness"]["tasks"][0]["metrics"]}
+    assert default["overrides"] == {"metrics": demo["fitness"]["tasks"][0]["metrics"],
+                                    "space": {"density_range": demo["space"]["options"]["density_range"]}}
     curves = json.loads((ROOT / "benchmarks" / "results" / "curves_headline.json").read_text())
     for s in default["per_seed"]:
         points = next(r["points"] for r in curves["runs"] if r["seed"] == s["seed"] and r["row"] == "evolved best")
