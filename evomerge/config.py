@@ -382,10 +382,7 @@ class RunConfig(_Strict):
         data = {**self.to_dict(), "budget": {**self.budget.model_dump(exclude_none=True), **limits}}
         if self._chosen is not None:
             optimizer, best = self._chosen
-            data["optimizer"] = optimizer.model_dump(mode="json", exclude_none=True)
-            data.pop("best", None)
-            if best is not None:
-                data["best"] = best
+            data["optimizer"], data["best"] = optimizer.model_dump(mode="json", exclude_none=True), best
         return parse_config(data)
 
 
