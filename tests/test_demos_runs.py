@@ -125,6 +125,25 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
             k: main_cfg[k] for k in ("fitness", "budget", "seed", "sources")}
         assert "holdout" not in sub_cfg and len(xs) == 3 and all(len(c.x) == dims for c in xs.values())
     assert sub_cfg["optimizer"] == main_cfg["optimizer"] and sub_cfg["space"]["options"]["granularity"] == 0
+    # the report's learning curves: each search's best so far on the fitness's first objective, and the examples
+    # scored (the 24 dev problems an evaluation of the reduced config), read from each search's own journal
+    from evomerge.results.report import comparison_curves, write_report
+
+    main = open_run(tmp_path / "run")
+    try:
+        curves = comparison_curves(main)
+    finally:
+        main.close()
+    assert list(curves) == ["this search", "random search", "global TIES"]
+    for row, (best, examples) in curves.items():
+        sub = open_run(tmp_path / "run" / ("compare/" + row.replace(" ", "_") if row != "this search" else ""))
+        try:
+            values = [e.objectives["prob/math_j"] for e in sub.evaluations()]
+        finally:
+            sub.close()
+        assert best == [max(values[:k + 1]) for k in range(3)] and examples == [24.0, 48.0, 72.0]
+    write_report(tmp_path / "run", tmp_path / "report.html")
+    assert "Learning curves: the best prob/math_j so far of each search" in (tmp_path / "report.html").read_text()
     best = tmp_path / "run" / "best_model"
     assert (best / "config.json").is_file() and list(best.glob("*.safetensors"))
     # the exported model is the evolved best: scored on its own, it gives the table's numbers

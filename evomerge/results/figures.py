@@ -83,6 +83,27 @@ def history_figure(df, objectives) -> "Any":
     return fig
 
 
+def curves_figure(searches: dict[str, tuple[list[float], list[float]]], objective) -> "Any":
+    """Each search's best so far on `objective` (name -> (best after each evaluation, examples scored after each)),
+    against evaluations; a button redraws them against examples scored, the cost when racing or subsets score
+    some candidates on fewer examples."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, (best, _) in searches.items():
+        fig.add_trace(go.Scatter(x=np.arange(1, len(best) + 1), y=best, mode="lines", name=name,
+                                 hovertemplate=f"{name}<br>%{{x:.4g}}<br>best {objective.name} %{{y:.4g}}<extra></extra>"))
+    axes = [("evaluations", [np.arange(1, len(b) + 1) for b, _ in searches.values()]),
+            ("examples scored", [np.asarray(e) for _, e in searches.values()])]
+    fig.update_layout(xaxis_title="evaluations", yaxis_title=f"best {objective.name} ({objective.direction})",
+                      height=420, margin=dict(t=50), legend=dict(orientation="h", y=-0.2),
+                      updatemenus=[dict(type="buttons", direction="right", x=0, y=1.15, xanchor="left",
+                                        buttons=[dict(label=label, method="update",
+                                                      args=[{"x": xs}, {"xaxis.title.text": label}])
+                                                 for label, xs in axes])])
+    return fig
+
+
 def pareto_figure(ok, front_ids: set[int], objectives, labels: dict[int, str], xo: str | None = None,
                   yo: str | None = None) -> "Any":
     """The successful candidates on two objectives (default: the first two), the front in red; hover: id,

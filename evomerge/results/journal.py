@@ -218,6 +218,11 @@ class Run:
             out.append(best)
         return out
 
+    def examples_so_far(self) -> list[float]:
+        """Examples scored after each evaluation, in commit order: the cost axis of a search that scores some
+        candidates on fewer examples (racing, subsets)."""
+        return np.cumsum([e.cost.get("examples") or 0.0 for e in self.store.evaluations()]).tolist()
+
     def close(self) -> None:
         self.store.close()
 

@@ -1,5 +1,6 @@
 """`evomerge report`: one self-contained HTML file, plotly.js embedded once (it opens offline, no network):
-the held-out table with its baselines, the optimization history with the best so far, the Pareto front with
+the held-out table with its baselines, the optimization history with the best so far, the learning curves of
+this search and its comparison searches (against evaluations or examples scored), the Pareto front with
 hover, the hypervolume over evaluations, parallel coordinates over the genome's named dimensions, and the
 best candidate's recipe as a per-layer heatmap. The plots are `evomerge.results.figures`', as in the notebook.
 """
@@ -41,6 +42,10 @@ def sections(run) -> list[tuple[str, Any]]:
     if not len(ok):
         return parts + [("Optimization history", "<p>No successful evaluation yet.</p>")]
     parts.append(("Optimization history: every evaluation and the best so far", figures.history_figure(df, objs)))
+    searches = comparison_curves(run)
+    if len(searches) > 1:
+        parts.append((f"Learning curves: the best {objs[0].name} so far of each search",
+                      figures.curves_figure(searches, objs[0])))
     best = int(run.best(genomes=False)["id"])
     front_ids = {int(i) for i in run.pareto().id} if len(objs) >= 2 else {best}
     if len(objs) >= 2:
@@ -62,6 +67,29 @@ def sections(run) -> list[tuple[str, Any]]:
     if recipe is not None:
         parts.append(("Its recipe", f"<pre>{html.escape(recipe.to_yaml())}</pre>"))
     return parts
+
+
+def comparison_curves(run) -> dict[str, tuple[list[float], list[float]]]:
+    """Best so far on the first objective and examples scored after each evaluation, for this search and each
+    `holdout.compare` search already run that scores the same objectives (a benchmark's baseline with a fitness of
+    its own is not on the same scale)."""
+    from evomerge.results.comparisons import compare_dir
+    from evomerge.results.journal import open_run
+    from evomerge.run.store import STORE_FILE
+
+    name = run.objectives[0].name
+    out = {"this search": (run.best_so_far(name), run.examples_so_far())}
+    for row in ((run.config.get("holdout") or {}).get("compare") or {}):
+        path = compare_dir(run.run_dir, row)
+        if not (path / STORE_FILE).exists():
+            continue
+        sub = open_run(path)
+        try:
+            if [o.name for o in sub.objectives] == [o.name for o in run.objectives]:
+                out[row] = (sub.best_so_far(name), sub.examples_so_far())
+        finally:
+            sub.close()
+    return out
 
 
 def render(run_dir: str | Path) -> str:
