@@ -97,11 +97,7 @@ def curve(run_dir: Path, score) -> tuple[list[dict], int]:
 
     run = open_run(run_dir)
     try:
-        history = run.best_history()
-        examples, total = [], 0.0
-        for e in run.evaluations():
-            total += e.cost.get("examples", 0.0)
-            examples.append(total)
+        history, examples = run.best_history(), run.examples_so_far()
         points, last = [], None
         for n, cid in enumerate(history, start=1):
             if cid is not None and cid != last:
@@ -136,18 +132,21 @@ def at(points: list[dict], n: int, column: str) -> float | None:
 
 
 def markdown(result: dict) -> str:
-    """The curves' means as a table (held-out % of the best so far per evaluation count, one row per search), and
-    the sample-efficiency line when the artifact has one."""
-    column, marks = result["columns"][0], result["marks"]
+    """The curves' means as a table (held-out % of the best so far per evaluation count, one row per search) on the
+    target column, or on each expert's column for a claim of several skills, and the sample-efficiency line when the
+    artifact has one."""
+    claim, marks = CLAIMS[result["claim"]], result["marks"]
     seeds = sorted({r["seed"] for r in result["runs"]})
-    label = CLAIMS[result["claim"]]["columns"][column]
-    lines = [f"Held-out {label} % of each search's best so far, mean over search seeds {', '.join(map(str, seeds))} "
-             f"(`benchmarks/curves.py` → `benchmarks/results/curves_{result['headline']}.json`):", "",
-             "| search | " + " | ".join(f"{n} evaluations" if n == marks[0] else str(n) for n in marks) + " |",
-             "|---" * (len(marks) + 1) + "|"]
-    for row, cols in result["mean"].items():
-        cells = ["" if cols[column][str(n)] is None else f"{100 * cols[column][str(n)]:.1f}" for n in marks]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines = []
+    for column in claim.get("experts") or result["columns"][:1]:
+        lines += [""] * bool(lines) + [
+            f"Held-out {claim['columns'][column]} % of each search's best so far, mean over search seeds "
+            f"{', '.join(map(str, seeds))} (`benchmarks/curves.py` → `benchmarks/results/curves_{result['headline']}.json`):",
+            "", "| search | " + " | ".join(f"{n} evaluations" if n == marks[0] else str(n) for n in marks) + " |",
+            "|---" * (len(marks) + 1) + "|"]
+        for row, cols in result["mean"].items():
+            cells = ["" if cols[column][str(n)] is None else f"{100 * cols[column][str(n)]:.1f}" for n in marks]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     for eff in result.get("sample_efficiency") or ():
         per = eff["per_seed"]
         reached = ", ".join(f"{'never' if s['evaluations_to_reach'] is None else s['evaluations_to_reach']} "

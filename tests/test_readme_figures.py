@@ -46,7 +46,8 @@ def test_headline_tables_equal_the_artifacts(doc, marker, artifact):
 
 
 @pytest.mark.parametrize("doc, marker, artifact", [("README.md", "curves", "curves_headline"),
-                                                   ("evomerge/zoo/CARD.md", "curves-zoo-seed1", "curves_headline_zoo_seed1")])
+                                                   ("evomerge/zoo/CARD.md", "curves-zoo-seed1", "curves_headline_zoo_seed1"),
+                                                   ("README.md", "curves-real", "curves_headline_real")])
 def test_curves_tables_equal_the_artifacts(doc, marker, artifact):
     spec = importlib.util.spec_from_file_location("curves", ROOT / "benchmarks" / "curves.py")
     curves = importlib.util.module_from_spec(spec)
