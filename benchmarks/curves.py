@@ -1,8 +1,8 @@
 """Learning curves of a headline benchmark's searches: the held-out score of the best so far against evaluations
 and against examples scored, for every search of every seed (the evolved run and each `compare` row).
 
-    python benchmarks/curves.py --claim real      # after `headline.py --claim real`: its runs, read back
-    python benchmarks/curves.py                   # the demo's (runs/headline/headline)
+    python benchmarks/curves.py --claim real --jobs 2   # after `headline.py --claim real`: its runs, read back
+    python benchmarks/curves.py --jobs 2                # the demo's (runs/headline/headline)
     python benchmarks/curves.py --zoo runs/zoo_seed1
 
 The best so far is each run's own best (its config's `best`: the first objective, or the front's knee) after each
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,10 +159,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def measure(claim: str, seeds: list[Path]) -> list[dict]:
-    """Every search's curve, seed by seed (CMA-ES searched first where the claim measures sample efficiency)."""
+def measure(claim: str, seed_dir: Path) -> list[dict]:
+    """Every search's curve of one seed (CMA-ES searched first where the claim measures sample efficiency), in a
+    process of its own with one torch thread, as headline.py's searches ran: a score's sums, and so a tie, move
+    with the thread count."""
+    import torch
+    from evomerge.quiet import own_output
+
+    torch.set_num_threads(1)
     runs = []
-    for seed_dir in seeds:
+    with own_output():  # no "Loading weights" bar per handle
         score = scorer(seed_dir)
         rows = searches(seed_dir)
         if CLAIMS[claim].get("efficiency"):
@@ -178,19 +186,16 @@ def main() -> None:
     p.add_argument("--zoo", type=Path, help="as given to headline.py")
     p.add_argument("--work", type=Path, help="the headline runs (default runs/headline/<artifact name>)")
     p.add_argument("--out", type=Path, help="artifact path (default benchmarks/results/curves_<artifact name>.json)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds measured at once (a process each)")
     args = p.parse_args()
     name = artifact_name(args.claim, args.zoo)
     work = (args.work or RUNS / "headline" / name).resolve()
     seeds = sorted(work.glob("seed*"), key=lambda d: int(d.name[4:]))
     if not seeds:
         sys.exit(f"no seed runs in {work}: run benchmarks/headline.py --claim {args.claim} first")
-    import torch
-    from evomerge.quiet import own_output
-
-    torch.set_num_threads(1)  # as headline.py's searches ran: a score's sums, and so a tie, move with the thread count
     t0 = time.perf_counter()
-    with own_output():  # no "Loading weights" bar per handle
-        runs = measure(args.claim, seeds)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = [r for one in pool.map(measure, [args.claim] * len(seeds), seeds) for r in one]
     columns = list(CLAIMS[args.claim]["columns"])
     budget = max(r["evaluations"] for r in runs)
     marks = sorted({n for n in (10, 20, 30, 50, 100, 200, 300) if n <= budget} | {budget})
