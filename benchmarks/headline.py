@@ -1,9 +1,9 @@
 """The README's headline claims as artifacts: a ready run over several search seeds, through the real CLI.
 
-    python benchmarks/headline.py                          # the demo on the shipped zoo, seeds 0 1 2
-    python benchmarks/headline.py --zoo runs/zoo_seed1     # the same on another zoo (`evomerge zoo build --seed 1`)
-    python benchmarks/headline.py --claim digits           # runs/digits_m2n2.yaml (M2N2, the user's own fitness)
-    python benchmarks/headline.py --claim real --jobs 2    # runs/real.yaml: two real experts (zoo build --real)
+    python benchmarks/headline.py --seeds 0 1 2 3 4 5 --jobs 2   # the demo on the shipped zoo, six seeds
+    python benchmarks/headline.py --zoo runs/zoo_seed1           # another zoo (`evomerge zoo build --seed 1`), seeds 0 1 2
+    python benchmarks/headline.py --claim digits                 # runs/digits_m2n2.yaml (M2N2, the user's own fitness)
+    python benchmarks/headline.py --claim real --jobs 2          # runs/real.yaml: two real experts (zoo build --real)
 
 Each seed is `evomerge run CONFIG --seed N` in WORK/seedN (default runs/headline/<artifact name>/; a killed
 benchmark resumes its runs, a finished seed is read back). Writes the per-seed held-out rows, each tuned row's
