@@ -127,6 +127,7 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
     assert sub_cfg["optimizer"] == main_cfg["optimizer"] and sub_cfg["space"]["options"]["granularity"] == 0
     # the report's learning curves: each search's best so far on the fitness's first objective, and the examples
     # scored (the 24 dev problems an evaluation of the reduced config), read from each search's own journal
+    from evomerge.results.comparisons import compare_dir
     from evomerge.results.report import comparison_curves, write_report
 
     main = open_run(tmp_path / "run")
@@ -136,7 +137,7 @@ def test_demo_prints_the_held_out_table_and_exports_the_best(tmp_path):
         main.close()
     assert list(curves) == ["this search", "random search", "global TIES"]
     for row, (best, examples) in curves.items():
-        sub = open_run(tmp_path / "run" / ("compare/" + row.replace(" ", "_") if row != "this search" else ""))
+        sub = open_run(tmp_path / "run" if row == "this search" else compare_dir(tmp_path / "run", row))
         try:
             values = [e.objectives["prob/math_j"] for e in sub.evaluations()]
         finally:
