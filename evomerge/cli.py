@@ -85,8 +85,8 @@ def _real_zoo(directory: str, scale: float, threads: int, given: dict[str, bool]
                                 TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn()) as bar:
         task = bar.add_task("dequantizing the base", total=None)
 
-        def advance(expert: str, steps: int, planned: int) -> None:
-            bar.update(task, advance=steps, total=planned, description=f"training {expert}")
+        def advance(doing: str, steps: int, planned: int) -> None:
+            bar.update(task, advance=steps, total=planned, description=doing)
 
         report = build(directory, scale=scale, threads=threads, progress=advance)
     print(f"real zoo built in {report['build_seconds']:.0f} s at {directory}; held-out exact match: " + "; ".join(

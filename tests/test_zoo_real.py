@@ -43,6 +43,8 @@ def test_truncated_real_build_writes_loadable_zoo_data_and_card(real_zoo):
     out, done = real_zoo
     assert done.returncode == 0, done.stderr
     assert "real zoo built in" in done.stdout
+    n = len(real.MODELS)  # the bar names the scoring, nearly half of a full build, not only the training
+    assert f"scoring {real.MODELS[-1]} held out ({n}/{n})" in done.stdout
     report = json.loads((out / "build.json").read_text())
     assert [e["steps"] for e in report["experts"].values()] == [2, 2] and report["scored_examples"] == 8
     weights = {}
