@@ -1,10 +1,11 @@
 """A user's own recipes as the search's first candidates (optimizer.starts): a mergekit config, its models named by
-path, scored exactly as written before the space's start, learned from by the Gaussian process, left out of the
-comparison rows; one that the space cannot hold is one line naming the file."""
+path, scored as written (merged in the search's arithmetic) before the space's start, learned from by the Gaussian
+process, left out of the comparison rows; one that the space cannot hold is one line naming the file."""
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -110,3 +111,46 @@ def test_a_start_the_space_cannot_hold_is_one_line_naming_the_file(tmp_path, cha
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
     assert f"optimizer.starts: {start}: " in out.stderr and says in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bf16_mergekit_config_starts_a_search_of_the_real_model(tmp_path, real_zoo):
+    """The same on SmolLM2-135M (the session's truncated real zoo: tied embeddings, bf16 checkpoints) with the config
+    a user writes for it, `dtype: bfloat16`: candidate 0 holds its numbers on the space's curve over depth and scores
+    what the config merged on its own scores, merged as every candidate of the search is (float32 arithmetic)."""
+    zoo, built = real_zoo
+    assert built.returncode == 0, built.stderr[-2000:]
+    models = zoo / "models"
+    start = tmp_path / "mine.yml"
+    start.write_text(START.replace("{zoo}/lang", "{zoo}/fr").replace("float32", "bfloat16").format(zoo=models))
+    cfg = reduced("real", tmp_path, evaluations=2, limit=4, sources={m: str(models / m) for m in ("base", "math", "fr")},
+                  optimizer={"name": "random", "starts": [str(start)]})
+    raw = yaml.safe_load(cfg.read_text())
+    for task in raw["fitness"]["tasks"]:  # a graded metric: the truncated experts answer no problem exactly
+        task["metrics"] = ["gold_prob"]
+    raw["holdout"] = {"tasks": raw["holdout"]["tasks"][:1]}
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    from evomerge import open_run
+    from evomerge.fitness.hf import HFHandle
+    from evomerge.fitness.suite import TaskFitness
+    from evomerge.merge import Materializer
+    from evomerge.merge.mergekit_yaml import read_config
+
+    run = open_run(tmp_path / "run")
+    try:
+        evals = {e.candidate_id: e for e in run.evaluations()}
+        first = run.recipe(0)
+    finally:
+        run.close()
+    for name, (w, d) in {"math": (1.25, 0.3), "fr": (0.75, 0.5)}.items():
+        ref = next(m for m in first.models if m.model == name)
+        assert ref.parameters == {"weight": [pytest.approx(w)] * 30, "density": [pytest.approx(d)] * 30}, name
+    sources = {k: str(models / k) for k in ("base", "math", "fr")}
+    handle = HFHandle(sources["base"], Materializer(sources, base="base"), batch_size=50)
+    mine = read_config(start).renamed({str(models / k): k for k in sources})
+    assert mine.dtype == "bfloat16"
+    handle.set_recipe(replace(mine, dtype=None))
+    alone = TaskFitness.from_config(raw["fitness"]["tasks"], base_dir=RUNS).evaluate(handle).objectives
+    assert 0 < min(alone.values()) and dict(evals[0].objectives) == pytest.approx(dict(alone))
