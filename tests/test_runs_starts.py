@@ -120,9 +120,10 @@ def test_a_bf16_mergekit_config_starts_a_search_of_the_real_model(tmp_path, real
     zoo, built = real_zoo
     assert built.returncode == 0, built.stderr[-2000:]
     models = zoo / "models"
+    sources = {k: str(models / k) for k in ("base", "math", "fr")}
     start = tmp_path / "mine.yml"
     start.write_text(START.replace("{zoo}/lang", "{zoo}/fr").replace("float32", "bfloat16").format(zoo=models))
-    cfg = reduced("real", tmp_path, evaluations=2, limit=4, sources={m: str(models / m) for m in ("base", "math", "fr")},
+    cfg = reduced("real", tmp_path, evaluations=2, limit=4, sources=sources,
                   optimizer={"name": "random", "starts": [str(start)]})
     raw = yaml.safe_load(cfg.read_text())
     for task in raw["fitness"]["tasks"]:  # a graded metric: the truncated experts answer no problem exactly
@@ -147,9 +148,8 @@ def test_a_bf16_mergekit_config_starts_a_search_of_the_real_model(tmp_path, real
     for name, (w, d) in {"math": (1.25, 0.3), "fr": (0.75, 0.5)}.items():
         ref = next(m for m in first.models if m.model == name)
         assert ref.parameters == {"weight": [pytest.approx(w)] * 30, "density": [pytest.approx(d)] * 30}, name
-    sources = {k: str(models / k) for k in ("base", "math", "fr")}
     handle = HFHandle(sources["base"], Materializer(sources, base="base"), batch_size=50)
-    mine = read_config(start).renamed({str(models / k): k for k in sources})
+    mine = read_config(start).renamed({where: k for k, where in sources.items()})
     assert mine.dtype == "bfloat16"
     handle.set_recipe(replace(mine, dtype=None))
     alone = TaskFitness.from_config(raw["fitness"]["tasks"], base_dir=RUNS).evaluate(handle).objectives

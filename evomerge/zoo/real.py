@@ -286,8 +286,8 @@ template) and two experts fine-tuned from it on CPU. Written by `evomerge zoo bu
 {recipe}
 
 ## This build
-{r['build_seconds']:.0f} s in all, wall time on {r['built_on']['cpu_model']} with {r['threads']} torch threads (other jobs on the machine
-would slow it); scoring {r['score_seconds']:.0f} s.
+{r['build_seconds']:.0f} s in all, wall time on {r['built_on']['cpu_model']} with {r['threads']} torch threads
+(other jobs on the machine would slow it); scoring {r['score_seconds']:.0f} s.
 
 | teacher-forced exact match %, {r['scored_examples']} held-out test problems | MATH | FR | MATH_FR (target) |
 |---|---|---|---|
