@@ -28,24 +28,45 @@ def exits_in_worker():
     return START
 
 
+def _marker(name: str) -> Path:
+    return Path(os.environ["EVOMERGE_TEST_MARKER"]).with_name(name)
+
+
 def mark() -> Path:
-    """Once it exists, a worker that loads dies while loading."""
-    return Path(os.environ["EVOMERGE_TEST_MARKER"]).with_name("cannot-load")
+    """Once it exists, the next worker that loads dies while loading (and takes it away: one death)."""
+    return _marker("cannot-load")
+
+
+def reloaded() -> Path:
+    """Written by the worker loaded after that death: the run saw it and placed the slot again."""
+    return _marker("reloaded")
+
+
+def markers() -> list[Path]:
+    return [mark(), _marker("load-failed"), reloaded()]
 
 
 def exits_once_marked():
-    if _in_actor() and mark().exists():
-        os._exit(1)
+    if _in_actor():
+        if mark().exists():
+            mark().rename(_marker("load-failed"))
+            os._exit(1)
+        if _marker("load-failed").exists():
+            reloaded().write_text("")
     return START
 
 
 def kills_its_worker_once(handle) -> dict[str, float]:
-    """Candidate 1 kills the process evaluating it and arms `mark()`, so its replacement cannot load. The
-    others take 0.3 s: the run still has candidates to give when the death is seen. `gpu_hidden`: whether a
-    worker that reserved no GPU sees none."""
-    if handle.candidate_id == 1 and not mark().exists():
+    """Candidate 1 kills the process evaluating it and arms `mark()`, so its replacement cannot load. Once armed,
+    every evaluation waits until the slot is placed again, so the run cannot end before it sees the failed load
+    (a loaded machine once finished the budget first). The others take 0.3 s. `gpu_hidden`: whether a worker that
+    reserved no GPU sees none."""
+    if handle.candidate_id == 1 and not any(m.exists() for m in markers()):
         mark().write_text("")
         os._exit(1)
+    deadline = time.monotonic() + 120
+    while any(m.exists() for m in markers()) and not reloaded().exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(0.3)
     return {"score": -sum((v - 0.3) ** 2 for v in handle.x),
             "gpu_hidden": float(os.environ.get("CUDA_VISIBLE_DEVICES") == "")}

@@ -234,9 +234,10 @@ def test_a_worker_that_dies_while_loading_fails_the_start_once(ray_local, tmp_pa
 
 
 def test_a_replacement_that_cannot_load_is_placed_again_and_said(ray_local, tmp_path, caplog):
-    from placement_fixtures import mark
+    from placement_fixtures import markers, reloaded
 
-    mark().unlink(missing_ok=True)
+    for m in markers():
+        m.unlink(missing_ok=True)
     engine = open_engine(parse_config(_ray_cfg("exits_once_marked", 2, evaluations=10)), tmp_path / "run",
                          resume=False)
     with caplog.at_level(logging.WARNING, logger="evomerge"):
@@ -247,8 +248,10 @@ def test_a_replacement_that_cannot_load_is_placed_again_and_said(ray_local, tmp_
     warnings = [r.getMessage() for r in caplog.records if "died while loading" in r.getMessage()]
     # the load failure is one line, and the slot is placed again (a bounded number of tries)
     assert len(warnings) == 1 and "was killed or exited" in warnings[0] and "placing it again (try 2 of 3)" in warnings[0]
+    assert reloaded().exists()  # the slot placed again loaded
     engine.store.close()
-    mark().unlink()
+    for m in markers():
+        m.unlink(missing_ok=True)
 
 
 def test_the_plan_counts_sources_once_per_node_and_the_rest_per_worker(bf16_models):
