@@ -39,6 +39,7 @@ def test_a_mergekit_config_is_scored_first_as_written_and_the_gp_learns_it(tmp_p
     cfg = reduced("demo", tmp_path, evaluations=3, optimizer=optimizer)
     out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "is not kept" not in out.stderr  # a float32 start is merged as written
 
     from evomerge import open_run
     from evomerge.fitness.hf import HFHandle
@@ -132,6 +133,9 @@ def test_a_bf16_mergekit_config_starts_a_search_of_the_real_model(tmp_path, real
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     out = evomerge("run", str(cfg), "--run-dir", str(tmp_path / "run"), "-q", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    said = [line for line in out.stderr.splitlines() if "is not kept" in line]
+    assert said == [f"evomerge: optimizer.starts: {start}: its dtype bfloat16 is not kept; it is merged as every "
+                    "candidate is, in float32 arithmetic"]
 
     from evomerge import open_run
     from evomerge.fitness.hf import HFHandle

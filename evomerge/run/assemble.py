@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy as np
 from evomerge.config import RunConfig, parse_config
 from evomerge.recipe import Recipe
 from evomerge.records import Objective, UserError
+
+log = logging.getLogger("evomerge")
 
 
 class BoxSpace:
@@ -145,7 +148,7 @@ def start_genomes(cfg: RunConfig, space: Any) -> list[np.ndarray]:
 
     out = []
     for given in cfg.optimizer.starts:
-        path = given if given.is_absolute() or cfg.workdir is None else cfg.workdir / given
+        path = _start_path(cfg, given)
         try:
             recipe = read_config(path)
             x = np.asarray(space.encode(recipe.renamed(_source_names(cfg, recipe, path.parent))), dtype=float)
@@ -159,6 +162,22 @@ def start_genomes(cfg: RunConfig, space: Any) -> list[np.ndarray]:
                             f"[{lo[i]:g}, {hi[i]:g}]")
         out.append(x)
     return out
+
+
+def _start_path(cfg: RunConfig, given: Path) -> Path:
+    return given if given.is_absolute() or cfg.workdir is None else cfg.workdir / given
+
+
+def _say_start_dtypes(cfg: RunConfig) -> None:
+    """A start written for mergekit's bf16 or fp16 arithmetic is merged in float32, as every candidate is, so its
+    score compares with the search's: said once, when the run is checked (the engine builds its optimizer anew)."""
+    from evomerge.merge.mergekit_yaml import read_config
+
+    for given in cfg.optimizer.starts:
+        dtype = read_config(_start_path(cfg, given)).dtype
+        if dtype not in (None, "float32"):
+            log.warning("evomerge: optimizer.starts: %s: its dtype %s is not kept; it is merged as every candidate "
+                        "is, in float32 arithmetic", given, dtype)
 
 
 def _source_names(cfg: RunConfig, recipe: Recipe, folder: Path) -> dict[str, str]:
@@ -273,6 +292,7 @@ def prepare(cfg: RunConfig, *, address: str | None = None):
         raise UserError(f"config: fitness.racing and fitness.subset score subsets of the examples: the function "
                         f"{cfg.fitness.function} must take `examples` (indices) and return one per-example score each")
     build_optimizer(cfg, space, objectives)  # fail on bad options now, before a store exists
+    _say_start_dtypes(cfg)
     if space.decode is not None and cfg.sources and cfg.fitness.backend != "api":
         from evomerge.merge import Materializer
 
