@@ -5,7 +5,7 @@ scored on the held-out problems. What chose the demo's search (the zoo card's "C
     python benchmarks/trials.py [--jobs 2] [--work runs/trials]
 
 Each trial seed is `evomerge run` in WORK/<trial>/seedN (resumed when killed, read back when done), as
-benchmarks/headline.py runs a seed. A Gaussian-process search is deterministic per seed, so a trial's first 100
+benchmarks/headline.py runs a seed. A Gaussian-process search is deterministic per seed (on one CPU model), so a trial's first 100
 evaluations are those of a longer run of the same config. Writes benchmarks/results/trials.json: per trial its
 overrides and per seed the held-out J math of the best so far at 50 and 100 evaluations; prints the table the
 card shows (tests/test_readme_figures.py keeps them equal).
