@@ -17,7 +17,8 @@ with the run's fitness and space, and with token accuracy first both in the spac
 the run's (what helps the default may hurt CMA-ES: token accuracy first and the floor before give CMA-ES its
 highest held-out scores on the zoo), and the artifact's `sample_efficiency` gives, per baseline and seed, the
 held-out score its best reaches at the full budget and the first evaluation count at which the default's best so
-far scores at least as much.
+far scores at least as much; and the same on the mean curves over the seeds (the README's table).
+`--summaries` recomputes those summaries from an artifact's stored curves, with no search.
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def reach(points: list[dict], target: float, column: str) -> int | None:
 
 
 def efficiency(runs: list[dict], column: str, name: str) -> dict:
+    """Per seed, the baseline's held-out score at its budget and the evaluations the default needs to reach it; and
+    the same on the mean over the seeds (the mean curves of the README's table)."""
     per_seed = []
     for r in runs:
         if r["row"] != name:
@@ -88,8 +91,14 @@ def efficiency(runs: list[dict], column: str, name: str) -> dict:
                          "evaluations_to_reach": reach(mine["points"], target, column)})
     needed = [s["evaluations_to_reach"] for s in per_seed]
     metrics, space = BASELINES[name]
+    target = sum(s["baseline_at_budget"] for s in per_seed) / len(per_seed)
+    mine = [r for r in runs if r["row"] == EVOLVED]
+    budget = min(r["evaluations"] for r in mine)
+    mean_reach = next((n for n in range(1, budget + 1) if (v := mean_at(mine, n, column)) is not None
+                       and v >= target - 1e-9), None)
     return {"baseline": name, "search": BASELINE_SEARCH, "metrics": metrics, "space_options": space, "column": column,
-            "per_seed": per_seed, "most": None if None in needed else max(needed)}
+            "per_seed": per_seed, "most": None if None in needed else max(needed),
+            "mean": {"baseline_at_budget": target, "evaluations_to_reach": mean_reach}}
 
 
 def curve(run_dir: Path, score) -> tuple[list[dict], int]:
@@ -133,6 +142,12 @@ def at(points: list[dict], n: int, column: str) -> float | None:
     return known[-1]["heldout"][column] if known else None
 
 
+def mean_at(runs: list[dict], n: int, column: str) -> float | None:
+    """The mean over `runs` (one row's seeds) of the best so far's held-out value after n evaluations."""
+    v = [x for r in runs if (x := at(r["points"], n, column)) is not None]
+    return sum(v) / len(v) if v else None
+
+
 def markdown(result: dict) -> str:
     """The curves' means as a table (held-out % of the best so far per evaluation count, one row per search) on the
     target column, or on each expert's column for a claim of several skills, and the sample-efficiency line when the
@@ -155,7 +170,10 @@ def markdown(result: dict) -> str:
                             f"(seed {s['seed']}: {100 * s['baseline_at_budget']:.1f})" for s in per)
         lines += ["", f"Evaluations the evolved search needs to reach the held-out score {eff['baseline']} reaches at "
                       f"{per[0]['baseline_budget']}: {reached}; "
-                      + ("never on some seed." if eff["most"] is None else f"at most {eff['most']}.")]
+                      + ("never on some seed." if eff["most"] is None else f"at most {eff['most']}.")
+                  + f" On the mean over the seeds ({100 * eff['mean']['baseline_at_budget']:.1f} at "
+                    f"{per[0]['baseline_budget']}): "
+                  + ("never." if eff["mean"]["evaluations_to_reach"] is None else f"{eff['mean']['evaluations_to_reach']}.")]
     return "\n".join(lines)
 
 
@@ -180,6 +198,19 @@ def measure(claim: str, seed_dir: Path) -> list[dict]:
     return runs
 
 
+def summaries(claim: str, runs: list[dict]) -> dict:
+    """What an artifact derives from its curves: the evaluation counts of the table, each row's mean over seeds at
+    each, and (the demo's claims) the sample efficiency."""
+    columns = list(CLAIMS[claim]["columns"])
+    budget = max(r["evaluations"] for r in runs)
+    marks = sorted({n for n in (10, 20, 30, 50, 100, 200, 300) if n <= budget} | {budget})
+    mean = {row: {c: {str(n): mean_at([r for r in runs if r["row"] == row], n, c) for n in marks} for c in columns}
+            for row in dict.fromkeys(r["row"] for r in runs)}
+    return {"marks": marks, "mean": mean,
+            "sample_efficiency": [efficiency(runs, columns[0], b) for b in BASELINES]
+            if CLAIMS[claim].get("efficiency") else None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--claim", choices=sorted(CLAIMS), default="demo")
@@ -187,8 +218,17 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="the headline runs (default runs/headline/<artifact name>)")
     p.add_argument("--out", type=Path, help="artifact path (default benchmarks/results/curves_<artifact name>.json)")
     p.add_argument("--jobs", type=int, default=1, help="seeds measured at once (a process each)")
+    p.add_argument("--summaries", action="store_true",
+                   help="recompute the artifact's means and sample efficiency from its stored curves (no search)")
     args = p.parse_args()
     name = artifact_name(args.claim, args.zoo)
+    out = args.out or RESULTS / f"curves_{name}.json"
+    if args.summaries:
+        result = json.loads(out.read_text())
+        result.update(summaries(result["claim"], result["runs"]))
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(markdown(result))
+        return
     work = (args.work or RUNS / "headline" / name).resolve()
     seeds = sorted(work.glob("seed*"), key=lambda d: int(d.name[4:]))
     if not seeds:
@@ -196,21 +236,9 @@ def main() -> None:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = [r for one in pool.map(measure, [args.claim] * len(seeds), seeds) for r in one]
-    columns = list(CLAIMS[args.claim]["columns"])
-    budget = max(r["evaluations"] for r in runs)
-    marks = sorted({n for n in (10, 20, 30, 50, 100, 200, 300) if n <= budget} | {budget})
-    mean = {}
-    for row in dict.fromkeys(r["row"] for r in runs):
-        mine = [r for r in runs if r["row"] == row]
-        mean[row] = {c: {str(n): (sum(v) / len(v) if (v := [x for r in mine if (x := at(r["points"], n, c)) is not None])
-                                  else None) for n in marks} for c in columns}
-    result = {"benchmark": "curves", "claim": args.claim, "headline": name, "columns": columns, "marks": marks,
-              "runs": runs, "mean": mean,
-              "sample_efficiency": [efficiency(runs, columns[0], name) for name in BASELINES]
-              if CLAIMS[args.claim].get("efficiency") else None,
-              "seconds": round(time.perf_counter() - t0, 1),
+    result = {"benchmark": "curves", "claim": args.claim, "headline": name, "columns": list(CLAIMS[args.claim]["columns"]),
+              "runs": runs, **summaries(args.claim, runs), "seconds": round(time.perf_counter() - t0, 1),
               "machine": memstat.machine(), "versions": memstat.versions(ROOT)}
-    out = args.out or RESULTS / f"curves_{name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
 

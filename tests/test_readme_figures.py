@@ -62,6 +62,7 @@ def test_curves_tables_equal_the_artifacts(doc, marker, artifact):
             continue
         for column in result["columns"]:
             assert r["points"][-1]["heldout"][column] == pytest.approx(row[column])
+    assert {k: result[k] for k in ("marks", "mean", "sample_efficiency")} == curves.summaries(result["claim"], result["runs"])
     assert _block((ROOT / doc).read_text(), marker, "benchmarks/curves.py") == curves.markdown(result)
 
 
