@@ -92,9 +92,9 @@ def efficiency(runs: list[dict], column: str, name: str) -> dict:
     needed = [s["evaluations_to_reach"] for s in per_seed]
     metrics, space = BASELINES[name]
     target = sum(s["baseline_at_budget"] for s in per_seed) / len(per_seed)
-    mine = [r for r in runs if r["row"] == EVOLVED]
-    budget = min(r["evaluations"] for r in mine)
-    mean_reach = next((n for n in range(1, budget + 1) if (v := mean_at(mine, n, column)) is not None
+    evolved = [r for r in runs if r["row"] == EVOLVED]
+    budget = min(r["evaluations"] for r in evolved)
+    mean_reach = next((n for n in range(1, budget + 1) if (v := mean_at(evolved, n, column)) is not None
                        and v >= target - 1e-9), None)
     return {"baseline": name, "search": BASELINE_SEARCH, "metrics": metrics, "space_options": space, "column": column,
             "per_seed": per_seed, "most": None if None in needed else max(needed),
